@@ -1,0 +1,184 @@
+//! Binary deltas between images: fast_rsync (librsync format) deltas, zstd-compressed.
+//!
+//! The same format serves precomputed deltas in the repository and answers of the
+//! rsync-style endpoint. A delta is untrusted input until the image it produces matches the
+//! signed digest: fast_rsync's MD4 block matching gives no security of its own.
+
+use std::io::{self, Read, Write};
+
+use fast_rsync::{Signature, SignatureOptions};
+
+/// 4 KiB matches the ext4 block size, so copy commands line up with filesystem blocks.
+pub const BLOCK_SIZE: u32 = 4096;
+/// Truncated MD4 per block; 8 bytes keeps false matches negligible for multi-GiB images,
+/// and the final BLAKE3 check catches any that remain.
+pub const STRONG_HASH_BYTES: u32 = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeltaError {
+    #[error("delta does not apply: {0}")]
+    Apply(#[from] fast_rsync::ApplyError),
+    #[error("delta produced {actual} bytes, expected {expected}")]
+    WrongLength { expected: u64, actual: u64 },
+    #[error("decompressed delta exceeds {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("delta i/o: {0}")]
+    Io(#[from] io::Error),
+}
+
+pub fn signature_options() -> SignatureOptions {
+    SignatureOptions {
+        block_size: BLOCK_SIZE,
+        crypto_hash_size: STRONG_HASH_BYTES,
+    }
+}
+
+/// Writes the zstd-compressed delta that turns `base` into `target`.
+pub fn make(base: &[u8], target: &[u8], zstd_level: i32, out: impl Write) -> io::Result<()> {
+    let sig = Signature::calculate(base, signature_options());
+    make_with_signature(&sig, target, zstd_level, out)
+}
+
+/// Same as [`make`] when the base is known only by its signature (the rsync endpoint).
+pub fn make_with_signature(
+    sig: &Signature,
+    target: &[u8],
+    zstd_level: i32,
+    out: impl Write,
+) -> io::Result<()> {
+    let mut enc = zstd::stream::write::Encoder::new(out, zstd_level)?;
+    enc.include_checksum(true)?;
+    fast_rsync::diff(&sig.index(), target, &mut enc).map_err(|e| match e {
+        fast_rsync::DiffError::Io(e) => e,
+        other => io::Error::other(other.to_string()),
+    })?;
+    enc.finish()?;
+    Ok(())
+}
+
+/// Decompresses a delta into `out`, refusing to produce more than `limit` bytes.
+pub fn decompress_bounded(
+    delta_zst: impl Read,
+    out: &mut impl Write,
+    limit: u64,
+) -> Result<u64, DeltaError> {
+    let dec = zstd::stream::read::Decoder::new(delta_zst)?;
+    let written = io::copy(&mut dec.take(limit + 1), out)?;
+    if written > limit {
+        return Err(DeltaError::TooLarge { limit });
+    }
+    Ok(written)
+}
+
+/// Upper bound for a legitimate decompressed delta of a `target_len` image: every byte a
+/// literal, plus command headers (at most 9 bytes per 64 KiB literal run, and headers for
+/// copies of at least one block each).
+pub fn raw_delta_limit(target_len: u64) -> u64 {
+    target_len + target_len / 256 + (target_len / u64::from(BLOCK_SIZE) + 1) * 20 + 64
+}
+
+/// Applies a decompressed delta to `base`, writing exactly `target_len` bytes to `out`.
+pub fn apply(
+    base: &[u8],
+    raw_delta: &[u8],
+    target_len: u64,
+    out: &mut impl Write,
+) -> Result<(), DeltaError> {
+    let limit =
+        usize::try_from(target_len).map_err(|_| DeltaError::TooLarge { limit: target_len })?;
+    let mut counter = CountingWriter {
+        inner: out,
+        count: 0,
+    };
+    fast_rsync::apply_limited(base, raw_delta, &mut counter, limit)?;
+    if counter.count != target_len {
+        return Err(DeltaError::WrongLength {
+            expected: target_len,
+            actual: counter.count,
+        });
+    }
+    Ok(())
+}
+
+struct CountingWriter<'a, W> {
+    inner: &'a mut W,
+    count: u64,
+}
+
+impl<W: Write> Write for CountingWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn delta_reconstructs_target() {
+        let base = pseudo_random(1 << 20, 1);
+        let mut target = base.clone();
+        target[5000..9000].copy_from_slice(&pseudo_random(4000, 2));
+        target.extend_from_slice(&pseudo_random(10_000, 3));
+        let mut zst = Vec::new();
+        make(&base, &target, 3, &mut zst).unwrap();
+        assert!(
+            zst.len() < 30_000,
+            "delta of a small change is small: {}",
+            zst.len()
+        );
+
+        let mut raw = Vec::new();
+        decompress_bounded(&zst[..], &mut raw, raw_delta_limit(target.len() as u64)).unwrap();
+        let mut out = Vec::new();
+        apply(&base, &raw, target.len() as u64, &mut out).unwrap();
+        assert_eq!(out, target);
+    }
+
+    #[test]
+    fn wrong_length_and_garbage_are_errors() {
+        let base = pseudo_random(100_000, 1);
+        let target = pseudo_random(50_000, 4);
+        let mut zst = Vec::new();
+        make(&base, &target, 1, &mut zst).unwrap();
+        let mut raw = Vec::new();
+        decompress_bounded(&zst[..], &mut raw, raw_delta_limit(50_000)).unwrap();
+
+        let mut out = Vec::new();
+        assert!(
+            apply(&base, &raw, 49_999, &mut out).is_err(),
+            "output limit enforced"
+        );
+        let mut out = Vec::new();
+        assert!(matches!(
+            apply(&base, &raw, 60_000, &mut out),
+            Err(DeltaError::WrongLength { .. })
+        ));
+        let mut out = Vec::new();
+        assert!(apply(&base, b"garbage", 10, &mut out).is_err());
+        assert!(decompress_bounded(&b"not zstd"[..], &mut Vec::new(), 100).is_err());
+        assert!(matches!(
+            decompress_bounded(&zst[..], &mut Vec::new(), 100),
+            Err(DeltaError::TooLarge { .. })
+        ));
+    }
+}

@@ -1,0 +1,19 @@
+//! The Atom repository format and the delta server.
+//!
+//! This crate is the single owner of every format that crosses the wire: signed channel
+//! manifests, key files, the repository layout and the delta format. The builder writes
+//! them, the agent and the server read them, and nobody else parses them.
+
+pub mod delta;
+pub mod digest;
+pub mod fsutil;
+pub mod keys;
+pub mod manifest;
+pub mod repo;
+pub mod signature;
+pub mod verify;
+
+pub use digest::Digest;
+pub use keys::{KeyId, PublicKey, SecretKey, TrustedKeys};
+pub use manifest::Manifest;
+pub use repo::Repository;

@@ -1,0 +1,301 @@
+//! The channel manifest: what a channel currently offers, as signed by the publisher.
+//!
+//! ```toml
+//! format = 1
+//! channel = "stable"
+//! version = "2.1.0"                    # semver; ordered, used for anti-rollback
+//! board = "x86_64-generic"             # hosts accept only their own board string
+//! created = "2026-11-22T02:00:00Z"
+//! expires = "2026-12-22T02:00:00Z"     # freeze-attack bound; re-sign to extend
+//!
+//! [image]                              # the raw slot contents
+//! size = 1073741824
+//! digest = "blake3:…"
+//!
+//! [payload]                            # the full image, zstd-compressed
+//! path = "objects/<image hex>.img.zst"
+//! size = 123456
+//! digest = "blake3:…"
+//!
+//! [[deltas]]                           # precomputed, one per recent base
+//! base_version = "2.0.0"
+//! base_digest = "blake3:…"
+//! format = "fast-rsync-zstd"
+//! path = "deltas/<base hex>-<image hex>.rsync.zst"
+//! size = 4567
+//! digest = "blake3:…"
+//! ```
+//!
+//! Every file a manifest names is covered by a digest in it, so one signature check plus
+//! digest checks cover the whole update.
+
+use jiff::Timestamp;
+use semver::Version;
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+
+pub const FORMAT: u32 = 1;
+/// A manifest lists a handful of deltas; 1 MiB is far beyond any legitimate one.
+pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
+const MAX_DELTAS: usize = 64;
+const MAX_TEXT_FIELD: usize = 128;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    pub channel: String,
+    pub version: Version,
+    pub board: String,
+    pub created: Timestamp,
+    pub expires: Timestamp,
+    pub image: Image,
+    pub payload: Payload,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deltas: Vec<Delta>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Image {
+    pub size: u64,
+    pub digest: Digest,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Payload {
+    pub path: String,
+    pub size: u64,
+    pub digest: Digest,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeltaFormat {
+    /// A librsync-format delta made by fast_rsync against the base image, zstd-compressed.
+    #[serde(rename = "fast-rsync-zstd")]
+    FastRsyncZstd,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Delta {
+    pub base_version: Version,
+    pub base_digest: Digest,
+    pub format: DeltaFormat,
+    pub path: String,
+    pub size: u64,
+    pub digest: Digest,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("manifest is {0} bytes; the limit is {MAX_MANIFEST_BYTES}")]
+    TooLarge(usize),
+    #[error("manifest is not UTF-8 text")]
+    NotUtf8,
+    #[error("manifest is malformed: {0}")]
+    Syntax(String),
+    #[error("manifest format {0} is not supported (this build reads format {FORMAT})")]
+    UnsupportedFormat(u32),
+    #[error("manifest is invalid: {0}")]
+    Invalid(String),
+}
+
+impl Manifest {
+    pub fn parse(bytes: &[u8]) -> Result<Self, ManifestError> {
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::TooLarge(bytes.len()));
+        }
+        let text = std::str::from_utf8(bytes).map_err(|_| ManifestError::NotUtf8)?;
+        let manifest: Manifest =
+            toml::from_str(text).map_err(|e| ManifestError::Syntax(one_line(&e)))?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("manifest fields always serialize")
+    }
+
+    fn validate(&self) -> Result<(), ManifestError> {
+        let invalid = |m: String| Err(ManifestError::Invalid(m));
+        if self.format != FORMAT {
+            return Err(ManifestError::UnsupportedFormat(self.format));
+        }
+        check_name("channel", &self.channel)?;
+        check_name("board", &self.board)?;
+        if self.expires <= self.created {
+            return invalid(format!(
+                "expires ({}) is not after created ({})",
+                self.expires, self.created
+            ));
+        }
+        if self.image.size == 0 {
+            return invalid("image size is 0".into());
+        }
+        check_repo_path(&self.payload.path)?;
+        if self.deltas.len() > MAX_DELTAS {
+            return invalid(format!(
+                "{} deltas listed; at most {MAX_DELTAS}",
+                self.deltas.len()
+            ));
+        }
+        for d in &self.deltas {
+            check_repo_path(&d.path)?;
+            if d.base_version >= self.version {
+                return invalid(format!(
+                    "delta base {} is not older than {}",
+                    d.base_version, self.version
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The precomputed delta whose base is exactly this image, if the channel has one.
+    pub fn delta_from(&self, base: &Digest) -> Option<&Delta> {
+        self.deltas.iter().find(|d| &d.base_digest == base)
+    }
+}
+
+/// Channel and board names end up in paths and log lines: keep them plain.
+pub fn check_name(what: &str, value: &str) -> Result<(), ManifestError> {
+    let ok = !value.is_empty()
+        && value.len() <= MAX_TEXT_FIELD
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && !value.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(ManifestError::Invalid(format!(
+            "{what} {value:?} must be 1-{MAX_TEXT_FIELD} characters of [A-Za-z0-9._-], not starting with '.'"
+        )))
+    }
+}
+
+/// Paths inside a manifest are relative to the repository root and may not escape it.
+pub fn check_repo_path(path: &str) -> Result<(), ManifestError> {
+    let ok = !path.is_empty()
+        && path.len() <= 512
+        && !path.starts_with('/')
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
+        && path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..");
+    if ok {
+        Ok(())
+    } else {
+        Err(ManifestError::Invalid(format!(
+            "path {path:?} is not a plain relative path"
+        )))
+    }
+}
+
+fn one_line(e: &toml::de::Error) -> String {
+    e.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn sample() -> Manifest {
+        let created: Timestamp = "2026-11-01T00:00:00Z".parse().unwrap();
+        Manifest {
+            format: FORMAT,
+            channel: "stable".into(),
+            version: Version::new(2, 0, 0),
+            board: "x86_64-generic".into(),
+            created,
+            expires: "2026-12-01T00:00:00Z".parse().unwrap(),
+            image: Image {
+                size: 4096,
+                digest: Digest::of(b"image"),
+            },
+            payload: Payload {
+                path: "objects/x.img.zst".into(),
+                size: 10,
+                digest: Digest::of(b"payload"),
+            },
+            deltas: vec![Delta {
+                base_version: Version::new(1, 0, 0),
+                base_digest: Digest::of(b"base"),
+                format: DeltaFormat::FastRsyncZstd,
+                path: "deltas/a-b.rsync.zst".into(),
+                size: 5,
+                digest: Digest::of(b"delta"),
+            }],
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let m = sample();
+        assert_eq!(Manifest::parse(m.to_toml().as_bytes()).unwrap(), m);
+    }
+
+    #[test]
+    fn rejects_unknown_fields_and_bad_values() {
+        let text = sample().to_toml();
+        let with_unknown = format!("surprise = 1\n{text}");
+        assert!(matches!(
+            Manifest::parse(with_unknown.as_bytes()),
+            Err(ManifestError::Syntax(_))
+        ));
+
+        let bad_version = text.replace("version = \"2.0.0\"", "version = \"two\"");
+        assert!(matches!(
+            Manifest::parse(bad_version.as_bytes()),
+            Err(ManifestError::Syntax(_))
+        ));
+
+        let escape = text.replace("objects/x.img.zst", "../../etc/shadow");
+        assert!(matches!(
+            Manifest::parse(escape.as_bytes()),
+            Err(ManifestError::Invalid(_))
+        ));
+
+        let future_format = text.replace("format = 1", "format = 9");
+        assert!(matches!(
+            Manifest::parse(future_format.as_bytes()),
+            Err(ManifestError::UnsupportedFormat(9))
+        ));
+
+        let mut newer_base = sample();
+        newer_base.deltas[0].base_version = Version::new(3, 0, 0);
+        assert!(matches!(
+            Manifest::parse(newer_base.to_toml().as_bytes()),
+            Err(ManifestError::Invalid(_))
+        ));
+
+        assert!(matches!(
+            Manifest::parse(&[0xff, 0xfe]),
+            Err(ManifestError::NotUtf8)
+        ));
+        assert!(matches!(
+            Manifest::parse(&vec![b' '; MAX_MANIFEST_BYTES + 1]),
+            Err(ManifestError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn names_and_paths_are_plain() {
+        assert!(check_name("board", "x86_64-generic").is_ok());
+        for bad in ["", ".hidden", "a/b", "a b", &"x".repeat(200)] {
+            assert!(check_name("board", bad).is_err(), "{bad:?}");
+        }
+        assert!(check_repo_path("objects/ab.img.zst").is_ok());
+        for bad in ["", "/abs", "a//b", "a/../b", "./a", "a\\b", "a\0b"] {
+            assert!(check_repo_path(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! The repository: a plain directory tree any static HTTP server or CDN can serve.
+//!
+//! ```text
+//! atom-repo.toml                         marker: format = 1
+//! channels/<channel>/manifest.toml       the channel's current manifest
+//! channels/<channel>/sigs/<hex>.sig      signature of the manifest whose BLAKE3 is <hex>
+//! channels/<channel>/history/<ver>.toml  every manifest ever published (signed via sigs/)
+//! objects/<image hex>.img.zst            full payloads, content-addressed
+//! deltas/<base hex>-<image hex>.rsync.zst
+//! ```
+//!
+//! Publishing is atomic for readers without any server support: everything a manifest
+//! names, and its signature, is written under a new content-addressed name first; the last
+//! step is one rename of `manifest.toml`. The signature is found through the manifest's own
+//! digest, so a reader can never pair a new manifest with an old signature.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use semver::Version;
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::fsutil;
+use crate::manifest;
+use crate::signature::MAX_SIGNATURE_FILE_BYTES;
+
+pub const MARKER: &str = "atom-repo.toml";
+const REPO_FORMAT: u32 = 1;
+const LOCK: &str = ".atom-publish.lock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error(
+        "{0} is not an Atom repository (no {MARKER}); publish into an empty or new directory to create one"
+    )]
+    NotARepository(PathBuf),
+    #[error("{path}: repository format {found} is not supported (this build reads {REPO_FORMAT})")]
+    UnsupportedFormat { path: PathBuf, found: u32 },
+    #[error("channel {0:?} has never been published")]
+    NoSuchChannel(String),
+    #[error("{0}")]
+    InvalidName(#[from] manifest::ManifestError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path} is {size} bytes, more than the {limit} allowed")]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RepoError + '_ {
+    move |source| RepoError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MarkerFile {
+    format: u32,
+}
+
+/// Relative paths (also URL paths) of repository files. Clients build URLs from these.
+pub mod layout {
+    use crate::digest::Digest;
+
+    pub fn manifest(channel: &str) -> String {
+        format!("channels/{channel}/manifest.toml")
+    }
+
+    pub fn signature(channel: &str, manifest_digest: &Digest) -> String {
+        format!("channels/{channel}/sigs/{}.sig", manifest_digest.hex())
+    }
+
+    pub fn history(channel: &str, version: &semver::Version) -> String {
+        format!("channels/{channel}/history/{version}.toml")
+    }
+
+    pub fn payload(image: &Digest) -> String {
+        format!("objects/{}.img.zst", image.hex())
+    }
+
+    pub fn delta(base: &Digest, image: &Digest) -> String {
+        format!("deltas/{}-{}.rsync.zst", base.hex(), image.hex())
+    }
+}
+
+/// A signed manifest as stored: the exact bytes and their signature file.
+#[derive(Clone, Debug)]
+pub struct SignedManifest {
+    pub manifest: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+pub struct Repository {
+    root: PathBuf,
+}
+
+/// Held while publishing, so two publishers never interleave.
+pub struct PublishLock {
+    _file: fs::File,
+}
+
+impl Repository {
+    pub fn open(root: &Path) -> Result<Self, RepoError> {
+        let marker = root.join(MARKER);
+        let text = match fs::read_to_string(&marker) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(RepoError::NotARepository(root.to_owned()));
+            }
+            Err(e) => {
+                return Err(RepoError::Io {
+                    path: marker,
+                    source: e,
+                });
+            }
+        };
+        let parsed: MarkerFile = toml::from_str(&text).map_err(|e| RepoError::Io {
+            path: marker.clone(),
+            source: io::Error::new(io::ErrorKind::InvalidData, e.message().to_owned()),
+        })?;
+        if parsed.format != REPO_FORMAT {
+            return Err(RepoError::UnsupportedFormat {
+                path: marker,
+                found: parsed.format,
+            });
+        }
+        Ok(Repository {
+            root: root.to_owned(),
+        })
+    }
+
+    /// Opens a repository, creating it when `root` is missing or an empty directory. A
+    /// non-empty directory without the marker is refused: it is someone else's data.
+    pub fn open_or_create(root: &Path) -> Result<Self, RepoError> {
+        let is_empty_dir = match fs::read_dir(root) {
+            Ok(mut entries) => entries.next().is_none(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+            Err(e) => {
+                return Err(RepoError::Io {
+                    path: root.to_owned(),
+                    source: e,
+                });
+            }
+        };
+        if !is_empty_dir {
+            return Self::open(root);
+        }
+        fsutil::create_dir_synced(root).map_err(io_at(root))?;
+        let text = toml::to_string(&MarkerFile {
+            format: REPO_FORMAT,
+        })
+        .expect("marker serializes");
+        let marker = root.join(MARKER);
+        fsutil::write_atomic_bytes(&marker, 0o644, text.as_bytes()).map_err(io_at(&marker))?;
+        Ok(Repository {
+            root: root.to_owned(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    pub fn lock(&self) -> Result<PublishLock, RepoError> {
+        let path = self.root.join(LOCK);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_at(&path))?;
+        file.lock().map_err(io_at(&path))?;
+        Ok(PublishLock { _file: file })
+    }
+
+    pub fn channels(&self) -> Result<Vec<String>, RepoError> {
+        let dir = self.root.join("channels");
+        let mut out = Vec::new();
+        match fs::read_dir(&dir) {
+            Ok(entries) => {
+                for e in entries {
+                    let e = e.map_err(io_at(&dir))?;
+                    if let Some(name) = e
+                        .file_name()
+                        .to_str()
+                        .filter(|n| manifest::check_name("channel", n).is_ok())
+                    {
+                        out.push(name.to_owned());
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(RepoError::Io {
+                    path: dir,
+                    source: e,
+                });
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn read_bounded(&self, rel: &str, limit: usize) -> Result<Option<Vec<u8>>, RepoError> {
+        let path = self.path(rel);
+        let size = match fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(RepoError::Io { path, source: e }),
+        };
+        if size > limit as u64 {
+            return Err(RepoError::TooLarge {
+                path,
+                size,
+                limit: limit as u64,
+            });
+        }
+        fs::read(&path).map(Some).map_err(io_at(&path))
+    }
+
+    fn signed_at(
+        &self,
+        channel: &str,
+        manifest_rel: &str,
+    ) -> Result<Option<SignedManifest>, RepoError> {
+        let Some(manifest) = self.read_bounded(manifest_rel, manifest::MAX_MANIFEST_BYTES)? else {
+            return Ok(None);
+        };
+        let sig_rel = layout::signature(channel, &Digest::of(&manifest));
+        // A manifest without its signature is reported as an empty signature, which every
+        // verifier rejects with a clear message, rather than as a missing channel.
+        let signature = self
+            .read_bounded(&sig_rel, MAX_SIGNATURE_FILE_BYTES)?
+            .unwrap_or_default();
+        Ok(Some(SignedManifest {
+            manifest,
+            signature,
+        }))
+    }
+
+    /// The channel's current manifest, or `None` if it was never published.
+    pub fn current(&self, channel: &str) -> Result<Option<SignedManifest>, RepoError> {
+        manifest::check_name("channel", channel)?;
+        self.signed_at(channel, &layout::manifest(channel))
+    }
+
+    /// All manifests ever published on the channel, oldest first.
+    pub fn history(&self, channel: &str) -> Result<Vec<(Version, SignedManifest)>, RepoError> {
+        manifest::check_name("channel", channel)?;
+        let dir = self.root.join("channels").join(channel).join("history");
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(RepoError::Io {
+                    path: dir,
+                    source: e,
+                });
+            }
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let e = e.map_err(io_at(&dir))?;
+            let name = e.file_name();
+            let Some(version) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".toml"))
+                .and_then(|v| v.parse().ok())
+            else {
+                continue;
+            };
+            if let Some(signed) = self.signed_at(channel, &layout::history(channel, &version))? {
+                out.push((version, signed));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// Makes `signed` the channel's current manifest. Everything it names must already be
+    /// in place: this writes the signature, the history copy, then renames the manifest.
+    pub fn commit_manifest(
+        &self,
+        channel: &str,
+        version: &Version,
+        signed: &SignedManifest,
+    ) -> Result<(), RepoError> {
+        manifest::check_name("channel", channel)?;
+        let sig = self.path(&layout::signature(channel, &Digest::of(&signed.manifest)));
+        let history = self.path(&layout::history(channel, version));
+        let current = self.path(&layout::manifest(channel));
+        for p in [&sig, &history] {
+            let dir = p.parent().expect("repository paths have a parent");
+            fsutil::create_dir_synced(dir).map_err(io_at(dir))?;
+        }
+        fsutil::write_atomic_bytes(&sig, 0o644, &signed.signature).map_err(io_at(&sig))?;
+        fsutil::write_atomic_bytes(&history, 0o644, &signed.manifest).map_err(io_at(&history))?;
+        fsutil::write_atomic_bytes(&current, 0o644, &signed.manifest).map_err(io_at(&current))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_open_and_refuse_foreign_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        assert!(matches!(
+            Repository::open(&root),
+            Err(RepoError::NotARepository(_))
+        ));
+        Repository::open_or_create(&root).unwrap();
+        Repository::open(&root).unwrap();
+
+        let foreign = dir.path().join("foreign");
+        fs::create_dir(&foreign).unwrap();
+        fs::write(foreign.join("precious.txt"), "data").unwrap();
+        assert!(matches!(
+            Repository::open_or_create(&foreign),
+            Err(RepoError::NotARepository(_))
+        ));
+        assert_eq!(
+            fs::read_dir(&foreign).unwrap().count(),
+            1,
+            "nothing written into a foreign dir"
+        );
+    }
+
+    #[test]
+    fn commit_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open_or_create(dir.path()).unwrap();
+        assert!(repo.current("stable").unwrap().is_none());
+        for v in ["1.0.0", "1.10.0", "1.2.0"] {
+            let signed = SignedManifest {
+                manifest: format!("v={v}").into_bytes(),
+                signature: b"sig".to_vec(),
+            };
+            repo.commit_manifest("stable", &v.parse().unwrap(), &signed)
+                .unwrap();
+        }
+        let cur = repo.current("stable").unwrap().unwrap();
+        assert_eq!(cur.manifest, b"v=1.2.0");
+        assert_eq!(cur.signature, b"sig");
+        let versions: Vec<String> = repo
+            .history("stable")
+            .unwrap()
+            .iter()
+            .map(|(v, _)| v.to_string())
+            .collect();
+        assert_eq!(
+            versions,
+            ["1.0.0", "1.2.0", "1.10.0"],
+            "history sorted by semver, not text"
+        );
+        assert_eq!(repo.channels().unwrap(), ["stable"]);
+        assert!(repo.current("../etc").is_err());
+    }
+}
