@@ -40,12 +40,7 @@ pub fn make(base: &[u8], target: &[u8], zstd_level: i32, out: impl Write) -> io:
 }
 
 /// Same as [`make`] when the base is known only by its signature (the rsync endpoint).
-pub fn make_with_signature(
-    sig: &Signature,
-    target: &[u8],
-    zstd_level: i32,
-    out: impl Write,
-) -> io::Result<()> {
+pub fn make_with_signature(sig: &Signature, target: &[u8], zstd_level: i32, out: impl Write) -> io::Result<()> {
     let mut enc = zstd::stream::write::Encoder::new(out, zstd_level)?;
     enc.include_checksum(true)?;
     fast_rsync::diff(&sig.index(), target, &mut enc).map_err(|e| match e {
@@ -57,11 +52,7 @@ pub fn make_with_signature(
 }
 
 /// Decompresses a delta into `out`, refusing to produce more than `limit` bytes.
-pub fn decompress_bounded(
-    delta_zst: impl Read,
-    out: &mut impl Write,
-    limit: u64,
-) -> Result<u64, DeltaError> {
+pub fn decompress_bounded(delta_zst: impl Read, out: &mut impl Write, limit: u64) -> Result<u64, DeltaError> {
     let dec = zstd::stream::read::Decoder::new(delta_zst)?;
     let written = io::copy(&mut dec.take(limit + 1), out)?;
     if written > limit {
@@ -78,18 +69,9 @@ pub fn raw_delta_limit(target_len: u64) -> u64 {
 }
 
 /// Applies a decompressed delta to `base`, writing exactly `target_len` bytes to `out`.
-pub fn apply(
-    base: &[u8],
-    raw_delta: &[u8],
-    target_len: u64,
-    out: &mut impl Write,
-) -> Result<(), DeltaError> {
-    let limit =
-        usize::try_from(target_len).map_err(|_| DeltaError::TooLarge { limit: target_len })?;
-    let mut counter = CountingWriter {
-        inner: out,
-        count: 0,
-    };
+pub fn apply(base: &[u8], raw_delta: &[u8], target_len: u64, out: &mut impl Write) -> Result<(), DeltaError> {
+    let limit = usize::try_from(target_len).map_err(|_| DeltaError::TooLarge { limit: target_len })?;
+    let mut counter = CountingWriter { inner: out, count: 0 };
     fast_rsync::apply_limited(base, raw_delta, &mut counter, limit)?;
     if counter.count != target_len {
         return Err(DeltaError::WrongLength {
@@ -141,11 +123,7 @@ mod tests {
         target.extend_from_slice(&pseudo_random(10_000, 3));
         let mut zst = Vec::new();
         make(&base, &target, 3, &mut zst).unwrap();
-        assert!(
-            zst.len() < 30_000,
-            "delta of a small change is small: {}",
-            zst.len()
-        );
+        assert!(zst.len() < 30_000, "delta of a small change is small: {}", zst.len());
 
         let mut raw = Vec::new();
         decompress_bounded(&zst[..], &mut raw, raw_delta_limit(target.len() as u64)).unwrap();
@@ -164,10 +142,7 @@ mod tests {
         decompress_bounded(&zst[..], &mut raw, raw_delta_limit(50_000)).unwrap();
 
         let mut out = Vec::new();
-        assert!(
-            apply(&base, &raw, 49_999, &mut out).is_err(),
-            "output limit enforced"
-        );
+        assert!(apply(&base, &raw, 49_999, &mut out).is_err(), "output limit enforced");
         let mut out = Vec::new();
         assert!(matches!(
             apply(&base, &raw, 60_000, &mut out),

@@ -94,8 +94,7 @@ impl FromStr for Digest {
             return Err(DigestParseError::BadHex(s.to_owned()));
         }
         let mut out = [0u8; 32];
-        hex::decode_to_slice(hex_part, &mut out)
-            .map_err(|_| DigestParseError::BadHex(s.to_owned()))?;
+        hex::decode_to_slice(hex_part, &mut out).map_err(|_| DigestParseError::BadHex(s.to_owned()))?;
         Ok(Digest(out))
     }
 }

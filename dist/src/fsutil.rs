@@ -7,11 +7,7 @@ use std::path::Path;
 
 /// Writes `path` so that a reader (or a crash) sees the old content or the new, never a mix:
 /// write a temporary file beside it, fsync it, rename it over, fsync the directory.
-pub fn write_atomic(
-    path: &Path,
-    mode: u32,
-    fill: impl FnOnce(&mut File) -> io::Result<()>,
-) -> io::Result<()> {
+pub fn write_atomic(path: &Path, mode: u32, fill: impl FnOnce(&mut File) -> io::Result<()>) -> io::Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -19,11 +15,7 @@ pub fn write_atomic(
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::other(format!("{} has no file name", path.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)

@@ -53,10 +53,7 @@ impl fmt::Debug for KeyId {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot read key file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("key file {path} is {size} bytes; a key file is at most {MAX_KEY_FILE_BYTES}")]
     TooLarge { path: PathBuf, size: u64 },
     #[error("key file {path} is not a valid Atom key file: {reason}")]
@@ -206,11 +203,9 @@ impl PublicKey {
         })?;
         check_kind(path, &file.kind, PUBLIC_KEY_KIND)?;
         let key =
-            VerifyingKey::from_bytes(&decode_32(path, "public", &file.public)?).map_err(|_| {
-                KeyError::Malformed {
-                    path: path.to_owned(),
-                    reason: "not a valid ed25519 public key".into(),
-                }
+            VerifyingKey::from_bytes(&decode_32(path, "public", &file.public)?).map_err(|_| KeyError::Malformed {
+                path: path.to_owned(),
+                reason: "not a valid ed25519 public key".into(),
             })?;
         if key.is_weak() {
             return Err(KeyError::Malformed {
@@ -317,10 +312,7 @@ mod tests {
         let sk = SecretKey::generate();
 
         std::fs::write(&p, "garbage = [").unwrap();
-        assert!(matches!(
-            SecretKey::load(&p),
-            Err(KeyError::Malformed { .. })
-        ));
+        assert!(matches!(SecretKey::load(&p), Err(KeyError::Malformed { .. })));
 
         std::fs::write(&p, sk.public().to_file_text()).unwrap();
         assert!(
@@ -328,20 +320,12 @@ mod tests {
             "public key is not a signing key"
         );
 
-        let forged = sk
-            .to_file_text()
-            .replace(sk.id().as_str(), "0000000000000000");
+        let forged = sk.to_file_text().replace(sk.id().as_str(), "0000000000000000");
         std::fs::write(&p, forged).unwrap();
-        assert!(matches!(
-            SecretKey::load(&p),
-            Err(KeyError::IdMismatch { .. })
-        ));
+        assert!(matches!(SecretKey::load(&p), Err(KeyError::IdMismatch { .. })));
 
         std::fs::write(&p, vec![b'#'; 5000]).unwrap();
-        assert!(matches!(
-            SecretKey::load(&p),
-            Err(KeyError::TooLarge { .. })
-        ));
+        assert!(matches!(SecretKey::load(&p), Err(KeyError::TooLarge { .. })));
 
         assert!(matches!(
             SecretKey::load(&dir.path().join("missing")),

@@ -9,6 +9,7 @@ pub mod digest;
 pub mod fsutil;
 pub mod keys;
 pub mod manifest;
+pub mod release;
 pub mod repo;
 pub mod signature;
 pub mod verify;

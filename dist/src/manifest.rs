@@ -109,8 +109,7 @@ impl Manifest {
             return Err(ManifestError::TooLarge(bytes.len()));
         }
         let text = std::str::from_utf8(bytes).map_err(|_| ManifestError::NotUtf8)?;
-        let manifest: Manifest =
-            toml::from_str(text).map_err(|e| ManifestError::Syntax(one_line(&e)))?;
+        let manifest: Manifest = toml::from_str(text).map_err(|e| ManifestError::Syntax(one_line(&e)))?;
         manifest.validate()?;
         Ok(manifest)
     }
@@ -137,10 +136,7 @@ impl Manifest {
         }
         check_repo_path(&self.payload.path)?;
         if self.deltas.len() > MAX_DELTAS {
-            return invalid(format!(
-                "{} deltas listed; at most {MAX_DELTAS}",
-                self.deltas.len()
-            ));
+            return invalid(format!("{} deltas listed; at most {MAX_DELTAS}", self.deltas.len()));
         }
         for d in &self.deltas {
             check_repo_path(&d.path)?;
@@ -164,9 +160,7 @@ impl Manifest {
 pub fn check_name(what: &str, value: &str) -> Result<(), ManifestError> {
     let ok = !value.is_empty()
         && value.len() <= MAX_TEXT_FIELD
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         && !value.starts_with('.');
     if ok {
         Ok(())
@@ -182,12 +176,8 @@ pub fn check_repo_path(path: &str) -> Result<(), ManifestError> {
     let ok = !path.is_empty()
         && path.len() <= 512
         && !path.starts_with('/')
-        && path
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
-        && path
-            .split('/')
-            .all(|c| !c.is_empty() && c != "." && c != "..");
+        && path.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
+        && path.split('/').all(|c| !c.is_empty() && c != "." && c != "..");
     if ok {
         Ok(())
     } else {
@@ -198,10 +188,7 @@ pub fn check_repo_path(path: &str) -> Result<(), ManifestError> {
 }
 
 fn one_line(e: &toml::de::Error) -> String {
-    e.to_string()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
+    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]
@@ -277,10 +264,7 @@ pub(crate) mod tests {
             Err(ManifestError::Invalid(_))
         ));
 
-        assert!(matches!(
-            Manifest::parse(&[0xff, 0xfe]),
-            Err(ManifestError::NotUtf8)
-        ));
+        assert!(matches!(Manifest::parse(&[0xff, 0xfe]), Err(ManifestError::NotUtf8)));
         assert!(matches!(
             Manifest::parse(&vec![b' '; MAX_MANIFEST_BYTES + 1]),
             Err(ManifestError::TooLarge(_))

@@ -32,9 +32,7 @@ const LOCK: &str = ".atom-publish.lock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
-    #[error(
-        "{0} is not an Atom repository (no {MARKER}); publish into an empty or new directory to create one"
-    )]
+    #[error("{0} is not an Atom repository (no {MARKER}); publish into an empty or new directory to create one")]
     NotARepository(PathBuf),
     #[error("{path}: repository format {found} is not supported (this build reads {REPO_FORMAT})")]
     UnsupportedFormat { path: PathBuf, found: u32 },
@@ -45,11 +43,7 @@ pub enum RepoError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("{path} is {size} bytes, more than the {limit} allowed")]
-    TooLarge {
-        path: PathBuf,
-        size: u64,
-        limit: u64,
-    },
+    TooLarge { path: PathBuf, size: u64, limit: u64 },
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RepoError + '_ {
@@ -131,9 +125,7 @@ impl Repository {
                 found: parsed.format,
             });
         }
-        Ok(Repository {
-            root: root.to_owned(),
-        })
+        Ok(Repository { root: root.to_owned() })
     }
 
     /// Opens a repository, creating it when `root` is missing or an empty directory. A
@@ -153,15 +145,10 @@ impl Repository {
             return Self::open(root);
         }
         fsutil::create_dir_synced(root).map_err(io_at(root))?;
-        let text = toml::to_string(&MarkerFile {
-            format: REPO_FORMAT,
-        })
-        .expect("marker serializes");
+        let text = toml::to_string(&MarkerFile { format: REPO_FORMAT }).expect("marker serializes");
         let marker = root.join(MARKER);
         fsutil::write_atomic_bytes(&marker, 0o644, text.as_bytes()).map_err(io_at(&marker))?;
-        Ok(Repository {
-            root: root.to_owned(),
-        })
+        Ok(Repository { root: root.to_owned() })
     }
 
     pub fn root(&self) -> &Path {
@@ -202,10 +189,7 @@ impl Repository {
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
-                return Err(RepoError::Io {
-                    path: dir,
-                    source: e,
-                });
+                return Err(RepoError::Io { path: dir, source: e });
             }
         }
         out.sort();
@@ -229,11 +213,7 @@ impl Repository {
         fs::read(&path).map(Some).map_err(io_at(&path))
     }
 
-    fn signed_at(
-        &self,
-        channel: &str,
-        manifest_rel: &str,
-    ) -> Result<Option<SignedManifest>, RepoError> {
+    fn signed_at(&self, channel: &str, manifest_rel: &str) -> Result<Option<SignedManifest>, RepoError> {
         let Some(manifest) = self.read_bounded(manifest_rel, manifest::MAX_MANIFEST_BYTES)? else {
             return Ok(None);
         };
@@ -243,10 +223,7 @@ impl Repository {
         let signature = self
             .read_bounded(&sig_rel, MAX_SIGNATURE_FILE_BYTES)?
             .unwrap_or_default();
-        Ok(Some(SignedManifest {
-            manifest,
-            signature,
-        }))
+        Ok(Some(SignedManifest { manifest, signature }))
     }
 
     /// The channel's current manifest, or `None` if it was never published.
@@ -263,10 +240,7 @@ impl Repository {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => {
-                return Err(RepoError::Io {
-                    path: dir,
-                    source: e,
-                });
+                return Err(RepoError::Io { path: dir, source: e });
             }
         };
         let mut out = Vec::new();
@@ -290,12 +264,7 @@ impl Repository {
 
     /// Makes `signed` the channel's current manifest. Everything it names must already be
     /// in place: this writes the signature, the history copy, then renames the manifest.
-    pub fn commit_manifest(
-        &self,
-        channel: &str,
-        version: &Version,
-        signed: &SignedManifest,
-    ) -> Result<(), RepoError> {
+    pub fn commit_manifest(&self, channel: &str, version: &Version, signed: &SignedManifest) -> Result<(), RepoError> {
         manifest::check_name("channel", channel)?;
         let sig = self.path(&layout::signature(channel, &Digest::of(&signed.manifest)));
         let history = self.path(&layout::history(channel, version));
@@ -319,10 +288,7 @@ mod tests {
     fn create_open_and_refuse_foreign_directories() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("repo");
-        assert!(matches!(
-            Repository::open(&root),
-            Err(RepoError::NotARepository(_))
-        ));
+        assert!(matches!(Repository::open(&root), Err(RepoError::NotARepository(_))));
         Repository::open_or_create(&root).unwrap();
         Repository::open(&root).unwrap();
 
@@ -350,8 +316,7 @@ mod tests {
                 manifest: format!("v={v}").into_bytes(),
                 signature: b"sig".to_vec(),
             };
-            repo.commit_manifest("stable", &v.parse().unwrap(), &signed)
-                .unwrap();
+            repo.commit_manifest("stable", &v.parse().unwrap(), &signed).unwrap();
         }
         let cur = repo.current("stable").unwrap().unwrap();
         assert_eq!(cur.manifest, b"v=1.2.0");

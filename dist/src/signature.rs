@@ -45,10 +45,7 @@ pub enum SignatureError {
     #[error("signature file is malformed: {0}")]
     Malformed(String),
     #[error("manifest is signed only by untrusted key(s) {signed_by:?}; trusted: {trusted:?}")]
-    UntrustedKey {
-        signed_by: Vec<KeyId>,
-        trusted: Vec<KeyId>,
-    },
+    UntrustedKey { signed_by: Vec<KeyId>, trusted: Vec<KeyId> },
     #[error("signature by trusted key {0} does not match the manifest (tampered or corrupt)")]
     BadSignature(KeyId),
 }
@@ -76,27 +73,16 @@ pub fn sign(manifest: &[u8], keys: &[&SecretKey]) -> String {
 
 /// Key ids named in a signature file, without checking anything else (for messages).
 pub fn signers(sig_file: &[u8]) -> Result<Vec<KeyId>, SignatureError> {
-    Ok(parse(sig_file)?
-        .signatures
-        .into_iter()
-        .map(|e| e.key_id)
-        .collect())
+    Ok(parse(sig_file)?.signatures.into_iter().map(|e| e.key_id).collect())
 }
 
 fn parse(sig_file: &[u8]) -> Result<SignatureFile, SignatureError> {
     if sig_file.len() > MAX_SIGNATURE_FILE_BYTES {
         return Err(SignatureError::TooLarge(sig_file.len()));
     }
-    let text = std::str::from_utf8(sig_file)
-        .map_err(|_| SignatureError::Malformed("not UTF-8 text".into()))?;
-    let file: SignatureFile = toml::from_str(text).map_err(|e| {
-        SignatureError::Malformed(
-            e.to_string()
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" "),
-        )
-    })?;
+    let text = std::str::from_utf8(sig_file).map_err(|_| SignatureError::Malformed("not UTF-8 text".into()))?;
+    let file: SignatureFile = toml::from_str(text)
+        .map_err(|e| SignatureError::Malformed(e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")))?;
     if file.signatures.is_empty() || file.signatures.len() > MAX_SIGNATURES {
         return Err(SignatureError::Malformed(format!(
             "{} signatures; expected 1 to {MAX_SIGNATURES}",
@@ -110,11 +96,7 @@ fn parse(sig_file: &[u8]) -> Result<SignatureFile, SignatureError> {
 ///
 /// A signature by an untrusted key is ignored (it may be a key being rotated in), but a bad
 /// signature by a *trusted* key fails the whole check: it means the bytes were altered.
-pub fn verify(
-    manifest: &[u8],
-    sig_file: &[u8],
-    trusted: &TrustedKeys,
-) -> Result<KeyId, SignatureError> {
+pub fn verify(manifest: &[u8], sig_file: &[u8], trusted: &TrustedKeys) -> Result<KeyId, SignatureError> {
     let file = parse(sig_file)?;
     let msg = message(manifest);
     let mut good = None;
@@ -154,10 +136,7 @@ mod tests {
         // A host that trusts only one of the two keys accepts the file.
         for k in [&old, &new] {
             let trusted = TrustedKeys::new([k.public()]);
-            assert_eq!(
-                &verify(b"manifest", sig.as_bytes(), &trusted).unwrap(),
-                k.id()
-            );
+            assert_eq!(&verify(b"manifest", sig.as_bytes(), &trusted).unwrap(), k.id());
         }
     }
 

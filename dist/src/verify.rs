@@ -40,11 +40,7 @@ pub struct Verified {
 }
 
 /// Signature first: nothing in an unauthenticated manifest is looked at beyond its size.
-pub fn verify_manifest(
-    manifest: &[u8],
-    sig_file: &[u8],
-    policy: &Policy<'_>,
-) -> Result<Verified, VerifyError> {
+pub fn verify_manifest(manifest: &[u8], sig_file: &[u8], policy: &Policy<'_>) -> Result<Verified, VerifyError> {
     let signed_by = signature::verify(manifest, sig_file, policy.trusted)?;
     let manifest = Manifest::parse(manifest)?;
     if manifest.expires <= policy.now {
@@ -65,10 +61,7 @@ pub fn verify_manifest(
             found: manifest.channel,
         });
     }
-    Ok(Verified {
-        manifest,
-        signed_by,
-    })
+    Ok(Verified { manifest, signed_by })
 }
 
 #[cfg(test)]

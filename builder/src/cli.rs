@@ -1,0 +1,165 @@
+//! Command line of `atom-build`, defined once with clap derive.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use semver::Version;
+
+const EXIT_CODES: &str = "\
+EXIT STATUS:
+    0  success
+    1  error (the message says what and where; nothing was half-written)
+    2  bad command line
+    3  verify: the repository has problems (each one is listed)";
+
+/// Build, sign and publish Atom OS images.
+///
+/// atom-build turns a root filesystem into a reproducible ext4 slot image, publishes it
+/// into a signed repository that any static web server can host, and audits such a
+/// repository. Run each subcommand with --help for details.
+#[derive(Debug, Parser)]
+#[command(name = "atom-build", version, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Keygen(KeygenArgs),
+    Image(ImageArgs),
+    Publish(PublishArgs),
+    Verify(VerifyArgs),
+    History(HistoryArgs),
+}
+
+/// Create an ed25519 signing key pair.
+///
+/// Writes OUT.key (the secret, mode 0600) and OUT.pub (install it into /etc/atom/keys/ on
+/// every host that should trust this key) and prints the key id. Refuses to overwrite.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Path prefix of the key pair: writes PREFIX.key and PREFIX.pub.
+    #[arg(long, value_name = "PREFIX")]
+    pub out: PathBuf,
+}
+
+/// Build a reproducible ext4 slot image from a root filesystem.
+///
+/// The same inputs give the same bytes: the filesystem UUID and directory hash seed are
+/// derived from the version, every timestamp is clamped to SOURCE_DATE_EPOCH (0 when
+/// unset), and mke2fs runs with a pinned configuration. The image records its version
+/// and board in /usr/lib/atom/release.
+///
+/// With --base, the image starts as a copy of the previous image and the new tree is
+/// synced into it, so unchanged files keep their blocks: deltas stay small and hosts
+/// rewrite only the blocks that changed. This mounts the image (needs root).
+#[derive(Debug, Args)]
+pub struct ImageArgs {
+    /// Root filesystem: a directory, or a tar archive (compression detected).
+    #[arg(long, value_name = "DIR|TARBALL")]
+    pub rootfs: PathBuf,
+    /// Version of this image (semver, e.g. 1.4.0); must grow with every release.
+    #[arg(long)]
+    pub version: Version,
+    /// Board string; hosts install only images for their own board.
+    #[arg(long, default_value = "x86_64-generic")]
+    pub board: String,
+    /// Image (slot) size, e.g. 1G or 512M (binary units), a multiple of 4 KiB.
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+    /// Output image file; written atomically.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Previous image to build on, for a layout-stable image.
+    #[arg(long, value_name = "PREVIOUS.img")]
+    pub base: Option<PathBuf>,
+}
+
+/// Publish an image into a channel of a repository.
+///
+/// Reads the version and board from the image, writes the zstd payload, precomputed
+/// deltas from the last --deltas versions of the channel, and the signed manifest. A
+/// reader sees the old channel or the new one, never a mix. Creates the repository when
+/// --repo is missing or empty. The version must be newer than the channel's.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Repository directory.
+    #[arg(long)]
+    pub repo: PathBuf,
+    /// Channel name, e.g. stable.
+    #[arg(long)]
+    pub channel: String,
+    /// Signing key (.key file from keygen).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Further public keys accepted on the channel's current manifest (key rotation).
+    #[arg(long, value_name = "PUB")]
+    pub trust: Vec<PathBuf>,
+    /// How many earlier versions of the channel get a precomputed delta.
+    #[arg(long, default_value_t = 2)]
+    pub deltas: usize,
+    /// How long the manifest stays valid; hosts refuse it afterwards (re-publish or re-sign).
+    #[arg(long, default_value = "30days", value_parser = humantime::parse_duration)]
+    pub expires_in: std::time::Duration,
+    /// zstd level for payloads and deltas (1-22).
+    #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(1..=22))]
+    pub zstd_level: i32,
+    /// The image to publish.
+    pub image: PathBuf,
+}
+
+/// Check a repository: signatures, expiry, and the digest of every file.
+///
+/// Prints one line per problem and exits 3 if there is any.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[arg(long)]
+    pub repo: PathBuf,
+    /// Trusted public key(s): .pub files or directories of them.
+    #[arg(long = "key", value_name = "PUB", required = true)]
+    pub keys: Vec<PathBuf>,
+    /// Only this channel (default: all).
+    #[arg(long)]
+    pub channel: Option<String>,
+    /// Skip decompressing payloads (checks only the digests of the files themselves).
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// List every version ever published on a channel.
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    #[arg(long)]
+    pub repo: PathBuf,
+    #[arg(long)]
+    pub channel: String,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s)
+        .map_err(|e| format!("{e} (examples: 1G, 512M, 1073741824)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes_are_binary() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert!(parse_size("lots").is_err());
+    }
+}

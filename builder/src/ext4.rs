@@ -1,0 +1,195 @@
+//! The ext4 side of image building: a pinned mke2fs configuration, deterministic
+//! identifiers, and post-processing that removes every trace of when an image was built.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::cmd::run;
+
+/// mke2fs reads /etc/mke2fs.conf, which differs between build hosts and Debian releases.
+/// A pinned copy makes the feature set (and so the bytes) depend only on Atom. The
+/// features are those every kernel since 4.x mounts; `orphan_file` and friends are left
+/// out so older target kernels can still boot the image.
+pub const MKE2FS_CONF: &str = "\
+[defaults]
+	base_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
+	default_mntopts = acl,user_xattr
+	enable_periodic_fsck = 0
+	blocksize = 4096
+	inode_size = 256
+	inode_ratio = 16384
+
+[fs_types]
+	ext4 = {
+		features = has_journal,extent,huge_file,flex_bg,metadata_csum,metadata_csum_seed,64bit,dir_nlink,extra_isize
+	}
+";
+
+/// A UUID-formatted value derived from the image identity, so two builds of the same
+/// version agree while different versions (and the two slots) differ.
+pub fn derived_uuid(purpose: &str, version: &semver::Version, board: &str) -> String {
+    let h = blake3::hash(format!("atom-{purpose}\0{version}\0{board}").as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&h.as_bytes()[..16]);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let x = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &x[0..8],
+        &x[8..12],
+        &x[12..16],
+        &x[16..20],
+        &x[20..32]
+    )
+}
+
+/// e2fsprogs tools with the pinned config and clock.
+pub fn e2fs_tool(program: &str, conf: &Path, epoch: i64) -> Command {
+    let mut c = Command::new(program);
+    c.env("MKE2FS_CONFIG", conf)
+        .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
+        .env("LC_ALL", "C");
+    c
+}
+
+pub struct MkfsParams<'a> {
+    pub conf: &'a Path,
+    pub epoch: i64,
+    pub uuid: &'a str,
+    pub hash_seed: &'a str,
+    pub source: &'a Path,
+    pub image: &'a Path,
+}
+
+/// Error text of e2fsprogs and rsync when the filesystem is full.
+pub fn is_out_of_space(err: &anyhow::Error) -> bool {
+    let s = format!("{err:#}");
+    s.contains("Could not allocate block") || s.contains("No space left") || s.contains("No free space")
+}
+
+pub fn mkfs(p: &MkfsParams<'_>) -> Result<()> {
+    let ext = format!(
+        "hash_seed={},lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0",
+        p.hash_seed
+    );
+    run(e2fs_tool("mkfs.ext4", p.conf, p.epoch)
+        .args([
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-b",
+            "4096",
+            "-I",
+            "256",
+            "-m",
+            "0",
+            "-L",
+            "atom-root",
+            "-U",
+        ])
+        .arg(p.uuid)
+        .arg("-E")
+        .arg(ext)
+        .arg("-d")
+        .arg(p.source)
+        .arg(p.image))
+    .map(drop)
+}
+
+/// Full read-only fsck: the builder never hands out an image e2fsck would complain about.
+pub fn fsck_check(image: &Path) -> Result<()> {
+    run(Command::new("e2fsck").args(["-f", "-n"]).arg(image).env("LC_ALL", "C"))
+        .with_context(|| format!("{} failed the filesystem check", image.display()))
+        .map(drop)
+}
+
+/// Reads one file out of an image without mounting it.
+pub fn read_file(image: &Path, path_in_fs: &str) -> Result<Vec<u8>> {
+    let out = run(Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat \"/{path_in_fs}\""))
+        .arg(image)
+        .env("LC_ALL", "C"))?;
+    // debugfs reports a missing file on stderr and still exits 0.
+    if out.stdout.is_empty() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let reason = err.lines().find(|l| !l.starts_with("debugfs ")).unwrap_or("empty file");
+        bail!("cannot read /{path_in_fs} from {}: {reason}", image.display());
+    }
+    Ok(out.stdout)
+}
+
+/// Resets everything a read-write mount leaves behind that depends on the moment or the
+/// machine: superblock mount/write times and counters, the journal's old transactions,
+/// and per-inode ctime/atime/crtime and the random generation numbers the kernel assigns.
+pub fn normalize_after_mount(image: &Path, conf: &Path, epoch: i64, paths: &[String], workdir: &Path) -> Result<()> {
+    // A fresh journal replaces the one holding this build's transactions.
+    run(e2fs_tool("tune2fs", conf, epoch)
+        .args(["-O", "^has_journal"])
+        .arg(image))?;
+    run(e2fs_tool("tune2fs", conf, epoch).args(["-O", "has_journal"]).arg(image))?;
+    let mut script = String::new();
+    for field in ["mtime", "wtime", "lastcheck", "mkfs_time"] {
+        script.push_str(&format!("ssv {field} @{epoch}\n"));
+    }
+    script.push_str("ssv mnt_count 0\nssv kbytes_written 0\n");
+    for p in paths {
+        if p.contains(['"', '\n']) {
+            bail!("file name {p:?} cannot be normalized (contains a quote or newline)");
+        }
+        for field in ["atime", "ctime", "crtime"] {
+            script.push_str(&format!("sif \"{p}\" {field} @{epoch}\nsif \"{p}\" {field}_extra 0\n"));
+        }
+        script.push_str(&format!("sif \"{p}\" generation 0\n"));
+    }
+    zero_last_mounted(image)?;
+    let script_path = workdir.join("normalize.debugfs");
+    std::fs::write(&script_path, script).context("cannot write debugfs script")?;
+    let out = run(e2fs_tool("debugfs", conf, epoch)
+        .arg("-w")
+        .arg("-f")
+        .arg(&script_path)
+        .arg(image))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if let Some(problem) = stderr
+        .lines()
+        .find(|l| !l.starts_with("debugfs") && !l.trim().is_empty())
+    {
+        bail!("normalizing {} failed: {problem}", image.display());
+    }
+    Ok(())
+}
+
+/// The kernel records the (random, temporary) mount point in the superblock's
+/// `s_last_mounted`; debugfs can only overwrite it with a shorter string, not clear it. So
+/// zero it in place; debugfs (run with -n, checksums unverified) then rewrites the
+/// superblock checksum when it closes the filesystem.
+fn zero_last_mounted(image: &Path) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    const SUPERBLOCK: u64 = 1024;
+    const LAST_MOUNTED: u64 = 0x88;
+    let f = std::fs::OpenOptions::new().write(true).open(image)?;
+    f.write_all_at(&[0u8; 64], SUPERBLOCK + LAST_MOUNTED)
+        .with_context(|| format!("cannot clear s_last_mounted in {}", image.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuids_are_stable_and_distinct() {
+        let v1 = semver::Version::new(1, 0, 0);
+        let v2 = semver::Version::new(2, 0, 0);
+        let a = derived_uuid("fs-uuid", &v1, "b");
+        assert_eq!(a, derived_uuid("fs-uuid", &v1, "b"));
+        assert_ne!(a, derived_uuid("fs-uuid", &v2, "b"));
+        assert_ne!(a, derived_uuid("hash-seed", &v1, "b"));
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4");
+    }
+}

@@ -1,0 +1,53 @@
+//! `atom-build`: keys, OS images and repositories.
+
+mod audit;
+mod cli;
+mod cmd;
+mod ext4;
+mod image;
+mod keygen;
+mod publish;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use cli::{Cli, Command};
+
+const EXIT_PROBLEMS: u8 = 3;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match &cli.command {
+        Command::Keygen(a) => keygen::run(a),
+        Command::Image(a) => image::run_image(a),
+        Command::Publish(a) => publish::run(a),
+        Command::History(a) => audit::run_history(a),
+        Command::Verify(a) => match audit::run_verify(a) {
+            Ok(0) => Ok(()),
+            Ok(_) => return ExitCode::from(EXIT_PROBLEMS),
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("atom-build: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,300 @@
+//! `atom-build publish`: image → payload, deltas and a signed manifest in a channel.
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use atom_dist::manifest::{self, Delta, DeltaFormat, Image, Manifest, Payload};
+use atom_dist::release::{RELEASE_PATH, Release};
+use atom_dist::repo::{SignedManifest, layout};
+use atom_dist::verify::{Policy, verify_manifest};
+use atom_dist::{Digest, PublicKey, Repository, SecretKey, TrustedKeys, delta, fsutil, signature};
+use jiff::Timestamp;
+use memmap2::Mmap;
+use semver::Version;
+
+use crate::cli::PublishArgs;
+use crate::ext4;
+
+/// Counts and hashes what passes through, so a file's digest is known once it is written.
+pub struct HashingWriter<W> {
+    inner: W,
+    hasher: blake3::Hasher,
+    len: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: blake3::Hasher::new(),
+            len: 0,
+        }
+    }
+
+    pub fn finish(self) -> (W, Digest, u64) {
+        (
+            self.inner,
+            Digest::from_bytes(*self.hasher.finalize().as_bytes()),
+            self.len,
+        )
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Files this run created; removed again unless the publish completes, so a failed
+/// publish leaves the repository as it was.
+struct NewFiles(Vec<PathBuf>);
+
+impl Drop for NewFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+fn map(path: &Path) -> Result<Mmap> {
+    let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: images are private files of this process or read-only repository content;
+    // nothing truncates them while the map is alive.
+    unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))
+}
+
+/// Writes a content-addressed file with `fill`, returning (digest, size) of what was written.
+fn write_object(
+    path: &Path,
+    new_files: &mut NewFiles,
+    fill: impl FnOnce(&mut HashingWriter<BufWriter<&mut File>>) -> io::Result<()>,
+) -> Result<(Digest, u64)> {
+    let dir = path.parent().expect("object paths have a parent");
+    fsutil::create_dir_synced(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let existed = path.exists();
+    let mut result = None;
+    fsutil::write_atomic(path, 0o644, |f| {
+        let mut w = HashingWriter::new(BufWriter::new(f));
+        fill(&mut w)?;
+        let (mut buf, digest, len) = w.finish();
+        buf.flush()?;
+        result = Some((digest, len));
+        Ok(())
+    })
+    .with_context(|| format!("cannot write {}", path.display()))?;
+    if !existed {
+        new_files.0.push(path.to_owned());
+    }
+    Ok(result.expect("fill ran"))
+}
+
+pub fn run(args: &PublishArgs) -> Result<()> {
+    let key = SecretKey::load(&args.key)?;
+    manifest::check_name("channel", &args.channel)?;
+    let release =
+        Release::parse(&ext4::read_file(&args.image, RELEASE_PATH).context("the image is not an Atom image")?)
+            .with_context(|| format!("bad /{RELEASE_PATH} in {}", args.image.display()))?;
+    let (image_digest, image_size) =
+        Digest::of_file(&args.image).with_context(|| format!("cannot read {}", args.image.display()))?;
+
+    let repo = Repository::open_or_create(&args.repo)?;
+    let _lock = repo.lock()?;
+    let mut trusted: Vec<PublicKey> = vec![key.public()];
+    for p in &args.trust {
+        trusted.push(PublicKey::load(p)?);
+    }
+    let trusted = TrustedKeys::new(trusted);
+    let now = Timestamp::now().round(jiff::Unit::Second)?;
+    let previous = current_manifest(&repo, &args.channel, &trusted)?;
+    if let Some(prev) = &previous {
+        if release.version <= prev.version {
+            bail!(
+                "version {} is not newer than {} on channel {:?}; versions must increase",
+                release.version,
+                prev.version,
+                args.channel
+            );
+        }
+        if release.board != prev.board {
+            bail!(
+                "channel {:?} carries board {:?}, the image is for {:?}",
+                args.channel,
+                prev.board,
+                release.board
+            );
+        }
+    }
+
+    let mut new_files = NewFiles(Vec::new());
+    let payload_rel = layout::payload(&image_digest);
+    tracing::info!(version = %release.version, path = %payload_rel, "writing full payload");
+    let image_file = File::open(&args.image)?;
+    let (payload_digest, payload_size) = write_object(&repo.path(&payload_rel), &mut new_files, |w| {
+        let mut enc = zstd::stream::write::Encoder::new(w, args.zstd_level)?;
+        enc.include_checksum(true)?;
+        enc.long_distance_matching(true)?;
+        enc.multithread(std::thread::available_parallelism().map_or(1, |n| n.get() as u32))?;
+        io::copy(&mut &image_file, &mut enc)?;
+        enc.finish()?;
+        Ok(())
+    })?;
+
+    let deltas = make_deltas(&repo, args, &release, &image_digest, &trusted, &mut new_files)?;
+    let manifest = Manifest {
+        format: manifest::FORMAT,
+        channel: args.channel.clone(),
+        version: release.version.clone(),
+        board: release.board.clone(),
+        created: now,
+        expires: now
+            .checked_add(jiff::SignedDuration::try_from(args.expires_in)?)
+            .context("--expires-in is too far in the future")?,
+        image: Image {
+            size: image_size,
+            digest: image_digest,
+        },
+        payload: Payload {
+            path: payload_rel,
+            size: payload_size,
+            digest: payload_digest,
+        },
+        deltas,
+    };
+    let text = manifest.to_toml();
+    // Parse our own output back: the publisher never signs what a client would reject.
+    Manifest::parse(text.as_bytes()).context("internal error: generated manifest does not parse")?;
+    let signed = SignedManifest {
+        signature: signature::sign(text.as_bytes(), &[&key]).into_bytes(),
+        manifest: text.into_bytes(),
+    };
+    repo.commit_manifest(&args.channel, &release.version, &signed)?;
+    new_files.0.clear();
+
+    println!(
+        "published {} {} on channel {} (signed by {}): payload {} bytes, {} delta(s){}",
+        release.board,
+        release.version,
+        args.channel,
+        key.id(),
+        payload_size,
+        manifest.deltas.len(),
+        manifest
+            .deltas
+            .iter()
+            .map(|d| format!(" from {}: {} bytes", d.base_version, d.size))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    Ok(())
+}
+
+/// The channel's current manifest, checked with the publisher's keys. Expiry is not held
+/// against it: re-publishing is how an expired channel is revived.
+fn current_manifest(repo: &Repository, channel: &str, trusted: &TrustedKeys) -> Result<Option<Manifest>> {
+    let Some(current) = repo.current(channel)? else {
+        return Ok(None);
+    };
+    let policy = Policy {
+        trusted,
+        now: Timestamp::MIN,
+        board: None,
+        channel: Some(channel),
+    };
+    match verify_manifest(&current.manifest, &current.signature, &policy) {
+        Ok(v) => Ok(Some(v.manifest)),
+        Err(e) => {
+            let signers = signature::signers(&current.signature).unwrap_or_default();
+            bail!(
+                "channel {channel:?} in {} is not signed by this key ({e}); it is signed by {:?}. \
+                 Use the repository's key, or --trust OLD.pub to rotate keys",
+                repo.root().display(),
+                signers.iter().map(|k| k.to_string()).collect::<Vec<_>>()
+            )
+        }
+    }
+}
+
+fn make_deltas(
+    repo: &Repository,
+    args: &PublishArgs,
+    release: &Release,
+    image_digest: &Digest,
+    trusted: &TrustedKeys,
+    new_files: &mut NewFiles,
+) -> Result<Vec<Delta>> {
+    let mut bases: Vec<(Version, Digest)> = Vec::new();
+    for (version, signed) in repo.history(&args.channel)?.into_iter().rev() {
+        if bases.len() >= args.deltas {
+            break;
+        }
+        let policy = Policy {
+            trusted,
+            now: Timestamp::MIN,
+            board: Some(&release.board),
+            channel: Some(&args.channel),
+        };
+        match verify_manifest(&signed.manifest, &signed.signature, &policy) {
+            Ok(v)
+                if v.manifest.image.digest != *image_digest
+                    && !bases.iter().any(|(_, d)| d == &v.manifest.image.digest) =>
+            {
+                bases.push((version, v.manifest.image.digest));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(%version, error = %e, "skipping history entry as a delta base"),
+        }
+    }
+    if bases.is_empty() {
+        return Ok(Vec::new());
+    }
+    let target = map(&args.image)?;
+    let scratch = tempfile::Builder::new()
+        .prefix(".atom-base-")
+        .tempfile_in(repo.root())?;
+    let mut out = Vec::new();
+    for (version, base_digest) in bases {
+        let payload = repo.path(&layout::payload(&base_digest));
+        let Ok(compressed) = File::open(&payload) else {
+            tracing::warn!(%version, path = %payload.display(), "base payload missing; no delta from it");
+            continue;
+        };
+        let mut file = scratch.reopen()?;
+        file.set_len(0)?;
+        let mut hashing = HashingWriter::new(BufWriter::new(&mut file));
+        zstd::stream::copy_decode(compressed, &mut hashing)
+            .with_context(|| format!("cannot decompress {}", payload.display()))?;
+        let (mut w, digest, _) = hashing.finish();
+        w.flush()?;
+        drop(w);
+        if digest != base_digest {
+            tracing::warn!(%version, "base payload does not match its manifest; no delta from it");
+            continue;
+        }
+        let base = map(scratch.path())?;
+        let rel = layout::delta(&base_digest, image_digest);
+        tracing::info!(base = %version, path = %rel, "computing delta");
+        let (digest, size) = write_object(&repo.path(&rel), new_files, |w| {
+            delta::make(&base, &target, args.zstd_level, w)
+        })?;
+        out.push(Delta {
+            base_version: version,
+            base_digest,
+            format: DeltaFormat::FastRsyncZstd,
+            path: rel,
+            size,
+            digest,
+        });
+    }
+    Ok(out)
+}
