@@ -123,35 +123,65 @@ pub fn read_file(image: &Path, path_in_fs: &str) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
-/// Resets everything a read-write mount leaves behind that depends on the moment or the
-/// machine: superblock mount/write times and counters, the journal's old transactions,
-/// and per-inode ctime/atime/crtime and the random generation numbers the kernel assigns.
-pub fn normalize_after_mount(image: &Path, conf: &Path, epoch: i64, paths: &[String], workdir: &Path) -> Result<()> {
-    // A fresh journal replaces the one holding this build's transactions.
-    run(e2fs_tool("tune2fs", conf, epoch)
-        .args(["-O", "^has_journal"])
-        .arg(image))?;
-    run(e2fs_tool("tune2fs", conf, epoch).args(["-O", "has_journal"]).arg(image))?;
+/// Where an image came from, which decides what must be scrubbed from it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Fresh from `mke2fs -d`: only inode change times (copied from the staging tree,
+    /// which userspace cannot set) vary between builds.
+    Mkfs,
+    /// Written through a kernel mount: superblock times and counters, the mount point, the
+    /// journal's old transactions and the kernel's random inode generation numbers too.
+    Mounted,
+}
+
+/// Sets every timestamp the build left behind to `epoch`, so the image depends only on
+/// its inputs. `paths` are all paths in the filesystem, `/` included.
+pub fn normalize(
+    image: &Path,
+    conf: &Path,
+    epoch: i64,
+    paths: &[String],
+    workdir: &Path,
+    origin: Origin,
+) -> Result<()> {
     let mut script = String::new();
-    for field in ["mtime", "wtime", "lastcheck", "mkfs_time"] {
-        script.push_str(&format!("ssv {field} @{epoch}\n"));
+    if origin == Origin::Mounted {
+        run(e2fs_tool("tune2fs", conf, epoch)
+            .args(["-O", "^has_journal"])
+            .arg(image))?;
+        run(e2fs_tool("tune2fs", conf, epoch).args(["-O", "has_journal"]).arg(image))?;
+        for field in ["mtime", "wtime", "lastcheck", "mkfs_time"] {
+            script.push_str(&format!("ssv {field} @{epoch}\n"));
+        }
+        script.push_str("ssv mnt_count 0\nssv kbytes_written 0\n");
+        // Inodes the kernel freed (files the new version deleted) keep its timestamps and
+        // generation numbers; clear them.
+        for ino in freed_inodes(image)? {
+            // clri zeroes only the classic 128-byte inode; the extended fields keep the
+            // nanosecond parts of the kernel's timestamps.
+            script.push_str(&format!("clri <{ino}>\n"));
+            for field in ["ctime_extra", "mtime_extra", "atime_extra", "crtime", "crtime_extra"] {
+                script.push_str(&format!("sif <{ino}> {field} 0\n"));
+            }
+        }
+        zero_last_mounted(image)?;
     }
-    script.push_str("ssv mnt_count 0\nssv kbytes_written 0\n");
     for p in paths {
         if p.contains(['"', '\n']) {
-            bail!("file name {p:?} cannot be normalized (contains a quote or newline)");
+            bail!("file name {p:?} cannot be stored reproducibly (contains a quote or newline)");
         }
         for field in ["atime", "ctime", "crtime"] {
             script.push_str(&format!("sif \"{p}\" {field} @{epoch}\nsif \"{p}\" {field}_extra 0\n"));
         }
-        script.push_str(&format!("sif \"{p}\" generation 0\n"));
+        if origin == Origin::Mounted {
+            script.push_str(&format!("sif \"{p}\" generation 0\n"));
+        }
     }
-    zero_last_mounted(image)?;
     let script_path = workdir.join("normalize.debugfs");
     std::fs::write(&script_path, script).context("cannot write debugfs script")?;
+    // -n: the superblock checksum is stale after zero_last_mounted; debugfs rewrites it.
     let out = run(e2fs_tool("debugfs", conf, epoch)
-        .arg("-w")
-        .arg("-f")
+        .args(["-w", "-n", "-f"])
         .arg(&script_path)
         .arg(image))?;
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -162,6 +192,45 @@ pub fn normalize_after_mount(image: &Path, conf: &Path, epoch: i64, paths: &[Str
         bail!("normalizing {} failed: {problem}", image.display());
     }
     Ok(())
+}
+
+/// Free inodes below each group's never-used mark, from `dumpe2fs`.
+fn freed_inodes(image: &Path) -> Result<Vec<u64>> {
+    let out = run(Command::new("dumpe2fs").arg(image).env("LC_ALL", "C"))?;
+    parse_freed_inodes(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_freed_inodes(dump: &str) -> Result<Vec<u64>> {
+    let per_group: u64 = dump
+        .lines()
+        .find_map(|l| l.strip_prefix("Inodes per group:"))
+        .context("dumpe2fs printed no inode count")?
+        .trim()
+        .parse()?;
+    let mut freed = Vec::new();
+    let mut group_end = 0u64;
+    let mut used_end = 0u64;
+    for line in dump.lines().map(str::trim) {
+        // Group headers look like "Group 3: (Blocks …)"; "Group descriptor size:" does not.
+        if let Some(g) = line
+            .strip_prefix("Group ")
+            .and_then(|r| r.split_once(':'))
+            .and_then(|(g, _)| g.parse::<u64>().ok())
+        {
+            group_end = (g + 1) * per_group;
+        } else if group_end == 0 {
+            continue;
+        } else if let Some(unused) = line.split(", ").find_map(|part| part.strip_suffix(" unused inodes")) {
+            used_end = group_end - unused.trim().parse::<u64>()?;
+        } else if let Some(list) = line.strip_prefix("Free inodes:") {
+            for range in list.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+                let (a, b) = range.split_once('-').unwrap_or((range, range));
+                let (a, b): (u64, u64) = (a.parse()?, b.parse()?);
+                freed.extend(a..=b.min(used_end));
+            }
+        }
+    }
+    Ok(freed)
 }
 
 /// The kernel records the (random, temporary) mount point in the superblock's
@@ -180,6 +249,20 @@ fn zero_last_mounted(image: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_freed_inodes_below_the_unused_mark() {
+        let dump = "Inodes per group:         4096\n\
+            Free inodes:              3869\n\
+            Group descriptor size:    64\n\
+            Group 0: (Blocks 0-16383) csum 0xdc06 [ITABLE_ZEROED]\n  \
+            12017 free blocks, 3869 free inodes, 18 directories, 3868 unused inodes\n  \
+            Free inodes: 71, 229-4096\n\
+            Group 1: (Blocks 16384-32767) csum 0x1 [INODE_UNINIT]\n  \
+            1 free blocks, 4096 free inodes, 0 directories, 4096 unused inodes\n  \
+            Free inodes: 4097-8192\n";
+        assert_eq!(parse_freed_inodes(dump).unwrap(), vec![71]);
+    }
 
     #[test]
     fn uuids_are_stable_and_distinct() {

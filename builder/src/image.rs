@@ -207,7 +207,9 @@ fn build_plain(args: &ImageArgs, epoch: i64, conf: &Path, staging: &Path, image:
         hash_seed: &hash_seed,
         source: staging,
         image,
-    })
+    })?;
+    let work = image.parent().expect("image is inside the work directory");
+    ext4::normalize(image, conf, epoch, &fs_paths(staging)?, work, ext4::Origin::Mkfs)
 }
 
 /// A mount that is undone on every path: `unmount` on success (errors reported), a lazy
@@ -284,6 +286,11 @@ fn build_on_base(
     .context("cannot sync the new tree into the base image")?;
     guard.unmount()?;
 
+    ext4::normalize(image, conf, epoch, &fs_paths(staging)?, work, ext4::Origin::Mounted)
+}
+
+/// Every path the image will hold, as debugfs names them.
+fn fs_paths(staging: &Path) -> Result<Vec<String>> {
     let mut paths = vec!["/".to_string(), "/lost+found".to_string()];
     for entry in walkdir::WalkDir::new(staging).min_depth(1) {
         let entry = entry?;
@@ -291,9 +298,11 @@ fn build_on_base(
         let rel = rel
             .to_str()
             .with_context(|| format!("file name {} is not UTF-8", rel.display()))?;
-        paths.push(format!("/{rel}"));
+        if rel != "lost+found" {
+            paths.push(format!("/{rel}"));
+        }
     }
-    ext4::normalize_after_mount(image, conf, epoch, &paths, work)
+    Ok(paths)
 }
 
 fn resize(conf: &Path, epoch: i64, image: &Path, from: u64, to: u64) -> Result<()> {
