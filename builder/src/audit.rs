@@ -87,9 +87,11 @@ fn audit_channel(
             return Ok(());
         }
     };
-    check_files(repo, channel, &manifest, quick, problems);
+    let mut checked = std::collections::BTreeSet::new();
+    check_files(repo, channel, &manifest, quick, &mut checked, problems);
 
-    // History: every manifest must still verify (expiry is expected there).
+    // History: every manifest must still verify (expiry is expected there), and the files
+    // it names are still served (clients on old versions use them as delta bases).
     let history_policy = Policy {
         now: Timestamp::MIN,
         ..policy
@@ -102,8 +104,9 @@ fn audit_channel(
         ));
     }
     for (version, signed) in history {
-        if let Err(e) = verify_manifest(&signed.manifest, &signed.signature, &history_policy) {
-            problems.push(format!("channel {channel}: history/{version}.toml: {e}"));
+        match verify_manifest(&signed.manifest, &signed.signature, &history_policy) {
+            Ok(v) => check_files(repo, channel, &v.manifest, quick, &mut checked, problems),
+            Err(e) => problems.push(format!("channel {channel}: history/{version}.toml: {e}")),
         }
     }
     Ok(())
@@ -121,7 +124,18 @@ fn check_file(repo: &Repository, rel: &str, size: u64, digest: &Digest) -> Resul
     Ok(())
 }
 
-fn check_files(repo: &Repository, channel: &str, m: &Manifest, quick: bool, problems: &mut Vec<String>) {
+/// Checks each file a manifest names, once per run (`checked` holds the paths done).
+fn check_files(
+    repo: &Repository,
+    channel: &str,
+    m: &Manifest,
+    quick: bool,
+    checked: &mut std::collections::BTreeSet<String>,
+    problems: &mut Vec<String>,
+) {
+    if !checked.insert(m.payload.path.clone()) {
+        return;
+    }
     let payload_ok = match check_file(repo, &m.payload.path, m.payload.size, &m.payload.digest) {
         Ok(()) => true,
         Err(e) => {
@@ -135,7 +149,7 @@ fn check_files(repo: &Repository, channel: &str, m: &Manifest, quick: bool, prob
     {
         problems.push(format!("channel {channel}: payload {}: {e}", m.payload.path));
     }
-    for d in &m.deltas {
+    for d in m.deltas.iter().filter(|d| checked.insert(d.path.clone())) {
         if let Err(e) = check_file(repo, &d.path, d.size, &d.digest) {
             problems.push(format!("channel {channel}: delta from {}: {e}", d.base_version));
         }

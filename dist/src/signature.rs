@@ -42,6 +42,8 @@ struct Entry {
 pub enum SignatureError {
     #[error("signature file is {0} bytes; the limit is {MAX_SIGNATURE_FILE_BYTES}")]
     TooLarge(usize),
+    #[error("no signature found for this manifest (unsigned, or the manifest was altered)")]
+    Missing,
     #[error("signature file is malformed: {0}")]
     Malformed(String),
     #[error("manifest is signed only by untrusted key(s) {signed_by:?}; trusted: {trusted:?}")]
@@ -77,6 +79,9 @@ pub fn signers(sig_file: &[u8]) -> Result<Vec<KeyId>, SignatureError> {
 }
 
 fn parse(sig_file: &[u8]) -> Result<SignatureFile, SignatureError> {
+    if sig_file.is_empty() {
+        return Err(SignatureError::Missing);
+    }
     if sig_file.len() > MAX_SIGNATURE_FILE_BYTES {
         return Err(SignatureError::TooLarge(sig_file.len()));
     }

@@ -88,11 +88,17 @@ pub struct Fixture {
     pub dir: tempfile::TempDir,
 }
 
-impl Fixture {
-    pub fn new() -> Self {
+impl Default for Fixture {
+    fn default() -> Self {
         Fixture {
             dir: tempfile::tempdir().unwrap(),
         }
+    }
+}
+
+impl Fixture {
+    pub fn new() -> Self {
+        Self::default()
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {

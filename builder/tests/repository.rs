@@ -1,0 +1,391 @@
+//! `atom-build publish`, `verify` and `history` against real repositories on disk.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use atom_dist::repo::layout;
+use atom_dist::verify::{Policy, verify_manifest};
+use atom_dist::{Digest, Manifest, PublicKey, Repository, TrustedKeys, delta};
+use common::*;
+
+struct Setup {
+    f: Fixture,
+    key: PathBuf,
+    public: PathBuf,
+    repo: PathBuf,
+    v1: PathBuf,
+    v2: PathBuf,
+}
+
+/// A repository with v1 and v2 (v2 built on v1) published on channel "stable".
+fn setup() -> Setup {
+    let f = Fixture::new();
+    let (key, public) = f.keygen("signer");
+    let t1 = f.path("t1");
+    make_tree(&t1, 40, 1);
+    let v1 = f.image("v1", "1.0.0", &t1, None);
+    let t2 = f.path("t2");
+    make_tree(&t2, 40, 1);
+    fs::write(t2.join("etc/hostname"), "atom-v2\n").unwrap();
+    fs::write(t2.join("usr/share/pkg0/new"), bytes(20_000, 77)).unwrap();
+    let v2 = f.image("v2", "2.0.0", &t2, Some(&v1));
+    let repo = f.path("repo");
+    ok(f.publish(&repo, &key, &v1));
+    ok(f.publish(&repo, &key, &v2));
+    Setup {
+        f,
+        key,
+        public,
+        repo,
+        v1,
+        v2,
+    }
+}
+
+fn verify(repo: &Path, keys: &[&Path]) -> (i32, String) {
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"verify", &"--repo", &repo];
+    for k in keys {
+        args.push(&"--key");
+        args.push(k);
+    }
+    let out = atom_build(&args);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn copy_repo(s: &Setup, name: &str) -> PathBuf {
+    let dst = s.f.path(name);
+    assert!(
+        Command::new("cp")
+            .arg("-a")
+            .arg(&s.repo)
+            .arg(&dst)
+            .status()
+            .unwrap()
+            .success()
+    );
+    dst
+}
+
+fn current(repo: &Path) -> Manifest {
+    let r = Repository::open(repo).unwrap();
+    Manifest::parse(&r.current("stable").unwrap().unwrap().manifest).unwrap()
+}
+
+#[test]
+fn publish_round_trip_with_precomputed_delta() {
+    let s = setup();
+    let mode = fs::metadata(&s.key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "secret key mode");
+
+    let (code, out) = verify(&s.repo, &[&s.public]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("OK"), "{out}");
+
+    let m = current(&s.repo);
+    assert_eq!(m.version.to_string(), "2.0.0");
+    let (v1_digest, _) = Digest::of_file(&s.v1).unwrap();
+    let (v2_digest, v2_len) = Digest::of_file(&s.v2).unwrap();
+    assert_eq!(m.image.digest, v2_digest);
+    assert_eq!(m.image.size, v2_len);
+
+    // The precomputed delta really turns v1 into v2.
+    let d = m.delta_from(&v1_digest).expect("delta from v1");
+    assert_eq!(d.base_version.to_string(), "1.0.0");
+    let compressed = fs::read(s.repo.join(&d.path)).unwrap();
+    assert!(
+        compressed.len() < 100_000,
+        "delta of a small change is small: {} bytes",
+        compressed.len()
+    );
+    let mut raw = Vec::new();
+    delta::decompress_bounded(&compressed[..], &mut raw, delta::raw_delta_limit(m.image.size)).unwrap();
+    let mut rebuilt = Vec::new();
+    delta::apply(&fs::read(&s.v1).unwrap(), &raw, m.image.size, &mut rebuilt).unwrap();
+    assert!(Digest::of(&rebuilt) == v2_digest, "delta does not reproduce v2");
+
+    let hist = ok(atom_build(&[&"history", &"--repo", &s.repo, &"--channel", &"stable"]));
+    assert!(hist.contains("1.0.0") && hist.contains("2.0.0"), "{hist}");
+    let lines: Vec<&str> = hist.lines().filter(|l| l.ends_with('*')).collect();
+    assert_eq!(lines.len(), 1);
+    assert!(lines[0].starts_with("2.0.0"), "{hist}");
+
+    // A third version gets deltas from both earlier ones (default --deltas 2).
+    let t3 = s.f.path("t3");
+    make_tree(&t3, 40, 1);
+    fs::write(t3.join("etc/hostname"), "atom-v3\n").unwrap();
+    let v3 = s.f.image("v3", "3.0.0", &t3, Some(&s.v2));
+    ok(s.f.publish(&s.repo, &s.key, &v3));
+    let bases: Vec<String> = current(&s.repo)
+        .deltas
+        .iter()
+        .map(|d| d.base_version.to_string())
+        .collect();
+    assert_eq!(bases, ["2.0.0", "1.0.0"]);
+    assert_eq!(verify(&s.repo, &[&s.public]).0, 0);
+}
+
+#[test]
+fn verify_names_every_tamper() {
+    let s = setup();
+    let m = current(&s.repo);
+    let manifest_path = s.repo.join(layout::manifest("stable"));
+
+    // Manifest byte flipped.
+    let r = copy_repo(&s, "flip");
+    let mp = r.join(layout::manifest("stable"));
+    let mut bytes = fs::read(&mp).unwrap();
+    let at = bytes.iter().position(|&b| b == b'2').unwrap();
+    bytes[at] = b'9';
+    fs::write(&mp, bytes).unwrap();
+    let (code, out) = verify(&r, &[&s.public]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("manifest.toml: no signature found"), "{out}");
+
+    // Signature swapped: v1's signature placed where v2's belongs.
+    let r = copy_repo(&s, "swap");
+    let store = Repository::open(&r).unwrap();
+    let history = store.history("stable").unwrap();
+    let v1_sig = &history[0].1.signature;
+    let v2_sig_path = r.join(layout::signature(
+        "stable",
+        &Digest::of(&fs::read(&manifest_path).unwrap()),
+    ));
+    fs::write(&v2_sig_path, v1_sig).unwrap();
+    let (code, out) = verify(&r, &[&s.public]);
+    assert_eq!(code, 3);
+    assert!(out.contains("does not match the manifest"), "{out}");
+
+    // Unknown key.
+    let (_, other_pub) = s.f.keygen("other");
+    let (code, out) = verify(&s.repo, &[&other_pub]);
+    assert_eq!(code, 3);
+    assert!(out.contains("untrusted key"), "{out}");
+
+    // Corrupt payload, truncated delta.
+    let r = copy_repo(&s, "corrupt");
+    let payload = r.join(&m.payload.path);
+    let mut p = fs::read(&payload).unwrap();
+    let mid = p.len() / 2;
+    p[mid] ^= 0xff;
+    fs::write(&payload, p).unwrap();
+    let delta_path = r.join(&m.deltas[0].path);
+    let d = fs::read(&delta_path).unwrap();
+    fs::write(&delta_path, &d[..d.len() / 2]).unwrap();
+    let (code, out) = verify(&r, &[&s.public]);
+    assert_eq!(code, 3);
+    assert!(out.contains("payload") && out.contains("digest"), "{out}");
+    assert!(out.contains("delta from 1.0.0") && out.contains("size"), "{out}");
+
+    // An old version's payload (still a delta base for hosts on it) is checked too.
+    let r = copy_repo(&s, "old-payload");
+    let store = Repository::open(&r).unwrap();
+    let v1_manifest = Manifest::parse(&store.history("stable").unwrap()[0].1.manifest).unwrap();
+    let old = r.join(&v1_manifest.payload.path);
+    let len = fs::metadata(&old).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_len(len - 1)
+        .unwrap();
+    let (code, out) = verify(&r, &[&s.public]);
+    assert_eq!(code, 3);
+    assert!(out.contains(&v1_manifest.payload.path), "{out}");
+
+    // Missing repository marker.
+    let out = atom_build(&[&"verify", &"--repo", &s.f.path("t1"), &"--key", &s.public]);
+    fails_with(out, 1, "not an Atom repository");
+}
+
+#[test]
+fn expired_and_wrong_board_are_reported() {
+    let f = Fixture::new();
+    let (key, public) = f.keygen("k");
+    let t = f.path("t");
+    make_tree(&t, 5, 1);
+    let v1 = f.image("v1", "1.0.0", &t, None);
+    let repo = f.path("repo");
+    ok(atom_build(&[
+        &"publish",
+        &"--repo",
+        &repo,
+        &"--channel",
+        &"stable",
+        &"--key",
+        &key,
+        &"--expires-in",
+        &"1s",
+        &v1,
+    ]));
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let (code, out) = verify(&repo, &[&public]);
+    assert_eq!(code, 3);
+    assert!(out.contains("expired"), "{out}");
+
+    // A host for another board rejects the manifest (the agent's check, via the library).
+    let r = Repository::open(&repo).unwrap();
+    let cur = r.current("stable").unwrap().unwrap();
+    let trusted = TrustedKeys::new([PublicKey::load(&public).unwrap()]);
+    let policy = Policy {
+        trusted: &trusted,
+        now: jiff::Timestamp::MIN,
+        board: Some("rpi4"),
+        channel: Some("stable"),
+    };
+    let err = verify_manifest(&cur.manifest, &cur.signature, &policy).unwrap_err();
+    assert!(err.to_string().contains("board"), "{err}");
+
+    // Publishing another board's image onto the channel is refused.
+    let out = f.path("other-board.img");
+    ok(atom_build(&[
+        &"image",
+        &"--rootfs",
+        &t,
+        &"--version",
+        &"2.0.0",
+        &"--board",
+        &"rpi4",
+        &"--size",
+        &"64M",
+        &"--out",
+        &out,
+    ]));
+    let before = snapshot(&repo);
+    fails_with(f.publish(&repo, &key, &out), 1, "carries board");
+    assert!(snapshot(&repo) == before, "repository changed");
+}
+
+#[test]
+fn failed_publishes_leave_the_repository_as_it_was() {
+    let s = setup();
+    let before = snapshot(&s.repo);
+    let unchanged = |what: &str| assert!(snapshot(&s.repo) == before, "repository changed after {what}");
+
+    fails_with(s.f.publish(&s.repo, &s.key, &s.v1), 1, "not newer than 2.0.0");
+    unchanged("older version");
+    fails_with(s.f.publish(&s.repo, &s.key, &s.v2), 1, "not newer");
+    unchanged("same version");
+
+    let (wrong_key, _) = s.f.keygen("intruder");
+    let t = s.f.path("t9");
+    make_tree(&t, 5, 9);
+    let v9 = s.f.image("v9", "9.0.0", &t, None);
+    fails_with(s.f.publish(&s.repo, &wrong_key, &v9), 1, "not signed by this key");
+    unchanged("wrong key");
+
+    let corrupt_key = s.f.path("corrupt.key");
+    fs::write(
+        &corrupt_key,
+        "kind = \"atom-signing-key\"\nkey_id = \"00\"\nsecret = \"zz\"\n",
+    )
+    .unwrap();
+    fails_with(s.f.publish(&s.repo, &corrupt_key, &v9), 1, "corrupt.key");
+    unchanged("corrupt key");
+    fails_with(s.f.publish(&s.repo, &s.f.path("missing.key"), &v9), 1, "missing.key");
+
+    let not_image = s.f.path("junk.img");
+    fs::write(&not_image, vec![7u8; 1 << 20]).unwrap();
+    fails_with(s.f.publish(&s.repo, &s.key, &not_image), 1, "not an Atom image");
+    unchanged("not an image");
+
+    // A directory holding someone else's files is not turned into a repository.
+    let foreign = s.f.path("foreign");
+    fs::create_dir(&foreign).unwrap();
+    fs::write(foreign.join("notes.txt"), "keep me").unwrap();
+    fails_with(s.f.publish(&foreign, &s.key, &v9), 1, "not an Atom repository");
+    assert_eq!(fs::read_dir(&foreign).unwrap().count(), 1);
+
+    // Key rotation: the new key may take over only when the old one is named.
+    let (new_key, new_pub) = s.f.keygen("next");
+    fails_with(s.f.publish(&s.repo, &new_key, &v9), 1, "--trust");
+    unchanged("rotation without --trust");
+    ok(atom_build(&[
+        &"publish",
+        &"--repo",
+        &s.repo,
+        &"--channel",
+        &"stable",
+        &"--key",
+        &new_key,
+        &"--trust",
+        &s.public,
+        &"--zstd-level",
+        &"3",
+        &v9,
+    ]));
+    assert_eq!(verify(&s.repo, &[&s.public, &new_pub]).0, 0);
+    let (code, out) = verify(&s.repo, &[&new_pub]);
+    assert_eq!(
+        code, 3,
+        "history signed by the retired key is reported when only the new key is trusted"
+    );
+    assert!(out.contains("history/1.0.0.toml"), "{out}");
+}
+
+#[test]
+fn readers_never_see_a_half_published_channel() {
+    let s = setup();
+    let t = s.f.path("t3");
+    make_tree(&t, 40, 3);
+    fs::write(t.join("big"), bytes(20 << 20, 3)).unwrap();
+    let v3 = s.f.image("v3", "3.0.0", &t, None);
+    let trusted = TrustedKeys::new([PublicKey::load(&s.public).unwrap()]);
+
+    let mut child = Command::new(BIN)
+        .args(["publish", "--channel", "stable", "--zstd-level", "9", "--repo"])
+        .arg(&s.repo)
+        .arg("--key")
+        .arg(&s.key)
+        .arg(&v3)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let repo = Repository::open(&s.repo).unwrap();
+    let mut reads = 0;
+    let mut versions = std::collections::BTreeSet::new();
+    loop {
+        let done = child.try_wait().unwrap().is_some();
+        let cur = repo.current("stable").unwrap().unwrap();
+        let policy = Policy {
+            trusted: &trusted,
+            now: jiff::Timestamp::now(),
+            board: None,
+            channel: Some("stable"),
+        };
+        let v = verify_manifest(&cur.manifest, &cur.signature, &policy).expect("reader saw an unverifiable channel");
+        // Everything the manifest names is already complete when the reader can see it.
+        let m = v.manifest;
+        let (digest, size) = Digest::of_file(&s.repo.join(&m.payload.path)).unwrap();
+        assert!(
+            digest == m.payload.digest && size == m.payload.size,
+            "payload incomplete for {}",
+            m.version
+        );
+        for d in &m.deltas {
+            let (digest, _) = Digest::of_file(&s.repo.join(&d.path)).unwrap();
+            assert!(digest == d.digest, "delta incomplete for {}", m.version);
+        }
+        versions.insert(m.version.to_string());
+        reads += 1;
+        if done {
+            break;
+        }
+    }
+    assert!(child.wait().unwrap().success());
+    assert!(versions.contains("3.0.0"), "saw {versions:?}");
+    assert!(reads > 1, "the reader ran while publishing ({reads} reads)");
+    let leftovers: Vec<_> = fs::read_dir(&s.repo)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".atom-base") || n.contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
