@@ -170,8 +170,9 @@ mod tests {
             Err(SignatureError::BadSignature(_))
         ));
 
+        assert!(matches!(verify(b"m", b"", &trusted), Err(SignatureError::Missing)));
         for garbage in [
-            "",
+            " ",
             "signatures = []",
             "signatures = 3",
             "[[signatures]]\nkey_id = \"x\"",

@@ -1,0 +1,21 @@
+//! Mount helpers with messages that say what failed.
+
+use std::path::Path;
+
+use nix::mount::{MsFlags, mount};
+
+pub fn mount_fs(source: &str, target: &Path, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<(), String> {
+    std::fs::create_dir_all(target).map_err(|e| format!("cannot create {}: {e}", target.display()))?;
+    mount(Some(source), target, Some(fstype), flags, data)
+        .map_err(|e| format!("cannot mount {source} ({fstype}) on {}: {e}", target.display()))
+}
+
+pub fn bind(source: &Path, target: &Path) -> Result<(), String> {
+    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(|e| format!("cannot bind {} on {}: {e}", source.display(), target.display()))
+}
+
+pub fn move_mount(source: &Path, target: &Path) -> Result<(), String> {
+    mount(Some(source), target, None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| format!("cannot move {} to {}: {e}", source.display(), target.display()))
+}

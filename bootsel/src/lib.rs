@@ -1,0 +1,15 @@
+//! The Atom boot flag and slot chooser.
+//!
+//! This crate owns the meaning of the GPT slot attributes: [`attrs`] is the bit layout,
+//! [`select`] the rule that picks the slot to boot, and [`table`] reads and writes them on
+//! a real disk. The agent changes flags only through this crate. The `bootsel` binary is
+//! both the initramfs `/init` and a debugging tool.
+
+pub mod attrs;
+pub mod ops;
+pub mod record;
+pub mod select;
+pub mod table;
+
+pub use attrs::SlotFlags;
+pub use table::{BootTable, SlotLabels, SlotName};
