@@ -53,7 +53,7 @@ struct Args {
 
 fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args, lexopt::Error> {
     use lexopt::prelude::*;
-    let mut p = lexopt::Parser::from_iter(args);
+    let mut p = lexopt::Parser::from_args(args);
     let mut a = Args::default();
     while let Some(arg) = p.next()? {
         match arg {
