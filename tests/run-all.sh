@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(e2fsprogs rsync zstd tar util-linux mount cgpt)
+packages=(e2fsprogs rsync zstd tar util-linux mount fdisk cgpt binutils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -28,3 +28,6 @@ echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test"
 cargo test --workspace --locked -- --test-threads="$(nproc)"
+echo "==> bootsel static build"
+bootsel_bin=$(bash bootsel/build-static.sh)
+echo "bootsel (static, for the initramfs): $(stat -c %s "$bootsel_bin") bytes"

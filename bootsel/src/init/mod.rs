@@ -6,6 +6,7 @@
 pub mod config;
 mod disk;
 mod mount;
+mod seed;
 
 use std::fs;
 use std::os::unix::process::CommandExt;
@@ -240,13 +241,13 @@ fn mount_state(cfg: &Config, paths: &Paths, table: &BootTable, disk_path: &Path,
     }
 }
 
-/// /etc as an overlay: the slot's /etc below, a writable upper on state (or in RAM).
-fn setup_etc(cfg: &Config, paths: &Paths, state_ok: bool) -> Result<(), String> {
-    let upper_base = match cfg.etc {
-        EtcMode::None => return Ok(()),
-        EtcMode::Overlay if state_ok => paths.state().join("etc"),
-        EtcMode::Overlay | EtcMode::Tmpfs => {
-            let t = paths.run.join("atom/etc-tmpfs");
+/// Mounts an overlay on `target` (lower: what the slot has there) with its upper layer
+/// under `upper_base`; with `upper_base` None the upper layer lives in RAM.
+fn overlay(paths: &Paths, target: &Path, upper_base: Option<PathBuf>, ram_name: &str) -> Result<(), String> {
+    let upper_base = match upper_base {
+        Some(b) => b,
+        None => {
+            let t = paths.run.join("atom/ram").join(ram_name);
             mount::mount_fs(
                 "tmpfs",
                 &t,
@@ -261,17 +262,27 @@ fn setup_etc(cfg: &Config, paths: &Paths, state_ok: bool) -> Result<(), String> 
     for d in [&upper, &work] {
         fs::create_dir_all(d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
     }
-    let lower = paths.newroot.join("etc");
     let data = format!(
         "lowerdir={},upperdir={},workdir={}",
-        lower.display(),
+        target.display(),
         upper.display(),
         work.display()
     );
-    mount::mount_fs("overlay", &lower, "overlay", MsFlags::empty(), Some(&data))
+    mount::mount_fs("overlay", target, "overlay", MsFlags::empty(), Some(&data))
 }
 
-/// Persistent directories bound from state (tmpfs when state is unavailable).
+/// /etc as an overlay: the slot's /etc below, a writable upper on state (or in RAM).
+fn setup_etc(cfg: &Config, paths: &Paths, state_ok: bool) -> Result<(), String> {
+    let etc = paths.newroot.join("etc");
+    match cfg.etc {
+        EtcMode::None => Ok(()),
+        EtcMode::Overlay if state_ok => overlay(paths, &etc, Some(paths.state().join("etc")), "etc"),
+        EtcMode::Overlay | EtcMode::Tmpfs => overlay(paths, &etc, None, "etc"),
+    }
+}
+
+/// Persistent directories bound from state. Without state they become overlays with the
+/// upper layer in RAM: writable, with the slot's content, forgotten at reboot.
 fn setup_binds(cfg: &Config, paths: &Paths, state_ok: bool) -> Result<(), String> {
     for b in &cfg.binds {
         let rel = b.trim_start_matches('/');
@@ -282,16 +293,15 @@ fn setup_binds(cfg: &Config, paths: &Paths, state_ok: bool) -> Result<(), String
         }
         if state_ok {
             let source = paths.state().join(rel);
-            fs::create_dir_all(&source).map_err(|e| format!("cannot create {}: {e}", source.display()))?;
+            if !source.is_dir() {
+                // First boot with this state: start from what the image ships, so the
+                // system finds the directories it expects.
+                seed::seed_dir(&target, &source)?;
+                say!("seeded {} on the state partition from the slot", b);
+            }
             mount::bind(&source, &target)?;
         } else {
-            mount::mount_fs(
-                "tmpfs",
-                &target,
-                "tmpfs",
-                MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
-                Some("mode=0755"),
-            )?;
+            overlay(paths, &target, None, &rel.replace('/', "-"))?;
         }
     }
     Ok(())
