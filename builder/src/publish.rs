@@ -9,6 +9,7 @@ use atom_dist::manifest::{self, Delta, DeltaFormat, Image, Manifest, Payload};
 use atom_dist::release::{RELEASE_PATH, Release};
 use atom_dist::repo::{SignedManifest, layout};
 use atom_dist::verify::{Policy, verify_manifest};
+use atom_dist::digest::HashingWriter;
 use atom_dist::{Digest, PublicKey, Repository, SecretKey, TrustedKeys, delta, fsutil, signature};
 use jiff::Timestamp;
 use memmap2::Mmap;
@@ -16,44 +17,6 @@ use semver::Version;
 
 use crate::cli::PublishArgs;
 use crate::ext4;
-
-/// Counts and hashes what passes through, so a file's digest is known once it is written.
-pub struct HashingWriter<W> {
-    inner: W,
-    hasher: blake3::Hasher,
-    len: u64,
-}
-
-impl<W: Write> HashingWriter<W> {
-    pub fn new(inner: W) -> Self {
-        HashingWriter {
-            inner,
-            hasher: blake3::Hasher::new(),
-            len: 0,
-        }
-    }
-
-    pub fn finish(self) -> (W, Digest, u64) {
-        (
-            self.inner,
-            Digest::from_bytes(*self.hasher.finalize().as_bytes()),
-            self.len,
-        )
-    }
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.len += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
 
 /// Files this run created; removed again unless the publish completes, so a failed
 /// publish leaves the repository as it was.

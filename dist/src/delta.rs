@@ -26,6 +26,64 @@ pub enum DeltaError {
     Io(#[from] io::Error),
 }
 
+/// fast_rsync's (librsync's) MD4 signature magic; the BLAKE2 variant is not supported by
+/// its diff.
+const MD4_SIGNATURE_MAGIC: u32 = 0x7273_0136;
+const SIGNATURE_HEADER: usize = 12;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SignatureCheckError {
+    #[error("signature is {0} bytes, shorter than its 12-byte header")]
+    TooShort(usize),
+    #[error("signature magic {0:#010x} is not an MD4 rsync signature")]
+    WrongMagic(u32),
+    #[error("signature block size {0} is not allowed (only {BLOCK_SIZE})")]
+    BlockSize(u32),
+    #[error("signature strong hash size {0} is not allowed (8 to 16)")]
+    HashSize(u32),
+    #[error("signature length does not match its block records")]
+    Truncated,
+    #[error("signature is {size} bytes, more than the {limit} allowed for this target")]
+    TooLarge { size: usize, limit: usize },
+}
+
+/// Largest signature accepted for a base of at most `base_len` bytes.
+pub fn signature_limit(base_len: u64) -> usize {
+    let blocks = base_len.div_ceil(u64::from(BLOCK_SIZE)) as usize;
+    SIGNATURE_HEADER + blocks * (4 + 16)
+}
+
+/// Checks an untrusted signature before fast_rsync sees it: fast_rsync's own parser
+/// accepts parameters its diff would panic on.
+pub fn parse_signature(raw: Vec<u8>, limit: usize) -> Result<Signature, SignatureCheckError> {
+    if raw.len() > limit {
+        return Err(SignatureCheckError::TooLarge { size: raw.len(), limit });
+    }
+    if raw.len() < SIGNATURE_HEADER {
+        return Err(SignatureCheckError::TooShort(raw.len()));
+    }
+    let word = |i: usize| u32::from_be_bytes([raw[i], raw[i + 1], raw[i + 2], raw[i + 3]]);
+    let (magic, block_size, hash_size) = (word(0), word(4), word(8));
+    if magic != MD4_SIGNATURE_MAGIC {
+        return Err(SignatureCheckError::WrongMagic(magic));
+    }
+    if block_size != BLOCK_SIZE {
+        return Err(SignatureCheckError::BlockSize(block_size));
+    }
+    if !(8..=16).contains(&hash_size) {
+        return Err(SignatureCheckError::HashSize(hash_size));
+    }
+    if !(raw.len() - SIGNATURE_HEADER).is_multiple_of(4 + hash_size as usize) {
+        return Err(SignatureCheckError::Truncated);
+    }
+    Signature::deserialize(raw).map_err(|_| SignatureCheckError::Truncated)
+}
+
+/// The signature a client sends for its running slot.
+pub fn signature_of(base: &[u8]) -> Signature {
+    Signature::calculate(base, signature_options())
+}
+
 pub fn signature_options() -> SignatureOptions {
     SignatureOptions {
         block_size: BLOCK_SIZE,
@@ -130,6 +188,25 @@ mod tests {
         let mut out = Vec::new();
         apply(&base, &raw, target.len() as u64, &mut out).unwrap();
         assert_eq!(out, target);
+    }
+
+    #[test]
+    fn signatures_are_checked_before_use() {
+        let base = pseudo_random(100_000, 1);
+        let good = signature_of(&base).into_serialized();
+        let limit = signature_limit(100_000);
+        assert!(parse_signature(good.clone(), limit).is_ok());
+        assert_eq!(parse_signature(good[..5].to_vec(), limit).unwrap_err(), SignatureCheckError::TooShort(5));
+        assert_eq!(parse_signature(good[..good.len() - 3].to_vec(), limit).unwrap_err(), SignatureCheckError::Truncated);
+        assert!(matches!(parse_signature(good.clone(), 100), Err(SignatureCheckError::TooLarge { .. })));
+        let mut bad = good.clone();
+        bad[0] = 0;
+        assert!(matches!(parse_signature(bad, limit), Err(SignatureCheckError::WrongMagic(_))));
+        let other = Signature::calculate(&base, SignatureOptions { block_size: 1024, crypto_hash_size: 8 });
+        assert_eq!(parse_signature(other.into_serialized(), usize::MAX).unwrap_err(), SignatureCheckError::BlockSize(1024));
+        let mut big_hash = good.clone();
+        big_hash[8..12].copy_from_slice(&200u32.to_be_bytes());
+        assert_eq!(parse_signature(big_hash, limit).unwrap_err(), SignatureCheckError::HashSize(200));
     }
 
     #[test]

@@ -112,6 +112,36 @@ impl<'de> Deserialize<'de> for Digest {
     }
 }
 
+/// Counts and hashes what passes through, so a file's digest is known once it is written.
+pub struct HashingWriter<W> {
+    inner: W,
+    hasher: blake3::Hasher,
+    len: u64,
+}
+
+impl<W: io::Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashingWriter { inner, hasher: blake3::Hasher::new(), len: 0 }
+    }
+
+    pub fn finish(self) -> (W, Digest, u64) {
+        (self.inner, Digest(*self.hasher.finalize().as_bytes()), self.len)
+    }
+}
+
+impl<W: io::Write> io::Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

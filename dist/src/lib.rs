@@ -11,6 +11,8 @@ pub mod keys;
 pub mod manifest;
 pub mod release;
 pub mod repo;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod signature;
 pub mod verify;
 
