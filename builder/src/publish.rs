@@ -5,11 +5,11 @@ use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use atom_dist::digest::HashingWriter;
 use atom_dist::manifest::{self, Delta, DeltaFormat, Image, Manifest, Payload};
 use atom_dist::release::{RELEASE_PATH, Release};
 use atom_dist::repo::{SignedManifest, layout};
 use atom_dist::verify::{Policy, verify_manifest};
-use atom_dist::digest::HashingWriter;
 use atom_dist::{Digest, PublicKey, Repository, SecretKey, TrustedKeys, delta, fsutil, signature};
 use jiff::Timestamp;
 use memmap2::Mmap;

@@ -53,12 +53,8 @@ pub fn signature_limit(base_len: u64) -> usize {
     SIGNATURE_HEADER + blocks * (4 + 16)
 }
 
-/// Checks an untrusted signature before fast_rsync sees it: fast_rsync's own parser
-/// accepts parameters its diff would panic on.
-pub fn parse_signature(raw: Vec<u8>, limit: usize) -> Result<Signature, SignatureCheckError> {
-    if raw.len() > limit {
-        return Err(SignatureCheckError::TooLarge { size: raw.len(), limit });
-    }
+/// Checks the 12-byte header of an untrusted signature (magic, block size, hash size).
+pub fn check_signature_header(raw: &[u8]) -> Result<(), SignatureCheckError> {
     if raw.len() < SIGNATURE_HEADER {
         return Err(SignatureCheckError::TooShort(raw.len()));
     }
@@ -73,7 +69,18 @@ pub fn parse_signature(raw: Vec<u8>, limit: usize) -> Result<Signature, Signatur
     if !(8..=16).contains(&hash_size) {
         return Err(SignatureCheckError::HashSize(hash_size));
     }
-    if !(raw.len() - SIGNATURE_HEADER).is_multiple_of(4 + hash_size as usize) {
+    Ok(())
+}
+
+/// Checks an untrusted signature before fast_rsync sees it: fast_rsync's own parser
+/// accepts parameters its diff would panic on.
+pub fn parse_signature(raw: Vec<u8>, limit: usize) -> Result<Signature, SignatureCheckError> {
+    check_signature_header(&raw)?;
+    if raw.len() > limit {
+        return Err(SignatureCheckError::TooLarge { size: raw.len(), limit });
+    }
+    let hash_size = u32::from_be_bytes([raw[8], raw[9], raw[10], raw[11]]) as usize;
+    if !(raw.len() - SIGNATURE_HEADER).is_multiple_of(4 + hash_size) {
         return Err(SignatureCheckError::Truncated);
     }
     Signature::deserialize(raw).map_err(|_| SignatureCheckError::Truncated)
@@ -196,17 +203,41 @@ mod tests {
         let good = signature_of(&base).into_serialized();
         let limit = signature_limit(100_000);
         assert!(parse_signature(good.clone(), limit).is_ok());
-        assert_eq!(parse_signature(good[..5].to_vec(), limit).unwrap_err(), SignatureCheckError::TooShort(5));
-        assert_eq!(parse_signature(good[..good.len() - 3].to_vec(), limit).unwrap_err(), SignatureCheckError::Truncated);
-        assert!(matches!(parse_signature(good.clone(), 100), Err(SignatureCheckError::TooLarge { .. })));
+        assert_eq!(
+            parse_signature(good[..5].to_vec(), limit).unwrap_err(),
+            SignatureCheckError::TooShort(5)
+        );
+        assert_eq!(
+            parse_signature(good[..good.len() - 3].to_vec(), limit).unwrap_err(),
+            SignatureCheckError::Truncated
+        );
+        assert!(matches!(
+            parse_signature(good.clone(), 100),
+            Err(SignatureCheckError::TooLarge { .. })
+        ));
         let mut bad = good.clone();
         bad[0] = 0;
-        assert!(matches!(parse_signature(bad, limit), Err(SignatureCheckError::WrongMagic(_))));
-        let other = Signature::calculate(&base, SignatureOptions { block_size: 1024, crypto_hash_size: 8 });
-        assert_eq!(parse_signature(other.into_serialized(), usize::MAX).unwrap_err(), SignatureCheckError::BlockSize(1024));
+        assert!(matches!(
+            parse_signature(bad, limit),
+            Err(SignatureCheckError::WrongMagic(_))
+        ));
+        let other = Signature::calculate(
+            &base,
+            SignatureOptions {
+                block_size: 1024,
+                crypto_hash_size: 8,
+            },
+        );
+        assert_eq!(
+            parse_signature(other.into_serialized(), usize::MAX).unwrap_err(),
+            SignatureCheckError::BlockSize(1024)
+        );
         let mut big_hash = good.clone();
         big_hash[8..12].copy_from_slice(&200u32.to_be_bytes());
-        assert_eq!(parse_signature(big_hash, limit).unwrap_err(), SignatureCheckError::HashSize(200));
+        assert_eq!(
+            parse_signature(big_hash, limit).unwrap_err(),
+            SignatureCheckError::HashSize(200)
+        );
     }
 
     #[test]

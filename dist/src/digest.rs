@@ -121,7 +121,11 @@ pub struct HashingWriter<W> {
 
 impl<W: io::Write> HashingWriter<W> {
     pub fn new(inner: W) -> Self {
-        HashingWriter { inner, hasher: blake3::Hasher::new(), len: 0 }
+        HashingWriter {
+            inner,
+            hasher: blake3::Hasher::new(),
+            len: 0,
+        }
     }
 
     pub fn finish(self) -> (W, Digest, u64) {

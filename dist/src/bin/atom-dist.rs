@@ -16,7 +16,11 @@ use clap::{Args, Parser, Subcommand};
 /// signature of a host's running slot and answers with the zstd-compressed delta to the
 /// target image. /healthz answers "ok"; /metrics is in Prometheus text format.
 #[derive(Parser)]
-#[command(name = "atom-dist", version, after_help = "EXIT STATUS:\n    0 clean shutdown (SIGTERM/SIGINT), 1 error, 2 bad command line")]
+#[command(
+    name = "atom-dist",
+    version,
+    after_help = "EXIT STATUS:\n    0 clean shutdown (SIGTERM/SIGINT), 1 error, 2 bad command line"
+)]
 struct Cli {
     /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -76,7 +80,10 @@ struct ServeArgs {
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
-    parse_size::Config::new().with_binary().parse_size(s).map_err(|e| e.to_string())
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s)
+        .map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {

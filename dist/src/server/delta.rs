@@ -61,7 +61,12 @@ pub struct DeltaService {
 impl DeltaService {
     pub fn new(limits: DeltaLimits, cache_dir: PathBuf) -> std::io::Result<Self> {
         std::fs::create_dir_all(&cache_dir)?;
-        Ok(DeltaService { permits: Semaphore::new(limits.max_concurrent_diffs), limits, inflight: InFlight::default(), cache_dir })
+        Ok(DeltaService {
+            permits: Semaphore::new(limits.max_concurrent_diffs),
+            limits,
+            inflight: InFlight::default(),
+            cache_dir,
+        })
     }
 }
 
@@ -69,7 +74,11 @@ fn target_manifest(state: &AppState, q: &DeltaQuery) -> Result<Manifest, ApiErro
     manifest::check_name("channel", &q.channel).map_err(|e| ApiError::bad_request("bad_channel", e.to_string()))?;
     let not_found = |what: String| ApiError::new(StatusCode::NOT_FOUND, "not_found", what);
     let bytes = match &q.version {
-        None => state.repo.current(&q.channel).map_err(|e| ApiError::internal(e.to_string()))?.map(|s| s.manifest),
+        None => state
+            .repo
+            .current(&q.channel)
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map(|s| s.manifest),
         Some(v) => {
             let path = state.repo.path(&crate::repo::layout::history(&q.channel, v));
             std::fs::read(path).ok()
@@ -82,30 +91,59 @@ fn target_manifest(state: &AppState, q: &DeltaQuery) -> Result<Manifest, ApiErro
     Manifest::parse(&bytes).map_err(|e| ApiError::internal(format!("repository manifest unreadable: {e}")))
 }
 
-pub async fn handle(State(state): State<Arc<AppState>>, Query(q): Query<DeltaQuery>, body: Body) -> Result<Response, ApiError> {
+pub async fn handle(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<DeltaQuery>,
+    body: Body,
+) -> Result<Response, ApiError> {
     let target = target_manifest(&state, &q)?;
     let svc = &state.delta;
     // A client's base is an image of the same product; allow it to be up to twice the
     // target's size.
     let raw_limit = delta::signature_limit(target.image.size.saturating_mul(2));
-    let compressed = tokio::time::timeout(svc.limits.body_timeout, http_body_util::Limited::new(body, raw_limit + COMPRESSION_SLACK).collect())
-        .await
-        .map_err(|_| ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", "the signature upload took too long"))?
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("signature body exceeds {} bytes", raw_limit + COMPRESSION_SLACK))
-            } else {
-                ApiError::bad_request("bad_body", format!("cannot read the request body: {e}"))
-            }
-        })?
-        .to_bytes();
+    let compressed = tokio::time::timeout(
+        svc.limits.body_timeout,
+        http_body_util::Limited::new(body, raw_limit + COMPRESSION_SLACK).collect(),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "the signature upload took too long",
+        )
+    })?
+    .map_err(|e| {
+        if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("signature body exceeds {} bytes", raw_limit + COMPRESSION_SLACK),
+            )
+        } else {
+            ApiError::bad_request("bad_body", format!("cannot read the request body: {e}"))
+        }
+    })?
+    .to_bytes();
     let mut raw = Vec::new();
-    let dec = zstd::stream::read::Decoder::new(&compressed[..]).map_err(|e| ApiError::bad_request("bad_signature", e.to_string()))?;
+    let dec = zstd::stream::read::Decoder::new(&compressed[..])
+        .map_err(|e| ApiError::bad_request("bad_signature", e.to_string()))?;
     std::io::Read::read_to_end(&mut std::io::Read::take(dec, raw_limit as u64 + 1), &mut raw)
         .map_err(|e| ApiError::bad_request("bad_signature", format!("body is not a zstd stream: {e}")))?;
+    if raw.len() > raw_limit {
+        // A wrong header is the more useful answer (e.g. a client using another block size).
+        delta::check_signature_header(&raw).map_err(|e| ApiError::bad_request("bad_signature", e.to_string()))?;
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("decompressed signature exceeds {raw_limit} bytes, the most a base of this product can need"),
+        ));
+    }
     let sig_digest = Digest::of(&raw);
     let sig = delta::parse_signature(raw, raw_limit).map_err(|e| match e {
-        delta::SignatureCheckError::TooLarge { .. } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string()),
+        delta::SignatureCheckError::TooLarge { .. } => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
+        }
         other => ApiError::bad_request("bad_signature", other.to_string()),
     })?;
 
@@ -123,7 +161,13 @@ pub async fn handle(State(state): State<Arc<AppState>>, Query(q): Query<DeltaQue
 }
 
 /// Runs the diff once per key; concurrent callers for the same key wait for it.
-async fn compute_shared(state: &Arc<AppState>, key: Key, path: &Path, sig: fast_rsync::Signature, target: &Manifest) -> Result<(), ApiError> {
+async fn compute_shared(
+    state: &Arc<AppState>,
+    key: Key,
+    path: &Path,
+    sig: fast_rsync::Signature,
+    target: &Manifest,
+) -> Result<(), ApiError> {
     let svc = &state.delta;
     let cell = {
         let mut map = svc.inflight.map.lock().unwrap_or_else(|e| e.into_inner());
@@ -139,7 +183,11 @@ async fn compute_shared(state: &Arc<AppState>, key: Key, path: &Path, sig: fast_
                 Ok(Ok(p)) => p,
                 _ => {
                     state.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
-                    let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", "too many diffs in progress; retry later");
+                    let mut e = ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "busy",
+                        "too many diffs in progress; retry later",
+                    );
                     e.retry_after_secs = Some(svc.limits.queue_wait.as_secs().max(1) * 2);
                     return Err(e);
                 }
@@ -211,16 +259,31 @@ fn evict(dir: &Path, max_bytes: u64, keep: &Path) {
 }
 
 async fn respond(path: &Path, target: &Manifest, hit: bool) -> Result<Response, ApiError> {
-    let file = tokio::fs::File::open(path).await.map_err(|e| ApiError::internal(format!("cached delta vanished: {e}")))?;
-    let len = file.metadata().await.map_err(|e| ApiError::internal(e.to_string()))?.len();
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| ApiError::internal(format!("cached delta vanished: {e}")))?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .len();
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
     Ok((
         [
             (header::CONTENT_TYPE, "application/zstd".to_string()),
             (header::CONTENT_LENGTH, len.to_string()),
-            (header::HeaderName::from_static("x-atom-target-digest"), target.image.digest.to_string()),
-            (header::HeaderName::from_static("x-atom-target-version"), target.version.to_string()),
-            (header::HeaderName::from_static("x-atom-cache"), if hit { "hit" } else { "miss" }.to_string()),
+            (
+                header::HeaderName::from_static("x-atom-target-digest"),
+                target.image.digest.to_string(),
+            ),
+            (
+                header::HeaderName::from_static("x-atom-target-version"),
+                target.version.to_string(),
+            ),
+            (
+                header::HeaderName::from_static("x-atom-cache"),
+                if hit { "hit" } else { "miss" }.to_string(),
+            ),
         ],
         body,
     )

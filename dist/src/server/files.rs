@@ -40,7 +40,12 @@ fn content_type(path: &Path) -> &'static str {
 
 pub async fn serve(State(state): State<Arc<AppState>>, req: Request) -> Response {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method", "the repository is read-only (GET, HEAD)").into_response();
+        return ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method",
+            "the repository is read-only (GET, HEAD)",
+        )
+        .into_response();
     }
     let root = state.repo.root().to_path_buf();
     let Some(path) = repo_file(&root, req.uri().path()) else {
@@ -50,11 +55,18 @@ pub async fn serve(State(state): State<Arc<AppState>>, req: Request) -> Response
         Ok(m) if m.is_file() => m,
         _ => return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such file").into_response(),
     };
-    let mtime = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
     let etag = format!("\"{:x}-{:x}\"", meta.len(), mtime);
-    if req.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| {
-        v.split(',').any(|t| t.trim() == etag || t.trim() == "*")
-    }) {
+    if req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+    {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
     }
     let mut resp = match ServeDir::new(&root).oneshot(req).await {
@@ -78,8 +90,18 @@ mod tests {
     #[test]
     fn paths_stay_inside_and_visible() {
         let root = Path::new("/repo");
-        assert_eq!(repo_file(root, "/channels/stable/manifest.toml"), Some(PathBuf::from("/repo/channels/stable/manifest.toml")));
-        for bad in ["/../etc/passwd", "/%2e%2e/etc/passwd", "/channels/../../x", "/.atom-publish.lock", "/objects/.x.tmp1", "/%ff"] {
+        assert_eq!(
+            repo_file(root, "/channels/stable/manifest.toml"),
+            Some(PathBuf::from("/repo/channels/stable/manifest.toml"))
+        );
+        for bad in [
+            "/../etc/passwd",
+            "/%2e%2e/etc/passwd",
+            "/channels/../../x",
+            "/.atom-publish.lock",
+            "/objects/.x.tmp1",
+            "/%ff",
+        ] {
             assert_eq!(repo_file(root, bad), None, "{bad}");
         }
     }

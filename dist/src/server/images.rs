@@ -21,7 +21,11 @@ pub struct ImageStore {
 impl ImageStore {
     pub fn new(dir: PathBuf, repo_root: PathBuf) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
-        Ok(ImageStore { dir, repo_root, loaded: Mutex::new(HashMap::new()) })
+        Ok(ImageStore {
+            dir,
+            repo_root,
+            loaded: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The target image of `m`, mapped read-only. The first request for an image
@@ -53,11 +57,15 @@ fn load(path: PathBuf, payload: PathBuf, digest: Digest, size: u64) -> Result<Ar
             let out = File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
             let mut hashing = crate::digest::HashingWriter::new(BufWriter::new(out));
             let dec = zstd::stream::read::Decoder::new(src).map_err(|e| e.to_string())?;
-            std::io::copy(&mut std::io::Read::take(dec, size + 1), &mut hashing).map_err(|e| format!("cannot decompress payload: {e}"))?;
+            std::io::copy(&mut std::io::Read::take(dec, size + 1), &mut hashing)
+                .map_err(|e| format!("cannot decompress payload: {e}"))?;
             let (mut w, got, len) = hashing.finish();
             w.flush().map_err(|e| e.to_string())?;
             if len != size || got != digest {
-                return Err(format!("payload {} does not decompress to the image its manifest names", payload.display()));
+                return Err(format!(
+                    "payload {} does not decompress to the image its manifest names",
+                    payload.display()
+                ));
             }
             std::fs::rename(&tmp, &path).map_err(|e| e.to_string())
         })();

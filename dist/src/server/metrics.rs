@@ -19,7 +19,12 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn request(&self, route: &'static str, status: u16, bytes: u64) {
-        *self.requests.lock().unwrap_or_else(|e| e.into_inner()).entry((route, status)).or_default() += 1;
+        *self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((route, status))
+            .or_default() += 1;
         self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
     }
 
@@ -34,15 +39,31 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
         };
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        counter("atom_dist_response_bytes_total", "Bytes of response bodies sent.", get(&self.bytes_sent));
-        counter("atom_dist_delta_cache_hits_total", "Delta requests answered from the cache.", get(&self.cache_hits));
-        counter("atom_dist_delta_cache_misses_total", "Delta requests that needed a new diff.", get(&self.cache_misses));
+        counter(
+            "atom_dist_response_bytes_total",
+            "Bytes of response bodies sent.",
+            get(&self.bytes_sent),
+        );
+        counter(
+            "atom_dist_delta_cache_hits_total",
+            "Delta requests answered from the cache.",
+            get(&self.cache_hits),
+        );
+        counter(
+            "atom_dist_delta_cache_misses_total",
+            "Delta requests that needed a new diff.",
+            get(&self.cache_misses),
+        );
         counter(
             "atom_dist_delta_shared_total",
             "Delta requests that waited for an identical diff already running.",
             get(&self.shared_waits),
         );
-        counter("atom_dist_delta_busy_total", "Delta requests refused with 503 (too many diffs).", get(&self.rejected_busy));
+        counter(
+            "atom_dist_delta_busy_total",
+            "Delta requests refused with 503 (too many diffs).",
+            get(&self.rejected_busy),
+        );
         let _ = writeln!(
             out,
             "# HELP atom_dist_diff_seconds Time spent computing uncached diffs.\n# TYPE atom_dist_diff_seconds summary\n\
@@ -50,9 +71,15 @@ impl Metrics {
             get(&self.diff_micros) as f64 / 1e6,
             get(&self.diffs)
         );
-        let _ = writeln!(out, "# HELP atom_dist_requests_total HTTP requests by route and status.\n# TYPE atom_dist_requests_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP atom_dist_requests_total HTTP requests by route and status.\n# TYPE atom_dist_requests_total counter"
+        );
         for ((route, status), n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(out, "atom_dist_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "atom_dist_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
         }
         out
     }

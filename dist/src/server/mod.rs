@@ -54,7 +54,11 @@ async fn healthz() -> &'static str {
 }
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 /// Counts every answer by route and status, and the bytes it announces.
@@ -130,7 +134,9 @@ pub async fn serve(
         None => None,
     };
     let app = router(state, cfg.request_timeout);
-    let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, tls = tls.is_some(), "listening");
     ready(addr);
