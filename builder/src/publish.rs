@@ -196,7 +196,7 @@ fn make_deltas(
     trusted: &TrustedKeys,
     new_files: &mut NewFiles,
 ) -> Result<Vec<Delta>> {
-    let mut bases: Vec<(Version, Digest)> = Vec::new();
+    let mut bases: Vec<(Version, Digest, u64)> = Vec::new();
     for (version, signed) in repo.history(&args.channel)?.into_iter().rev() {
         if bases.len() >= args.deltas {
             break;
@@ -210,9 +210,9 @@ fn make_deltas(
         match verify_manifest(&signed.manifest, &signed.signature, &policy) {
             Ok(v)
                 if v.manifest.image.digest != *image_digest
-                    && !bases.iter().any(|(_, d)| d == &v.manifest.image.digest) =>
+                    && !bases.iter().any(|(_, d, _)| d == &v.manifest.image.digest) =>
             {
-                bases.push((version, v.manifest.image.digest));
+                bases.push((version, v.manifest.image.digest, v.manifest.image.size));
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(%version, error = %e, "skipping history entry as a delta base"),
@@ -226,7 +226,7 @@ fn make_deltas(
         .prefix(".atom-base-")
         .tempfile_in(repo.root())?;
     let mut out = Vec::new();
-    for (version, base_digest) in bases {
+    for (version, base_digest, base_size) in bases {
         let payload = repo.path(&layout::payload(&base_digest));
         let Ok(compressed) = File::open(&payload) else {
             tracing::warn!(%version, path = %payload.display(), "base payload missing; no delta from it");
@@ -252,6 +252,7 @@ fn make_deltas(
         })?;
         out.push(Delta {
             base_version: version,
+            base_size,
             base_digest,
             format: DeltaFormat::FastRsyncZstd,
             path: rel,

@@ -19,6 +19,7 @@
 //!
 //! [[deltas]]                           # precomputed, one per recent base
 //! base_version = "2.0.0"
+//! base_size = 1073741824
 //! base_digest = "blake3:…"
 //! format = "fast-rsync-zstd"
 //! path = "deltas/<base hex>-<image hex>.rsync.zst"
@@ -82,6 +83,9 @@ pub enum DeltaFormat {
 #[serde(deny_unknown_fields)]
 pub struct Delta {
     pub base_version: Version,
+    /// Size of the base image: a host hashes that much of its running slot to check it
+    /// holds exactly this base.
+    pub base_size: u64,
     pub base_digest: Digest,
     pub format: DeltaFormat,
     pub path: String,
@@ -215,6 +219,7 @@ pub(crate) mod tests {
             },
             deltas: vec![Delta {
                 base_version: Version::new(1, 0, 0),
+                base_size: 4096,
                 base_digest: Digest::of(b"base"),
                 format: DeltaFormat::FastRsyncZstd,
                 path: "deltas/a-b.rsync.zst".into(),

@@ -94,6 +94,7 @@ fn target_manifest(state: &AppState, q: &DeltaQuery) -> Result<Manifest, ApiErro
 pub async fn handle(
     State(state): State<Arc<AppState>>,
     Query(q): Query<DeltaQuery>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let target = target_manifest(&state, &q)?;
@@ -101,6 +102,18 @@ pub async fn handle(
     // A client's base is an image of the same product; allow it to be up to twice the
     // target's size.
     let raw_limit = delta::signature_limit(target.image.size.saturating_mul(2));
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > (raw_limit + COMPRESSION_SLACK) as u64) {
+        // Refused before reading a byte of it.
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("signature body exceeds {} bytes", raw_limit + COMPRESSION_SLACK),
+        ));
+    }
     let compressed = tokio::time::timeout(
         svc.limits.body_timeout,
         http_body_util::Limited::new(body, raw_limit + COMPRESSION_SLACK).collect(),

@@ -41,6 +41,11 @@ impl IntoResponse for ApiError {
         }
         let body = serde_json::json!({ "error": self.code, "message": self.message }).to_string();
         let mut resp = (self.status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The unread body stays on the connection: it cannot be reused.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(s) = self.retry_after_secs {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
         }

@@ -1,0 +1,97 @@
+//! Command line of `atom-update`, defined once with clap derive.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+pub const AFTER_HELP: &str = "\
+EXIT STATUS:
+    0  success (for `now`: updated, already staged, or already up to date;
+       for `check`: an update is available)
+    1  error (the message says what; the running slot still boots)
+    2  bad command line
+    3  `check`: no update available
+    4  the written slot did not verify; nothing was made bootable
+    5  another atom-update is running
+    6  refused for security: bad signature, expired manifest, wrong board, downgrade
+    7  not allowed in the current state (e.g. rollback with no valid other slot)
+
+FILES:
+    /etc/atom/update.toml   configuration (--config)
+    /etc/atom/keys/*.pub    trusted publisher keys
+    /run/atom/boot.toml     what bootsel chose at boot
+    /var/lib/atom/          state, downloads, lock";
+
+/// The Atom update agent.
+///
+/// Keeps this host on the newest signed image of its channel: writes the inactive slot
+/// (cheapest route first: precomputed delta, rsync-style delta from atom-dist, full
+/// payload), verifies it against the signed digest, then sets it to boot next on trial.
+/// A failed boot falls back to the other slot by itself.
+#[derive(Debug, Parser)]
+#[command(name = "atom-update", version, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, default_value = crate::config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check, write, verify and flip now, in one go.
+    Now {
+        /// Install a version older than the running one (operator override).
+        #[arg(long)]
+        allow_downgrade: bool,
+        /// Do not reboot even if the reboot policy says so.
+        #[arg(long)]
+        no_reboot: bool,
+    },
+    /// Is there an update, and how big is it by each route?
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Slots, versions, boot flags, the booted slot, fallbacks and the last update result.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The running system passed its health checks: keep booting this slot.
+    MarkGood,
+    /// The running system is broken: make the next boot fall back to the other slot.
+    MarkBad {
+        /// Even if the other slot is not bootable either.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make the other slot boot next (if it holds a bootable system).
+    Rollback,
+    /// Check periodically (with jitter); SIGHUP reloads the configuration.
+    Daemon,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+        let c = Cli::try_parse_from(["atom-update", "--config", "/x.toml", "now", "--allow-downgrade"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Now {
+                allow_downgrade: true,
+                no_reboot: false
+            }
+        ));
+        assert!(Cli::try_parse_from(["atom-update", "frobnicate"]).is_err());
+    }
+}

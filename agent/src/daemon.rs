@@ -1,0 +1,79 @@
+//! `atom-update daemon`: periodic updates with jitter; SIGHUP reloads the configuration,
+//! SIGTERM/SIGINT cancel cleanly (a running write stops at the next chunk; the inactive
+//! slot stays unbootable until a later run completes it).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::config::{RebootPolicy, Settings};
+use crate::error::Failure;
+use crate::update::{self, Options, Outcome};
+
+/// Up to 10% of the interval, so a fleet does not check in at the same second.
+fn jitter(interval: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let seed = u64::from(nanos) ^ u64::from(std::process::id()).rotate_left(17);
+    let max = interval.as_millis() as u64 / 10;
+    Duration::from_millis(if max == 0 { 0 } else { seed % max })
+}
+
+pub fn run(config: &Path) -> Result<(), Failure> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let reload = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| Failure::error(e.to_string()))?;
+    }
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())
+        .map_err(|e| Failure::error(e.to_string()))?;
+    let mut settings = Settings::load(config).map_err(Failure::error)?;
+    tracing::info!(interval = ?settings.check_interval, "daemon started");
+    while !stop.load(Ordering::Relaxed) {
+        let opts = Options {
+            allow_downgrade: false,
+            cancel: &stop,
+            progress: false,
+        };
+        match update::now(&settings, &opts) {
+            Ok(Outcome::Staged { version, .. }) => {
+                tracing::info!(%version, "update staged");
+                if settings.reboot != RebootPolicy::Never {
+                    crate::reboot::when_allowed(&settings, &stop);
+                }
+            }
+            Ok(other) => tracing::info!(outcome = ?other, "no update applied"),
+            Err(e) => tracing::warn!(error = %e, "update failed; will retry at the next check"),
+        }
+        let wake = Instant::now() + settings.check_interval + jitter(settings.check_interval);
+        while Instant::now() < wake && !stop.load(Ordering::Relaxed) {
+            if reload.swap(false, Ordering::Relaxed) {
+                match Settings::load(config) {
+                    Ok(s) => {
+                        settings = s;
+                        tracing::info!("configuration reloaded");
+                    }
+                    Err(e) => tracing::error!(error = %e, "configuration not reloaded; keeping the old one"),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    tracing::info!("daemon stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_is_bounded() {
+        for _ in 0..100 {
+            assert!(jitter(Duration::from_secs(600)) < Duration::from_secs(60));
+        }
+        assert_eq!(jitter(Duration::from_millis(5)), Duration::ZERO);
+    }
+}

@@ -1,0 +1,114 @@
+//! `atom-update`: set up logging, parse arguments, run the verb, map the result to an exit
+//! code.
+
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+
+use atom_update::cli::{Cli, Command};
+use atom_update::config::{RebootPolicy, Settings};
+use atom_update::error::{EXIT_NO_UPDATE, Failure};
+use atom_update::update::{self, Options, Outcome};
+use atom_update::{daemon, reboot, verbs};
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(&cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            tracing::error!(error = %f, "failed");
+            eprintln!("atom-update: error: {f}");
+            ExitCode::from(f.exit_code())
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<u8, Failure> {
+    if let Command::Daemon = cli.command {
+        return daemon::run(&cli.config).map(|()| 0);
+    }
+    let s = Settings::load(&cli.config).map_err(Failure::error)?;
+    match &cli.command {
+        Command::Now {
+            allow_downgrade,
+            no_reboot,
+        } => {
+            let cancel = AtomicBool::new(false);
+            let opts = Options {
+                allow_downgrade: *allow_downgrade,
+                cancel: &cancel,
+                progress: true,
+            };
+            let outcome = update::now(&s, &opts)?;
+            match &outcome {
+                Outcome::UpToDate { version } => println!("up to date: {version}"),
+                Outcome::AlreadyStaged { version } => println!("{version} is already staged; reboot to use it"),
+                Outcome::Staged {
+                    version,
+                    slot,
+                    route,
+                    stats,
+                    downloaded,
+                } => {
+                    println!(
+                        "staged {version} in slot {slot} via {}: downloaded {downloaded} bytes, wrote {} bytes, reused {} bytes; reboot to use it",
+                        route.name(),
+                        stats.written,
+                        stats.skipped
+                    );
+                    if !no_reboot && s.reboot != RebootPolicy::Never {
+                        reboot::when_allowed(&s, &cancel);
+                    }
+                }
+            }
+            Ok(0)
+        }
+        Command::Check { json } => {
+            let offer = update::check(&s)?;
+            if *json {
+                let routes: Vec<_> = offer
+                    .routes
+                    .iter()
+                    .map(|(r, size)| serde_json::json!({"route": r.name(), "bytes": size}))
+                    .collect();
+                println!(
+                    "{:#}",
+                    serde_json::json!({"running": offer.running, "offered": offer.offered, "update_available": offer.newer, "routes": routes})
+                );
+            } else if offer.newer {
+                println!("update available: {} -> {}", offer.running, offer.offered);
+                for (r, size) in &offer.routes {
+                    match size {
+                        Some(b) => println!("  {:<18} {b} bytes", r.name()),
+                        None => println!("  {:<18} size known after the server computes it", r.name()),
+                    }
+                }
+            } else {
+                println!("no update: running {}, channel offers {}", offer.running, offer.offered);
+            }
+            Ok(if offer.newer { 0 } else { EXIT_NO_UPDATE })
+        }
+        Command::Status { json } => verbs::status(&s, *json).map(|()| 0),
+        Command::MarkGood => verbs::mark_good(&s).map(|()| 0),
+        Command::MarkBad { force } => verbs::mark_bad(&s, *force).map(|()| 0),
+        Command::Rollback => verbs::rollback(&s).map(|()| 0),
+        Command::Daemon => unreachable!("handled above"),
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = ["info", "debug", "trace"][usize::from(verbose.min(2))];
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(!journald && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if journald {
+        fmt.without_time().init();
+    } else {
+        fmt.init();
+    }
+}

@@ -1,0 +1,314 @@
+//! Reading the repository: HTTP(S) mirrors and local directories, tried in order.
+//!
+//! Everything fetched here is untrusted until checked: manifests by signature, files by
+//! the size and digest the verified manifest gives, and rsync answers only by the digest of
+//! the image they produce.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use atom_dist::Digest;
+use atom_dist::repo::layout;
+use atom_dist::verify::{Policy, Verified, verify_manifest};
+use reqwest::StatusCode;
+use reqwest::blocking::Client;
+
+use crate::config::{Repo, Settings};
+use crate::error::Failure;
+
+pub struct Sources {
+    repos: Vec<Repo>,
+    client: Client,
+    retries: u32,
+    timeout: Duration,
+}
+
+/// Transfers slower than this are treated as stalled: a large download gets the base
+/// timeout plus the time this rate needs for its size.
+const MIN_BYTES_PER_SEC: u64 = 64 * 1024;
+
+/// Why one mirror could not give us something; collected so the final error lists all.
+fn join(errors: &[String]) -> String {
+    errors.join("; ")
+}
+
+impl Sources {
+    pub fn new(s: &Settings) -> Result<Self, Failure> {
+        // rustls with ring; installing the provider twice (daemon reloads) is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = Client::builder()
+            .connect_timeout(s.http_timeout)
+            .timeout(s.http_timeout)
+            .user_agent(concat!("atom-update/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Failure::error(format!("cannot create the HTTP client: {e}")))?;
+        Ok(Sources {
+            repos: s.repositories.clone(),
+            client,
+            retries: s.http_retries,
+            timeout: s.http_timeout,
+        })
+    }
+
+    fn transfer_timeout(&self, bytes: u64) -> Duration {
+        self.timeout + Duration::from_secs(bytes / MIN_BYTES_PER_SEC)
+    }
+
+    pub fn has_http(&self) -> bool {
+        self.repos.iter().any(|r| matches!(r, Repo::Http(_)))
+    }
+
+    fn get_small(&self, repo: &Repo, rel: &str, limit: usize) -> Result<Option<Vec<u8>>, String> {
+        match repo {
+            Repo::Dir(root) => {
+                let p = root.join(rel);
+                match std::fs::metadata(&p) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(format!("{}: {e}", p.display())),
+                    Ok(m) if m.len() > limit as u64 => {
+                        return Err(format!("{} is larger than {limit} bytes", p.display()));
+                    }
+                    Ok(_) => {}
+                }
+                std::fs::read(&p).map(Some).map_err(|e| format!("{}: {e}", p.display()))
+            }
+            Repo::Http(base) => {
+                let url = format!("{base}/{rel}");
+                let resp = self.with_retries(|| self.client.get(&url).send())?;
+                if resp.status() == StatusCode::NOT_FOUND {
+                    return Ok(None);
+                }
+                if !resp.status().is_success() {
+                    return Err(format!("{url}: HTTP {}", resp.status()));
+                }
+                let mut body = Vec::new();
+                resp.take(limit as u64 + 1)
+                    .read_to_end(&mut body)
+                    .map_err(|e| format!("{url}: {e}"))?;
+                if body.len() > limit {
+                    return Err(format!("{url} is larger than {limit} bytes"));
+                }
+                Ok(Some(body))
+            }
+        }
+    }
+
+    fn with_retries(
+        &self,
+        mut f: impl FnMut() -> reqwest::Result<reqwest::blocking::Response>,
+    ) -> Result<reqwest::blocking::Response, String> {
+        let mut attempt = 0;
+        loop {
+            match f() {
+                Ok(r)
+                    if r.status().is_server_error()
+                        && r.status() != StatusCode::SERVICE_UNAVAILABLE
+                        && attempt < self.retries => {}
+                Ok(r) => return Ok(r),
+                Err(e) if attempt >= self.retries => return Err(e.to_string()),
+                Err(e) => tracing::warn!(error = %e, attempt, "request failed; retrying"),
+            }
+            attempt += 1;
+            std::thread::sleep(Duration::from_millis(500 << attempt.min(4)));
+        }
+    }
+
+    /// The channel's manifest, verified, from the first mirror that has a valid one.
+    pub fn signed_manifest(&self, channel: &str, policy: &Policy<'_>) -> Result<(Verified, String), Failure> {
+        let mut errors = Vec::new();
+        let mut refusals = Vec::new();
+        for repo in &self.repos {
+            let manifest = match self.get_small(
+                repo,
+                &layout::manifest(channel),
+                atom_dist::manifest::MAX_MANIFEST_BYTES,
+            ) {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    errors.push(format!("{repo}: channel {channel:?} not found"));
+                    continue;
+                }
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            let sig_rel = layout::signature(channel, &Digest::of(&manifest));
+            let sig = match self.get_small(repo, &sig_rel, atom_dist::signature::MAX_SIGNATURE_FILE_BYTES) {
+                Ok(s) => s.unwrap_or_default(),
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            match verify_manifest(&manifest, &sig, policy) {
+                Ok(v) => return Ok((v, repo.to_string())),
+                Err(e) => refusals.push(format!("{repo}: {e}")),
+            }
+        }
+        if !refusals.is_empty() {
+            refusals.extend(errors);
+            return Err(Failure::refused(format!("no acceptable manifest: {}", join(&refusals))));
+        }
+        Err(Failure::error(format!("cannot fetch the manifest: {}", join(&errors))))
+    }
+
+    /// A manifest-named file, checked against `size` and `digest`. Local repositories are
+    /// read in place; HTTP downloads go to `dest` and resume with Range after a failure.
+    pub fn fetch_file(
+        &self,
+        rel: &str,
+        size: u64,
+        digest: &Digest,
+        dest: &Path,
+        progress: &dyn Fn(u64),
+    ) -> Result<PathBuf, String> {
+        let mut errors = Vec::new();
+        for repo in &self.repos {
+            let result = match repo {
+                Repo::Dir(root) => Ok(root.join(rel)),
+                Repo::Http(base) => self
+                    .download(&format!("{base}/{rel}"), size, dest, progress)
+                    .map(|()| dest.to_owned()),
+            };
+            match result.and_then(|p| check_file(&p, size, digest).map(|()| p)) {
+                Ok(p) => return Ok(p),
+                Err(e) => {
+                    if matches!(repo, Repo::Http(_)) {
+                        let _ = std::fs::remove_file(dest);
+                    }
+                    errors.push(format!("{repo}: {e}"));
+                }
+            }
+        }
+        Err(join(&errors))
+    }
+
+    fn download(&self, url: &str, size: u64, dest: &Path, progress: &dyn Fn(u64)) -> Result<(), String> {
+        let mut attempt = 0;
+        loop {
+            let have = std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
+            if have == size {
+                return Ok(());
+            }
+            if have > size {
+                std::fs::remove_file(dest).map_err(|e| e.to_string())?;
+                continue;
+            }
+            match self.download_from(url, have, size, dest, progress) {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt >= self.retries => return Err(e),
+                Err(e) => tracing::warn!(%url, error = %e, resume_at = have, "download interrupted; resuming"),
+            }
+            attempt += 1;
+            std::thread::sleep(Duration::from_millis(500 << attempt.min(4)));
+        }
+    }
+
+    fn download_from(
+        &self,
+        url: &str,
+        from: u64,
+        size: u64,
+        dest: &Path,
+        progress: &dyn Fn(u64),
+    ) -> Result<(), String> {
+        let mut req = self.client.get(url).timeout(self.transfer_timeout(size - from));
+        if from > 0 {
+            req = req.header(reqwest::header::RANGE, format!("bytes={from}-"));
+        }
+        let mut resp = req.send().map_err(|e| e.to_string())?;
+        let mut file = match (from, resp.status()) {
+            (0, StatusCode::OK) => File::create(dest),
+            (_, StatusCode::PARTIAL_CONTENT) => OpenOptions::new().append(true).open(dest),
+            // The server ignored the range: start over.
+            (_, StatusCode::OK) => File::create(dest),
+            (_, s) => return Err(format!("HTTP {s}")),
+        }
+        .map_err(|e| format!("{}: {e}", dest.display()))?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = file.metadata().map(|m| m.len()).unwrap_or(0);
+        loop {
+            let n = resp.read(&mut buf).map_err(|e| format!("transfer failed: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            if total + n as u64 > size {
+                return Err(format!("server sent more than the {size} bytes the manifest names"));
+            }
+            file.write_all(&buf[..n])
+                .map_err(|e| format!("{}: {e}", dest.display()))?;
+            total += n as u64;
+            progress(n as u64);
+        }
+        file.sync_all().map_err(|e| e.to_string())?;
+        if total != size {
+            return Err(format!("transfer ended at {total} of {size} bytes"));
+        }
+        Ok(())
+    }
+
+    /// Asks the first HTTP mirror that answers for a delta from `signature` to the target.
+    /// The answer is written to `dest`, at most `limit` bytes.
+    pub fn rsync_delta(
+        &self,
+        channel: &str,
+        version: &semver::Version,
+        signature_zst: Vec<u8>,
+        dest: &Path,
+        limit: u64,
+        progress: &dyn Fn(u64),
+    ) -> Result<(), String> {
+        let mut errors = Vec::new();
+        for repo in &self.repos {
+            let Repo::Http(base) = repo else { continue };
+            let url = format!("{base}/v1/delta?channel={channel}&version={version}");
+            let result = (|| {
+                // The server may need minutes for a diff against a drifted base.
+                let timeout = self.transfer_timeout(limit / 4) + Duration::from_secs(300);
+                let mut resp = self.with_retries(|| {
+                    self.client
+                        .post(&url)
+                        .timeout(timeout)
+                        .body(signature_zst.clone())
+                        .send()
+                })?;
+                if !resp.status().is_success() {
+                    let status = resp.status();
+                    let mut text = String::new();
+                    let _ = (&mut resp).take(4096).read_to_string(&mut text);
+                    return Err(format!("HTTP {status}: {}", text.trim()));
+                }
+                let mut file = File::create(dest).map_err(|e| e.to_string())?;
+                let n =
+                    std::io::copy(&mut resp.take(limit + 1), &mut file).map_err(|e| format!("transfer failed: {e}"))?;
+                if n > limit {
+                    return Err(format!("delta larger than {limit} bytes"));
+                }
+                progress(n);
+                Ok(())
+            })();
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) => errors.push(format!("{url}: {e}")),
+            }
+        }
+        if errors.is_empty() {
+            return Err("no HTTP repository configured (the rsync route needs atom-dist)".into());
+        }
+        Err(join(&errors))
+    }
+}
+
+pub fn check_file(path: &Path, size: u64, digest: &Digest) -> Result<(), String> {
+    let (d, len) = Digest::of_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if len != size {
+        return Err(format!("{} is {len} bytes, the manifest says {size}", path.display()));
+    }
+    if &d != digest {
+        return Err(format!("{} has digest {d}, the manifest says {digest}", path.display()));
+    }
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! The agent's persistent state (`<state_dir>/state.toml`) and its lock.
+//!
+//! Written by atomic replace; it records what the agent verified into each slot (so
+//! `status` can name the inactive slot's version and a rerun knows an update is already
+//! staged) and the last update result.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Failure, Kind};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotContent {
+    pub version: String,
+    pub digest: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LastResult {
+    pub time: String,
+    pub outcome: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    #[serde(default)]
+    pub bytes_downloaded: u64,
+    #[serde(default)]
+    pub bytes_written: u64,
+    #[serde(default)]
+    pub bytes_skipped: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    /// Verified contents by slot name ("A"/"B"); absent while a slot is being written.
+    #[serde(default)]
+    pub slots: BTreeMap<String, SlotContent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<LastResult>,
+}
+
+impl State {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join("state.toml")
+    }
+
+    pub fn load(dir: &Path) -> State {
+        match std::fs::read_to_string(Self::path(dir)) {
+            Ok(text) => toml::from_str(&text).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "state file unreadable; starting from an empty state");
+                State::default()
+            }),
+            Err(_) => State::default(),
+        }
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<(), Failure> {
+        std::fs::create_dir_all(dir).map_err(|e| Failure::error(format!("cannot create {}: {e}", dir.display())))?;
+        let text = toml::to_string(self).map_err(|e| Failure::error(e.to_string()))?;
+        atom_dist::fsutil::write_atomic_bytes(&Self::path(dir), 0o600, text.as_bytes())
+            .map_err(|e| Failure::error(format!("cannot write {}: {e}", Self::path(dir).display())))
+    }
+}
+
+/// Held for the whole of a verb that changes anything: one agent at a time.
+pub struct Lock {
+    _file: File,
+}
+
+impl Lock {
+    pub fn acquire(dir: &Path) -> Result<Lock, Failure> {
+        std::fs::create_dir_all(dir).map_err(|e| Failure::error(format!("cannot create {}: {e}", dir.display())))?;
+        let path = dir.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Failure::error(format!("cannot open {}: {e}", path.display())))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Lock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(Failure {
+                kind: Kind::Locked,
+                message: format!("another atom-update is running (lock {} is held)", path.display()),
+            }),
+            Err(std::fs::TryLockError::Error(e)) => Err(Failure::error(format!("cannot lock {}: {e}", path.display()))),
+        }
+    }
+}

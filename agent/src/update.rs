@@ -1,0 +1,494 @@
+//! `atom-update now` and `check`: the update pipeline.
+//!
+//! The order of steps carries the safety:
+//! 1. the manifest is verified (signature, expiry, board, channel) and must be newer than
+//!    what runs and what is staged (anti-rollback);
+//! 2. the inactive slot is made unbootable *before* its first byte is written, so no
+//!    interruption can leave a half-written slot bootable;
+//! 3. the image is written by the cheapest route that works;
+//! 4. the whole slot is re-read from the device and its digest compared with the signed one;
+//! 5. only then is the slot flipped to boot next, on trial.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use atom_dist::manifest::Manifest;
+use atom_dist::verify::Policy;
+use atom_dist::{TrustedKeys, delta};
+use bootsel::SlotName;
+use memmap2::Mmap;
+
+use crate::config::Settings;
+use crate::error::{Failure, Kind};
+use crate::host::{self, Host};
+use crate::progress::Progress;
+use crate::slotio::{self, SlotWriter, WriteStats};
+use crate::source::Sources;
+use crate::state::{LastResult, Lock, SlotContent, State};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    Precomputed,
+    Rsync,
+    Full,
+}
+
+impl Route {
+    pub fn name(self) -> &'static str {
+        match self {
+            Route::Precomputed => "precomputed-delta",
+            Route::Rsync => "rsync-delta",
+            Route::Full => "full-payload",
+        }
+    }
+}
+
+pub struct Options<'a> {
+    pub allow_downgrade: bool,
+    pub cancel: &'a AtomicBool,
+    pub progress: bool,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    UpToDate {
+        version: String,
+    },
+    AlreadyStaged {
+        version: String,
+    },
+    Staged {
+        version: String,
+        slot: SlotName,
+        route: Route,
+        stats: WriteStats,
+        downloaded: u64,
+    },
+}
+
+/// What `check` found.
+pub struct Offer {
+    pub running: String,
+    pub offered: String,
+    pub newer: bool,
+    pub routes: Vec<(Route, Option<u64>)>,
+}
+
+fn trusted(s: &Settings) -> Result<TrustedKeys, Failure> {
+    TrustedKeys::load_dir(&s.keys_dir).map_err(|e| Failure::error(e.to_string()))
+}
+
+fn fetch_manifest(s: &Settings, sources: &Sources) -> Result<Manifest, Failure> {
+    let keys = trusted(s)?;
+    let policy = Policy {
+        trusted: &keys,
+        now: jiff::Timestamp::now(),
+        board: Some(&s.board),
+        channel: Some(&s.channel),
+    };
+    let (v, from) = sources.signed_manifest(&s.channel, &policy)?;
+    tracing::info!(version = %v.manifest.version, repository = %from, signed_by = %v.signed_by, "verified manifest");
+    Ok(v.manifest)
+}
+
+pub fn check(s: &Settings) -> Result<Offer, Failure> {
+    let host = Host::detect(s)?;
+    let sources = Sources::new(s)?;
+    let m = fetch_manifest(s, &sources)?;
+    let running = &host.release.version;
+    let mut routes = Vec::new();
+    if let Some(d) = m.deltas.iter().find(|d| &d.base_version == running) {
+        routes.push((Route::Precomputed, Some(d.size)));
+    }
+    if sources.has_http() {
+        routes.push((Route::Rsync, None));
+    }
+    routes.push((Route::Full, Some(m.payload.size)));
+    Ok(Offer {
+        running: running.to_string(),
+        offered: m.version.to_string(),
+        newer: &m.version > running,
+        routes,
+    })
+}
+
+struct Job<'a> {
+    s: &'a Settings,
+    sources: &'a Sources,
+    target: &'a Manifest,
+    disk: &'a File,
+    running: bootsel::table::Slot,
+    inactive: bootsel::table::Slot,
+    opts: &'a Options<'a>,
+    work: PathBuf,
+    progress: Progress,
+}
+
+pub fn now(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
+    let _lock = Lock::acquire(&s.state_dir)?;
+    let result = run(s, opts);
+    let mut state = State::load(&s.state_dir);
+    state.last = Some(match &result {
+        Ok(o) => last_result(o),
+        Err(f) => LastResult {
+            time: jiff::Timestamp::now().to_string(),
+            outcome: match f.kind {
+                Kind::VerifyFailed => "verification-failed",
+                Kind::Refused => "refused",
+                _ => "failed",
+            }
+            .into(),
+            message: f.message.clone(),
+            ..Default::default()
+        },
+    });
+    state.save(&s.state_dir)?;
+    result
+}
+
+fn last_result(o: &Outcome) -> LastResult {
+    let time = jiff::Timestamp::now().to_string();
+    match o {
+        Outcome::UpToDate { version } => LastResult {
+            time,
+            outcome: "up-to-date".into(),
+            message: format!("{version} is the newest version"),
+            version: Some(version.clone()),
+            ..Default::default()
+        },
+        Outcome::AlreadyStaged { version } => LastResult {
+            time,
+            outcome: "staged".into(),
+            message: format!("{version} is already staged for the next boot"),
+            version: Some(version.clone()),
+            ..Default::default()
+        },
+        Outcome::Staged {
+            version,
+            slot,
+            route,
+            stats,
+            downloaded,
+        } => LastResult {
+            time,
+            outcome: "staged".into(),
+            message: format!("{version} written to slot {slot} and set to boot next"),
+            version: Some(version.clone()),
+            route: Some(route.name().into()),
+            bytes_downloaded: *downloaded,
+            bytes_written: stats.written,
+            bytes_skipped: stats.skipped,
+        },
+    }
+}
+
+fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
+    let host = Host::detect(s)?;
+    let sources = Sources::new(s)?;
+    let target = fetch_manifest(s, &sources)?;
+    let running_version = &host.release.version;
+    let mut state = State::load(&s.state_dir);
+
+    if &target.version == running_version {
+        return Ok(Outcome::UpToDate {
+            version: target.version.to_string(),
+        });
+    }
+    if &target.version < running_version && !opts.allow_downgrade {
+        return Err(Failure::refused(format!(
+            "the repository offers {} but {} is running: refusing a downgrade (an old manifest replayed?); \
+             use --allow-downgrade to install it on purpose",
+            target.version, running_version
+        )));
+    }
+
+    let (mut disk, mut table) = host::load_table(&host.disk, s, true)?;
+    let inactive_name = host.running.other();
+    let running = table.slot(host.running).clone();
+    let inactive = table.slot(inactive_name).clone();
+    if let Some(staged) = state.slots.get(inactive_name.as_str()) {
+        let on_trial = inactive.flags.priority > running.flags.priority && inactive.flags.tries > 0;
+        if staged.digest == target.image.digest.to_string() && on_trial {
+            return Ok(Outcome::AlreadyStaged {
+                version: staged.version.clone(),
+            });
+        }
+        if let Ok(v) = staged.version.parse::<semver::Version>()
+            && v > target.version
+            && on_trial
+            && !opts.allow_downgrade
+        {
+            return Err(Failure::refused(format!(
+                "{v} is already staged; the repository now offers the older {}: refusing (replayed manifest?)",
+                target.version
+            )));
+        }
+    }
+    if target.image.size > inactive.size_bytes {
+        return Err(Failure::error(format!(
+            "the {} image is {} bytes but slot {} ({}) holds only {}",
+            target.version, target.image.size, inactive_name, inactive.label, inactive.size_bytes
+        )));
+    }
+    if host::partition_is_mounted(&host.disk, inactive.partition) {
+        return Err(Failure::error(format!(
+            "slot {inactive_name} ({}) is mounted; unmount it before updating",
+            inactive.label
+        )));
+    }
+
+    // Step 2: nothing half-written may ever be bootable.
+    table.disable(inactive_name);
+    table
+        .commit(&mut disk)
+        .map_err(|e| Failure::error(format!("cannot update the partition table: {e}")))?;
+    state.slots.remove(inactive_name.as_str());
+    state.save(&s.state_dir)?;
+    tracing::info!(slot = %inactive_name, label = %inactive.label, "inactive slot marked unbootable; writing");
+
+    let work = s.state_dir.join("downloads");
+    std::fs::create_dir_all(&work).map_err(|e| Failure::error(format!("cannot create {}: {e}", work.display())))?;
+    let job = Job {
+        s,
+        sources: &sources,
+        target: &target,
+        disk: &disk,
+        running: running.clone(),
+        inactive: inactive.clone(),
+        opts,
+        work,
+        progress: Progress::new(opts.progress, target.image.size),
+    };
+    let (route, stats) = job.write_by_cheapest_route(&host)?;
+    let downloaded = job.progress.downloaded();
+    job.progress.finish();
+
+    // Step 5: flip, only now that the slot holds exactly the signed image.
+    table
+        .start_trial(inactive_name, s.tries)
+        .map_err(|e| Failure::error(e.to_string()))?;
+    table
+        .commit(&mut disk)
+        .map_err(|e| Failure::error(format!("cannot update the partition table: {e}")))?;
+    state.slots.insert(
+        inactive_name.as_str().into(),
+        SlotContent {
+            version: target.version.to_string(),
+            digest: target.image.digest.to_string(),
+        },
+    );
+    state.save(&s.state_dir)?;
+    let _ = std::fs::remove_dir_all(s.state_dir.join("downloads"));
+    tracing::info!(
+        version = %target.version, slot = %inactive_name, route = route.name(),
+        written = stats.written, skipped = stats.skipped, downloaded,
+        "update staged: slot set to boot next on trial"
+    );
+    Ok(Outcome::Staged {
+        version: target.version.to_string(),
+        slot: inactive_name,
+        route,
+        stats,
+        downloaded,
+    })
+}
+
+impl Job<'_> {
+    fn write_by_cheapest_route(&self, host: &Host) -> Result<(Route, WriteStats), Failure> {
+        let mut failures = Vec::new();
+        let mut verify_failed = false;
+        for route in [Route::Precomputed, Route::Rsync, Route::Full] {
+            let attempt = match route {
+                Route::Precomputed => self.precomputed(host),
+                Route::Rsync => self.rsync(),
+                Route::Full => self.full().map(Some),
+            };
+            let stats = match attempt {
+                Ok(Some(stats)) => stats,
+                Ok(None) => continue,
+                Err(e) if e.kind == Kind::Error && e.message == "cancelled" => return Err(e),
+                Err(e) => {
+                    tracing::warn!(route = route.name(), error = %e, "route failed; trying the next one");
+                    failures.push(format!("{}: {e}", route.name()));
+                    continue;
+                }
+            };
+            self.progress.phase("verifying");
+            let digest = slotio::hash_range(self.disk, self.inactive.offset_bytes, self.target.image.size, &|_| {})
+                .map_err(|e| Failure::error(format!("cannot read back slot {}: {e}", self.inactive.name)))?;
+            if digest == self.target.image.digest {
+                tracing::info!(route = route.name(), "slot verified against the signed digest");
+                return Ok((route, stats));
+            }
+            verify_failed = true;
+            tracing::warn!(route = route.name(), got = %digest, want = %self.target.image.digest, "written slot does not match the signed digest");
+            failures.push(format!(
+                "{}: written image has digest {digest}, the manifest says {}",
+                route.name(),
+                self.target.image.digest
+            ));
+        }
+        let message = format!(
+            "every route failed; slot {} stays unbootable: {}",
+            self.inactive.name,
+            failures.join("; ")
+        );
+        Err(Failure {
+            kind: if verify_failed { Kind::VerifyFailed } else { Kind::Error },
+            message,
+        })
+    }
+
+    fn writer(&self) -> SlotWriter<'_> {
+        SlotWriter::new(
+            self.disk,
+            self.inactive.offset_bytes,
+            self.inactive.size_bytes,
+            self.opts.cancel,
+            self.progress.write_callback(),
+        )
+    }
+
+    fn map_running(&self, len: u64) -> Result<Mmap, Failure> {
+        slotio::map_range(self.disk, self.running.offset_bytes, len.min(self.running.size_bytes))
+            .map_err(|e| Failure::error(format!("cannot map the running slot: {e}")))
+    }
+
+    fn finish(&self, w: SlotWriter<'_>) -> Result<WriteStats, Failure> {
+        let stats = w.finish().map_err(io_failure)?;
+        if stats.total != self.target.image.size {
+            return Err(Failure::error(format!(
+                "produced {} bytes, the image is {}",
+                stats.total, self.target.image.size
+            )));
+        }
+        Ok(stats)
+    }
+
+    /// Decompresses an (untrusted) zstd delta into a file and maps it.
+    fn raw_delta(&self, zst: &Path) -> Result<Mmap, Failure> {
+        let raw_path = self.work.join("delta.raw");
+        let out = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&raw_path)
+            .map_err(io_failure)?;
+        let src = File::open(zst).map_err(io_failure)?;
+        let mut w = BufWriter::new(&out);
+        delta::decompress_bounded(src, &mut w, delta::raw_delta_limit(self.target.image.size))
+            .map_err(|e| Failure::error(e.to_string()))?;
+        w.flush().map_err(io_failure)?;
+        drop(w);
+        // SAFETY: a private file of this process, not modified while mapped.
+        unsafe { Mmap::map(&out) }.map_err(io_failure)
+    }
+
+    fn apply_delta(&self, base: &[u8], raw: &[u8]) -> Result<WriteStats, Failure> {
+        let mut w = self.writer();
+        delta::apply(base, raw, self.target.image.size, &mut w).map_err(|e| match e {
+            delta::DeltaError::Io(io) => io_failure(io),
+            other => Failure::error(other.to_string()),
+        })?;
+        self.finish(w)
+    }
+
+    fn precomputed(&self, host: &Host) -> Result<Option<WriteStats>, Failure> {
+        let Some(d) = self
+            .target
+            .deltas
+            .iter()
+            .find(|d| d.base_version == host.release.version)
+        else {
+            tracing::info!(running = %host.release.version, "no precomputed delta from the running version");
+            return Ok(None);
+        };
+        self.progress.phase("checking the running slot");
+        let base_digest = slotio::hash_range(
+            self.disk,
+            self.running.offset_bytes,
+            d.base_size.min(self.running.size_bytes),
+            &|_| {},
+        )
+        .map_err(io_failure)?;
+        if base_digest != d.base_digest {
+            return Err(Failure::error(format!(
+                "the running slot does not hold the published {} image (digest {base_digest}); cannot use its delta",
+                d.base_version
+            )));
+        }
+        self.progress.phase("downloading the precomputed delta");
+        let zst = self
+            .sources
+            .fetch_file(
+                &d.path,
+                d.size,
+                &d.digest,
+                &self.work.join(format!("{}.delta.zst", d.digest.hex())),
+                self.progress.download_callback(),
+            )
+            .map_err(Failure::error)?;
+        let raw = self.raw_delta(&zst)?;
+        let base = self.map_running(d.base_size)?;
+        self.progress.phase("applying the precomputed delta");
+        self.apply_delta(&base, &raw).map(Some)
+    }
+
+    fn rsync(&self) -> Result<Option<WriteStats>, Failure> {
+        if !self.sources.has_http() {
+            return Ok(None);
+        }
+        // The server bounds signatures to bases up to twice the target's size.
+        let base_len = self.running.size_bytes.min(self.target.image.size.saturating_mul(2));
+        let base = self.map_running(base_len)?;
+        self.progress.phase("computing the running slot's signature");
+        let sig = delta::signature_of(&base);
+        let body = zstd::bulk::compress(sig.serialized(), 3).map_err(io_failure)?;
+        self.progress.phase("fetching an rsync delta from the server");
+        let zst = self.work.join("rsync.delta.zst");
+        self.sources
+            .rsync_delta(
+                &self.s.channel,
+                &self.target.version,
+                body,
+                &zst,
+                delta::raw_delta_limit(self.target.image.size),
+                self.progress.download_callback(),
+            )
+            .map_err(Failure::error)?;
+        let raw = self.raw_delta(&zst)?;
+        self.progress.phase("applying the rsync delta");
+        self.apply_delta(&base, &raw).map(Some)
+    }
+
+    fn full(&self) -> Result<WriteStats, Failure> {
+        let p = &self.target.payload;
+        self.progress.phase("downloading the full payload");
+        let path = self
+            .sources
+            .fetch_file(
+                &p.path,
+                p.size,
+                &p.digest,
+                &self.work.join(format!("{}.img.zst", p.digest.hex())),
+                self.progress.download_callback(),
+            )
+            .map_err(Failure::error)?;
+        self.progress.phase("writing the full image");
+        let dec = zstd::stream::read::Decoder::new(File::open(&path).map_err(io_failure)?).map_err(io_failure)?;
+        let mut w = self.writer();
+        std::io::copy(&mut dec.take(self.target.image.size + 1), &mut w).map_err(io_failure)?;
+        self.finish(w)
+    }
+}
+
+fn io_failure(e: std::io::Error) -> Failure {
+    if e.kind() == std::io::ErrorKind::Interrupted {
+        Failure::error("cancelled")
+    } else {
+        Failure::error(e.to_string())
+    }
+}

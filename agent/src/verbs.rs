@@ -1,0 +1,150 @@
+//! The verbs that only change boot flags, and `status`.
+
+use bootsel::SlotName;
+use bootsel::select::why_not_bootable;
+use serde_json::json;
+
+use crate::config::Settings;
+use crate::error::Failure;
+use crate::host::{self, Detection, Host};
+use crate::state::{Lock, State};
+
+fn flags_json(f: bootsel::SlotFlags) -> serde_json::Value {
+    json!({ "priority": f.priority, "tries": f.tries, "successful": f.successful, "bootable": f.is_bootable() })
+}
+
+pub fn status(s: &Settings, as_json: bool) -> Result<(), Failure> {
+    let host = Host::detect(s)?;
+    let (_, table) = host::load_table(&host.disk, s, false)?;
+    let state = State::load(&s.state_dir);
+    let next = table.decide().map(|(n, _)| n);
+    let version_of = |name: SlotName| -> Option<String> {
+        if name == host.running {
+            Some(host.release.version.to_string())
+        } else {
+            state.slots.get(name.as_str()).map(|c| c.version.clone())
+        }
+    };
+    let fell_back_from = host.record.as_ref().and_then(|r| r.fell_back_from.clone());
+    if as_json {
+        let slots: Vec<_> = table
+            .slots()
+            .iter()
+            .map(|sl| {
+                json!({
+                    "slot": sl.name.as_str(), "label": sl.label, "partition": sl.partition,
+                    "version": version_of(sl.name), "booted": sl.name == host.running,
+                    "flags": flags_json(sl.flags),
+                })
+            })
+            .collect();
+        let doc = json!({
+            "disk": host.disk, "board": host.release.board, "booted_slot": host.running.as_str(),
+            "booted_version": host.release.version.to_string(),
+            "detected_by": match &host.detection { Detection::BootRecord(p) => format!("boot record {}", p.display()), Detection::Mountinfo => "mountinfo".into() },
+            "fell_back_from": fell_back_from,
+            "boot_trial": host.record.as_ref().map(|r| r.trial),
+            "next_boot": next.map(|n| n.as_str()),
+            "slots": slots,
+            "last_update": state.last,
+        });
+        println!("{doc:#}");
+        return Ok(());
+    }
+    println!(
+        "booted: slot {} running {} ({}) on {}",
+        host.running,
+        host.release.version,
+        host.release.board,
+        host.disk.display()
+    );
+    if let Some(from) = &fell_back_from {
+        println!("last boot FELL BACK: slot {from} ran out of tries without being marked good");
+    }
+    println!(
+        "{:<5} {:<10} {:<12} {:>8} {:>5} {:>10}  STATE",
+        "SLOT", "LABEL", "VERSION", "PRIORITY", "TRIES", "SUCCESSFUL"
+    );
+    for sl in table.slots() {
+        let mut notes = Vec::new();
+        if sl.name == host.running {
+            notes.push("booted".to_string());
+        }
+        if Some(sl.name) == next {
+            notes.push("boots next".to_string());
+        }
+        if let Some(w) = why_not_bootable(sl.flags) {
+            notes.push(format!("not bootable: {w}"));
+        }
+        println!(
+            "{:<5} {:<10} {:<12} {:>8} {:>5} {:>10}  {}",
+            sl.name.as_str(),
+            sl.label,
+            version_of(sl.name).unwrap_or_else(|| "unknown".into()),
+            sl.flags.priority,
+            sl.flags.tries,
+            if sl.flags.successful { "yes" } else { "no" },
+            notes.join(", ")
+        );
+    }
+    match &state.last {
+        Some(l) => println!("last update: {} at {}: {}", l.outcome, l.time, l.message),
+        None => println!("last update: none recorded"),
+    }
+    Ok(())
+}
+
+pub fn mark_good(s: &Settings) -> Result<(), Failure> {
+    let _lock = Lock::acquire(&s.state_dir)?;
+    let host = Host::detect(s)?;
+    let (mut disk, mut table) = host::load_table(&host.disk, s, true)?;
+    if table.slot(host.running).flags.successful {
+        println!("slot {} is already marked good", host.running);
+        return Ok(());
+    }
+    table.mark_successful(host.running);
+    table.commit(&mut disk).map_err(|e| Failure::error(e.to_string()))?;
+    tracing::info!(slot = %host.running, version = %host.release.version, "marked good");
+    println!("slot {} ({}) marked good", host.running, host.release.version);
+    Ok(())
+}
+
+pub fn mark_bad(s: &Settings, force: bool) -> Result<(), Failure> {
+    let _lock = Lock::acquire(&s.state_dir)?;
+    let host = Host::detect(s)?;
+    let (mut disk, mut table) = host::load_table(&host.disk, s, true)?;
+    let other = table.slot(host.running.other()).flags;
+    if !other.is_bootable() && !force {
+        return Err(Failure::not_allowed(format!(
+            "slot {} is not bootable ({}); marking the running slot bad would leave nothing to boot (use --force)",
+            host.running.other(),
+            why_not_bootable(other).unwrap_or("unknown")
+        )));
+    }
+    table.disable(host.running);
+    table.commit(&mut disk).map_err(|e| Failure::error(e.to_string()))?;
+    tracing::warn!(slot = %host.running, version = %host.release.version, "marked bad; the next boot falls back");
+    println!(
+        "slot {} marked bad; the next boot uses slot {}",
+        host.running,
+        host.running.other()
+    );
+    Ok(())
+}
+
+pub fn rollback(s: &Settings) -> Result<(), Failure> {
+    let _lock = Lock::acquire(&s.state_dir)?;
+    let host = Host::detect(s)?;
+    let (mut disk, mut table) = host::load_table(&host.disk, s, true)?;
+    let other = host.running.other();
+    table.prefer(other).map_err(|e| Failure::not_allowed(e.to_string()))?;
+    table.commit(&mut disk).map_err(|e| Failure::error(e.to_string()))?;
+    let state = State::load(&s.state_dir);
+    let version = state
+        .slots
+        .get(other.as_str())
+        .map_or("unknown version".to_string(), |c| c.version.clone());
+    tracing::warn!(slot = %other, %version, "rollback: the other slot boots next");
+    println!("slot {other} ({version}) boots next");
+    Ok(())
+}
