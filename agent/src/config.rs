@@ -17,6 +17,7 @@
 //! boot_record = "/run/atom/boot.toml"  # written by bootsel
 //! release_file = "/usr/lib/atom/release"
 //! check_interval = "6h"                # daemon mode; a random jitter of up to 10% is added
+//! routes = ["precomputed", "rsync", "full"]  # allowed routes, tried in this order
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -62,6 +63,24 @@ struct Raw {
     release_file: PathBuf,
     #[serde(default = "default_interval")]
     check_interval: String,
+    #[serde(default = "default_routes")]
+    routes: Vec<RouteName>,
+}
+
+/// The ways to bring the inactive slot to the target image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteName {
+    /// A delta the publisher computed from the running version.
+    Precomputed,
+    /// A delta atom-dist computes from this host's signature.
+    Rsync,
+    /// The whole compressed image.
+    Full,
+}
+
+fn default_routes() -> Vec<RouteName> {
+    vec![RouteName::Precomputed, RouteName::Rsync, RouteName::Full]
 }
 
 fn default_keys_dir() -> PathBuf {
@@ -146,6 +165,7 @@ pub struct Settings {
     pub boot_record: PathBuf,
     pub release_file: PathBuf,
     pub check_interval: Duration,
+    pub routes: Vec<RouteName>,
 }
 
 fn parse_window(s: &str) -> Result<Window, String> {
@@ -206,7 +226,11 @@ impl Settings {
         if check_interval < Duration::from_secs(60) {
             return Err("`check_interval` must be at least 1m".into());
         }
+        if raw.routes.is_empty() {
+            return Err("`routes` must allow at least one route".into());
+        }
         Ok(Settings {
+            routes: raw.routes,
             path: path.to_owned(),
             repositories,
             channel: raw.channel,

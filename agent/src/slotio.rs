@@ -103,6 +103,7 @@ impl<'a> SlotWriter<'a> {
         self.stats.total = self.pos;
         self.buf.clear();
         (self.progress)(self.stats);
+        crate::failpoint::hit("write-chunk");
         Ok(())
     }
 

@@ -242,6 +242,7 @@ impl Sources {
                 .map_err(|e| format!("{}: {e}", dest.display()))?;
             total += n as u64;
             progress(n as u64);
+            crate::failpoint::hit("download-chunk");
         }
         file.sync_all().map_err(|e| e.to_string())?;
         if total != size {

@@ -20,7 +20,7 @@ use atom_dist::{TrustedKeys, delta};
 use bootsel::SlotName;
 use memmap2::Mmap;
 
-use crate::config::Settings;
+use crate::config::{RouteName, Settings};
 use crate::error::{Failure, Kind};
 use crate::host::{self, Host};
 use crate::progress::Progress;
@@ -299,7 +299,11 @@ impl Job<'_> {
     fn write_by_cheapest_route(&self, host: &Host) -> Result<(Route, WriteStats), Failure> {
         let mut failures = Vec::new();
         let mut verify_failed = false;
-        for route in [Route::Precomputed, Route::Rsync, Route::Full] {
+        for route in self.s.routes.iter().map(|r| match r {
+            RouteName::Precomputed => Route::Precomputed,
+            RouteName::Rsync => Route::Rsync,
+            RouteName::Full => Route::Full,
+        }) {
             let attempt = match route {
                 Route::Precomputed => self.precomputed(host),
                 Route::Rsync => self.rsync(),

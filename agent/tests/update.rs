@@ -1,0 +1,484 @@
+//! atom-update end to end on a loop-device GPT disk against a real atom-dist on
+//! 127.0.0.1, with images and repositories made by the real atom-build. Runs as root.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+const UPDATE: &str = env!("CARGO_BIN_EXE_atom-update");
+
+fn sibling(name: &str) -> PathBuf {
+    let p = Path::new(UPDATE).with_file_name(name);
+    assert!(p.exists(), "{} is missing: build the workspace first (cargo build --workspace)", p.display());
+    p
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A root filesystem; `variant` changes a few files, as a security update would.
+fn tree(dir: &Path, variant: u64) {
+    for i in 0..60u64 {
+        let d = dir.join(format!("usr/share/p{}", i % 6));
+        std::fs::create_dir_all(&d).unwrap();
+        let mut data = bytes(50_000 + (i as usize * 3001) % 100_000, i);
+        if i % 20 == variant % 20 && variant > 1 {
+            data[1000..3000].copy_from_slice(&bytes(2000, variant * 1000 + i));
+        }
+        std::fs::write(d.join(format!("f{i}")), data).unwrap();
+    }
+    std::fs::create_dir_all(dir.join("etc")).unwrap();
+    std::fs::write(dir.join("etc/os-version"), format!("{variant}\n")).unwrap();
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    loopdev: String,
+    server: Option<Child>,
+    url: String,
+}
+
+const SLOT_MIB: u64 = 40;
+
+impl Env {
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// Keys, images v1..v3 (each built on the previous), v1 and v2 published, a disk
+    /// with v1 in slot A (booted, good) and slot B empty, and atom-dist serving the repo.
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let build = sibling("atom-build");
+        let p = |s: &str| dir.path().join(s);
+        ok(Command::new(&build).arg("keygen").arg("--out").arg(p("signer")));
+        std::fs::create_dir_all(p("keys")).unwrap();
+        std::fs::copy(p("signer.pub"), p("keys/signer.pub")).unwrap();
+        let mut base: Option<PathBuf> = None;
+        for v in 1..=3u64 {
+            tree(&p(&format!("t{v}")), v);
+            let mut c = Command::new(&build);
+            c.args(["image", "--size", "32M", "--version", &format!("{v}.0.0"), "--rootfs"])
+                .arg(p(&format!("t{v}")))
+                .arg("--out")
+                .arg(p(&format!("v{v}.img")));
+            if let Some(b) = &base {
+                c.arg("--base").arg(b);
+            }
+            ok(&mut c);
+            base = Some(p(&format!("v{v}.img")));
+        }
+        let mut env = Env { dir, loopdev: String::new(), server: None, url: String::new() };
+        env.publish("v1.img", &[]);
+        env.publish("v2.img", &[]);
+
+        let disk = env.path("disk.img");
+        std::fs::File::create(&disk).unwrap().set_len(128 << 20).unwrap();
+        let script = format!(
+            "label: gpt\nsize=4MiB, name=esp\nsize={SLOT_MIB}MiB, type=4f68bce3-e8cd-4db1-96e7-fbcaf984b709, name=root-a\n\
+             size={SLOT_MIB}MiB, type=4f68bce3-e8cd-4db1-96e7-fbcaf984b709, name=root-b\nname=state\n"
+        );
+        let mut sf = Command::new("sfdisk").arg("--quiet").arg(&disk).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+        std::io::Write::write_all(&mut sf.stdin.take().unwrap(), script.as_bytes()).unwrap();
+        assert!(sf.wait().unwrap().success());
+        let loopdev = ok(Command::new("losetup").args(["-f", "--show"]).arg(&disk)).trim().to_string();
+        env.loopdev = loopdev;
+        env.put_image("v1.img", "A");
+        env.cgpt(2, 1, 0, 1);
+        env.boot_into("A", "1.0.0");
+        env.start_server();
+        env.write_config(&[&env.url.clone()], "");
+        env
+    }
+
+    fn publish(&self, image: &str, extra: &[&str]) {
+        ok(Command::new(sibling("atom-build"))
+            .args(["publish", "--channel", "stable", "--zstd-level", "3", "--repo"])
+            .arg(self.path("repo"))
+            .arg("--key")
+            .arg(self.path("signer.key"))
+            .args(extra)
+            .arg(self.path(image)));
+    }
+
+    fn start_server(&mut self) {
+        let mut child = Command::new(sibling("atom-dist"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--repo"])
+            .arg(self.path("repo"))
+            .arg("--cache")
+            .arg(self.path("dist-cache"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        self.url = line.trim().rsplit(' ').next().unwrap().to_string();
+        self.server = Some(child);
+    }
+
+    fn stop_server(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn slot_offset(&self, slot: &str) -> u64 {
+        // sfdisk starts at 1 MiB; the ESP takes 4 MiB; slots follow each other.
+        (5 + if slot == "A" { 0 } else { SLOT_MIB }) << 20
+    }
+
+    fn put_image(&self, image: &str, slot: &str) {
+        use std::os::unix::fs::FileExt;
+        let data = std::fs::read(self.path(image)).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&self.loopdev).unwrap();
+        f.write_all_at(&data, self.slot_offset(slot)).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    fn slot_holds(&self, slot: &str, image: &str) -> bool {
+        use std::os::unix::fs::FileExt;
+        let want = std::fs::read(self.path(image)).unwrap();
+        let mut got = vec![0u8; want.len()];
+        std::fs::File::open(&self.loopdev).unwrap().read_exact_at(&mut got, self.slot_offset(slot)).unwrap();
+        got == want
+    }
+
+    fn cgpt(&self, part: u32, p: u8, t: u8, s: u8) {
+        ok(Command::new("cgpt").args(["add", "-i", &part.to_string(), "-P", &p.to_string(), "-T", &t.to_string(), "-S", &s.to_string(), &self.loopdev]));
+    }
+
+    fn flags(&self, part: u32) -> (u8, u8, u8) {
+        let f = |flag: &str| -> u8 {
+            ok(Command::new("cgpt").args(["show", "-i", &part.to_string(), flag, &self.loopdev])).trim().parse().unwrap()
+        };
+        (f("-P"), f("-T"), f("-S"))
+    }
+
+    /// What bootsel would have left after booting `slot` with `version` in it.
+    fn boot_into(&self, slot: &str, version: &str) {
+        let part = if slot == "A" { 2 } else { 3 };
+        std::fs::write(
+            self.path("boot.toml"),
+            format!(
+                "slot = \"{slot}\"\nlabel = \"root-{}\"\npartition = {part}\npartuuid = \"x\"\ndisk = \"{}\"\n\
+                 reason = \"test\"\ntrial = false\ntries_left = 0\nstate = \"none\"\n",
+                slot.to_lowercase(),
+                self.loopdev
+            ),
+        )
+        .unwrap();
+        std::fs::write(self.path("release"), format!("version = \"{version}\"\nboard = \"x86_64-generic\"\n")).unwrap();
+    }
+
+    fn write_config(&self, repos: &[&str], extra: &str) {
+        let repos: Vec<String> = repos.iter().map(|r| format!("\"{r}\"")).collect();
+        std::fs::write(
+            self.path("update.toml"),
+            format!(
+                "repositories = [{}]\nchannel = \"stable\"\nboard = \"x86_64-generic\"\nkeys_dir = \"{}\"\n\
+                 state_dir = \"{}\"\nboot_record = \"{}\"\nrelease_file = \"{}\"\nhttp_timeout_secs = 5\nhttp_retries = 1\n{extra}",
+                repos.join(", "),
+                self.path("keys").display(),
+                self.path("state").display(),
+                self.path("boot.toml").display(),
+                self.path("release").display()
+            ),
+        )
+        .unwrap();
+    }
+
+    fn agent(&self, args: &[&str]) -> Output {
+        self.agent_env(args, &[])
+    }
+
+    fn agent_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut c = Command::new(UPDATE);
+        c.arg("--config").arg(self.path("update.toml")).args(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    }
+
+    fn now_ok(&self) -> String {
+        let out = self.agent(&["now"]);
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "atom-update now failed: {text}");
+        text
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let out = self.agent(&["status", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.stop_server();
+        let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
+    }
+}
+
+fn failed(out: &Output, code: i32, needle: &str) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "expected exit {code}: {err}");
+    assert!(err.contains(needle), "stderr should mention {needle:?}: {err}");
+    err
+}
+
+#[test]
+fn precomputed_delta_route_stages_verifies_and_flips() {
+    let env = Env::new();
+    let out = env.now_ok();
+    assert!(out.contains("via precomputed-delta"), "{out}");
+    assert!(env.slot_holds("B", "v2.img"), "slot B holds v2 exactly");
+    assert_eq!(env.flags(3), (2, 3, 0), "B boots next, on trial with 3 tries");
+    assert_eq!(env.flags(2), (1, 0, 1), "A untouched and still good");
+    let st = env.status_json();
+    assert_eq!(st["next_boot"], "B");
+    assert_eq!(st["slots"][1]["version"], "2.0.0");
+    assert_eq!(st["last_update"]["route"], "precomputed-delta");
+    // Running it again finds the update already staged and changes nothing.
+    let out = env.now_ok();
+    assert!(out.contains("already staged"), "{out}");
+
+    // Boot into B (as bootsel would), mark it good; the next update goes to A.
+    ok(Command::new(sibling("bootsel")).args(["choose", "--disk", &env.loopdev]));
+    env.boot_into("B", "2.0.0");
+    assert_eq!(env.flags(3), (2, 2, 0));
+    ok(Command::new(UPDATE).arg("--config").arg(env.path("update.toml")).arg("mark-good"));
+    assert_eq!(env.flags(3), (2, 0, 1));
+    let out = env.now_ok();
+    assert!(out.contains("up to date"), "{out}");
+}
+
+#[test]
+fn routes_fall_through_rsync_then_full() {
+    let mut env = Env::new();
+    // Corrupt the precomputed delta: its digest no longer matches the manifest.
+    let repo = env.path("repo");
+    let delta = std::fs::read_dir(repo.join("deltas")).unwrap().next().unwrap().unwrap().path();
+    std::fs::write(&delta, b"not a delta").unwrap();
+    let out = env.now_ok();
+    assert!(out.contains("route failed") && out.contains("precomputed-delta"), "{out}");
+    assert!(out.contains("via rsync-delta"), "{out}");
+    assert!(env.slot_holds("B", "v2.img"));
+
+    // No server, a local repository only: precomputed (broken) → full payload.
+    env.stop_server();
+    env.cgpt(3, 0, 0, 0);
+    env.write_config(&[&format!("file://{}", repo.display())], "");
+    std::fs::remove_dir_all(env.path("state")).unwrap();
+    let out = env.now_ok();
+    assert!(out.contains("via full-payload"), "{out}");
+    assert!(env.slot_holds("B", "v2.img"));
+    // B already held v2: nothing needed rewriting.
+    let st = env.status_json();
+    assert_eq!(st["last_update"]["bytes_written"], 0, "{st}");
+}
+
+#[test]
+fn unchanged_blocks_are_not_rewritten() {
+    let env = Env::new();
+    env.put_image("v1.img", "B");
+    let out = env.now_ok();
+    assert!(out.contains("via precomputed-delta"), "{out}");
+    let st = env.status_json();
+    let written = st["last_update"]["bytes_written"].as_u64().unwrap();
+    let skipped = st["last_update"]["bytes_skipped"].as_u64().unwrap();
+    let a = std::fs::read(env.path("v1.img")).unwrap();
+    let b = std::fs::read(env.path("v2.img")).unwrap();
+    let differing = a.chunks(4096).zip(b.chunks(4096)).filter(|(x, y)| x != y).count() as u64 * 4096;
+    println!("written {written}, skipped {skipped}, differing blocks {differing} bytes");
+    assert_eq!(written, differing, "exactly the differing blocks are written");
+    assert_eq!(written + skipped, b.len() as u64);
+}
+
+#[test]
+fn mirrors_are_tried_in_order_and_dead_servers_fail_cleanly() {
+    let mut env = Env::new();
+    let url = env.url.clone();
+    env.write_config(&["http://127.0.0.1:9", &url], "");
+    let out = env.now_ok();
+    assert!(out.contains("staged"), "{out}");
+
+    // Every repository gone: a clear error, A still boots, B not bootable.
+    env.stop_server();
+    env.cgpt(3, 0, 0, 0);
+    std::fs::remove_dir_all(env.path("state")).unwrap();
+    let out = env.agent(&["now"]);
+    failed(&out, 1, "cannot fetch the manifest");
+    assert_eq!(env.flags(2), (1, 0, 1));
+    assert_eq!(env.flags(3).0, 0);
+}
+
+#[test]
+fn security_refusals() {
+    let env = Env::new();
+    // Unknown key.
+    std::fs::remove_file(env.path("keys/signer.pub")).unwrap();
+    ok(Command::new(sibling("atom-build")).arg("keygen").arg("--out").arg(env.path("keys/other")));
+    std::fs::remove_file(env.path("keys/other.key")).unwrap();
+    failed(&env.agent(&["now"]), 6, "untrusted key");
+    assert_eq!(env.flags(3).0, 0, "nothing written or flipped");
+    std::fs::copy(env.path("signer.pub"), env.path("keys/signer.pub")).unwrap();
+
+    // Wrong board.
+    let cfg = std::fs::read_to_string(env.path("update.toml")).unwrap();
+    std::fs::write(env.path("update.toml"), cfg.replace("x86_64-generic", "rpi4")).unwrap();
+    failed(&env.agent(&["now"]), 6, "board");
+    std::fs::write(env.path("update.toml"), &cfg).unwrap();
+
+    // Downgrade / replay: running 3.0.0, the channel offers 2.0.0.
+    env.boot_into("A", "3.0.0");
+    failed(&env.agent(&["now"]), 6, "refusing a downgrade");
+    assert_eq!(env.flags(3).0, 0);
+    let out = env.agent(&["now", "--allow-downgrade"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(env.slot_holds("B", "v2.img"));
+    env.boot_into("A", "1.0.0");
+
+    // Expired manifest.
+    env.publish("v3.img", &["--expires-in", "1s"]);
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    failed(&env.agent(&["now"]), 6, "expired");
+    let out = env.agent(&["check"]);
+    assert_eq!(out.status.code(), Some(6));
+}
+
+#[test]
+fn verification_failure_never_flips() {
+    let env = Env::new();
+    // A correctly signed manifest whose image digest matches nothing any route produces.
+    let repo = atom_dist::Repository::open(&env.path("repo")).unwrap();
+    let cur = repo.current("stable").unwrap().unwrap();
+    let mut m = atom_dist::Manifest::parse(&cur.manifest).unwrap();
+    m.image.digest = atom_dist::Digest::of(b"something else");
+    m.version = "2.0.1".parse().unwrap();
+    m.deltas.clear();
+    let text = m.to_toml();
+    let key = atom_dist::SecretKey::load(&env.path("signer.key")).unwrap();
+    let signed = atom_dist::repo::SignedManifest {
+        signature: atom_dist::signature::sign(text.as_bytes(), &[&key]).into_bytes(),
+        manifest: text.into_bytes(),
+    };
+    repo.commit_manifest("stable", &m.version, &signed).unwrap();
+    let out = env.agent(&["now"]);
+    failed(&out, 4, "does not match");
+    assert_eq!(env.flags(3).0, 0, "B never made bootable");
+    assert_eq!(env.flags(2), (1, 0, 1));
+    let st = env.status_json();
+    assert_eq!(st["last_update"]["outcome"], "verification-failed");
+    assert_eq!(st["next_boot"], "A");
+}
+
+#[test]
+fn crash_during_write_or_download_resumes() {
+    let mut env = Env::new();
+    // The full route over HTTP: it downloads (resumable) and writes the whole image.
+    let url = env.url.clone();
+    env.write_config(&[&url], "routes = [\"full\"]\n");
+    for (point, n) in [("download-chunk", 3), ("write-chunk", 5), ("write-chunk", 20)] {
+        let out = env.agent_env(&["now"], &[("ATOM_UPDATE_FAILPOINT", &format!("{point}:{n}"))]);
+        assert!(!out.status.success(), "{point}:{n} should have aborted");
+        // After the crash: both GPT copies valid, B unbootable, A boots.
+        let st = ok(Command::new(sibling("bootsel")).args(["status", "--disk", &env.loopdev]));
+        assert!(st.contains("GPT primary: valid; backup: valid"), "{st}");
+        assert!(st.contains("next boot: A"), "{st}");
+    }
+    let out = env.now_ok();
+    assert!(out.contains("staged"), "{out}");
+    assert!(env.slot_holds("B", "v2.img"));
+    let st = env.status_json();
+    let written = st["last_update"]["bytes_written"].as_u64().unwrap();
+    let total = std::fs::metadata(env.path("v2.img")).unwrap().len();
+    println!("after 3 crashes the final run wrote {written} of {total} bytes");
+    assert!(written < total, "the rerun did not rewrite blocks already written");
+}
+
+#[test]
+fn operator_verbs_and_bad_setups() {
+    let env = Env::new();
+    // Rollback with nothing valid on B.
+    failed(&env.agent(&["rollback"]), 7, "not bootable");
+    failed(&env.agent(&["mark-bad"]), 7, "nothing to boot");
+    env.now_ok();
+    // Booted into the new version on B: rollback makes the previous one (A) boot next.
+    ok(Command::new(sibling("bootsel")).args(["choose", "--disk", &env.loopdev]));
+    env.boot_into("B", "2.0.0");
+    ok(Command::new(UPDATE).arg("--config").arg(env.path("update.toml")).arg("rollback"));
+    let st = env.status_json();
+    assert_eq!(st["next_boot"], "A", "{st}");
+    assert_eq!(st["booted_slot"], "B");
+
+    // Running B on trial and broken: mark-bad makes the next boot fall back to A.
+    env.cgpt(3, 2, 2, 0);
+    env.boot_into("B", "2.0.0");
+    ok(Command::new(UPDATE).arg("--config").arg(env.path("update.toml")).arg("mark-bad"));
+    assert_eq!(env.flags(3).0, 0);
+    assert_eq!(env.status_json()["next_boot"], "A");
+
+    // check: exit 0 when an update is available, 3 when not.
+    env.boot_into("A", "1.0.0");
+    assert_eq!(env.agent(&["check"]).status.code(), Some(0));
+    env.boot_into("A", "2.0.0");
+    assert_eq!(env.agent(&["check"]).status.code(), Some(3));
+    env.boot_into("A", "1.0.0");
+
+    // Another instance holds the lock.
+    std::fs::create_dir_all(env.path("state")).unwrap();
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(env.path("state/lock")).unwrap();
+    lock.lock().unwrap();
+    failed(&env.agent(&["now"]), 5, "another atom-update");
+    drop(lock);
+
+    // Image larger than the slot.
+    tree(&env.path("big"), 9);
+    ok(Command::new(sibling("atom-build"))
+        .args(["image", "--size", "48M", "--version", "9.0.0", "--rootfs"])
+        .arg(env.path("big"))
+        .arg("--out")
+        .arg(env.path("big.img")));
+    env.publish("big.img", &[]);
+    failed(&env.agent(&["now"]), 1, "holds only");
+
+    // Not root: cannot open the disk.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", UPDATE, "--config"])
+        .arg(env.path("update.toml"))
+        .arg("status")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).is_empty());
+
+    // A bad config names the key.
+    std::fs::write(env.path("bad.toml"), "repositories = []\nchannel = \"s\"\nboard = \"b\"\nsurprise = 1\n").unwrap();
+    let out = Command::new(UPDATE).arg("--config").arg(env.path("bad.toml")).arg("status").output().unwrap();
+    failed(&out, 1, "surprise");
+}
