@@ -26,6 +26,8 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> cargo build (the integration tests run the other crates' binaries)"
+cargo build --workspace --locked
 echo "==> cargo test"
 cargo test --workspace --locked -- --test-threads="$(nproc)"
 echo "==> bootsel static build"

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 static HITS: AtomicU64 = AtomicU64::new(0);
 
 pub fn hit(name: &str) {
-    let Ok(spec) = std::env::var("ATOM_UPDATE_FAILPOINT") else { return };
+    let Ok(spec) = std::env::var("ATOM_UPDATE_FAILPOINT") else {
+        return;
+    };
     let Some((point, n)) = spec.split_once(':') else { return };
     if point != name {
         return;

@@ -312,7 +312,7 @@ impl Job<'_> {
             let stats = match attempt {
                 Ok(Some(stats)) => stats,
                 Ok(None) => continue,
-                Err(e) if e.kind == Kind::Error && e.message == "cancelled" => return Err(e),
+                Err(e) if e.kind == Kind::Error && e.message == slotio::CANCELLED => return Err(e),
                 Err(e) => {
                     tracing::warn!(route = route.name(), error = %e, "route failed; trying the next one");
                     failures.push(format!("{}: {e}", route.name()));
@@ -490,8 +490,8 @@ impl Job<'_> {
 }
 
 fn io_failure(e: std::io::Error) -> Failure {
-    if e.kind() == std::io::ErrorKind::Interrupted {
-        Failure::error("cancelled")
+    if slotio::is_cancelled(&e) {
+        Failure::error(slotio::CANCELLED)
     } else {
         Failure::error(e.to_string())
     }

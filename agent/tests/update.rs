@@ -9,7 +9,11 @@ const UPDATE: &str = env!("CARGO_BIN_EXE_atom-update");
 
 fn sibling(name: &str) -> PathBuf {
     let p = Path::new(UPDATE).with_file_name(name);
-    assert!(p.exists(), "{} is missing: build the workspace first (cargo build --workspace)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        p.display()
+    );
     p
 }
 
@@ -89,7 +93,12 @@ impl Env {
             ok(&mut c);
             base = Some(p(&format!("v{v}.img")));
         }
-        let mut env = Env { dir, loopdev: String::new(), server: None, url: String::new() };
+        let mut env = Env {
+            dir,
+            loopdev: String::new(),
+            server: None,
+            url: String::new(),
+        };
         env.publish("v1.img", &[]);
         env.publish("v2.img", &[]);
 
@@ -99,10 +108,18 @@ impl Env {
             "label: gpt\nsize=4MiB, name=esp\nsize={SLOT_MIB}MiB, type=4f68bce3-e8cd-4db1-96e7-fbcaf984b709, name=root-a\n\
              size={SLOT_MIB}MiB, type=4f68bce3-e8cd-4db1-96e7-fbcaf984b709, name=root-b\nname=state\n"
         );
-        let mut sf = Command::new("sfdisk").arg("--quiet").arg(&disk).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+        let mut sf = Command::new("sfdisk")
+            .arg("--quiet")
+            .arg(&disk)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
         std::io::Write::write_all(&mut sf.stdin.take().unwrap(), script.as_bytes()).unwrap();
         assert!(sf.wait().unwrap().success());
-        let loopdev = ok(Command::new("losetup").args(["-f", "--show"]).arg(&disk)).trim().to_string();
+        let loopdev = ok(Command::new("losetup").args(["-f", "--show"]).arg(&disk))
+            .trim()
+            .to_string();
         env.loopdev = loopdev;
         env.put_image("v1.img", "A");
         env.cgpt(2, 1, 0, 1);
@@ -133,7 +150,9 @@ impl Env {
             .spawn()
             .unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         self.url = line.trim().rsplit(' ').next().unwrap().to_string();
         self.server = Some(child);
     }
@@ -162,17 +181,34 @@ impl Env {
         use std::os::unix::fs::FileExt;
         let want = std::fs::read(self.path(image)).unwrap();
         let mut got = vec![0u8; want.len()];
-        std::fs::File::open(&self.loopdev).unwrap().read_exact_at(&mut got, self.slot_offset(slot)).unwrap();
+        std::fs::File::open(&self.loopdev)
+            .unwrap()
+            .read_exact_at(&mut got, self.slot_offset(slot))
+            .unwrap();
         got == want
     }
 
     fn cgpt(&self, part: u32, p: u8, t: u8, s: u8) {
-        ok(Command::new("cgpt").args(["add", "-i", &part.to_string(), "-P", &p.to_string(), "-T", &t.to_string(), "-S", &s.to_string(), &self.loopdev]));
+        ok(Command::new("cgpt").args([
+            "add",
+            "-i",
+            &part.to_string(),
+            "-P",
+            &p.to_string(),
+            "-T",
+            &t.to_string(),
+            "-S",
+            &s.to_string(),
+            &self.loopdev,
+        ]));
     }
 
     fn flags(&self, part: u32) -> (u8, u8, u8) {
         let f = |flag: &str| -> u8 {
-            ok(Command::new("cgpt").args(["show", "-i", &part.to_string(), flag, &self.loopdev])).trim().parse().unwrap()
+            ok(Command::new("cgpt").args(["show", "-i", &part.to_string(), flag, &self.loopdev]))
+                .trim()
+                .parse()
+                .unwrap()
         };
         (f("-P"), f("-T"), f("-S"))
     }
@@ -190,7 +226,11 @@ impl Env {
             ),
         )
         .unwrap();
-        std::fs::write(self.path("release"), format!("version = \"{version}\"\nboard = \"x86_64-generic\"\n")).unwrap();
+        std::fs::write(
+            self.path("release"),
+            format!("version = \"{version}\"\nboard = \"x86_64-generic\"\n"),
+        )
+        .unwrap();
     }
 
     fn write_config(&self, repos: &[&str], extra: &str) {
@@ -225,7 +265,11 @@ impl Env {
 
     fn now_ok(&self) -> String {
         let out = self.agent(&["now"]);
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(out.status.success(), "atom-update now failed: {text}");
         text
     }
@@ -271,7 +315,10 @@ fn precomputed_delta_route_stages_verifies_and_flips() {
     ok(Command::new(sibling("bootsel")).args(["choose", "--disk", &env.loopdev]));
     env.boot_into("B", "2.0.0");
     assert_eq!(env.flags(3), (2, 2, 0));
-    ok(Command::new(UPDATE).arg("--config").arg(env.path("update.toml")).arg("mark-good"));
+    ok(Command::new(UPDATE)
+        .arg("--config")
+        .arg(env.path("update.toml"))
+        .arg("mark-good"));
     assert_eq!(env.flags(3), (2, 0, 1));
     let out = env.now_ok();
     assert!(out.contains("up to date"), "{out}");
@@ -282,10 +329,18 @@ fn routes_fall_through_rsync_then_full() {
     let mut env = Env::new();
     // Corrupt the precomputed delta: its digest no longer matches the manifest.
     let repo = env.path("repo");
-    let delta = std::fs::read_dir(repo.join("deltas")).unwrap().next().unwrap().unwrap().path();
+    let delta = std::fs::read_dir(repo.join("deltas"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     std::fs::write(&delta, b"not a delta").unwrap();
     let out = env.now_ok();
-    assert!(out.contains("route failed") && out.contains("precomputed-delta"), "{out}");
+    assert!(
+        out.contains("route failed") && out.contains("precomputed-delta"),
+        "{out}"
+    );
     assert!(out.contains("via rsync-delta"), "{out}");
     assert!(env.slot_holds("B", "v2.img"));
 
@@ -342,7 +397,10 @@ fn security_refusals() {
     let env = Env::new();
     // Unknown key.
     std::fs::remove_file(env.path("keys/signer.pub")).unwrap();
-    ok(Command::new(sibling("atom-build")).arg("keygen").arg("--out").arg(env.path("keys/other")));
+    ok(Command::new(sibling("atom-build"))
+        .arg("keygen")
+        .arg("--out")
+        .arg(env.path("keys/other")));
     std::fs::remove_file(env.path("keys/other.key")).unwrap();
     failed(&env.agent(&["now"]), 6, "untrusted key");
     assert_eq!(env.flags(3).0, 0, "nothing written or flipped");
@@ -399,7 +457,7 @@ fn verification_failure_never_flips() {
 
 #[test]
 fn crash_during_write_or_download_resumes() {
-    let mut env = Env::new();
+    let env = Env::new();
     // The full route over HTTP: it downloads (resumable) and writes the whole image.
     let url = env.url.clone();
     env.write_config(&[&url], "routes = [\"full\"]\n");
@@ -431,7 +489,10 @@ fn operator_verbs_and_bad_setups() {
     // Booted into the new version on B: rollback makes the previous one (A) boot next.
     ok(Command::new(sibling("bootsel")).args(["choose", "--disk", &env.loopdev]));
     env.boot_into("B", "2.0.0");
-    ok(Command::new(UPDATE).arg("--config").arg(env.path("update.toml")).arg("rollback"));
+    ok(Command::new(UPDATE)
+        .arg("--config")
+        .arg(env.path("update.toml"))
+        .arg("rollback"));
     let st = env.status_json();
     assert_eq!(st["next_boot"], "A", "{st}");
     assert_eq!(st["booted_slot"], "B");
@@ -439,7 +500,10 @@ fn operator_verbs_and_bad_setups() {
     // Running B on trial and broken: mark-bad makes the next boot fall back to A.
     env.cgpt(3, 2, 2, 0);
     env.boot_into("B", "2.0.0");
-    ok(Command::new(UPDATE).arg("--config").arg(env.path("update.toml")).arg("mark-bad"));
+    ok(Command::new(UPDATE)
+        .arg("--config")
+        .arg(env.path("update.toml"))
+        .arg("mark-bad"));
     assert_eq!(env.flags(3).0, 0);
     assert_eq!(env.status_json()["next_boot"], "A");
 
@@ -452,7 +516,12 @@ fn operator_verbs_and_bad_setups() {
 
     // Another instance holds the lock.
     std::fs::create_dir_all(env.path("state")).unwrap();
-    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(env.path("state/lock")).unwrap();
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(env.path("state/lock"))
+        .unwrap();
     lock.lock().unwrap();
     failed(&env.agent(&["now"]), 5, "another atom-update");
     drop(lock);
@@ -478,7 +547,16 @@ fn operator_verbs_and_bad_setups() {
     assert!(!String::from_utf8_lossy(&out.stderr).is_empty());
 
     // A bad config names the key.
-    std::fs::write(env.path("bad.toml"), "repositories = []\nchannel = \"s\"\nboard = \"b\"\nsurprise = 1\n").unwrap();
-    let out = Command::new(UPDATE).arg("--config").arg(env.path("bad.toml")).arg("status").output().unwrap();
+    std::fs::write(
+        env.path("bad.toml"),
+        "repositories = []\nchannel = \"s\"\nboard = \"b\"\nsurprise = 1\n",
+    )
+    .unwrap();
+    let out = Command::new(UPDATE)
+        .arg("--config")
+        .arg(env.path("bad.toml"))
+        .arg("status")
+        .output()
+        .unwrap();
     failed(&out, 1, "surprise");
 }
