@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The Atom demo, as far as it is built: sign, build, publish and audit a sample OS.
-# (Serving, updating a host, rebooting and rolling back are not built yet: see README.)
+# The Atom demo, as far as it is built: sign, build, publish and audit a sample OS, serve
+# it with atom-dist, and update a host disk (a loop device) with atom-update; boots are
+# simulated with `bootsel choose` (the qemu boot is not built yet: see README).
 # Run as root on a fresh Debian machine: bash tests/demo.sh [WORKDIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +10,7 @@ mkdir -p "$work"
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
-packages=(e2fsprogs rsync zstd busybox-static)
+packages=(e2fsprogs rsync zstd busybox-static fdisk util-linux cgpt)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -20,9 +21,12 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-step "building atom-build (release)"
-cargo build --release --locked -p atom-build
+step "building atom-build, atom-dist, atom-update and bootsel (release)"
+cargo build --release --locked --workspace
 build=$PWD/target/release/atom-build
+dist=$PWD/target/release/atom-dist
+update=$PWD/target/release/atom-update
+bootsel=$PWD/target/release/bootsel
 
 sample_root() { # DIR VERSION
   local root=$1 version=$2
@@ -80,5 +84,68 @@ if "$build" verify --repo "$work/tampered" --key "$work/signer.pub"; then
 else
   echo "    (verify exited $? and named the problem)"
 fi
+
+step "a host disk: GPT with root-a (1.0.0, booted, good) and root-b (empty)"
+rm -f "$work/disk.img"
+truncate -s 300M "$work/disk.img"
+printf 'label: gpt\nsize=4MiB, name=esp\nsize=136MiB, type=4f68bce3-e8cd-4db1-96e7-fbcaf984b709, name=root-a\nsize=136MiB, type=4f68bce3-e8cd-4db1-96e7-fbcaf984b709, name=root-b\nname=state\n' \
+  | sfdisk --quiet "$work/disk.img"
+loopdev=$(losetup -f --show "$work/disk.img")
+server_pid=""
+cleanup() { [[ -n $server_pid ]] && kill "$server_pid" 2>/dev/null; losetup -d "$loopdev" 2>/dev/null || true; }
+trap cleanup EXIT
+dd if="$work/v1.img" of="$loopdev" bs=1M seek=5 conv=notrunc,fsync status=none
+"$bootsel" set --disk "$loopdev" --slot A --priority 1 --tries 0 --successful 1 >/dev/null
+"$bootsel" status --disk "$loopdev"
+
+step "serving the repository with atom-dist on 127.0.0.1"
+"$dist" serve --repo "$work/repo" --listen 127.0.0.1:0 --cache "$work/dist-cache" > "$work/dist.out" 2> "$work/dist.log" &
+server_pid=$!
+for _ in $(seq 50); do grep -q listening "$work/dist.out" 2>/dev/null && break; sleep 0.1; done
+url=$(sed -n 's/.*listening on //p' "$work/dist.out")
+echo "    $url"
+
+# What bootsel leaves in /run at boot, and the image's release file: simulated here.
+booted() { # SLOT VERSION
+  printf 'slot = "%s"\nlabel = "root-%s"\npartition = %s\npartuuid = "demo"\ndisk = "%s"\nreason = "demo"\ntrial = false\ntries_left = 0\nstate = "none"\n' \
+    "$1" "${1,,}" "$([[ $1 == A ]] && echo 2 || echo 3)" "$loopdev" > "$work/boot.toml"
+  printf 'version = "%s"\nboard = "x86_64-generic"\n' "$2" > "$work/release"
+}
+mkdir -p "$work/keys" && cp "$work/signer.pub" "$work/keys/"
+cat > "$work/update.toml" <<EOF2
+repositories = ["$url"]
+channel = "stable"
+board = "x86_64-generic"
+keys_dir = "$work/keys"
+state_dir = "$work/agent-state"
+boot_record = "$work/boot.toml"
+release_file = "$work/release"
+EOF2
+rm -rf "$work/agent-state"
+booted A 1.0.0
+au() { "$update" --config "$work/update.toml" "$@"; }
+
+step "atom-update check, then now (running 1.0.0 from slot A)"
+au check || true
+au now
+au status
+
+step "reboot (simulated): bootsel picks B on trial, 2.0.0 passes its health checks"
+"$bootsel" choose --disk "$loopdev"
+booted B 2.0.0
+au mark-good
+au status
+
+step "3.0.0 is published; it will fail to boot (simulated: never marked good)"
+"$build" image --rootfs "$work/root-v2" --version 3.0.0 --size 128M --out "$work/v3.img" --base "$work/v2.img"
+"$build" publish --repo "$work/repo" --channel stable --key "$work/signer.key" "$work/v3.img"
+au now
+for attempt in 1 2 3; do
+  echo "    boot attempt $attempt:"
+  "$bootsel" choose --disk "$loopdev" | sed 's/^/      /'
+done
+echo "    next boot, after the tries ran out:"
+"$bootsel" choose --disk "$loopdev" | sed 's/^/      /'
+"$bootsel" status --disk "$loopdev"
 
 step "done; files are in $work"

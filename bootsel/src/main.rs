@@ -5,7 +5,8 @@ mod init;
 
 fn main() -> std::process::ExitCode {
     // As PID 1 there is nobody to return an exit code to: run the boot, never return.
-    if std::process::id() == 1 {
+    // (`bootsel init --config FILE` as PID 1 is the same with another config.)
+    if std::process::id() == 1 && std::env::args_os().len() <= 1 {
         init::run_as_pid1();
     }
     cli::main()

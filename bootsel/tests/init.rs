@@ -221,3 +221,98 @@ fn failures_are_explained() {
     assert!(!ok_);
     assert!(err.contains("bad.toml") && err.contains("sometimes"), "{err}");
 }
+
+/// The real PID 1 path: bootsel as init of a new PID and mount namespace mounts /proc,
+/// /sys, /dev and /run itself, chooses, mounts, moves the API filesystems into the slot,
+/// switches root and executes the slot's /sbin/init (a busybox script that reports what
+/// it sees). A reboot(2) from inside a PID namespace only ends that namespace.
+#[test]
+fn pid1_switches_root_into_the_chosen_slot() {
+    let busybox = Path::new("/bin/busybox");
+    assert!(busybox.exists(), "busybox-static is needed for this test");
+    let disk = LoopDisk::new();
+    // Slot B with a real init: busybox as the shell.
+    let tree = disk.dir_path.join("pid1-slot");
+    for d in ["etc", "var", "sbin", "bin", "dev", "proc", "sys", "run"] {
+        fs::create_dir_all(tree.join(d)).unwrap();
+    }
+    fs::copy(busybox, tree.join("bin/busybox")).unwrap();
+    fs::write(tree.join("etc/hostname"), "pid1-slot\n").unwrap();
+    fs::write(
+        tree.join("sbin/init"),
+        "#!/bin/busybox sh\n/bin/busybox echo \"init running as pid $$\"\n/bin/busybox cat /etc/hostname /run/atom/boot.toml\n\
+         /bin/busybox cat /proc/mounts\n/bin/busybox echo SWITCHED-ROOT-OK\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(tree.join("sbin/init"), fs::Permissions::from_mode(0o755)).unwrap();
+    ok(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(disk.part(3)));
+    cgpt_set(Path::new(&disk.dev), 2, 1, 0, 1);
+    cgpt_set(Path::new(&disk.dev), 3, 2, 1, 0);
+    let cfg = disk.config("binds = [\"/var\"]\nemergency_shell = \"\"\nreboot_delay_seconds = 0\n");
+    let out = run(Command::new("timeout")
+        .args([
+            "60",
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount",
+            "--propagation",
+            "private",
+        ])
+        .arg(BIN)
+        .args(["init", "--config"])
+        .arg(&cfg)
+        .stdin(std::process::Stdio::null()));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    println!("{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("SWITCHED-ROOT-OK"),
+        "the slot's init ran\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("init running as pid 1"), "{stdout}");
+    assert!(stdout.contains("pid1-slot"), "{stdout}");
+    assert!(
+        stdout.contains("slot = \"B\"") && stdout.contains("trial = true"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("overlay /etc overlay"),
+        "/etc overlay inside the new root: {stdout}"
+    );
+    assert!(stdout.contains(" / ext4 ro"), "root is the slot, read-only: {stdout}");
+    assert_eq!(
+        cgpt_field(Path::new(&disk.dev), 3, "-T"),
+        0,
+        "the last try was spent before booting"
+    );
+
+    // Now B is out of tries: the next boot falls back to A, which has no init: the
+    // emergency path says so and ends (reboot(2) in a PID namespace ends only it).
+    let out = run(Command::new("timeout")
+        .args([
+            "60",
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount",
+            "--propagation",
+            "private",
+        ])
+        .arg(BIN)
+        .args(["init", "--config"])
+        .arg(&cfg)
+        .stdin(std::process::Stdio::null()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("falling back"), "{stderr}");
+    assert!(
+        stderr.contains("CANNOT BOOT") || stderr.contains("cannot execute"),
+        "{stderr}"
+    );
+}
