@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(e2fsprogs rsync zstd tar util-linux mount fdisk cgpt binutils curl openssl busybox-static)
+packages=(e2fsprogs rsync zstd tar util-linux mount fdisk cgpt binutils curl openssl busybox-static systemd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

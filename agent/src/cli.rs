@@ -74,6 +74,15 @@ pub enum Command {
     Rollback,
     /// Check periodically (with jitter); SIGHUP reloads the configuration.
     Daemon,
+    /// Run the boot health checks (every executable in the health directories).
+    HealthCheck {
+        /// Time each check may take before it is killed and counts as failed.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// Directories of checks; later ones override same-named checks of earlier ones.
+        #[arg(long = "dir", value_name = "DIR")]
+        dirs: Vec<std::path::PathBuf>,
+    },
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod failpoint;
+pub mod health;
 pub mod host;
 pub mod progress;
 pub mod reboot;

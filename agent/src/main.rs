@@ -25,8 +25,18 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<u8, Failure> {
-    if let Command::Daemon = cli.command {
-        return daemon::run(&cli.config).map(|()| 0);
+    match &cli.command {
+        Command::Daemon => return daemon::run(&cli.config).map(|()| 0),
+        // Health checks need no update configuration.
+        Command::HealthCheck { timeout, dirs } => {
+            let dirs: Vec<std::path::PathBuf> = if dirs.is_empty() {
+                atom_update::health::DEFAULT_DIRS.iter().map(Into::into).collect()
+            } else {
+                dirs.clone()
+            };
+            return atom_update::health::run(&dirs, *timeout).map(|()| 0);
+        }
+        _ => {}
     }
     let s = Settings::load(&cli.config).map_err(Failure::error)?;
     match &cli.command {
@@ -93,7 +103,7 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
         Command::MarkGood => verbs::mark_good(&s).map(|()| 0),
         Command::MarkBad { force } => verbs::mark_bad(&s, *force).map(|()| 0),
         Command::Rollback => verbs::rollback(&s).map(|()| 0),
-        Command::Daemon => unreachable!("handled above"),
+        Command::Daemon | Command::HealthCheck { .. } => unreachable!("handled above"),
     }
 }
 

@@ -34,6 +34,22 @@ pub enum Command {
     Publish(PublishArgs),
     Verify(VerifyArgs),
     History(HistoryArgs),
+    InstallUnits(InstallArgs),
+}
+
+/// Install the update agent, its systemd units and presets into a root filesystem.
+///
+/// Writes atom-update to ROOT/usr/bin, the units (timer, health checks, mark-good/bad,
+/// optional daemon) to ROOT/usr/lib/systemd/system, a preset enabling the timer and the
+/// boot assessment, /etc/atom/{keys,health.d} and an example configuration.
+#[derive(Debug, Args)]
+pub struct InstallArgs {
+    /// The root filesystem tree to install into.
+    #[arg(long)]
+    pub root: PathBuf,
+    /// Where the atom-update binary is (default: next to atom-build).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
 }
 
 /// Create an ed25519 signing key pair.

@@ -5,6 +5,7 @@ mod cli;
 mod cmd;
 mod ext4;
 mod image;
+mod install;
 mod keygen;
 mod publish;
 
@@ -23,6 +24,7 @@ fn main() -> ExitCode {
         Command::Image(a) => image::run_image(a),
         Command::Publish(a) => publish::run(a),
         Command::History(a) => audit::run_history(a),
+        Command::InstallUnits(a) => install::run(a),
         Command::Verify(a) => match audit::run_verify(a) {
             Ok(0) => Ok(()),
             Ok(_) => return ExitCode::from(EXIT_PROBLEMS),

@@ -1,0 +1,95 @@
+//! `atom-build install-units`: puts the agent, its systemd units, presets and config
+//! skeleton into a target root (an image's root filesystem before `atom-build image`).
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::cli::InstallArgs;
+
+const UNITS: &[(&str, &str)] = &[
+    ("atom-update.service", include_str!("../../systemd/atom-update.service")),
+    ("atom-update.timer", include_str!("../../systemd/atom-update.timer")),
+    (
+        "atom-updated.service",
+        include_str!("../../systemd/atom-updated.service"),
+    ),
+    ("atom-health.service", include_str!("../../systemd/atom-health.service")),
+    (
+        "atom-mark-good.service",
+        include_str!("../../systemd/atom-mark-good.service"),
+    ),
+    (
+        "atom-mark-bad.service",
+        include_str!("../../systemd/atom-mark-bad.service"),
+    ),
+];
+const PRESET: &str = include_str!("../../systemd/80-atom.preset");
+const BINARIES: &[&str] = &["atom-update"];
+
+const CONFIG_EXAMPLE: &str = "\
+# Atom update agent configuration. Copy to update.toml and adjust; every key is
+# described in `atom-update --help` and the README.
+repositories = [\"https://updates.example.com/atom\"]
+channel = \"stable\"
+board = \"x86_64-generic\"
+# tries = 3
+# reboot = \"never\"          # never | immediate | window
+# maintenance_window = \"02:00-04:00\"
+";
+
+fn write(path: &Path, text: &str, mode: u32) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot chmod {}", path.display()))
+}
+
+pub fn run(args: &InstallArgs) -> Result<()> {
+    let root = &args.root;
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(".")),
+    };
+    let unit_dir = root.join("usr/lib/systemd/system");
+    for (name, text) in UNITS {
+        write(&unit_dir.join(name), text, 0o644)?;
+    }
+    write(
+        &root.join("usr/lib/systemd/system-preset/80-atom.preset"),
+        PRESET,
+        0o644,
+    )?;
+    for name in BINARIES {
+        let src = bin_dir.join(name);
+        let dst = root.join("usr/bin").join(name);
+        fs::create_dir_all(dst.parent().expect("has parent"))?;
+        fs::copy(&src, &dst).with_context(|| format!("cannot copy {} (use --bin-dir)", src.display()))?;
+        fs::set_permissions(&dst, fs::Permissions::from_mode(0o755))?;
+    }
+    for dir in [
+        "etc/atom/keys",
+        "etc/atom/health.d",
+        "usr/lib/atom/health.d",
+        "var/lib/atom",
+    ] {
+        fs::create_dir_all(root.join(dir)).with_context(|| format!("cannot create {dir}"))?;
+    }
+    let example = root.join("etc/atom/update.toml.example");
+    write(&example, CONFIG_EXAMPLE, 0o644)?;
+    println!(
+        "installed {} units, the preset and {} into {} (enable with: systemctl --root={} preset-all)",
+        UNITS.len(),
+        BINARIES.join(", "),
+        root.display(),
+        root.display()
+    );
+    Ok(())
+}
