@@ -111,6 +111,17 @@ fn init_logging(verbose: u8) {
     let default = ["info", "debug", "trace"][usize::from(verbose.min(2))];
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    // Under systemd, log straight to the journal with structured fields (VERSION=,
+    // SLOT=, ROUTE=, … usable with `journalctl -o json`).
+    if journald && let Ok(layer) = tracing_journald::layer() {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(layer.with_syslog_identifier("atom-update".into()))
+            .init();
+        return;
+    }
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -74,6 +74,7 @@ impl Progress {
     }
 
     pub fn phase(&self, what: &str) {
+        notify_status(what);
         self.last_logged_percent.store(0, Ordering::Relaxed);
         match &self.bar {
             Some(b) => {
@@ -102,4 +103,9 @@ impl Progress {
             b.finish_and_clear();
         }
     }
+}
+
+/// A STATUS= line for `systemctl status` when run by systemd (no-op otherwise).
+pub fn notify_status(what: &str) {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(what)]);
 }

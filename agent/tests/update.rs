@@ -361,8 +361,30 @@ fn routes_fall_through_rsync_then_full() {
 fn unchanged_blocks_are_not_rewritten() {
     let env = Env::new();
     env.put_image("v1.img", "B");
-    let out = env.now_ok();
-    assert!(out.contains("via precomputed-delta"), "{out}");
+    // Run as systemd would: progress goes to NOTIFY_SOCKET as STATUS= lines.
+    let sock_path = env.path("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let out = env.agent_env(&["now"], &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("via precomputed-delta"), "{text}");
+    let mut statuses = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = sock.recv(&mut buf) {
+        statuses.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(
+        statuses
+            .iter()
+            .any(|s| s.contains("STATUS=applying the precomputed delta")),
+        "{statuses:?}"
+    );
+    assert!(statuses.iter().any(|s| s.contains("STATUS=verifying")), "{statuses:?}");
     let st = env.status_json();
     let written = st["last_update"]["bytes_written"].as_u64().unwrap();
     let skipped = st["last_update"]["bytes_skipped"].as_u64().unwrap();
