@@ -70,6 +70,9 @@ struct Server {
 
 impl Server {
     fn start(repo_dir: &Path, extra: &[&str]) -> Server {
+        // In a workspace build reqwest's rustls comes without a provider (the agent brings
+        // its own): install ring before any client is made.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0", "--repo"])
