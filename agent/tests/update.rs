@@ -139,6 +139,18 @@ impl Env {
             .arg(self.path(image)));
     }
 
+    /// Publishes 4.0.0 (the 3.0.0 tree again) so there is something newer to install.
+    fn publish_next_version_marker(&self) {
+        ok(Command::new(sibling("atom-build"))
+            .args(["image", "--size", "32M", "--version", "4.0.0", "--rootfs"])
+            .arg(self.path("t3"))
+            .arg("--out")
+            .arg(self.path("v4.img"))
+            .arg("--base")
+            .arg(self.path("v3.img")));
+        self.publish("v4.img", &[]);
+    }
+
     fn start_server(&mut self) {
         let mut child = Command::new(sibling("atom-dist"))
             .args(["serve", "--listen", "127.0.0.1:0", "--repo"])
@@ -581,4 +593,32 @@ fn operator_verbs_and_bad_setups() {
         .output()
         .unwrap();
     failed(&out, 1, "surprise");
+}
+
+#[test]
+fn a_newer_version_replaces_a_staged_one_and_a_mounted_slot_is_refused() {
+    let env = Env::new();
+    env.now_ok();
+    assert!(env.slot_holds("B", "v2.img"));
+    // 3.0.0 appears before the host rebooted into 2.0.0: it replaces the staged update.
+    env.publish("v3.img", &[]);
+    let out = env.now_ok();
+    assert!(out.contains("staged 3.0.0 in slot B"), "{out}");
+    assert!(env.slot_holds("B", "v3.img"));
+    assert_eq!(env.flags(3), (2, 3, 0));
+    assert_eq!(env.status_json()["slots"][1]["version"], "3.0.0");
+
+    // The inactive slot is mounted (someone is looking at it): refused, nothing written.
+    ok(Command::new("partx").args(["-a", &env.loopdev]));
+    let mnt = env.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    ok(Command::new("mount")
+        .args(["-o", "ro", &format!("{}p3", env.loopdev)])
+        .arg(&mnt));
+    env.publish_next_version_marker();
+    let out = env.agent(&["now"]);
+    let _ = Command::new("umount").arg(&mnt).status();
+    let _ = Command::new("partx").args(["-d", &env.loopdev]).status();
+    failed(&out, 1, "is mounted");
+    assert!(env.slot_holds("B", "v3.img"), "the mounted slot was not touched");
 }
