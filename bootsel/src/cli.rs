@@ -224,13 +224,8 @@ fn choose(args: &Args) -> Result<(), Failure> {
         return Err(Failure::NoBootable("no bootable slot".into()));
     };
     println!("boot {name} (partition {}): {}", table.slot(name).partition, d.reason);
-    if let Some(from) = d.fell_back_from {
-        let mut ordered: Vec<_> = table.slots().iter().collect();
-        ordered.sort_by_key(|s| s.partition);
-        println!(
-            "fell back from {}: out of tries and never marked successful",
-            ordered[from].name
-        );
+    if let Some(from) = table.fallback_slot(&d) {
+        println!("fell back from {from}: out of tries and never marked successful");
     }
     if args.dry_run {
         if let Reason::Trial { .. } = d.reason {

@@ -319,12 +319,23 @@ impl BootTable {
 
     /// The selection rule on this table, in partition-table order.
     pub fn decide(&self) -> Option<(SlotName, Decision)> {
-        let mut ordered: Vec<&Slot> = self.slots.iter().collect();
-        ordered.sort_by_key(|s| s.partition);
+        let ordered = self.in_table_order();
         let flags: Vec<SlotFlags> = ordered.iter().map(|s| s.flags).collect();
         let d = select::choose(&flags)?;
         let name = ordered[d.index].name;
         Some((name, d))
+    }
+
+    /// The slot a decision of [`Self::decide`] fell back from, by name.
+    pub fn fallback_slot(&self, d: &Decision) -> Option<SlotName> {
+        d.fell_back_from.map(|i| self.in_table_order()[i].name)
+    }
+
+    /// The selection rule breaks ties in partition-table order.
+    fn in_table_order(&self) -> Vec<&Slot> {
+        let mut ordered: Vec<&Slot> = self.slots.iter().collect();
+        ordered.sort_by_key(|s| s.partition);
+        ordered
     }
 
     /// Writes the table: primary, flush, backup, flush. Repairs a bad copy on the way.

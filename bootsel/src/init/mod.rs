@@ -168,11 +168,7 @@ pub fn prepare_root(cfg: &Config, paths: &Paths) -> Result<(), String> {
     if let Err(e) = table.commit(&mut found.file) {
         say!("WARNING: cannot write the partition table ({e}); this boot's try is not recorded");
     }
-    let fell_back_from = decision.fell_back_from.map(|i| {
-        let mut ordered: Vec<_> = table.slots().iter().collect();
-        ordered.sort_by_key(|s| s.partition);
-        ordered[i].name.to_string()
-    });
+    let fell_back_from = table.fallback_slot(&decision).map(|n| n.to_string());
     if let Some(from) = &fell_back_from {
         say!("slot {from} is out of tries and was never marked successful: falling back");
     }
