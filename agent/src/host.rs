@@ -121,18 +121,7 @@ impl Host {
 
 /// Mounts of a slot partition (the inactive slot must not be mounted while we write it).
 pub fn partition_is_mounted(disk: &Path, number: u32) -> bool {
-    let Some(name) = disk.file_name().and_then(|n| n.to_str()) else {
-        return false;
-    };
-    let Ok(entries) = std::fs::read_dir(Path::new("/sys/class/block").join(name)) else {
-        return false;
-    };
-    let devnum = entries.flatten().find_map(|e| {
-        let part = std::fs::read_to_string(e.path().join("partition")).ok()?;
-        (part.trim() == number.to_string())
-            .then(|| std::fs::read_to_string(e.path().join("dev")).ok())
-            .flatten()
-    });
+    let devnum = bootsel::sysfs::partition_dir(disk, number).and_then(|d| std::fs::read_to_string(d.join("dev")).ok());
     let Some(devnum) = devnum.map(|d| d.trim().to_owned()) else {
         return false;
     };

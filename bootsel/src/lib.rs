@@ -9,6 +9,7 @@ pub mod attrs;
 pub mod ops;
 pub mod record;
 pub mod select;
+pub mod sysfs;
 pub mod table;
 
 pub use attrs::SlotFlags;

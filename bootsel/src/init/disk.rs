@@ -73,22 +73,14 @@ pub fn find(configured: Option<&str>, labels: &SlotLabels, wait: Duration) -> Re
 /// The device node of partition `number` of `disk`, found through sysfs (works for sda1,
 /// nvme0n1p1, mmcblk0p1 and loop0p1 alike), waiting for udev-less devtmpfs to create it.
 pub fn partition_node(disk: &Path, number: u32, wait: Duration) -> Result<PathBuf, String> {
-    let name = disk
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| format!("bad disk path {}", disk.display()))?;
-    let sys = Path::new("/sys/class/block").join(name);
     let deadline = Instant::now() + wait;
     loop {
-        if let Ok(entries) = fs::read_dir(&sys) {
-            for e in entries.flatten() {
-                let part_file = e.path().join("partition");
-                if fs::read_to_string(&part_file).is_ok_and(|s| s.trim() == number.to_string()) {
-                    let node = Path::new("/dev").join(e.file_name());
-                    if node.exists() {
-                        return Ok(node);
-                    }
-                }
+        if let Some(dir) = bootsel::sysfs::partition_dir(disk, number)
+            && let Some(name) = dir.file_name()
+        {
+            let node = Path::new("/dev").join(name);
+            if node.exists() {
+                return Ok(node);
             }
         }
         if Instant::now() >= deadline {
