@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Builds bootsel as a static executable for the initramfs and prints its path.
-# It runs as PID 1 before any library exists, so it must not be dynamically linked.
+# Builds a static executable and prints its path: bootsel (default) for the initramfs,
+# where it runs as PID 1 before any library exists, or another workspace binary (e.g.
+# atom-update) for a minimal OS image without a C library.
+# Usage: bash bootsel/build-static.sh [PACKAGE]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+package=${1:-bootsel}
 target=$(rustc -vV | sed -n 's/^host: //p')
 RUSTFLAGS="-C target-feature=+crt-static" \
-  cargo build --locked -q -p bootsel --profile initramfs --target "$target" --target-dir target/static
-bin="target/static/$target/initramfs/bootsel"
+  cargo build --locked -q -p "$package" --profile initramfs --target "$target" --target-dir target/static
+bin="target/static/$target/initramfs/$package"
 if readelf -d "$bin" | grep -q NEEDED; then
   echo "build-static.sh: $bin needs shared libraries" >&2
   exit 1

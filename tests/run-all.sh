@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Runs every Atom test on a fresh Debian machine, as root: installs the system packages
 # the tests use, then lints and runs the whole workspace test suite. Tests that need root,
-# loop devices or other tools fail (they never skip) when something is missing.
+# loop devices or other tools fail (they never skip) when something is missing. Last, the
+# VM test boots a real Debian kernel in qemu through the whole update/rollback path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(e2fsprogs rsync zstd tar util-linux mount fdisk cgpt binutils curl openssl busybox-static systemd)
+packages=(e2fsprogs rsync zstd tar util-linux mount fdisk cgpt binutils curl openssl busybox-static systemd
+  dosfstools mtools qemu-system-x86 ovmf systemd-boot-efi kmod)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -33,3 +35,6 @@ cargo test --workspace --locked -- --test-threads="$(nproc)"
 echo "==> bootsel static build"
 bootsel_bin=$(bash bootsel/build-static.sh)
 echo "bootsel (static, for the initramfs): $(stat -c %s "$bootsel_bin") bytes"
+echo "==> VM end-to-end test (tests/vm.sh)"
+bash tests/vm.sh
+

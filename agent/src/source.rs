@@ -20,7 +20,7 @@ use crate::error::Failure;
 
 pub struct Sources {
     repos: Vec<Repo>,
-    client: Client,
+    client: Option<Client>,
     retries: u32,
     timeout: Duration,
 }
@@ -38,18 +38,30 @@ impl Sources {
     pub fn new(s: &Settings) -> Result<Self, Failure> {
         // rustls with ring; installing the provider twice (daemon reloads) is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = Client::builder()
-            .connect_timeout(s.http_timeout)
-            .timeout(s.http_timeout)
-            .user_agent(concat!("atom-update/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| Failure::error(format!("cannot create the HTTP client: {e}")))?;
+        // Only with an HTTP mirror: a host fed from a local disk may have no CA store.
+        let client = if s.repositories.iter().any(|r| matches!(r, Repo::Http(_))) {
+            let c = Client::builder()
+                .connect_timeout(s.http_timeout)
+                .timeout(s.http_timeout)
+                .user_agent(concat!("atom-update/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .map_err(|e| Failure::error(format!("cannot create the HTTP client: {}", error_chain(&e))))?;
+            Some(c)
+        } else {
+            None
+        };
         Ok(Sources {
             repos: s.repositories.clone(),
             client,
             retries: s.http_retries,
             timeout: s.http_timeout,
         })
+    }
+
+    fn http(&self) -> Result<&Client, String> {
+        self.client
+            .as_ref()
+            .ok_or_else(|| "no HTTP client (no HTTP repository configured)".into())
     }
 
     fn transfer_timeout(&self, bytes: u64) -> Duration {
@@ -76,7 +88,10 @@ impl Sources {
             }
             Repo::Http(base) => {
                 let url = format!("{base}/{rel}");
-                let resp = self.with_retries(|| self.client.get(&url).send())?;
+                let resp = {
+                    let client = self.http()?;
+                    self.with_retries(|| client.get(&url).send())?
+                };
                 if resp.status() == StatusCode::NOT_FOUND {
                     return Ok(None);
                 }
@@ -215,7 +230,7 @@ impl Sources {
         dest: &Path,
         progress: &dyn Fn(u64),
     ) -> Result<(), String> {
-        let mut req = self.client.get(url).timeout(self.transfer_timeout(size - from));
+        let mut req = self.http()?.get(url).timeout(self.transfer_timeout(size - from));
         if from > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={from}-"));
         }
@@ -269,13 +284,9 @@ impl Sources {
             let result = (|| {
                 // The server may need minutes for a diff against a drifted base.
                 let timeout = self.transfer_timeout(limit / 4) + Duration::from_secs(300);
-                let mut resp = self.with_retries(|| {
-                    self.client
-                        .post(&url)
-                        .timeout(timeout)
-                        .body(signature_zst.clone())
-                        .send()
-                })?;
+                let client = self.http()?;
+                let mut resp =
+                    self.with_retries(|| client.post(&url).timeout(timeout).body(signature_zst.clone()).send())?;
                 if !resp.status().is_success() {
                     let status = resp.status();
                     let mut text = String::new();
@@ -312,4 +323,16 @@ pub fn check_file(path: &Path, size: u64, digest: &Digest) -> Result<(), String>
         return Err(format!("{} has digest {d}, the manifest says {digest}", path.display()));
     }
     Ok(())
+}
+
+/// reqwest's Display hides the cause ("builder error"); operators need all of it.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }

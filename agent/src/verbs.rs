@@ -98,6 +98,7 @@ pub fn mark_good(s: &Settings) -> Result<(), Failure> {
     let _lock = Lock::acquire(&s.state_dir)?;
     let host = Host::detect(s)?;
     let (mut disk, mut table) = host::load_table(&host.disk, s, true)?;
+    remember_running_version(s, &host);
     if table.slot(host.running).flags.successful {
         println!("slot {} is already marked good", host.running);
         return Ok(());
@@ -107,6 +108,23 @@ pub fn mark_good(s: &Settings) -> Result<(), Failure> {
     tracing::info!(slot = %host.running, version = %host.release.version, "marked good");
     println!("slot {} ({}) marked good", host.running, host.release.version);
     Ok(())
+}
+
+/// The first image of a host was not written by the agent; without this, `status` could
+/// not name its version once the other slot runs.
+fn remember_running_version(s: &Settings, host: &Host) {
+    let mut state = State::load(&s.state_dir);
+    let version = host.release.version.to_string();
+    let entry = state.slots.entry(host.running.as_str().to_owned()).or_default();
+    if entry.version != version {
+        *entry = crate::state::SlotContent {
+            version,
+            digest: String::new(),
+        };
+        if let Err(e) = state.save(&s.state_dir) {
+            tracing::warn!(error = %e, "cannot record the running slot's version");
+        }
+    }
 }
 
 pub fn mark_bad(s: &Settings, force: bool) -> Result<(), Failure> {

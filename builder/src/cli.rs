@@ -35,6 +35,78 @@ pub enum Command {
     Verify(VerifyArgs),
     History(HistoryArgs),
     InstallUnits(InstallArgs),
+    Initramfs(InitramfsArgs),
+    Disk(DiskArgs),
+}
+
+/// Build the initramfs: the static bootsel as /init, kernel modules, bootsel's config.
+///
+/// Modules are named with --module (e.g. virtio_blk, ext4) and resolved against the
+/// kernel's modules.dep: each is preceded by what it depends on, and bootsel loads them in
+/// that order with finit_module. Soft dependencies (such as crc32c for ext4) are not in
+/// modules.dep; name them too. The result is a zstd-compressed newc cpio, reproducible
+/// (SOURCE_DATE_EPOCH for every time stamp).
+#[derive(Debug, Args)]
+pub struct InitramfsArgs {
+    /// The static bootsel executable (bootsel/build-static.sh prints its path).
+    #[arg(long)]
+    pub bootsel: PathBuf,
+    /// The kernel's module directory, e.g. /lib/modules/6.1.0-56-amd64 (with modules.dep;
+    /// for an unpacked kernel package run `depmod -b ROOT VERSION` first).
+    #[arg(long, value_name = "DIR")]
+    pub kernel_modules: Option<PathBuf>,
+    /// A module to load at boot, by name; repeat in the order wanted.
+    #[arg(long = "module", value_name = "NAME", requires = "kernel_modules")]
+    pub modules: Vec<String>,
+    /// bootsel configuration (TOML; see `bootsel --help`), installed as /etc/bootsel.toml.
+    /// Its `modules` key is filled in from --module.
+    #[arg(long, value_name = "TOML")]
+    pub config: Option<PathBuf>,
+    /// A static busybox, installed as /bin/sh and offered as the emergency shell when
+    /// nothing can boot (without it bootsel explains and reboots).
+    #[arg(long, value_name = "BUSYBOX")]
+    pub shell: Option<PathBuf>,
+    /// Output file; written atomically.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Build a bootable disk image for a new host: ESP with systemd-boot, root-a, root-b, state.
+///
+/// root-a gets IMAGE and is marked good (priority 1, successful); root-b is empty with
+/// priority 0, ready for the first update; state is an empty ext4 that bootsel fills on
+/// the first boot. The ESP holds systemd-boot as EFI/BOOT/BOOTX64.EFI (found by any UEFI
+/// firmware) and one loader entry for KERNEL and INITRAMFS. Write the result to a disk
+/// with dd, or boot it in qemu with OVMF.
+#[derive(Debug, Args)]
+pub struct DiskArgs {
+    /// Slot image for root-a (from `atom-build image`).
+    #[arg(long)]
+    pub image: PathBuf,
+    /// Kernel (a vmlinuz with the EFI stub, as Debian's).
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Initramfs (from `atom-build initramfs`).
+    #[arg(long)]
+    pub initramfs: PathBuf,
+    /// Kernel command line of the loader entry.
+    #[arg(long, default_value = "console=tty0 console=ttyS0 panic=10")]
+    pub cmdline: String,
+    /// systemd-boot's EFI binary (Debian package systemd-boot-efi).
+    #[arg(long, default_value = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi")]
+    pub bootloader: PathBuf,
+    /// Size of each root slot (default: the image's size); room for later, larger images.
+    #[arg(long, value_parser = parse_size)]
+    pub slot_size: Option<u64>,
+    /// Size of the EFI system partition.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub esp_size: u64,
+    /// Size of the state partition (/etc overlay, /var).
+    #[arg(long, default_value = "128M", value_parser = parse_size)]
+    pub state_size: u64,
+    /// Output disk image; written atomically, sparse.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// Install the update agent, its systemd units and presets into a root filesystem.

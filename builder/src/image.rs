@@ -33,7 +33,7 @@ pub fn run_image(args: &ImageArgs) -> Result<()> {
     Ok(())
 }
 
-fn source_date_epoch() -> Result<i64> {
+pub fn source_date_epoch() -> Result<i64> {
     match std::env::var("SOURCE_DATE_EPOCH") {
         Ok(v) => {
             let t: i64 = v

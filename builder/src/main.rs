@@ -3,10 +3,13 @@
 mod audit;
 mod cli;
 mod cmd;
+mod disk;
 mod ext4;
 mod image;
+mod initramfs;
 mod install;
 mod keygen;
+mod modules;
 mod publish;
 
 use std::process::ExitCode;
@@ -25,6 +28,8 @@ fn main() -> ExitCode {
         Command::Publish(a) => publish::run(a),
         Command::History(a) => audit::run_history(a),
         Command::InstallUnits(a) => install::run(a),
+        Command::Initramfs(a) => image::source_date_epoch().and_then(|t| initramfs::run(a, t)),
+        Command::Disk(a) => image::source_date_epoch().and_then(|t| disk::run(a, t)),
         Command::Verify(a) => match audit::run_verify(a) {
             Ok(0) => Ok(()),
             Ok(_) => return ExitCode::from(EXIT_PROBLEMS),

@@ -3,7 +3,6 @@
 //! failure ends in [`emergency`], which explains on the console and offers a shell or
 //! reboots.
 
-pub mod config;
 mod disk;
 mod mount;
 mod seed;
@@ -19,7 +18,7 @@ use bootsel::{BootTable, SlotLabels};
 use nix::mount::MsFlags;
 
 use crate::cli::Failure;
-use config::{Config, EtcMode};
+use bootsel::initconfig::{Config, EtcMode};
 
 const CONFIG_PATH: &str = "/etc/bootsel.toml";
 

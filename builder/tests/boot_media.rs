@@ -1,0 +1,410 @@
+//! `atom-build initramfs` and `atom-build disk` on real files, read back with independent
+//! tools: the cpio reader, sfdisk, cgpt, mtools, e2fsck. (The VM test, tests/vm.sh, boots
+//! them.)
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use common::{atom_build, fails_with, make_tree, ok};
+
+/// busybox-static is a static executable, as bootsel must be.
+const STATIC_EXE: &str = "/bin/busybox";
+
+fn fake_modules(dir: &Path) {
+    for m in [
+        "kernel/fs/ext4/ext4.ko",
+        "kernel/fs/jbd2/jbd2.ko",
+        "kernel/lib/crc16.ko",
+        "kernel/drivers/block/virtio_blk.ko",
+    ] {
+        let p = dir.join(m);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, format!("module {m}")).unwrap();
+    }
+    let zst = zstd::bulk::compress(b"module zstd-compressed", 3).unwrap();
+    fs::create_dir_all(dir.join("kernel/fs/overlayfs")).unwrap();
+    fs::write(dir.join("kernel/fs/overlayfs/overlay.ko.zst"), zst).unwrap();
+    fs::write(
+        dir.join("modules.dep"),
+        "kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/jbd2/jbd2.ko\nkernel/fs/jbd2/jbd2.ko:\nkernel/lib/crc16.ko:\n\
+         kernel/drivers/block/virtio_blk.ko:\nkernel/fs/overlayfs/overlay.ko.zst:\n",
+    )
+    .unwrap();
+    fs::write(dir.join("modules.builtin"), "kernel/drivers/virtio/virtio_pci.ko\n").unwrap();
+}
+
+/// (name, mode, content) of every entry of a zstd-compressed newc archive.
+fn unpack(path: &Path) -> Vec<(String, u32, Vec<u8>)> {
+    let raw = zstd::stream::decode_all(&fs::read(path).unwrap()[..]).unwrap();
+    let mut rest = &raw[..];
+    let mut out = Vec::new();
+    loop {
+        let mut r = cpio::NewcReader::new(rest).unwrap();
+        if r.entry().is_trailer() {
+            return out;
+        }
+        let (name, mode) = (r.entry().name().to_owned(), r.entry().mode());
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut r, &mut data).unwrap();
+        out.push((name, mode, data));
+        rest = r.finish().unwrap();
+    }
+}
+
+#[test]
+fn initramfs_has_static_init_modules_in_dependency_order_and_config() {
+    let t = tempfile::tempdir().unwrap();
+    let mods = t.path().join("modules");
+    fake_modules(&mods);
+    let cfg = t.path().join("bootsel.toml");
+    fs::write(&cfg, "disk = \"/dev/vda\"\nwait_seconds = 5\n").unwrap();
+    let out = t.path().join("initrd.img");
+    let stdout = ok(atom_build(&[
+        &"initramfs",
+        &"--bootsel",
+        &STATIC_EXE,
+        &"--kernel-modules",
+        &mods,
+        &"--module",
+        &"virtio-pci",
+        &"--module",
+        &"virtio_blk",
+        &"--module",
+        &"ext4",
+        &"--module",
+        &"overlay",
+        &"--module",
+        &"jbd2",
+        &"--config",
+        &cfg,
+        &"--shell",
+        &STATIC_EXE,
+        &"--out",
+        &out,
+    ]));
+    assert!(
+        stdout.contains("4 module(s)") || stdout.contains("5 module(s)"),
+        "{stdout}"
+    );
+    let entries = unpack(&out);
+    let get = |n: &str| {
+        entries
+            .iter()
+            .find(|e| e.0 == n)
+            .unwrap_or_else(|| panic!("no {n} in {entries:?}"))
+    };
+    assert_eq!(get("init").1, 0o100755);
+    assert_eq!(get("init").2, fs::read(STATIC_EXE).unwrap());
+    assert_eq!(get("dev/console").1, 0o020600);
+    assert_eq!(get("bin/sh").2, b"busybox");
+    assert_eq!(
+        get("lib/modules/kernel/fs/overlayfs/overlay.ko").2,
+        b"module zstd-compressed"
+    );
+    let config = bootsel::initconfig::Config::parse(std::str::from_utf8(&get("etc/bootsel.toml").2).unwrap()).unwrap();
+    assert_eq!(config.disk.as_deref(), Some("/dev/vda"));
+    assert_eq!(config.wait_seconds, 5);
+    assert_eq!(config.emergency_shell, "/bin/sh");
+    assert_eq!(
+        config.modules,
+        [
+            "/lib/modules/kernel/drivers/block/virtio_blk.ko",
+            "/lib/modules/kernel/lib/crc16.ko",
+            "/lib/modules/kernel/fs/jbd2/jbd2.ko",
+            "/lib/modules/kernel/fs/ext4/ext4.ko",
+            "/lib/modules/kernel/fs/overlayfs/overlay.ko",
+        ],
+        "dependencies first, each once, built-in virtio_pci skipped"
+    );
+    for m in &config.modules {
+        get(m.trim_start_matches('/'));
+    }
+
+    // Reproducible: the same inputs give the same bytes.
+    let again = t.path().join("again.img");
+    ok(atom_build(&[
+        &"initramfs",
+        &"--bootsel",
+        &STATIC_EXE,
+        &"--kernel-modules",
+        &mods,
+        &"--module",
+        &"virtio-pci",
+        &"--module",
+        &"virtio_blk",
+        &"--module",
+        &"ext4",
+        &"--module",
+        &"overlay",
+        &"--module",
+        &"jbd2",
+        &"--config",
+        &cfg,
+        &"--shell",
+        &STATIC_EXE,
+        &"--out",
+        &again,
+    ]));
+    assert_eq!(fs::read(&out).unwrap(), fs::read(&again).unwrap());
+}
+
+#[test]
+fn initramfs_refuses_what_would_not_boot() {
+    let t = tempfile::tempdir().unwrap();
+    let mods = t.path().join("modules");
+    fake_modules(&mods);
+    let out = t.path().join("initrd.img");
+    fails_with(
+        atom_build(&[&"initramfs", &"--bootsel", &"/bin/ls", &"--out", &out]),
+        1,
+        "dynamically linked",
+    );
+    fails_with(
+        atom_build(&[
+            &"initramfs",
+            &"--bootsel",
+            &STATIC_EXE,
+            &"--kernel-modules",
+            &mods,
+            &"--module",
+            &"nosuch",
+            &"--out",
+            &out,
+        ]),
+        1,
+        "\"nosuch\"",
+    );
+    fails_with(
+        atom_build(&[
+            &"initramfs",
+            &"--bootsel",
+            &STATIC_EXE,
+            &"--kernel-modules",
+            &t.path(),
+            &"--module",
+            &"ext4",
+            &"--out",
+            &out,
+        ]),
+        1,
+        "depmod",
+    );
+    let cfg = t.path().join("bad.toml");
+    fs::write(&cfg, "etc = \"sometimes\"\n").unwrap();
+    fails_with(
+        atom_build(&[
+            &"initramfs",
+            &"--bootsel",
+            &STATIC_EXE,
+            &"--config",
+            &cfg,
+            &"--out",
+            &out,
+        ]),
+        1,
+        "not valid",
+    );
+    fs::write(&cfg, "modules = [\"/x.ko\"]\n").unwrap();
+    fails_with(
+        atom_build(&[
+            &"initramfs",
+            &"--bootsel",
+            &STATIC_EXE,
+            &"--config",
+            &cfg,
+            &"--out",
+            &out,
+        ]),
+        1,
+        "--module",
+    );
+    assert!(!out.exists(), "nothing written on failure");
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (is it installed?)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn disk_has_gpt_esp_with_systemd_boot_slot_a_good_and_empty_state() {
+    let t = tempfile::tempdir().unwrap();
+    let tree = t.path().join("tree");
+    make_tree(&tree, 30, 7);
+    let image = t.path().join("v1.img");
+    ok(atom_build(&[
+        &"image",
+        &"--rootfs",
+        &tree,
+        &"--version",
+        &"1.0.0",
+        &"--size",
+        &"24M",
+        &"--out",
+        &image,
+    ]));
+    let kernel = t.path().join("vmlinuz");
+    fs::write(&kernel, common::bytes(3 << 20, 1)).unwrap();
+    let initrd = t.path().join("initrd.img");
+    fs::write(&initrd, common::bytes(1 << 20, 2)).unwrap();
+    let loader = t.path().join("BOOTX64.EFI");
+    let mut efi = b"MZ".to_vec();
+    efi.extend(common::bytes(100_000, 3));
+    fs::write(&loader, &efi).unwrap();
+    let disk = t.path().join("disk.img");
+    let args: [&dyn AsRef<std::ffi::OsStr>; 17] = [
+        &"disk",
+        &"--image",
+        &image,
+        &"--kernel",
+        &kernel,
+        &"--initramfs",
+        &initrd,
+        &"--bootloader",
+        &loader,
+        &"--cmdline",
+        &"console=ttyS0 quiet",
+        &"--slot-size",
+        &"32M",
+        &"--state-size",
+        &"20M",
+        &"--out",
+        &disk,
+    ];
+    ok(atom_build(&args));
+
+    // The partition table, as util-linux reads it.
+    let table: serde_json::Value = serde_json::from_str(&run(Command::new("sfdisk").arg("--json").arg(&disk))).unwrap();
+    let parts = table["partitiontable"]["partitions"].as_array().unwrap();
+    let summary: Vec<(String, String, u64, u64)> = parts
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["type"].as_str().unwrap().to_owned(),
+                p["start"].as_u64().unwrap(),
+                p["size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (
+                "esp".into(),
+                "C12A7328-F81F-11D2-BA4B-00A0C93EC93B".into(),
+                2048,
+                64 << 11
+            ),
+            (
+                "root-a".into(),
+                "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709".into(),
+                2048 + (64 << 11),
+                32 << 11
+            ),
+            (
+                "root-b".into(),
+                "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709".into(),
+                2048 + (96 << 11),
+                32 << 11
+            ),
+            (
+                "state".into(),
+                "0FC63DAF-8483-4772-8E79-3D69D8477DE4".into(),
+                2048 + (128 << 11),
+                20 << 11
+            ),
+        ]
+    );
+
+    // Slot attributes, as Google's cgpt reads them: A good, B never.
+    let cgpt = |i: &str, flag: &str| {
+        run(Command::new("cgpt").args(["show", "-i", i, flag]).arg(&disk))
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(
+        (cgpt("2", "-P"), cgpt("2", "-T"), cgpt("2", "-S")),
+        ("1".into(), "0".into(), "1".into())
+    );
+    assert_eq!(
+        (cgpt("3", "-P"), cgpt("3", "-T"), cgpt("3", "-S")),
+        ("0".into(), "0".into(), "0".into())
+    );
+    let status = run(
+        Command::new(env!("CARGO_BIN_EXE_atom-build").replace("atom-build", "bootsel"))
+            .args(["status", "--disk"])
+            .arg(&disk),
+    );
+    assert!(
+        status.contains("next boot: A") || status.contains("boots next"),
+        "{status}"
+    );
+
+    // root-a holds the image byte for byte; root-b is empty.
+    let bytes = fs::read(&disk).unwrap();
+    let a = (1 + 64) << 20;
+    assert_eq!(&bytes[a..a + (24 << 20)], &fs::read(&image).unwrap()[..]);
+    assert!(bytes[a + (32 << 20)..a + (64 << 20)].iter().all(|&b| b == 0));
+
+    // The ESP, as mtools reads it: systemd-boot where firmware looks, one loader entry.
+    let esp = format!("{}@@1M", disk.display());
+    let mtype = |p: &str| {
+        run(Command::new("mtype")
+            .args(["-i", &esp, p])
+            .env("MTOOLS_SKIP_CHECK", "1"))
+    };
+    assert_eq!(mtype("::/loader/loader.conf"), "default atom.conf\ntimeout 0\n");
+    assert_eq!(
+        mtype("::/loader/entries/atom.conf"),
+        "title Atom\nlinux /atom/vmlinuz\ninitrd /atom/initrd.img\noptions console=ttyS0 quiet\n"
+    );
+    let copy = t.path().join("copied.efi");
+    run(Command::new("mcopy")
+        .args(["-i", &esp, "::/EFI/BOOT/BOOTX64.EFI"])
+        .arg(&copy)
+        .env("MTOOLS_SKIP_CHECK", "1"));
+    assert_eq!(fs::read(&copy).unwrap(), efi);
+    let fat = t.path().join("esp.img");
+    fs::write(&fat, &bytes[1 << 20..65 << 20]).unwrap();
+    run(Command::new("fsck.vfat").arg("-n").arg(&fat));
+
+    // The state partition is a clean, empty ext4 labelled "state".
+    let state = t.path().join("state.img");
+    fs::write(&state, &bytes[(129 << 20)..(149 << 20)]).unwrap();
+    run(Command::new("e2fsck").args(["-f", "-n"]).arg(&state));
+    assert_eq!(run(Command::new("e2label").arg(&state)).trim(), "state");
+
+    // Reproducible.
+    let again = t.path().join("again.img");
+    let mut args2 = args;
+    args2[16] = &again;
+    ok(atom_build(&args2));
+    assert!(fs::read(&again).unwrap() == bytes, "same inputs, same disk");
+
+    // Bad inputs: a file that is not an Atom image, a slot too small, a loader that is not EFI.
+    let out = t.path().join("bad.img");
+    let mut bad = args;
+    bad[16] = &out;
+    bad[2] = &kernel;
+    fails_with(atom_build(&bad), 1, "not an Atom slot image");
+    let mut bad = args;
+    bad[16] = &out;
+    bad[12] = &"8M";
+    fails_with(atom_build(&bad), 1, "smaller than the image");
+    let mut bad = args;
+    bad[16] = &out;
+    bad[8] = &kernel;
+    fails_with(atom_build(&bad), 1, "not an EFI executable");
+    assert!(!out.exists());
+}

@@ -1,0 +1,271 @@
+#!/usr/bin/env bash
+# The Atom demo, and the end-to-end VM test (CI runs it; any misstep exits non-zero).
+#
+# A real Debian kernel boots a sample OS (busybox + atom-update + the Atom units) in qemu
+# from a GPT disk made by `atom-build disk`, through the initramfs of `atom-build
+# initramfs` (bootsel as /init). The repository reaches the guest on a second, read-only
+# disk (file:// repository; no guest network). Each boot is one qemu run with -no-reboot,
+# so every reboot the guest asks for ends qemu and the next run is the next boot; what
+# happened is read back from the serial console.
+#
+#   boot 1 (UEFI firmware, systemd-boot): 1.0.0 from A; atom-update now -> 2.0.0 into B
+#   boot 2: 2.0.0 from B on trial, health checks pass, marked good; update to 3.0.0
+#   boot 3: 3.0.0 from A; its health check fails -> mark-bad -> reboot
+#   boot 4: back on 2.0.0 from B by itself; update to 4.0.0, whose init crashes
+#   boot 5, 6: 4.0.0 from A panics; each boot spends one try
+#   boot 7: A is out of tries: bootsel falls back to 2.0.0 on B; status shows it
+#
+# Usage (root, Debian): bash tests/vm.sh [WORKDIR]
+# ATOM_VM_TIMEOUT bounds each boot (seconds, default 240); ATOM_VM_ACCEL=kvm uses KVM
+# (default tcg, software emulation). Packages it needs are installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo_root=$PWD
+work=${1:-$(mktemp -d /tmp/atom-vm.XXXXXX)}
+mkdir -p "$work"
+work=$(cd "$work" && pwd)
+boot_timeout=${ATOM_VM_TIMEOUT:-240}
+
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+ok() { printf '    \033[32mok\033[0m %s\n' "$*"; }
+fail() {
+  printf '\n\033[31mFAIL: %s\033[0m\n' "$*" >&2
+  if [[ -n ${console:-} && -e $console ]]; then
+    echo "--- last lines of $console ---" >&2
+    tail -n 40 "$console" >&2
+  fi
+  exit 1
+}
+
+packages=(qemu-system-x86 ovmf systemd-boot-efi kmod e2fsprogs zstd busybox-static rsync util-linux mount)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  step "installing ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+[[ $(id -u) == 0 ]] || fail "run as root (image building mounts loop devices)"
+
+step "the Debian kernel: linux-image-amd64, unpacked (no network needed at boot)"
+kernel_pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+[[ -n $kernel_pkg ]] || fail "apt does not know linux-image-amd64"
+kver=${kernel_pkg#linux-image-}
+kroot=$work/kernel
+if [[ ! -e $kroot/lib/modules/$kver/modules.dep ]]; then
+  rm -rf "$kroot" && mkdir -p "$kroot"
+  (cd "$work" && apt-get download -q "$kernel_pkg" 2>&1 | grep -v "^W: Download is performed unsandboxed" || true)
+  deb=$(ls "$work"/"$kernel_pkg"_*.deb)
+  dpkg -x "$deb" "$kroot"
+  depmod -b "$kroot" "$kver"
+fi
+vmlinuz=$kroot/boot/vmlinuz-$kver
+echo "    $kernel_pkg: $vmlinuz"
+
+step "building atom-build, and static bootsel and atom-update"
+cargo build --locked -q -p atom-build
+build=$repo_root/target/debug/atom-build
+bootsel_static=$(bash bootsel/build-static.sh)
+update_static=$(bash bootsel/build-static.sh atom-update)
+ls -l "$bootsel_static" "$update_static" | awk '{print "    " $5 " bytes  " $9}'
+
+step "the initramfs: bootsel as /init, virtio and ext4/overlay modules from modules.dep"
+cat > "$work/bootsel.toml" <<'EOF'
+disk = "/dev/vda"
+etc = "overlay"
+binds = ["/var"]
+wait_seconds = 20
+EOF
+"$build" initramfs --bootsel "$bootsel_static" --kernel-modules "$kroot/lib/modules/$kver" \
+  --module virtio_pci --module virtio_blk --module crc32c_generic --module ext4 --module overlay \
+  --config "$work/bootsel.toml" --shell /bin/busybox --out "$work/initrd.img"
+
+step "a signing key; the sample OS (busybox, static atom-update, Atom units) in four versions"
+rm -f "$work/signer.key" "$work/signer.pub"
+"$build" keygen --out "$work/signer"
+
+sample_root() { # DIR VERSION
+  local root=$1 version=$2
+  rm -rf "$root"
+  mkdir -p "$root"/{bin,sbin,etc/init.d,etc/atom/keys,proc,sys,dev,run,tmp,var,mnt/exchange,usr/share/doc/sample}
+  cp /bin/busybox "$root/bin/busybox"
+  for tool in $(/bin/busybox --list); do
+    [[ $tool == busybox ]] || ln -sf busybox "$root/bin/$tool"
+  done
+  ln -s ../bin/busybox "$root/sbin/init"
+  "$build" install-units --root "$root" --bin-dir "$(dirname "$update_static")" >/dev/null
+  cp "$work/signer.pub" "$root/etc/atom/keys/"
+  cat > "$root/etc/atom/update.toml" <<'EOF'
+repositories = ["file:///mnt/exchange/repo"]
+channel = "stable"
+board = "x86_64-generic"
+tries = 2
+EOF
+  printf '::sysinit:/etc/init.d/rcS\n::shutdown:/bin/sync\n' > "$root/etc/inittab"
+  # What systemd does with atom-health.service and atom-mark-good/-bad.service, in sh:
+  # health checks first; failed -> mark the slot bad and reboot; passed -> mark good.
+  cat > "$root/etc/init.d/rcS" <<'EOF'
+#!/bin/sh
+export PATH=/usr/bin:/bin:/sbin
+mount -t tmpfs tmpfs /tmp
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' /usr/lib/atom/release)
+slot=$(sed -n 's/^slot = "\(.*\)"/\1/p' /run/atom/boot.toml)
+echo "ATOM-SAMPLE: running $version from slot $slot"
+mount -o ro /dev/vdb /mnt/exchange || echo "ATOM-SAMPLE: no exchange disk"
+if atom-update health-check; then
+  atom-update mark-good && echo "ATOM-SAMPLE: marked good"
+else
+  echo "ATOM-SAMPLE: health check failed; marking this slot bad and rebooting"
+  atom-update mark-bad
+  sync
+  reboot -f
+fi
+if [ -r /mnt/exchange/control.sh ]; then
+  echo "ATOM-SAMPLE: control script begins"
+  sh /mnt/exchange/control.sh 2>&1
+  echo "ATOM-SAMPLE: control script exited $?"
+fi
+sync
+poweroff -f
+EOF
+  chmod 755 "$root/etc/init.d/rcS"
+  printf 'Welcome to the Atom sample OS %s\n' "$version" > "$root/etc/motd"
+  # Bulk that stays the same between versions, like most of a real OS.
+  for i in $(seq 1 20); do head -c 200000 /bin/busybox | tail -c $((1000 * i)) > "$root/usr/share/doc/sample/blob$i"; done
+}
+
+sample_root "$work/root-v1" 1.0.0
+"$build" image --rootfs "$work/root-v1" --version 1.0.0 --size 48M --out "$work/v1.img"
+sample_root "$work/root-v2" 2.0.0
+echo "new in 2.0.0" > "$work/root-v2/etc/feature"
+"$build" image --rootfs "$work/root-v2" --version 2.0.0 --size 48M --out "$work/v2.img" --base "$work/v1.img"
+sample_root "$work/root-v3" 3.0.0
+cat > "$work/root-v3/usr/lib/atom/health.d/50-broken-service" <<'EOF'
+#!/bin/sh
+echo "the sample service of 3.0.0 does not start" >&2
+exit 1
+EOF
+chmod 755 "$work/root-v3/usr/lib/atom/health.d/50-broken-service"
+"$build" image --rootfs "$work/root-v3" --version 3.0.0 --size 48M --out "$work/v3.img" --base "$work/v2.img"
+sample_root "$work/root-v4" 4.0.0
+rm "$work/root-v4/sbin/init"
+printf '#!/bin/sh\necho "ATOM-SAMPLE: 4.0.0 init crashes before userspace is up"\nexit 1\n' > "$work/root-v4/sbin/init"
+chmod 755 "$work/root-v4/sbin/init"
+"$build" image --rootfs "$work/root-v4" --version 4.0.0 --size 48M --out "$work/v4.img" --base "$work/v2.img"
+
+step "the host's disk: atom-build disk (ESP with systemd-boot, root-a = 1.0.0, root-b, state)"
+"$build" disk --image "$work/v1.img" --kernel "$vmlinuz" --initramfs "$work/initrd.img" \
+  --cmdline "console=ttyS0 panic=1" --slot-size 64M --out "$work/disk.img"
+
+rm -rf "$work/exchange"
+mkdir -p "$work/exchange"
+publish() { # IMAGE
+  "$build" publish --repo "$work/exchange/repo" --channel stable --key "$work/signer.key" --zstd-level 3 "$1" | sed 's/^/    /'
+}
+control() { # the shell script the guest runs after its health checks
+  cat > "$work/exchange/control.sh"
+}
+
+boot_n=0
+# boot [uefi]: one boot of the VM; the console log ends up in $console.
+boot() {
+  boot_n=$((boot_n + 1))
+  console=$work/console-$boot_n.log
+  rm -f "$work/exchange.img"
+  truncate -s 64M "$work/exchange.img"
+  mkfs.ext4 -q -F -L exchange -d "$work/exchange" "$work/exchange.img" 64M
+  local firmware=(-kernel "$vmlinuz" -initrd "$work/initrd.img" -append "console=ttyS0 panic=1")
+  local how="direct kernel boot"
+  if [[ ${1:-} == uefi ]]; then
+    firmware=(-bios /usr/share/ovmf/OVMF.fd)
+    how="UEFI firmware (OVMF) -> systemd-boot from the ESP"
+  fi
+  # TCG by default: KVM in nested sandboxes has failed here on OVMF (emulation failure).
+  local accel=${ATOM_VM_ACCEL:-tcg}
+  echo "    boot $boot_n: $how, accel $accel, console: $console"
+  local started=$SECONDS
+  timeout "$boot_timeout" qemu-system-x86_64 -nodefaults -machine q35,accel=$accel -cpu max -m 512 -smp 2 \
+    -display none -no-reboot -serial "file:$console" "${firmware[@]}" \
+    -drive "file=$work/disk.img,format=raw,if=virtio,cache=unsafe" \
+    -drive "file=$work/exchange.img,format=raw,if=virtio,readonly=on" ||
+    fail "boot $boot_n did not end within ${boot_timeout}s (or qemu failed)"
+  echo "    (took $((SECONDS - started)) s)"
+  tr -d '\r' < "$console" > "$console.txt" && mv "$console.txt" "$console"
+  grep -E "^(bootsel|ATOM-SAMPLE|staged|up to date|booted:|last boot|SLOT|[AB] )|Kernel panic|health" "$console" | sed 's/^/    | /' || true
+}
+expect() { # PATTERN DESCRIPTION
+  grep -qE -- "$1" "$console" || fail "$2: no line matching /$1/ on boot $boot_n's console"
+  ok "$2"
+}
+refute() { # PATTERN DESCRIPTION
+  if grep -qE -- "$1" "$console"; then fail "$2: unexpected /$1/ on boot $boot_n's console"; fi
+  ok "$2"
+}
+
+step "publishing 1.0.0 and 2.0.0 to the repository on the exchange disk"
+publish "$work/v1.img"
+publish "$work/v2.img"
+control <<'EOF'
+atom-update status
+atom-update now
+EOF
+
+step "boot 1 through UEFI firmware: 1.0.0 from A, then atom-update now"
+boot uefi
+expect "systemd-boot|Boot0|BdsDxe" "the firmware started the boot loader from the ESP"
+expect "ATOM-SAMPLE: running 1.0.0 from slot A" "1.0.0 runs from slot A"
+expect "loaded /lib/modules/.*virtio_blk.ko" "bootsel loaded virtio_blk with finit_module"
+expect "ATOM-SAMPLE: marked good" "slot A marked good"
+expect "^staged 2\.0\.0 in slot B via" "2.0.0 written to slot B and staged"
+
+step "boot 2: 2.0.0 from B on trial; passes its health checks; then update to 3.0.0"
+publish "$work/v3.img"
+control <<'EOF'
+atom-update status
+atom-update now
+EOF
+boot
+expect "ATOM-SAMPLE: running 2.0.0 from slot B" "2.0.0 runs from slot B"
+expect "ATOM-SAMPLE: marked good" "2.0.0 marked good"
+expect "^A +root-a +1\.0\.0 " "status names 1.0.0 in slot A (recorded when it was marked good)"
+expect "^staged 3\.0\.0 in slot A via" "3.0.0 written to slot A and staged"
+
+step "boot 3: 3.0.0 from A; its health check fails, so it marks itself bad and reboots"
+boot
+expect "ATOM-SAMPLE: running 3.0.0 from slot A" "3.0.0 runs from slot A"
+expect "does not start" "the failing check's own message is on the console"
+expect "ATOM-SAMPLE: health check failed" "health check failed"
+refute "ATOM-SAMPLE: control script begins" "nothing ran after the failed check"
+
+step "boot 4: back on 2.0.0 by itself; then update to 4.0.0 (its init crashes)"
+publish "$work/v4.img"
+control <<'EOF'
+atom-update now
+EOF
+boot
+expect "ATOM-SAMPLE: running 2.0.0 from slot B" "back on 2.0.0 from slot B"
+expect "^staged 4\.0\.0 in slot A via" "4.0.0 written to slot A and staged"
+
+for attempt in 1 2; do
+  step "boot $((boot_n + 1)): 4.0.0 from A, try $attempt of 2: init crashes, the kernel panics and reboots"
+  control <<'EOF'
+echo "ATOM-SAMPLE: should not run on a crashing version"
+EOF
+  boot
+  expect "ATOM-SAMPLE: 4.0.0 init crashes" "4.0.0's init ran from slot A and crashed"
+  expect "Kernel panic" "the kernel panicked (no userspace, nothing marked)"
+done
+
+step "boot $((boot_n + 1)): slot A is out of tries; bootsel falls back to 2.0.0 on B"
+control <<'EOF'
+atom-update status
+atom-update status --json
+EOF
+boot
+expect "ATOM-SAMPLE: running 2.0.0 from slot B" "2.0.0 runs from slot B again"
+expect "last boot FELL BACK: slot A ran out of tries" "status reports the fallback"
+expect '"fell_back_from": ?"A"' "status --json names the slot it fell back from"
+
+step "all steps passed; files are in $work"
