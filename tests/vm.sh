@@ -14,6 +14,8 @@
 #   boot 4: back on 2.0.0 from B by itself; update to 4.0.0, whose init crashes
 #   boot 5, 6: 4.0.0 from A panics; each boot spends one try
 #   boot 7: A is out of tries: bootsel falls back to 2.0.0 on B; status shows it
+#   boot 8: the disk never appears: bootsel explains and opens the emergency shell, which
+#           runs a command typed on the serial console
 #
 # Usage (root, Debian): bash tests/vm.sh [WORKDIR]
 # ATOM_VM_TIMEOUT bounds each boot (seconds, default 240); ATOM_VM_ACCEL=kvm uses KVM
@@ -193,7 +195,7 @@ boot() {
     fail "boot $boot_n did not end within ${boot_timeout}s (or qemu failed)"
   echo "    (took $((SECONDS - started)) s)"
   tr -d '\r' < "$console" > "$console.txt" && mv "$console.txt" "$console"
-  grep -E "^(bootsel|ATOM-SAMPLE|staged|up to date|booted:|last boot|SLOT|[AB] )|Kernel panic|health" "$console" | sed 's/^/    | /' || true
+  grep -E "^(bootsel|ATOM-SAMPLE|staged|up to date|booted:|last boot|SLOT|[AB] )|Kernel panic|health" "$console" | grep -v "^bootsel: loaded" | sed 's/^/    | /' || true
 }
 expect() { # PATTERN DESCRIPTION
   grep -qE -- "$1" "$console" || fail "$2: no line matching /$1/ on boot $boot_n's console"
@@ -267,5 +269,34 @@ boot
 expect "ATOM-SAMPLE: running 2.0.0 from slot B" "2.0.0 runs from slot B again"
 expect "last boot FELL BACK: slot A ran out of tries" "status reports the fallback"
 expect '"fell_back_from": ?"A"' "status --json names the slot it fell back from"
+
+step "boot $((boot_n + 1)): the disk never appears: bootsel says why and opens its emergency shell"
+boot_n=$((boot_n + 1))
+console=$work/console-$boot_n.log
+rm -f "$work/serial.in" "$work/serial.out" "$console"
+mkfifo "$work/serial.in" "$work/serial.out"
+timeout "$boot_timeout" qemu-system-x86_64 -nodefaults -machine q35,accel=${ATOM_VM_ACCEL:-tcg} -cpu max -m 512 \
+  -display none -no-reboot -serial "pipe:$work/serial" -kernel "$vmlinuz" -initrd "$work/initrd.img" \
+  -append "console=ttyS0 panic=1 bootsel.disk=/dev/vdz bootsel.wait=2" \
+  -drive "file=$work/disk.img,format=raw,if=virtio,cache=unsafe" &
+qemu_pid=$!
+cat "$work/serial.out" > "$console" &
+exec 3> "$work/serial.in"
+for _ in $(seq "$boot_timeout"); do
+  grep -q "starting emergency shell" "$console" && break
+  kill -0 "$qemu_pid" 2>/dev/null || break
+  sleep 1
+done
+sleep 1
+# $((6 * 7)) proves the shell ran the line (the console's echo would show it unexpanded).
+printf 'echo "EMERGENCY-SHELL: $((6 * 7))"\nexit\n' >&3
+wait "$qemu_pid" || fail "the emergency boot did not end (or qemu failed)"
+exec 3>&-
+tr -d '\r' < "$console" > "$console.txt" && mv "$console.txt" "$console"
+grep -E "^(bootsel|\*\*\*|EMERGENCY)" "$console" | sed 's/^/    | /' || true
+expect "CANNOT BOOT" "bootsel says it cannot boot"
+expect "/dev/vdz" "and names the disk it waited for"
+expect "starting emergency shell /bin/sh" "it offers the initramfs's busybox shell"
+expect "^EMERGENCY-SHELL: 42" "a command typed on the serial console ran in that shell"
 
 step "all steps passed; files are in $work"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The Atom demo, as far as it is built: sign, build, publish and audit a sample OS, serve
+# The Atom demo without a VM: sign, build, publish and audit a sample OS, serve
 # it with atom-dist, and update a host disk (a loop device) with atom-update; boots are
-# simulated with `bootsel choose` (the qemu boot is not built yet: see README).
-# Run as root on a fresh Debian machine: bash tests/demo.sh [WORKDIR]
+# simulated with `bootsel choose` (tests/vm.sh boots them for real in qemu).
+# Run as root on a fresh Debian machine: bash tests/demo-loop.sh [WORKDIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-$(mktemp -d /tmp/atom-demo.XXXXXX)}
