@@ -47,13 +47,19 @@ pub fn run(config: &Path) -> Result<(), Failure> {
             Ok(other) => tracing::info!(outcome = ?other, "no update applied"),
             Err(e) => tracing::warn!(error = %e, "update failed; will retry at the next check"),
         }
-        let wake = Instant::now() + settings.check_interval + jitter(settings.check_interval);
+        let checked = Instant::now();
+        let mut wake = checked + settings.check_interval + jitter(settings.check_interval);
         while Instant::now() < wake && !stop.load(Ordering::Relaxed) {
             if reload.swap(false, Ordering::Relaxed) {
                 match Settings::load(config) {
                     Ok(s) => {
                         settings = s;
-                        tracing::info!("configuration reloaded");
+                        // A new interval counts from the last check, not from the reload.
+                        wake = checked + settings.check_interval + jitter(settings.check_interval);
+                        tracing::info!(
+                            interval = ?settings.check_interval, channel = %settings.channel,
+                            "configuration reloaded"
+                        );
                     }
                     Err(e) => tracing::error!(error = %e, "configuration not reloaded; keeping the old one"),
                 }

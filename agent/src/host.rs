@@ -25,10 +25,15 @@ pub struct Host {
     pub release: Release,
 }
 
-/// `major:minor` of the filesystem mounted at `/`, from /proc/self/mountinfo.
+/// `major:minor` of the filesystem mounted at `/`, from /proc/self/mountinfo. Mounts are
+/// listed in the order they were made, so with several on `/` the last is the one in use.
 fn root_devnum() -> Option<String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|l| {
+    root_devnum_in(&info)
+}
+
+fn root_devnum_in(info: &str) -> Option<String> {
+    info.lines().rev().find_map(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
         (f.get(4) == Some(&"/"))
             .then(|| f.get(2).map(|s| s.to_string()))
@@ -131,4 +136,18 @@ pub fn partition_is_mounted(disk: &Path, number: u32) -> bool {
                 .any(|l| l.split_whitespace().nth(2) == Some(devnum.as_str()))
         })
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_mount_on_root_wins() {
+        let info = "22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n\
+                    30 22 0:5 / /dev rw - devtmpfs udev rw\n\
+                    41 22 259:2 / / ro - ext4 /dev/vda2 ro\n";
+        assert_eq!(root_devnum_in(info).as_deref(), Some("259:2"));
+        assert_eq!(root_devnum_in("30 22 0:5 / /dev rw - devtmpfs udev rw\n"), None);
+    }
 }

@@ -7,6 +7,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use atom_dist::Digest;
@@ -17,6 +18,7 @@ use reqwest::blocking::Client;
 
 use crate::config::{Repo, Settings};
 use crate::error::Failure;
+use crate::slotio::CANCELLED;
 
 pub struct Sources {
     repos: Vec<Repo>,
@@ -179,17 +181,24 @@ impl Sources {
         digest: &Digest,
         dest: &Path,
         progress: &dyn Fn(u64),
+        cancel: &AtomicBool,
     ) -> Result<PathBuf, String> {
         let mut errors = Vec::new();
         for repo in &self.repos {
-            let result = match repo {
-                Repo::Dir(root) => Ok(root.join(rel)),
-                Repo::Http(base) => self
-                    .download(&format!("{base}/{rel}"), size, dest, progress)
-                    .map(|()| dest.to_owned()),
+            let path = match repo {
+                Repo::Dir(root) => root.join(rel),
+                Repo::Http(base) => match self.download(&format!("{base}/{rel}"), size, dest, progress, cancel) {
+                    Ok(()) => dest.to_owned(),
+                    Err(e) if e == CANCELLED => return Err(e),
+                    // The partial file stays: the next mirror or the next run resumes it.
+                    Err(e) => {
+                        errors.push(format!("{repo}: {e}"));
+                        continue;
+                    }
+                },
             };
-            match result.and_then(|p| check_file(&p, size, digest).map(|()| p)) {
-                Ok(p) => return Ok(p),
+            match check_file(&path, size, digest) {
+                Ok(()) => return Ok(path),
                 Err(e) => {
                     if matches!(repo, Repo::Http(_)) {
                         let _ = std::fs::remove_file(dest);
@@ -201,9 +210,19 @@ impl Sources {
         Err(join(&errors))
     }
 
-    fn download(&self, url: &str, size: u64, dest: &Path, progress: &dyn Fn(u64)) -> Result<(), String> {
+    fn download(
+        &self,
+        url: &str,
+        size: u64,
+        dest: &Path,
+        progress: &dyn Fn(u64),
+        cancel: &AtomicBool,
+    ) -> Result<(), String> {
         let mut attempt = 0;
         loop {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(CANCELLED.into());
+            }
             let have = std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
             if have == size {
                 return Ok(());
@@ -212,9 +231,9 @@ impl Sources {
                 std::fs::remove_file(dest).map_err(|e| e.to_string())?;
                 continue;
             }
-            match self.download_from(url, have, size, dest, progress) {
+            match self.download_from(url, have, size, dest, progress, cancel) {
                 Ok(()) => return Ok(()),
-                Err(e) if attempt >= self.retries => return Err(e),
+                Err(e) if attempt >= self.retries || e == CANCELLED => return Err(e),
                 Err(e) => tracing::warn!(%url, error = %e, resume_at = have, "download interrupted; resuming"),
             }
             attempt += 1;
@@ -229,6 +248,7 @@ impl Sources {
         size: u64,
         dest: &Path,
         progress: &dyn Fn(u64),
+        cancel: &AtomicBool,
     ) -> Result<(), String> {
         let mut req = self.http()?.get(url).timeout(self.transfer_timeout(size - from));
         if from > 0 {
@@ -246,6 +266,10 @@ impl Sources {
         let mut buf = vec![0u8; 256 * 1024];
         let mut total = file.metadata().map(|m| m.len()).unwrap_or(0);
         loop {
+            if cancel.load(Ordering::Relaxed) {
+                file.sync_all().map_err(|e| e.to_string())?;
+                return Err(CANCELLED.into());
+            }
             let n = resp.read(&mut buf).map_err(|e| format!("transfer failed: {e}"))?;
             if n == 0 {
                 break;

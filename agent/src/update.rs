@@ -433,6 +433,7 @@ impl Job<'_> {
                 &d.digest,
                 &self.work.join(format!("{}.delta.zst", d.digest.hex())),
                 self.progress.download_callback(),
+                self.opts.cancel,
             )
             .map_err(Failure::error)?;
         let raw = self.raw_delta(&zst)?;
@@ -479,6 +480,7 @@ impl Job<'_> {
                 &p.digest,
                 &self.work.join(format!("{}.img.zst", p.digest.hex())),
                 self.progress.download_callback(),
+                self.opts.cancel,
             )
             .map_err(Failure::error)?;
         self.progress.phase("writing the full image");

@@ -1,0 +1,193 @@
+//! atom-update over time: the daemon (SIGHUP reload, SIGTERM in the middle of a write), a
+//! server that goes away in the middle of a download, and finding the running slot without
+//! bootsel's record. Same test host as update.rs: loop-device GPT disk, real atom-dist.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Env, UPDATE, failed, ok, sibling};
+
+fn wait_for(log: &Path, needle: &str, after: usize, timeout: Duration) -> usize {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(i) = text[after.min(text.len())..].find(needle) {
+            return after + i + needle.len();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "no {needle:?} in the log within {timeout:?}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    ok(Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]));
+}
+
+fn spawn_daemon(env: &Env, failpoint: Option<&str>) -> (std::process::Child, std::path::PathBuf) {
+    let log = env.path("daemon.log");
+    let mut c = Command::new(UPDATE);
+    c.arg("--config")
+        .arg(env.path("update.toml"))
+        .arg("daemon")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    if let Some(f) = failpoint {
+        c.env("ATOM_UPDATE_FAILPOINT", f);
+    }
+    (c.spawn().unwrap(), log)
+}
+
+#[test]
+fn daemon_updates_reloads_on_sighup_and_stops_on_sigterm() {
+    let env = Env::new();
+    let url = env.url.clone();
+    env.write_config(&[&url], "check_interval = \"1h\"\n");
+    let (mut daemon, log) = spawn_daemon(&env, None);
+    let mut at = wait_for(&log, "update staged", 0, Duration::from_secs(60));
+    assert!(env.slot_holds("B", "v2.img"));
+
+    // SIGHUP re-reads the file: the new interval and channel are in use.
+    env.write_config(&[&url], "check_interval = \"2m\"\n");
+    let config = std::fs::read_to_string(env.path("update.toml")).unwrap();
+    std::fs::write(
+        env.path("update.toml"),
+        config.replace("channel = \"stable\"", "channel = \"edge\""),
+    )
+    .unwrap();
+    signal(daemon.id(), "HUP");
+    at = wait_for(
+        &log,
+        "configuration reloaded interval=120s channel=edge",
+        at,
+        Duration::from_secs(10),
+    );
+
+    // A broken file on SIGHUP: the daemon says so and keeps running on the old settings.
+    std::fs::write(env.path("update.toml"), "repositories = [\n").unwrap();
+    signal(daemon.id(), "HUP");
+    wait_for(&log, "configuration not reloaded", at, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(daemon.try_wait().unwrap().is_none(), "the daemon kept running");
+
+    signal(daemon.id(), "TERM");
+    let status = daemon.wait().unwrap();
+    assert!(status.success(), "SIGTERM is a clean stop: {status}");
+    wait_for(&log, "daemon stopped", 0, Duration::from_secs(1));
+}
+
+#[test]
+fn sigterm_in_the_middle_of_a_write_stops_cleanly_and_a_rerun_completes() {
+    let env = Env::new();
+    let url = env.url.clone();
+    env.write_config(&[&url], "routes = [\"full\"]\n");
+    let (mut daemon, log) = spawn_daemon(&env, Some("write-chunk:slow=300"));
+    wait_for(&log, "failpoint write-chunk: slowing", 0, Duration::from_secs(60));
+    let asked = Instant::now();
+    signal(daemon.id(), "TERM");
+    let status = daemon.wait().unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "stopped within a chunk, not at the end of the write"
+    );
+    assert!(status.success(), "{status}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("cancelled"), "{text}");
+    assert!(!text.contains("update staged"), "{text}");
+    // Half-written slot B is unbootable; A still boots; both GPT copies are valid.
+    assert_eq!(env.flags(3).0, 0, "B has priority 0");
+    let st = ok(Command::new(sibling("bootsel")).args(["status", "--disk", &env.loopdev]));
+    assert!(st.contains("GPT primary: valid; backup: valid"), "{st}");
+    assert!(st.contains("next boot: A"), "{st}");
+    assert!(!env.slot_holds("B", "v2.img"));
+    // The lock was released and the next run finishes the job.
+    let out = env.now_ok();
+    assert!(out.contains("staged 2.0.0 in slot B"), "{out}");
+    assert!(env.slot_holds("B", "v2.img"));
+}
+
+#[test]
+fn server_gone_in_the_middle_of_a_download_then_the_rerun_resumes() {
+    let mut env = Env::new();
+    let url = env.url.clone();
+    env.write_config(&[&url], "routes = [\"full\"]\n");
+    let run = Command::new(UPDATE)
+        .arg("--config")
+        .arg(env.path("update.toml"))
+        .arg("now")
+        .env("ATOM_UPDATE_FAILPOINT", "download-chunk:slow=200")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let a few pieces arrive, then the server disappears.
+    std::thread::sleep(Duration::from_millis(1500));
+    env.stop_server();
+    let out = run.wait_with_output().unwrap();
+    let err = failed(&out, 1, "every route failed");
+    assert!(err.contains("full-payload:"), "names the route that failed: {err}");
+    let st = ok(Command::new(sibling("bootsel")).args(["status", "--disk", &env.loopdev]));
+    assert!(st.contains("next boot: A"), "{st}");
+    assert_eq!(env.flags(2), (1, 0, 1), "the running slot A is untouched");
+    let partial: u64 = std::fs::read_dir(env.path("state/downloads"))
+        .expect("the partial download is kept")
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(partial > 0, "something was downloaded before the server went away");
+
+    // The server is back on the same address: the rerun resumes with Range.
+    let port = url.rsplit(':').next().unwrap().to_string();
+    env.start_server_at(&format!("127.0.0.1:{port}"));
+    let out = env.now_ok();
+    assert!(out.contains("staged 2.0.0 in slot B"), "{out}");
+    assert!(env.slot_holds("B", "v2.img"));
+    let st = env.status_json();
+    let downloaded = st["last_update"]["bytes_downloaded"].as_u64().unwrap();
+    let manifest = std::fs::read_to_string(env.path("repo/channels/stable/manifest.toml")).unwrap();
+    let payload: u64 = manifest
+        .split("[payload]")
+        .nth(1)
+        .and_then(|p| p.lines().find_map(|l| l.strip_prefix("size = ")))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    println!("payload {payload} bytes: {partial} before the server went away, {downloaded} after");
+    assert_eq!(
+        downloaded,
+        payload - partial,
+        "only the missing part was downloaded again"
+    );
+}
+
+#[test]
+fn running_slot_found_through_mountinfo_without_the_boot_record() {
+    let env = Env::new();
+    std::fs::remove_file(env.path("boot.toml")).unwrap();
+    // / is not on the test disk: a clear error, not a guess.
+    failed(&env.agent(&["status"]), 1, "cannot tell which slot is running");
+
+    // In a mount namespace with slot A's partition mounted on /, as bootsel leaves it.
+    ok(Command::new("partx").args(["-a", &env.loopdev]));
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg("mount -o ro \"$1\" / && exec \"$2\" --config \"$3\" status --json")
+        .arg("sh")
+        .arg(format!("{}p2", env.loopdev))
+        .arg(UPDATE)
+        .arg(env.path("update.toml"))
+        .output()
+        .unwrap();
+    let _ = Command::new("partx").args(["-d", &env.loopdev]).status();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["booted_slot"], "A", "{st}");
+    assert_eq!(st["detected_by"], "mountinfo", "{st}");
+    assert_eq!(st["disk"], env.loopdev.as_str(), "{st}");
+}
