@@ -11,6 +11,7 @@
 //! maintenance_window = "02:00-04:00"   # with reboot = "window" (UTC)
 //! disk = "/dev/vda"                    # default: from the boot record or the root mount
 //! labels = ["root-a", "root-b"]
+//! slot_devices = ["/dev/sda2", "/dev/sda3"]  # instead of disk + labels: the slot partitions
 //! http_timeout_secs = 30
 //! http_retries = 3
 //! state_dir = "/var/lib/atom"          # downloads, checkpoints, last result
@@ -49,8 +50,8 @@ struct Raw {
     reboot: RebootPolicy,
     maintenance_window: Option<String>,
     disk: Option<PathBuf>,
-    #[serde(default = "default_labels")]
-    labels: [String; 2],
+    labels: Option<[String; 2]>,
+    slot_devices: Option<[PathBuf; 2]>,
     #[serde(default = "default_timeout")]
     http_timeout_secs: u64,
     #[serde(default = "default_retries")]
@@ -91,9 +92,6 @@ fn default_tries() -> u8 {
 }
 fn default_reboot() -> RebootPolicy {
     RebootPolicy::Never
-}
-fn default_labels() -> [String; 2] {
-    ["root-a".into(), "root-b".into()]
 }
 fn default_timeout() -> u64 {
     30
@@ -195,6 +193,51 @@ fn parse_repo(s: &str) -> Result<Repo, String> {
     }
 }
 
+/// Slots given as partition devices: the disk and the labels they stand for, from sysfs
+/// (slots are still told apart by their GPT names, which the device nodes give us).
+fn slot_devices(devices: &[PathBuf; 2]) -> Result<(Option<PathBuf>, bootsel::SlotLabels), String> {
+    let [a, b] = [&devices[0], &devices[1]]
+        .map(|d| bootsel::sysfs::partition_of_device(d).map_err(|e| format!("`slot_devices`: {e}")));
+    let (a, b) = (a?, b?);
+    if a.disk != b.disk {
+        return Err(format!(
+            "`slot_devices`: the slots must be on one disk ({} is on {}, {} on {})",
+            devices[0].display(),
+            a.disk.display(),
+            devices[1].display(),
+            b.disk.display()
+        ));
+    }
+    // The kernel's PARTNAME when it scanned the table itself; else the GPT (partitions
+    // added with BLKPG, as partx does, carry no name in sysfs).
+    let label = |p: &bootsel::sysfs::PartitionInfo, dev: &Path| {
+        let name = match p.name.clone().filter(|n| !n.is_empty()) {
+            Some(n) => Some(n),
+            None => std::fs::File::open(&p.disk)
+                .map_err(|e| format!("`slot_devices`: cannot read {}: {e}", p.disk.display()))
+                .and_then(|mut f| {
+                    bootsel::BootTable::partition_name(&mut f, p.number)
+                        .map_err(|e| format!("`slot_devices`: {}: {e}", p.disk.display()))
+                })?
+                .filter(|n| !n.is_empty()),
+        };
+        name.ok_or_else(|| {
+            format!(
+                "`slot_devices`: {} has no GPT partition name; Atom tells the slots apart by name",
+                dev.display()
+            )
+        })
+    };
+    let labels = bootsel::SlotLabels {
+        a: label(&a, &devices[0])?,
+        b: label(&b, &devices[1])?,
+    };
+    if labels.a == labels.b {
+        return Err("`slot_devices`: both partitions have the same name".into());
+    }
+    Ok((Some(a.disk), labels))
+}
+
 impl Settings {
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -229,6 +272,14 @@ impl Settings {
         if raw.routes.is_empty() {
             return Err("`routes` must allow at least one route".into());
         }
+        let (disk, labels) = match (raw.slot_devices, raw.disk, raw.labels) {
+            (Some(devices), None, None) => slot_devices(&devices)?,
+            (Some(_), _, _) => return Err("`slot_devices` replaces `disk` and `labels`; give one or the other".into()),
+            (None, disk, labels) => {
+                let [a, b] = labels.unwrap_or_else(|| ["root-a".into(), "root-b".into()]);
+                (disk, bootsel::SlotLabels { a, b })
+            }
+        };
         Ok(Settings {
             routes: raw.routes,
             path: path.to_owned(),
@@ -239,11 +290,8 @@ impl Settings {
             tries: raw.tries,
             reboot: raw.reboot,
             window,
-            disk: raw.disk,
-            labels: bootsel::SlotLabels {
-                a: raw.labels[0].clone(),
-                b: raw.labels[1].clone(),
-            },
+            disk,
+            labels,
             http_timeout: Duration::from_secs(raw.http_timeout_secs.max(1)),
             http_retries: raw.http_retries,
             state_dir: raw.state_dir,

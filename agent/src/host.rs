@@ -41,19 +41,6 @@ fn root_devnum_in(info: &str) -> Option<String> {
     })
 }
 
-/// (disk path, partition number) of a block device number, through sysfs.
-fn partition_of(devnum: &str) -> Option<(PathBuf, u32)> {
-    let sys = PathBuf::from(format!("/sys/dev/block/{devnum}"));
-    let number: u32 = std::fs::read_to_string(sys.join("partition"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let real = std::fs::canonicalize(&sys).ok()?;
-    let disk = real.parent()?.file_name()?.to_str()?.to_owned();
-    Some((PathBuf::from("/dev").join(disk), number))
-}
-
 pub fn open_disk(disk: &Path, write: bool) -> Result<File, Failure> {
     OpenOptions::new()
         .read(true)
@@ -95,12 +82,16 @@ impl Host {
                 release,
             });
         }
-        let (root_disk, number) = root_devnum().as_deref().and_then(partition_of).ok_or_else(|| {
-            Failure::error(format!(
-                "cannot tell which slot is running: no boot record at {} and / is not on a disk partition",
-                s.boot_record.display()
-            ))
-        })?;
+        let (root_disk, number) = root_devnum()
+            .as_deref()
+            .and_then(bootsel::sysfs::partition_by_devnum)
+            .map(|p| (p.disk, p.number))
+            .ok_or_else(|| {
+                Failure::error(format!(
+                    "cannot tell which slot is running: no boot record at {} and / is not on a disk partition",
+                    s.boot_record.display()
+                ))
+            })?;
         let disk = s.disk.clone().unwrap_or(root_disk);
         let (_, table) = load_table(&disk, s, false)?;
         let running = table

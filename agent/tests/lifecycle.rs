@@ -191,3 +191,46 @@ fn running_slot_found_through_mountinfo_without_the_boot_record() {
     assert_eq!(st["detected_by"], "mountinfo", "{st}");
     assert_eq!(st["disk"], env.loopdev.as_str(), "{st}");
 }
+
+#[test]
+fn slots_given_as_partition_devices() {
+    let env = Env::new();
+    ok(Command::new("partx").args(["-a", &env.loopdev]));
+    let (a, b) = (format!("{}p2", env.loopdev), format!("{}p3", env.loopdev));
+    let url = env.url.clone();
+    env.write_config(&[&url], &format!("slot_devices = [\"{a}\", \"{b}\"]\n"));
+    let st = env.status_json();
+    let out = env.agent(&["now"]);
+    // Bad device lists: each names the problem.
+    let bad = [
+        (
+            format!("slot_devices = [\"{a}\", \"{}\"]\n", env.path("boot.toml").display()),
+            "is not a block device",
+        ),
+        (
+            format!("slot_devices = [\"{a}\", \"{}\"]\n", env.loopdev),
+            "is not a disk partition",
+        ),
+        (format!("slot_devices = [\"{a}\", \"{a}\"]\n"), "same name"),
+        (
+            format!("slot_devices = [\"{a}\", \"{b}\"]\nlabels = [\"x\", \"y\"]\n"),
+            "replaces `disk` and `labels`",
+        ),
+    ];
+    let bad_outs: Vec<_> = bad
+        .iter()
+        .map(|(extra, needle)| {
+            env.write_config(&[&url], extra);
+            (env.agent(&["status"]), *needle)
+        })
+        .collect();
+    let _ = Command::new("partx").args(["-d", &env.loopdev]).status();
+
+    assert_eq!(st["disk"], env.loopdev.as_str(), "{st}");
+    assert_eq!(st["slots"][0]["label"], "root-a", "{st}");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(env.slot_holds("B", "v2.img"));
+    for (out, needle) in bad_outs {
+        failed(&out, 1, needle);
+    }
+}

@@ -14,3 +14,42 @@ pub fn partition_dir(disk: &Path, number: u32) -> Option<PathBuf> {
         .map(|e| e.path())
         .find(|p| fs::read_to_string(p.join("partition")).is_ok_and(|s| s.trim() == number.to_string()))
 }
+
+/// A partition block device as the kernel sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionInfo {
+    /// The whole disk, e.g. /dev/sda for /dev/sda2.
+    pub disk: PathBuf,
+    pub number: u32,
+    /// The GPT partition name (PARTLABEL), when the table has one.
+    pub name: Option<String>,
+}
+
+/// What `/sys/dev/block/<major:minor>` says about a partition.
+pub fn partition_by_devnum(devnum: &str) -> Option<PartitionInfo> {
+    let sys = PathBuf::from(format!("/sys/dev/block/{devnum}"));
+    let number = fs::read_to_string(sys.join("partition")).ok()?.trim().parse().ok()?;
+    let name = fs::read_to_string(sys.join("uevent"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("PARTNAME=").map(str::to_owned));
+    let real = fs::canonicalize(&sys).ok()?;
+    let disk = real.parent()?.file_name()?.to_str()?.to_owned();
+    Some(PartitionInfo {
+        disk: PathBuf::from("/dev").join(disk),
+        number,
+        name,
+    })
+}
+
+/// The partition behind a device node such as /dev/sda2 or /dev/disk/by-partlabel/root-a.
+pub fn partition_of_device(dev: &Path) -> Result<PartitionInfo, String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = fs::metadata(dev).map_err(|e| format!("{}: {e}", dev.display()))?;
+    if !meta.file_type().is_block_device() {
+        return Err(format!("{} is not a block device", dev.display()));
+    }
+    let rdev = meta.rdev();
+    let devnum = format!("{}:{}", nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    partition_by_devnum(&devnum).ok_or_else(|| format!("{} ({devnum}) is not a disk partition", dev.display()))
+}

@@ -282,6 +282,23 @@ impl BootTable {
         })
     }
 
+    /// The GPT name of partition `number` (1-based), from a valid copy of the table: how
+    /// a partition device given by path maps to a slot label.
+    pub fn partition_name(disk: &mut File, number: u32) -> Result<Option<String>, TableError> {
+        let ss = detect_sector_size(disk)?;
+        let sectors = disk_len(disk)? / ss;
+        let good = match read_copy(disk, ss, 1, sectors) {
+            Ok(p) => p,
+            Err(primary) => read_copy(disk, ss, sectors - 1, sectors)
+                .map_err(|backup| TableError::BothCorrupt { primary, backup })?,
+        };
+        Ok(number
+            .checked_sub(1)
+            .and_then(|i| good.entries.get(i as usize))
+            .filter(|e| e.is_used())
+            .map(|e| e.partition_name.as_str().to_owned()))
+    }
+
     pub fn slots(&self) -> &[Slot; 2] {
         &self.slots
     }

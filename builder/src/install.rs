@@ -38,6 +38,8 @@ board = \"x86_64-generic\"
 # tries = 3
 # reboot = \"never\"          # never | immediate | window
 # maintenance_window = \"02:00-04:00\"
+# labels = [\"root-a\", \"root-b\"]  # slot partitions by GPT name, or by device:
+# slot_devices = [\"/dev/sda2\", \"/dev/sda3\"]
 ";
 
 fn write(path: &Path, text: &str, mode: u32) -> Result<()> {
