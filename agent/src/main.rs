@@ -61,8 +61,13 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
                     stats,
                     downloaded,
                 } => {
+                    let resumed = if stats.resumed > 0 {
+                        format!(", {} bytes already done by an interrupted run", stats.resumed)
+                    } else {
+                        String::new()
+                    };
                     println!(
-                        "staged {version} in slot {slot} via {}: downloaded {downloaded} bytes, wrote {} bytes, reused {} bytes; reboot to use it",
+                        "staged {version} in slot {slot} via {}: downloaded {downloaded} bytes, wrote {} bytes, reused {} bytes{resumed}; reboot to use it",
                         route.name(),
                         stats.written,
                         stats.skipped

@@ -25,6 +25,17 @@ pub struct WriteStats {
     pub written: u64,
     /// Bytes already correct on the device, not rewritten.
     pub skipped: u64,
+    /// Bytes below a checkpoint of an earlier run: neither read nor written again.
+    pub resumed: u64,
+}
+
+/// Progress is made durable and recorded this often, so a rerun skips what is done.
+const CHECKPOINT_EVERY: u64 = 16 << 20;
+
+/// Where an interrupted earlier run got to, and how to record progress for the next one.
+pub struct Resume<'a> {
+    pub durable: u64,
+    pub save: &'a dyn Fn(u64) -> io::Result<()>,
 }
 
 pub struct SlotWriter<'a> {
@@ -37,6 +48,8 @@ pub struct SlotWriter<'a> {
     stats: WriteStats,
     cancel: &'a AtomicBool,
     progress: &'a dyn Fn(WriteStats),
+    resume: Option<Resume<'a>>,
+    saved: u64,
 }
 
 impl<'a> SlotWriter<'a> {
@@ -58,7 +71,16 @@ impl<'a> SlotWriter<'a> {
             stats: WriteStats::default(),
             cancel,
             progress,
+            resume: None,
+            saved: 0,
         }
+    }
+
+    /// Skips what a checkpoint says is done and records new checkpoints as it goes.
+    pub fn with_resume(mut self, resume: Resume<'a>) -> Self {
+        self.saved = resume.durable;
+        self.resume = Some(resume);
+        self
     }
 
     fn flush_chunk(&mut self) -> io::Result<()> {
@@ -75,6 +97,12 @@ impl<'a> SlotWriter<'a> {
                 "image does not fit the slot ({} bytes)",
                 self.limit
             )));
+        }
+        let durable = self.resume.as_ref().map_or(0, |r| r.durable);
+        if self.pos + len as u64 <= durable {
+            self.stats.resumed += len as u64;
+            self.advance(len);
+            return Ok(());
         }
         let at = self.offset + self.pos;
         let existing = &mut self.existing[..len];
@@ -100,12 +128,23 @@ impl<'a> SlotWriter<'a> {
             self.stats.written += (j - i) as u64;
             i = j;
         }
+        self.advance(len);
+        if let Some(r) = &self.resume
+            && self.pos >= self.saved + CHECKPOINT_EVERY
+        {
+            self.file.sync_data()?;
+            (r.save)(self.pos)?;
+            self.saved = self.pos;
+        }
+        crate::failpoint::hit("write-chunk");
+        Ok(())
+    }
+
+    fn advance(&mut self, len: usize) {
         self.pos += len as u64;
         self.stats.total = self.pos;
         self.buf.clear();
         (self.progress)(self.stats);
-        crate::failpoint::hit("write-chunk");
-        Ok(())
     }
 
     /// Writes what is buffered and makes it durable.
@@ -207,6 +246,39 @@ mod tests {
             hash_range(&f, 8192, new.len() as u64, &|_| {}).unwrap(),
             Digest::of(&new)
         );
+    }
+
+    #[test]
+    fn resumes_past_a_checkpoint_and_records_new_ones() {
+        let f = tempfile::tempfile().unwrap();
+        let len = 20 * CHUNK;
+        f.set_len(len as u64).unwrap();
+        let cancel = AtomicBool::new(false);
+        let saved = std::cell::RefCell::new(Vec::new());
+        let save = |n: u64| {
+            saved.borrow_mut().push(n);
+            Ok(())
+        };
+        let mut w = SlotWriter::new(&f, 0, len as u64, &cancel, &|_| {}).with_resume(Resume {
+            durable: 2 * CHUNK as u64,
+            save: &save,
+        });
+        w.write_all(&vec![1u8; len]).unwrap();
+        let stats = w.finish().unwrap();
+        assert_eq!(stats.resumed, 2 * CHUNK as u64);
+        assert_eq!(stats.written, 18 * CHUNK as u64);
+        assert_eq!(
+            *saved.borrow(),
+            [18 * CHUNK as u64],
+            "every 16 MiB past the old checkpoint"
+        );
+        let mut back = vec![0u8; len];
+        f.read_exact_at(&mut back, 0).unwrap();
+        assert!(
+            back[..2 * CHUNK].iter().all(|&b| b == 0),
+            "below the checkpoint: not touched"
+        );
+        assert!(back[2 * CHUNK..].iter().all(|&b| b == 1));
     }
 
     #[test]

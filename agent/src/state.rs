@@ -35,6 +35,9 @@ pub struct LastResult {
     pub bytes_written: u64,
     #[serde(default)]
     pub bytes_skipped: u64,
+    /// Bytes a checkpoint of an interrupted run showed were already in place.
+    #[serde(default)]
+    pub bytes_resumed: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +70,41 @@ impl State {
         let text = toml::to_string(self).map_err(|e| Failure::error(e.to_string()))?;
         atom_dist::fsutil::write_atomic_bytes(&Self::path(dir), 0o600, text.as_bytes())
             .map_err(|e| Failure::error(format!("cannot write {}: {e}", Self::path(dir).display())))
+    }
+}
+
+/// How far an interrupted write of the inactive slot got: the first `durable` bytes of
+/// `slot` were written, flushed to the device, and are `target`'s. A rerun for the same
+/// target skips them; the final read-back of the whole slot still checks every byte.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    pub slot: String,
+    pub target: String,
+    pub durable: u64,
+}
+
+impl Checkpoint {
+    fn path(dir: &Path) -> PathBuf {
+        dir.join("checkpoint.toml")
+    }
+
+    /// Bytes to skip when writing `target` into `slot`: 0 unless the checkpoint is for them.
+    pub fn durable_for(dir: &Path, slot: &str, target: &str) -> u64 {
+        std::fs::read_to_string(Self::path(dir))
+            .ok()
+            .and_then(|t| toml::from_str::<Checkpoint>(&t).ok())
+            .filter(|c| c.slot == slot && c.target == target)
+            .map_or(0, |c| c.durable)
+    }
+
+    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        let text = toml::to_string(self).map_err(std::io::Error::other)?;
+        atom_dist::fsutil::write_atomic_bytes(&Self::path(dir), 0o600, text.as_bytes())
+    }
+
+    pub fn clear(dir: &Path) {
+        let _ = std::fs::remove_file(Self::path(dir));
     }
 }
 

@@ -26,7 +26,7 @@ use crate::host::{self, Host};
 use crate::progress::Progress;
 use crate::slotio::{self, SlotWriter, WriteStats};
 use crate::source::Sources;
-use crate::state::{LastResult, Lock, SlotContent, State};
+use crate::state::{Checkpoint, LastResult, Lock, SlotContent, State};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
@@ -124,6 +124,9 @@ struct Job<'a> {
     opts: &'a Options<'a>,
     work: PathBuf,
     progress: Progress,
+    /// Bytes of the inactive slot an interrupted run already wrote for this target.
+    resume_from: std::cell::Cell<u64>,
+    save_checkpoint: &'a dyn Fn(u64) -> std::io::Result<()>,
 }
 
 pub fn now(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
@@ -180,6 +183,7 @@ fn last_result(o: &Outcome) -> LastResult {
             bytes_downloaded: *downloaded,
             bytes_written: stats.written,
             bytes_skipped: stats.skipped,
+            bytes_resumed: stats.resumed,
         },
     }
 }
@@ -250,7 +254,24 @@ fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
 
     let work = s.state_dir.join("downloads");
     std::fs::create_dir_all(&work).map_err(|e| Failure::error(format!("cannot create {}: {e}", work.display())))?;
+    let target_digest = target.image.digest.to_string();
+    let resume_from = Checkpoint::durable_for(&s.state_dir, inactive_name.as_str(), &target_digest);
+    if resume_from > 0 {
+        tracing::info!(bytes = resume_from, "resuming an interrupted write from its checkpoint");
+    } else {
+        Checkpoint::clear(&s.state_dir);
+    }
+    let save_checkpoint = |durable: u64| {
+        Checkpoint {
+            slot: inactive_name.as_str().to_owned(),
+            target: target_digest.clone(),
+            durable,
+        }
+        .save(&s.state_dir)
+    };
     let job = Job {
+        resume_from: std::cell::Cell::new(resume_from),
+        save_checkpoint: &save_checkpoint,
         s,
         sources: &sources,
         target: &target,
@@ -280,6 +301,7 @@ fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
         },
     );
     state.save(&s.state_dir)?;
+    Checkpoint::clear(&s.state_dir);
     let _ = std::fs::remove_dir_all(s.state_dir.join("downloads"));
     tracing::info!(
         version = %target.version, slot = %inactive_name, route = route.name(),
@@ -327,6 +349,9 @@ impl Job<'_> {
                 return Ok((route, stats));
             }
             verify_failed = true;
+            // Whatever the checkpoint vouched for did not hold: the next route writes all.
+            self.resume_from.set(0);
+            Checkpoint::clear(&self.s.state_dir);
             tracing::warn!(route = route.name(), got = %digest, want = %self.target.image.digest, "written slot does not match the signed digest");
             failures.push(format!(
                 "{}: written image has digest {digest}, the manifest says {}",
@@ -353,6 +378,10 @@ impl Job<'_> {
             self.opts.cancel,
             self.progress.write_callback(),
         )
+        .with_resume(slotio::Resume {
+            durable: self.resume_from.get(),
+            save: self.save_checkpoint,
+        })
     }
 
     fn map_running(&self, len: u64) -> Result<Mmap, Failure> {

@@ -208,9 +208,13 @@ fn crash_during_write_or_download_resumes() {
     assert!(env.slot_holds("B", "v2.img"));
     let st = env.status_json();
     let written = st["last_update"]["bytes_written"].as_u64().unwrap();
+    let resumed = st["last_update"]["bytes_resumed"].as_u64().unwrap();
     let total = std::fs::metadata(env.path("v2.img")).unwrap().len();
-    println!("after 3 crashes the final run wrote {written} of {total} bytes");
+    println!("after 3 crashes the final run wrote {written} of {total} bytes, resumed past {resumed}");
     assert!(written < total, "the rerun did not rewrite blocks already written");
+    // The last crash came after 20 MiB; the checkpoint (every 16 MiB) vouched for 16.
+    assert_eq!(resumed, 16 << 20, "resumed from the persisted checkpoint");
+    assert!(!env.path("state/checkpoint.toml").exists(), "cleared once staged");
 }
 
 #[test]
