@@ -60,6 +60,7 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
                     route,
                     stats,
                     downloaded,
+                    uploaded,
                 } => {
                     let resumed = if stats.resumed > 0 {
                         format!(", {} bytes already done by an interrupted run", stats.resumed)
@@ -67,8 +68,13 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
                         String::new()
                     };
                     println!(
-                        "staged {version} in slot {slot} via {}: downloaded {downloaded} bytes, wrote {} bytes, reused {} bytes{resumed}; reboot to use it",
+                        "staged {version} in slot {slot} via {}: downloaded {downloaded} bytes{}, wrote {} bytes, reused {} bytes{resumed}; reboot to use it",
                         route.name(),
+                        if *uploaded > 0 {
+                            format!(" (uploaded {uploaded})")
+                        } else {
+                            String::new()
+                        },
                         stats.written,
                         stats.skipped
                     );
@@ -116,14 +122,19 @@ fn init_logging(verbose: u8) {
     let default = ["info", "debug", "trace"][usize::from(verbose.min(2))];
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    // Under systemd, log straight to the journal with structured fields (VERSION=,
-    // SLOT=, ROUTE=, … usable with `journalctl -o json`).
+    // Under systemd, log straight to the journal with structured fields (ATOM_VERSION=,
+    // ATOM_SLOT=, ATOM_ROUTE=, … usable with `journalctl -o json`); the prefix keeps them
+    // apart from journald's own fields.
     if journald && let Ok(layer) = tracing_journald::layer() {
         use tracing_subscriber::layer::SubscriberExt;
         use tracing_subscriber::util::SubscriberInitExt;
         tracing_subscriber::registry()
             .with(filter)
-            .with(layer.with_syslog_identifier("atom-update".into()))
+            .with(
+                layer
+                    .with_syslog_identifier("atom-update".into())
+                    .with_field_prefix(Some("ATOM".into())),
+            )
             .init();
         return;
     }

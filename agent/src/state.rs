@@ -32,6 +32,8 @@ pub struct LastResult {
     #[serde(default)]
     pub bytes_downloaded: u64,
     #[serde(default)]
+    pub bytes_uploaded: u64,
+    #[serde(default)]
     pub bytes_written: u64,
     #[serde(default)]
     pub bytes_skipped: u64,

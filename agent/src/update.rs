@@ -65,6 +65,8 @@ pub enum Outcome {
         route: Route,
         stats: WriteStats,
         downloaded: u64,
+        /// The running slot's signature sent to the rsync endpoint (0 on other routes).
+        uploaded: u64,
     },
 }
 
@@ -126,6 +128,7 @@ struct Job<'a> {
     progress: Progress,
     /// Bytes of the inactive slot an interrupted run already wrote for this target.
     resume_from: std::cell::Cell<u64>,
+    uploaded: std::cell::Cell<u64>,
     save_checkpoint: &'a dyn Fn(u64) -> std::io::Result<()>,
 }
 
@@ -174,6 +177,7 @@ fn last_result(o: &Outcome) -> LastResult {
             route,
             stats,
             downloaded,
+            uploaded,
         } => LastResult {
             time,
             outcome: "staged".into(),
@@ -181,6 +185,7 @@ fn last_result(o: &Outcome) -> LastResult {
             version: Some(version.clone()),
             route: Some(route.name().into()),
             bytes_downloaded: *downloaded,
+            bytes_uploaded: *uploaded,
             bytes_written: stats.written,
             bytes_skipped: stats.skipped,
             bytes_resumed: stats.resumed,
@@ -271,6 +276,7 @@ fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
     };
     let job = Job {
         resume_from: std::cell::Cell::new(resume_from),
+        uploaded: std::cell::Cell::new(0),
         save_checkpoint: &save_checkpoint,
         s,
         sources: &sources,
@@ -284,6 +290,7 @@ fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
     };
     let (route, stats) = job.write_by_cheapest_route(&host)?;
     let downloaded = job.progress.downloaded();
+    let uploaded = job.uploaded.get();
     job.progress.finish();
 
     // Step 5: flip, only now that the slot holds exactly the signed image.
@@ -305,7 +312,7 @@ fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
     let _ = std::fs::remove_dir_all(s.state_dir.join("downloads"));
     tracing::info!(
         version = %target.version, slot = %inactive_name, route = route.name(),
-        written = stats.written, skipped = stats.skipped, downloaded,
+        written = stats.written, skipped = stats.skipped, downloaded, uploaded,
         "update staged: slot set to boot next on trial"
     );
     Ok(Outcome::Staged {
@@ -314,6 +321,7 @@ fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
         route,
         stats,
         downloaded,
+        uploaded,
     })
 }
 
@@ -481,6 +489,7 @@ impl Job<'_> {
         self.progress.phase("computing the running slot's signature");
         let sig = delta::signature_of(&base);
         let body = zstd::bulk::compress(sig.serialized(), 3).map_err(io_failure)?;
+        self.uploaded.set(self.uploaded.get() + body.len() as u64);
         self.progress.phase("fetching an rsync delta from the server");
         let zst = self.work.join("rsync.delta.zst");
         self.sources

@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{Env, UPDATE, failed, ok, sibling, tree};
+use common::{Env, SLOT_MIB, UPDATE, failed, ok, sibling, tree};
 
 #[test]
 fn precomputed_delta_route_stages_verifies_and_flips() {
@@ -55,6 +55,9 @@ fn routes_fall_through_rsync_then_full() {
     );
     assert!(out.contains("via rsync-delta"), "{out}");
     assert!(env.slot_holds("B", "v2.img"));
+    // The signature went up: a few bytes per 4 KiB block of the running slot, compressed.
+    let up = env.status_json()["last_update"]["bytes_uploaded"].as_u64().unwrap();
+    assert!(up > 0 && up < (SLOT_MIB << 20) / 4096 * 12, "uploaded {up}");
 
     // No server, a local repository only: precomputed (broken) → full payload.
     env.stop_server();

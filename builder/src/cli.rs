@@ -89,8 +89,10 @@ pub struct DiskArgs {
     /// Initramfs (from `atom-build initramfs`).
     #[arg(long)]
     pub initramfs: PathBuf,
-    /// Kernel command line of the loader entry.
-    #[arg(long, default_value = "console=tty0 console=ttyS0 panic=10")]
+    /// Kernel command line of the loader entry. Keep `ro`: systemd remounts a root that is
+    /// not in /etc/fstab read-write unless the command line says ro, and a slot written to
+    /// by its own mount no longer matches its signed image (its deltas cannot be used).
+    #[arg(long, default_value = "ro console=tty0 console=ttyS0 panic=10")]
     pub cmdline: String,
     /// systemd-boot's EFI binary (Debian package systemd-boot-efi).
     #[arg(long, default_value = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi")]

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# The Atom systemd units under a real systemd: a Debian root (mmdebstrap, the host's apt
+# sources) with atom-update and the units installed by `atom-build install-units`, booted
+# in qemu like tests/vm.sh (same kernel, initramfs, disk and exchange disk).
+#
+#   boot 1: 1.0.0 from A; atom-health.service passes, atom-mark-good.service runs;
+#           `systemctl start atom-update.service` stages 2.0.0 (hardened unit, journald
+#           fields ATOM_VERSION/ATOM_ROUTE checked with journalctl -o json)
+#   boot 2: 2.0.0 from B on trial; health passes before boot-complete.target; marked good
+#           by atom-mark-good.service; the unit stages 3.0.0
+#   boot 3: 3.0.0: its health check fails -> atom-mark-bad.service marks the slot bad and
+#           reboots
+#   boot 4: back on 2.0.0; the previous boot's journal shows what the units did
+#
+# Usage (root, Debian): bash tests/vm-systemd.sh [WORKDIR]
+set -euo pipefail
+work=${1:-}
+# shellcheck source=tests/vm-lib.sh
+source "$(dirname "$0")/vm-lib.sh"
+
+suite=$(. /etc/os-release && echo "$VERSION_CODENAME")
+base=$work/sysbase
+step "a Debian $suite root with systemd (mmdebstrap --variant=minbase, the host's apt sources)"
+if [[ ! -x $base/usr/lib/systemd/systemd ]]; then
+  rm -rf "$base"
+  mmdebstrap --quiet --variant=minbase --include=systemd-sysv,udev \
+    --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
+    --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
+    "$suite" "$base"
+fi
+du -sh "$base" | sed 's/^/    /'
+
+sample_root() { # DIR VERSION
+  local root=$1 version=$2
+  rm -rf "$root"
+  cp -a "$base" "$root"
+  "$build" install-units --root "$root" --bin-dir "$(dirname "$update_static")" >/dev/null
+  cp "$work/signer.pub" "$root/etc/atom/keys/"
+  cat > "$root/etc/atom/update.toml" <<'EOF'
+repositories = ["file:///mnt/exchange/repo"]
+channel = "stable"
+board = "x86_64-generic"
+tries = 2
+EOF
+  echo atom-vm > "$root/etc/hostname"
+  mkdir -p "$root/mnt/exchange"
+  echo '/dev/vdb /mnt/exchange ext4 ro,nofail,x-systemd.device-timeout=10s 0 0' > "$root/etc/fstab"
+  # Test-only units: a banner with the version and slot, and the control script from the
+  # exchange disk, run once the slot was marked good, then power off.
+  cat > "$root/etc/systemd/system/atom-vm-banner.service" <<'EOF'
+[Unit]
+Description=Atom VM test banner
+After=local-fs.target
+[Service]
+Type=oneshot
+StandardOutput=journal+console
+ExecStart=/bin/sh -c 'echo "ATOM-SAMPLE: running $(sed -n "s/^version = \\"\\(.*\\)\\"/\\1/p" /usr/lib/atom/release) from slot $(sed -n "s/^slot = \\"\\(.*\\)\\"/\\1/p" /run/atom/boot.toml)"'
+[Install]
+WantedBy=multi-user.target
+EOF
+  cat > "$root/etc/systemd/system/atom-vm-control.service" <<'EOF'
+[Unit]
+Description=Atom VM test control script
+Requires=atom-mark-good.service mnt-exchange.mount
+After=atom-mark-good.service mnt-exchange.mount multi-user.target sysinit.target
+DefaultDependencies=no
+Conflicts=shutdown.target
+Before=shutdown.target
+[Service]
+Type=oneshot
+StandardOutput=journal+console
+StandardError=journal+console
+ExecStart=/bin/sh -c 'echo "ATOM-SAMPLE: control script begins"; sh /mnt/exchange/control.sh; echo "ATOM-SAMPLE: control script exited $?"'
+ExecStartPost=/usr/bin/systemctl --no-block poweroff
+[Install]
+WantedBy=multi-user.target
+EOF
+  systemctl --root="$root" enable atom-health.service atom-mark-good.service \
+    atom-vm-banner.service atom-vm-control.service 2>&1 | sed 's/^/    /' >/dev/null
+}
+
+step "the sample OS (Debian + systemd + Atom units) in three versions"
+sample_root "$work/root-v1" 1.0.0
+"$build" image --rootfs "$work/root-v1" --version 1.0.0 --size 400M --out "$work/v1.img"
+sample_root "$work/root-v2" 2.0.0
+echo "new in 2.0.0" > "$work/root-v2/etc/feature"
+"$build" image --rootfs "$work/root-v2" --version 2.0.0 --size 400M --out "$work/v2.img" --base "$work/v1.img"
+sample_root "$work/root-v3" 3.0.0
+printf '#!/bin/sh\necho "the sample service of 3.0.0 does not start" >&2\nexit 1\n' \
+  > "$work/root-v3/usr/lib/atom/health.d/50-broken-service"
+chmod 755 "$work/root-v3/usr/lib/atom/health.d/50-broken-service"
+"$build" image --rootfs "$work/root-v3" --version 3.0.0 --size 400M --out "$work/v3.img" --base "$work/v2.img"
+
+step "the host's disk: atom-build disk (root-a = 1.0.0)"
+"$build" disk --image "$work/v1.img" --kernel "$vmlinuz" --initramfs "$work/initrd.img" \
+  --cmdline "ro console=ttyS0 panic=1" --slot-size 400M --out "$work/disk.img"
+
+journal_fields='journalctl -u atom-update.service -o json --no-pager | grep -oE "\"ATOM_(VERSION|ROUTE|SLOT)\":\"[^\"]*\"" | sort -u | sed "s/^/JOURNAL: /"'
+
+step "boot 1: 1.0.0 from A under systemd; the update unit stages 2.0.0"
+publish "$work/v1.img"
+publish "$work/v2.img"
+control <<EOF
+systemctl is-active atom-health.service atom-mark-good.service | tr '\n' ' ' | sed 's/^/UNITS: /'; echo
+systemctl start atom-update.service
+systemctl show -p Result atom-update.service
+$journal_fields
+atom-update status
+EOF
+boot
+expect "ATOM-SAMPLE: running 1.0.0 from slot A" "1.0.0 runs from slot A under systemd"
+expect "UNITS: active active" "atom-health.service and atom-mark-good.service ran"
+expect "Result=success" "atom-update.service (hardened) succeeded"
+expect 'JOURNAL: "ATOM_VERSION":"2.0.0"' "the journal has ATOM_VERSION=2.0.0 (journalctl -o json)"
+expect 'JOURNAL: "ATOM_ROUTE":"precomputed-delta"' "and ATOM_ROUTE=precomputed-delta"
+expect "\]: B +root-b +2\.0\.0 .*boots next" "2.0.0 staged in slot B"
+
+step "boot 2: 2.0.0 on trial; health checks before boot-complete.target; marked good; stage 3.0.0"
+publish "$work/v3.img"
+control <<EOF
+systemctl is-active boot-complete.target atom-mark-good.service | tr '\n' ' ' | sed 's/^/UNITS: /'; echo
+atom-update status
+systemctl start atom-update.service
+systemctl show -p Result atom-update.service
+EOF
+boot
+expect "ATOM-SAMPLE: running 2.0.0 from slot B" "2.0.0 runs from slot B"
+expect "UNITS: active active" "boot-complete.target reached, atom-mark-good.service ran"
+expect "\]: B +root-b +2\.0\.0 +[0-9]+ +0 +yes +booted" "slot B marked successful"
+expect "Result=success" "3.0.0 staged by the unit"
+
+step "boot 3: 3.0.0's health check fails: atom-mark-bad.service marks it bad and reboots"
+control <<'EOF'
+echo "ATOM-SAMPLE: should not run after a failed health check"
+EOF
+boot
+expect "ATOM-SAMPLE: running 3.0.0 from slot A" "3.0.0 runs from slot A"
+expect "FAILED.*Failed to start atom-healt" "atom-health.service failed"
+refute "ATOM-SAMPLE: control script begins" "boot-complete.target was not reached; nothing marked good"
+
+step "boot 4: back on 2.0.0; the journal of boot 3 shows the units' work"
+control <<'EOF'
+journalctl -b -1 -o cat --no-pager -u atom-health.service -u atom-mark-bad.service | sed 's/^/PREVIOUS: /'
+atom-update status
+EOF
+boot
+expect "ATOM-SAMPLE: running 2.0.0 from slot B" "back on 2.0.0 from slot B"
+expect "PREVIOUS: .*50-broken-service" "boot 3's journal: the failing check by name"
+expect "PREVIOUS: .*marked bad" "boot 3's journal: atom-mark-bad.service marked the slot bad"
+expect "\]: A +root-a +3\.0\.0 .*not bootable" "slot A (3.0.0) is not bootable"
+
+step "all steps passed; files are in $work"
