@@ -102,9 +102,24 @@ pub fn mkfs(p: &MkfsParams<'_>) -> Result<()> {
 
 /// Full read-only fsck: the builder never hands out an image e2fsck would complain about.
 pub fn fsck_check(image: &Path) -> Result<()> {
-    run(Command::new("e2fsck").args(["-f", "-n"]).arg(image).env("LC_ALL", "C"))
-        .with_context(|| format!("{} failed the filesystem check", image.display()))
-        .map(drop)
+    let out = Command::new("e2fsck")
+        .args(["-f", "-n"])
+        .arg(image)
+        .env("LC_ALL", "C")
+        .output()
+        .context("cannot run e2fsck (is e2fsprogs installed?)")?;
+    if !out.status.success() {
+        // e2fsck reports the problems on stdout.
+        let text = String::from_utf8_lossy(&out.stdout);
+        let problems: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).take(12).collect();
+        bail!(
+            "{} failed the filesystem check (e2fsck {}): {}",
+            image.display(),
+            out.status,
+            problems.join(" / ")
+        );
+    }
+    Ok(())
 }
 
 /// Reads one file out of an image without mounting it.
@@ -174,7 +189,8 @@ pub fn normalize(
             script.push_str(&format!("sif \"{p}\" {field} @{epoch}\nsif \"{p}\" {field}_extra 0\n"));
         }
         if origin == Origin::Mounted {
-            script.push_str(&format!("sif \"{p}\" generation 0\n"));
+            // The kernel's change counter (i_version) depends on how the writes were split.
+            script.push_str(&format!("sif \"{p}\" generation 0\nsif \"{p}\" version 0\n"));
         }
     }
     let script_path = workdir.join("normalize.debugfs");
@@ -191,7 +207,47 @@ pub fn normalize(
     {
         bail!("normalizing {} failed: {problem}", image.display());
     }
+    if origin == Origin::Mounted {
+        refresh_checksums(image, conf, epoch, workdir)?;
+    }
     Ok(())
+}
+
+/// With metadata_csum, directory, extent and xattr blocks are checksummed with their
+/// inode's generation, which normalize just zeroed. debugfs does not rewrite those blocks;
+/// e2fsck does (deterministically, with the pinned clock). Exit 1 means "corrected".
+fn refresh_checksums(image: &Path, conf: &Path, epoch: i64, workdir: &Path) -> Result<()> {
+    let out = e2fs_tool("e2fsck", conf, epoch)
+        .args(["-f", "-y"])
+        .arg(image)
+        .output()
+        .context("cannot run e2fsck (is e2fsprogs installed?)")?;
+    match out.status.code() {
+        // e2fsck stamps the superblock with the real clock; put the build's back.
+        Some(0 | 1) => {
+            let script = workdir.join("superblock.debugfs");
+            let mut text = String::new();
+            for field in ["mtime", "wtime", "lastcheck"] {
+                text.push_str(&format!("ssv {field} @{epoch}\n"));
+            }
+            std::fs::write(&script, text).context("cannot write debugfs script")?;
+            run(e2fs_tool("debugfs", conf, epoch)
+                .args(["-w", "-f"])
+                .arg(&script)
+                .arg(image))
+            .map(drop)
+        }
+        _ => bail!(
+            "e2fsck could not refresh the checksums of {} ({}): {}",
+            image.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .take(8)
+                .collect::<Vec<_>>()
+                .join(" / ")
+        ),
+    }
 }
 
 /// Free inodes below each group's never-used mark, from `dumpe2fs`.

@@ -88,6 +88,12 @@ fn base_build_keeps_unchanged_blocks_in_place_and_is_reproducible() {
         fs::remove_file(v2_tree.join(format!("usr/share/pkg{}/file{i:04}", i % 12))).unwrap();
     }
     fs::write(v2_tree.join("usr/share/pkg0/added"), bytes(50_000, 1234)).unwrap();
+    // A new package directory: the kernel creates it (generation, i_version, checksummed
+    // directory block) and the build must still be clean and reproducible.
+    fs::create_dir_all(v2_tree.join("usr/lib/newpkg/sub")).unwrap();
+    for i in 0..5u64 {
+        fs::write(v2_tree.join(format!("usr/lib/newpkg/sub/f{i}")), bytes(70_000, 500 + i)).unwrap();
+    }
 
     let plain = f.image("v2-plain", "2.0.0", &v2_tree, None);
     let stable = f.image("v2-stable", "2.0.0", &v2_tree, Some(&v1));
