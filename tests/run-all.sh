@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(e2fsprogs rsync zstd tar util-linux mount fdisk cgpt binutils curl openssl busybox-static systemd
-  dosfstools mtools qemu-system-x86 ovmf systemd-boot-efi kmod mmdebstrap)
+  dosfstools mtools qemu-system-x86 ovmf systemd-boot-efi kmod mmdebstrap casync python3)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -35,6 +35,8 @@ cargo test --workspace --locked -- --test-threads="$(nproc)"
 echo "==> bootsel static build"
 bootsel_bin=$(bash bootsel/build-static.sh)
 echo "bootsel (static, for the initramfs): $(stat -c %s "$bootsel_bin") bytes"
+echo "==> benchmark, small version (numbers produced, every output verified)"
+bash tests/bench.sh --small
 echo "==> VM end-to-end test (tests/vm.sh)"
 bash tests/vm.sh
 echo "==> VM test of the systemd units under a real systemd (tests/vm-systemd.sh)"

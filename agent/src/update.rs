@@ -522,7 +522,9 @@ impl Job<'_> {
             )
             .map_err(Failure::error)?;
         self.progress.phase("writing the full image");
-        let dec = zstd::stream::read::Decoder::new(File::open(&path).map_err(io_failure)?).map_err(io_failure)?;
+        let mut dec = zstd::stream::read::Decoder::new(File::open(&path).map_err(io_failure)?).map_err(io_failure)?;
+        dec.window_log_max(atom_dist::delta::MAX_WINDOW_LOG)
+            .map_err(io_failure)?;
         let mut w = self.writer();
         std::io::copy(&mut dec.take(self.target.image.size + 1), &mut w).map_err(io_failure)?;
         self.finish(w)

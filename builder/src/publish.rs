@@ -107,6 +107,9 @@ pub fn run(args: &PublishArgs) -> Result<()> {
         let mut enc = zstd::stream::write::Encoder::new(w, args.zstd_level)?;
         enc.include_checksum(true)?;
         enc.long_distance_matching(true)?;
+        // LDM would otherwise pick a 128 MiB window, and every host decoding the payload
+        // would need that much memory; 32 MiB keeps the agent within its memory budget.
+        enc.window_log(atom_dist::delta::MAX_WINDOW_LOG)?;
         enc.multithread(std::thread::available_parallelism().map_or(1, |n| n.get() as u32))?;
         io::copy(&mut &image_file, &mut enc)?;
         enc.finish()?;

@@ -116,9 +116,14 @@ pub fn make_with_signature(sig: &Signature, target: &[u8], zstd_level: i32, out:
     Ok(())
 }
 
+/// The largest zstd window (2^25 = 32 MiB) a payload or delta may use: what a host must
+/// hold in memory to decode it. Publishers stay within it; hosts refuse more.
+pub const MAX_WINDOW_LOG: u32 = 25;
+
 /// Decompresses a delta into `out`, refusing to produce more than `limit` bytes.
 pub fn decompress_bounded(delta_zst: impl Read, out: &mut impl Write, limit: u64) -> Result<u64, DeltaError> {
-    let dec = zstd::stream::read::Decoder::new(delta_zst)?;
+    let mut dec = zstd::stream::read::Decoder::new(delta_zst)?;
+    dec.window_log_max(MAX_WINDOW_LOG)?;
     let written = io::copy(&mut dec.take(limit + 1), out)?;
     if written > limit {
         return Err(DeltaError::TooLarge { limit });

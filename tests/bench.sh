@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The Atom benchmark: Atom's three routes against rsync, zstd --patch-from and casync on
+# the same image pairs, one table per pair (see tests/bench.py for what is measured).
+#
+#   sudo bash tests/bench.sh          Debian images from mmdebstrap, 1 GiB slots (release
+#                                     build; about half an hour)
+#   sudo bash tests/bench.sh --small  busybox trees, 64 MiB slots: the CI check that every
+#                                     number is produced and every output verifies
+# Extra arguments go to bench.py (e.g. --work DIR).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+packages=(rsync zstd casync mmdebstrap e2fsprogs util-linux fdisk cgpt busybox-static python3)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "==> installing ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+[[ $(id -u) == 0 ]] || { echo "bench.sh: run as root (loop devices)" >&2; exit 1; }
+if [[ ${1:-} == --small ]]; then
+  # Numbers and verification only: the debug build the test run already made will do.
+  cargo build --locked -q -p atom-build -p atom-update -p atom-dist
+  bin=target/debug
+else
+  cargo build --locked -q --release -p atom-build -p atom-update -p atom-dist
+  bin=target/release
+fi
+exec python3 tests/bench.py --bin-dir "$bin" "$@"
