@@ -1,0 +1,17 @@
+//! A delta as a host downloads it: zstd-compressed, then applied to the running slot.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let base: Vec<u8> = (0..65536u32).map(|i| (i * 7 % 251) as u8).collect();
+    let target_len = u64::from(data.first().copied().unwrap_or(0)) * 512;
+    let limit = atom_dist::delta::raw_delta_limit(target_len);
+    let mut raw = Vec::new();
+    if let Ok(n) = atom_dist::delta::decompress_bounded(data, &mut raw, limit) {
+        assert!(n <= limit);
+    }
+    let mut out = Vec::new();
+    if atom_dist::delta::apply(&base, data, target_len, &mut out).is_ok() {
+        assert_eq!(out.len() as u64, target_len);
+    }
+});
