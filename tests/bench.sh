@@ -10,15 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 packages=(rsync zstd casync mmdebstrap e2fsprogs util-linux fdisk cgpt busybox-static python3)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "==> installing ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# shellcheck source=tests/packages.sh
+source tests/packages.sh
+ensure_packages "${packages[@]}"
 [[ $(id -u) == 0 ]] || { echo "bench.sh: run as root (loop devices)" >&2; exit 1; }
 if [[ ${1:-} == --small ]]; then
   # Numbers and verification only: the debug build the test run already made will do.

@@ -11,15 +11,9 @@ mkdir -p "$work"
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
 packages=(e2fsprogs rsync zstd busybox-static fdisk util-linux cgpt)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  step "installing ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# shellcheck source=tests/packages.sh
+source tests/packages.sh
+ensure_packages "${packages[@]}"
 
 step "building atom-build, atom-dist, atom-update and bootsel (release)"
 cargo build --release --locked --workspace

@@ -8,16 +8,9 @@ cd "$(dirname "$0")/.."
 
 packages=(e2fsprogs rsync zstd tar util-linux mount fdisk cgpt binutils curl openssl busybox-static systemd
   dosfstools mtools qemu-system-x86 ovmf systemd-boot-efi kmod mmdebstrap casync python3)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "==> installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# shellcheck source=tests/packages.sh
+source tests/packages.sh
+ensure_packages "${packages[@]}"
 
 if [[ $(id -u) -ne 0 ]]; then
   echo "tests/run-all.sh: the tests mount loop devices and must run as root" >&2

@@ -22,15 +22,9 @@ fail() {
 }
 
 packages=(qemu-system-x86 ovmf systemd-boot-efi kmod e2fsprogs zstd busybox-static rsync util-linux mount dosfstools mtools mmdebstrap)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  step "installing ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# shellcheck source=tests/packages.sh
+source tests/packages.sh
+ensure_packages "${packages[@]}"
 [[ $(id -u) == 0 ]] || fail "run as root (image building mounts loop devices)"
 
 step "the Debian kernel: linux-image-amd64, unpacked (no network needed at boot)"
@@ -79,6 +73,24 @@ control() { # the shell script the guest runs after its health checks
   cat > "$work/exchange/control.sh"
 }
 
+# install_agent ROOT: the static agent, the units and presets (atom-build install-units),
+# the signing key, and an update.toml reading the repository on the exchange disk.
+install_agent() {
+  local root=$1
+  "$build" install-units --root "$root" --bin-dir "$(dirname "$update_static")" >/dev/null
+  cp "$work/signer.pub" "$root/etc/atom/keys/"
+  cat > "$root/etc/atom/update.toml" <<'EOF'
+repositories = ["file:///mnt/exchange/repo"]
+channel = "stable"
+board = "x86_64-generic"
+tries = 2
+EOF
+}
+
+# TCG by default: KVM in nested sandboxes has failed here on OVMF (emulation failure).
+vm_accel=${ATOM_VM_ACCEL:-tcg}
+# Every boot is one qemu run: -no-reboot turns the guest's reboot into qemu's exit.
+qemu_machine=(-nodefaults -machine "q35,accel=$vm_accel" -cpu max -m 512 -smp 2 -display none -no-reboot)
 boot_n=0
 # boot [uefi]: one boot of the VM; the console log ends up in $console.
 boot() {
@@ -94,12 +106,9 @@ boot() {
     firmware=(-bios /usr/share/ovmf/OVMF.fd)
     how="UEFI firmware (OVMF) -> systemd-boot from the ESP"
   fi
-  # TCG by default: KVM in nested sandboxes has failed here on OVMF (emulation failure).
-  local accel=${ATOM_VM_ACCEL:-tcg}
-  echo "    boot $boot_n: $how, accel $accel, console: $console"
+  echo "    boot $boot_n: $how, accel $vm_accel, console: $console"
   local started=$SECONDS
-  timeout "$boot_timeout" qemu-system-x86_64 -nodefaults -machine q35,accel=$accel -cpu max -m 512 -smp 2 \
-    -display none -no-reboot -serial "file:$console" "${firmware[@]}" \
+  timeout "$boot_timeout" qemu-system-x86_64 "${qemu_machine[@]}" -serial "file:$console" "${firmware[@]}" \
     -drive "file=$work/disk.img,format=raw,if=virtio,cache=unsafe" \
     -drive "file=$work/exchange.img,format=raw,if=virtio,readonly=on" ||
     fail "boot $boot_n did not end within ${boot_timeout}s (or qemu failed)"

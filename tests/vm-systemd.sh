@@ -34,14 +34,7 @@ sample_root() { # DIR VERSION
   local root=$1 version=$2
   rm -rf "$root"
   cp -a "$base" "$root"
-  "$build" install-units --root "$root" --bin-dir "$(dirname "$update_static")" >/dev/null
-  cp "$work/signer.pub" "$root/etc/atom/keys/"
-  cat > "$root/etc/atom/update.toml" <<'EOF'
-repositories = ["file:///mnt/exchange/repo"]
-channel = "stable"
-board = "x86_64-generic"
-tries = 2
-EOF
+  install_agent "$root"
   echo atom-vm > "$root/etc/hostname"
   mkdir -p "$root/mnt/exchange"
   echo '/dev/vdb /mnt/exchange ext4 ro,nofail,x-systemd.device-timeout=10s 0 0' > "$root/etc/fstab"

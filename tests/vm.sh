@@ -35,14 +35,7 @@ sample_root() { # DIR VERSION
     [[ $tool == busybox ]] || ln -sf busybox "$root/bin/$tool"
   done
   ln -s ../bin/busybox "$root/sbin/init"
-  "$build" install-units --root "$root" --bin-dir "$(dirname "$update_static")" >/dev/null
-  cp "$work/signer.pub" "$root/etc/atom/keys/"
-  cat > "$root/etc/atom/update.toml" <<'EOF'
-repositories = ["file:///mnt/exchange/repo"]
-channel = "stable"
-board = "x86_64-generic"
-tries = 2
-EOF
+  install_agent "$root"
   printf '::sysinit:/etc/init.d/rcS\n::shutdown:/bin/sync\n' > "$root/etc/inittab"
   # What systemd does with atom-health.service and atom-mark-good/-bad.service, in sh:
   # health checks first; failed -> mark the slot bad and reboot; passed -> mark good.
@@ -169,8 +162,7 @@ boot_n=$((boot_n + 1))
 console=$work/console-$boot_n.log
 rm -f "$work/serial.in" "$work/serial.out" "$console"
 mkfifo "$work/serial.in" "$work/serial.out"
-timeout "$boot_timeout" qemu-system-x86_64 -nodefaults -machine q35,accel=${ATOM_VM_ACCEL:-tcg} -cpu max -m 512 \
-  -display none -no-reboot -serial "pipe:$work/serial" -kernel "$vmlinuz" -initrd "$work/initrd.img" \
+timeout "$boot_timeout" qemu-system-x86_64 "${qemu_machine[@]}" -serial "pipe:$work/serial" -kernel "$vmlinuz" -initrd "$work/initrd.img" \
   -append "ro console=ttyS0 panic=1 bootsel.disk=/dev/vdz bootsel.wait=2" \
   -drive "file=$work/disk.img,format=raw,if=virtio,cache=unsafe" &
 qemu_pid=$!

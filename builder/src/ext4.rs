@@ -165,10 +165,6 @@ pub fn normalize(
             .args(["-O", "^has_journal"])
             .arg(image))?;
         run(e2fs_tool("tune2fs", conf, epoch).args(["-O", "has_journal"]).arg(image))?;
-        for field in ["mtime", "wtime", "lastcheck", "mkfs_time"] {
-            script.push_str(&format!("ssv {field} @{epoch}\n"));
-        }
-        script.push_str("ssv mnt_count 0\nssv kbytes_written 0\n");
         // Inodes the kernel freed (files the new version deleted) keep its timestamps and
         // generation numbers; clear them.
         for ino in freed_inodes(image)? {
@@ -223,13 +219,15 @@ fn refresh_checksums(image: &Path, conf: &Path, epoch: i64, workdir: &Path) -> R
         .output()
         .context("cannot run e2fsck (is e2fsprogs installed?)")?;
     match out.status.code() {
-        // e2fsck stamps the superblock with the real clock; put the build's back.
+        // The kernel's mounts and e2fsck stamp the superblock with the real clock and
+        // counters; last of all, put the build's back.
         Some(0 | 1) => {
             let script = workdir.join("superblock.debugfs");
             let mut text = String::new();
-            for field in ["mtime", "wtime", "lastcheck"] {
+            for field in ["mtime", "wtime", "lastcheck", "mkfs_time"] {
                 text.push_str(&format!("ssv {field} @{epoch}\n"));
             }
+            text.push_str("ssv mnt_count 0\nssv kbytes_written 0\n");
             std::fs::write(&script, text).context("cannot write debugfs script")?;
             run(e2fs_tool("debugfs", conf, epoch)
                 .args(["-w", "-f"])

@@ -69,7 +69,8 @@ pub fn run(args: &InitramfsArgs, epoch: i64) -> Result<()> {
 
     let cpio = archive.finish()?;
     let compressed = zstd::bulk::compress(&cpio, ZSTD_LEVEL).context("cannot compress the initramfs")?;
-    write_atomically(&args.out, &compressed)?;
+    atom_dist::fsutil::write_atomic_bytes(&args.out, 0o644, &compressed)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
     println!(
         "built {}: {} bytes ({} uncompressed), /init {}, {} module(s){}",
         args.out.display(),
@@ -127,21 +128,6 @@ fn require_static(elf: &[u8]) -> Result<()> {
         !headers.iter().any(|h| h.p_type(endian) == PT_INTERP),
         "it is dynamically linked (build it static, e.g. bootsel/build-static.sh)"
     );
-    Ok(())
-}
-
-pub fn write_atomically(out: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp =
-        tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write into {}", dir.display()))?;
-    tmp.write_all(bytes)
-        .and_then(|()| tmp.as_file().sync_all())
-        .with_context(|| format!("cannot write {}", out.display()))?;
-    tmp.persist(out)
-        .with_context(|| format!("cannot create {}", out.display()))?;
     Ok(())
 }
 

@@ -62,29 +62,32 @@ fn initramfs_has_static_init_modules_in_dependency_order_and_config() {
     let cfg = t.path().join("bootsel.toml");
     fs::write(&cfg, "disk = \"/dev/vda\"\nwait_seconds = 5\n").unwrap();
     let out = t.path().join("initrd.img");
-    let stdout = ok(atom_build(&[
-        &"initramfs",
-        &"--bootsel",
-        &STATIC_EXE,
-        &"--kernel-modules",
-        &mods,
-        &"--module",
-        &"virtio-pci",
-        &"--module",
-        &"virtio_blk",
-        &"--module",
-        &"ext4",
-        &"--module",
-        &"overlay",
-        &"--module",
-        &"jbd2",
-        &"--config",
-        &cfg,
-        &"--shell",
-        &STATIC_EXE,
-        &"--out",
-        &out,
-    ]));
+    let build = |out: &std::path::Path| {
+        ok(atom_build(&[
+            &"initramfs",
+            &"--bootsel",
+            &STATIC_EXE,
+            &"--kernel-modules",
+            &mods,
+            &"--module",
+            &"virtio-pci",
+            &"--module",
+            &"virtio_blk",
+            &"--module",
+            &"ext4",
+            &"--module",
+            &"overlay",
+            &"--module",
+            &"jbd2",
+            &"--config",
+            &cfg,
+            &"--shell",
+            &STATIC_EXE,
+            &"--out",
+            &out,
+        ]))
+    };
+    let stdout = build(&out);
     assert!(
         stdout.contains("4 module(s)") || stdout.contains("5 module(s)"),
         "{stdout}"
@@ -125,29 +128,7 @@ fn initramfs_has_static_init_modules_in_dependency_order_and_config() {
 
     // Reproducible: the same inputs give the same bytes.
     let again = t.path().join("again.img");
-    ok(atom_build(&[
-        &"initramfs",
-        &"--bootsel",
-        &STATIC_EXE,
-        &"--kernel-modules",
-        &mods,
-        &"--module",
-        &"virtio-pci",
-        &"--module",
-        &"virtio_blk",
-        &"--module",
-        &"ext4",
-        &"--module",
-        &"overlay",
-        &"--module",
-        &"jbd2",
-        &"--config",
-        &cfg,
-        &"--shell",
-        &STATIC_EXE,
-        &"--out",
-        &again,
-    ]));
+    build(&again);
     assert_eq!(fs::read(&out).unwrap(), fs::read(&again).unwrap());
 }
 
