@@ -302,7 +302,9 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         self.stop_server();
-        let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
+        if self.loopdev.starts_with("/dev/") {
+            let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
+        }
     }
 }
 
