@@ -45,7 +45,8 @@ pub struct Cli {
 pub enum Command {
     /// Check, write, verify and flip now, in one go.
     Now {
-        /// Install a version older than the running one (operator override).
+        /// Install a version older than the running one or than the rollback floor, the
+        /// newest version marked good here (operator override).
         #[arg(long)]
         allow_downgrade: bool,
         /// Do not reboot even if the reboot policy says so.
@@ -62,7 +63,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// The running system passed its health checks: keep booting this slot.
+    /// The running system passed its health checks: keep booting this slot, and raise
+    /// the rollback floor to its version (older versions are refused from now on).
     MarkGood,
     /// The running system is broken: make the next boot fall back to the other slot.
     MarkBad {

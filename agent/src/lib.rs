@@ -11,6 +11,7 @@ pub mod error;
 pub mod failpoint;
 pub mod health;
 pub mod host;
+pub mod perms;
 pub mod progress;
 pub mod reboot;
 pub mod slotio;

@@ -50,9 +50,28 @@ pub struct State {
     pub slots: BTreeMap<String, SlotContent>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last: Option<LastResult>,
+    /// The newest version `mark-good` confirmed on this host: nothing older is installed
+    /// without --allow-downgrade. It rises only on mark-good, never on staging or on a
+    /// trial boot, so a version that fails its trial cannot lock the host out of the
+    /// version it falls back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_floor: Option<String>,
 }
 
 impl State {
+    pub fn floor(&self) -> Option<semver::Version> {
+        self.rollback_floor.as_deref().and_then(|v| v.parse().ok())
+    }
+
+    /// Raises the floor to `good`; true if it moved.
+    pub fn raise_floor(&mut self, good: &semver::Version) -> bool {
+        if self.floor().is_some_and(|f| &f >= good) {
+            return false;
+        }
+        self.rollback_floor = Some(good.to_string());
+        true
+    }
+
     pub fn path(dir: &Path) -> PathBuf {
         dir.join("state.toml")
     }
@@ -117,7 +136,7 @@ pub struct Lock {
 
 impl Lock {
     pub fn acquire(dir: &Path) -> Result<Lock, Failure> {
-        std::fs::create_dir_all(dir).map_err(|e| Failure::error(format!("cannot create {}: {e}", dir.display())))?;
+        crate::perms::private_state_dir(dir)?;
         let path = dir.join("lock");
         let file = OpenOptions::new()
             .create(true)

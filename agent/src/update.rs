@@ -2,7 +2,8 @@
 //!
 //! The order of steps carries the safety:
 //! 1. the manifest is verified (signature, expiry, board, channel) and must be newer than
-//!    what runs and what is staged (anti-rollback);
+//!    what runs and what is staged, and not older than the newest version ever marked
+//!    good here (anti-rollback);
 //! 2. the inactive slot is made unbootable *before* its first byte is written, so no
 //!    interruption can leave a half-written slot bootable;
 //! 3. the image is written by the cheapest route that works;
@@ -79,6 +80,7 @@ pub struct Offer {
 }
 
 fn trusted(s: &Settings) -> Result<TrustedKeys, Failure> {
+    crate::perms::check_keys_dir(&s.keys_dir)?;
     TrustedKeys::load_dir(&s.keys_dir).map_err(|e| Failure::error(e.to_string()))
 }
 
@@ -111,7 +113,8 @@ pub fn check(s: &Settings) -> Result<Offer, Failure> {
     Ok(Offer {
         running: running.to_string(),
         offered: m.version.to_string(),
-        newer: &m.version > running,
+        // Below the rollback floor, `now` would refuse it.
+        newer: &m.version > running && State::load(&s.state_dir).floor().is_none_or(|f| m.version >= f),
         routes,
     })
 }
@@ -210,6 +213,16 @@ fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
             "the repository offers {} but {} is running: refusing a downgrade (an old manifest replayed?); \
              use --allow-downgrade to install it on purpose",
             target.version, running_version
+        )));
+    }
+    if let Some(floor) = state.floor()
+        && target.version < floor
+        && !opts.allow_downgrade
+    {
+        return Err(Failure::refused(format!(
+            "the repository offers {} but {floor} was marked good on this host (the rollback floor): \
+             refusing a downgrade (an old manifest replayed?); use --allow-downgrade to install it on purpose",
+            target.version
         )));
     }
 

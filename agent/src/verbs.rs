@@ -47,6 +47,7 @@ pub fn status(s: &Settings, as_json: bool) -> Result<(), Failure> {
             "next_boot": next.map(|n| n.as_str()),
             "slots": slots,
             "last_update": state.last,
+            "rollback_floor": state.rollback_floor,
         });
         println!("{doc:#}");
         return Ok(());
@@ -87,6 +88,9 @@ pub fn status(s: &Settings, as_json: bool) -> Result<(), Failure> {
             notes.join(", ")
         );
     }
+    if let Some(floor) = &state.rollback_floor {
+        println!("rollback floor: {floor} (marked good here; older versions are refused)");
+    }
     match &state.last {
         Some(l) => println!("last update: {} at {}: {}", l.outcome, l.time, l.message),
         None => println!("last update: none recorded"),
@@ -99,6 +103,7 @@ pub fn mark_good(s: &Settings) -> Result<(), Failure> {
     let host = Host::detect(s)?;
     let (mut disk, mut table) = host::load_table(&host.disk, s, true)?;
     remember_running_version(s, &host);
+    raise_rollback_floor(s, &host)?;
     if table.slot(host.running).flags.successful {
         println!("slot {} is already marked good", host.running);
         return Ok(());
@@ -125,6 +130,15 @@ fn remember_running_version(s: &Settings, host: &Host) {
             tracing::warn!(error = %e, "cannot record the running slot's version");
         }
     }
+}
+
+fn raise_rollback_floor(s: &Settings, host: &Host) -> Result<(), Failure> {
+    let mut state = State::load(&s.state_dir);
+    if state.raise_floor(&host.release.version) {
+        state.save(&s.state_dir)?;
+        tracing::info!(floor = %host.release.version, "rollback floor raised: older versions are refused from now on");
+    }
+    Ok(())
 }
 
 pub fn mark_bad(s: &Settings, force: bool) -> Result<(), Failure> {

@@ -166,6 +166,121 @@ fn security_refusals() {
     assert_eq!(out.status.code(), Some(6));
 }
 
+/// The rollback floor rises to a version only when mark-good confirms it: staging it or
+/// booting it on trial leaves the floor alone. Once risen, an old signed manifest is
+/// refused even on a host that went back to an older slot.
+#[test]
+fn rollback_floor_rises_only_when_marked_good() {
+    let env = Env::new();
+    let mark_good = || {
+        ok(Command::new(UPDATE)
+            .arg("--config")
+            .arg(env.path("update.toml"))
+            .arg("mark-good"))
+    };
+    let floor = || env.status_json()["rollback_floor"].as_str().map(str::to_owned);
+    assert_eq!(floor(), None);
+    mark_good();
+    assert_eq!(
+        floor().as_deref(),
+        Some("1.0.0"),
+        "mark-good of the first image sets the floor"
+    );
+    // The channel as it is now (2.0.0 on offer), kept to be replayed later.
+    ok(Command::new("cp")
+        .arg("-a")
+        .arg(env.path("repo"))
+        .arg(env.path("old-repo")));
+
+    env.publish("v3.img", &[]);
+    env.now_ok();
+    assert_eq!(env.flags(3).0, 2, "3.0.0 staged in B");
+    assert_eq!(floor().as_deref(), Some("1.0.0"), "staging does not raise the floor");
+    ok(Command::new(sibling("bootsel")).args(["choose", "--disk", &env.loopdev]));
+    env.boot_into("B", "3.0.0");
+    assert_eq!(
+        floor().as_deref(),
+        Some("1.0.0"),
+        "a trial boot does not raise the floor"
+    );
+
+    // The trial fails: back on A (1.0.0), the old channel offering 2.0.0 is still fine.
+    env.cgpt(3, 0, 0, 0);
+    env.boot_into("A", "1.0.0");
+    let old = env.path("old-repo").display().to_string();
+    env.write_config(&[&old], "");
+    let out = env.now_ok();
+    assert!(out.contains("2.0.0"), "{out}");
+
+    // 3.0.0 staged again, booted, marked good: the floor is 3.0.0 ...
+    env.write_config(&[&env.url.clone()], "");
+    env.now_ok();
+    ok(Command::new(sibling("bootsel")).args(["choose", "--disk", &env.loopdev]));
+    env.boot_into("B", "3.0.0");
+    mark_good();
+    assert_eq!(floor().as_deref(), Some("3.0.0"));
+    let text = ok(Command::new(UPDATE)
+        .arg("--config")
+        .arg(env.path("update.toml"))
+        .arg("status"));
+    assert!(text.contains("rollback floor: 3.0.0"), "{text}");
+
+    // ... and after the operator goes back to A, the replayed 2.0.0 is refused.
+    ok(Command::new(UPDATE)
+        .arg("--config")
+        .arg(env.path("update.toml"))
+        .arg("rollback"));
+    env.boot_into("A", "1.0.0");
+    env.write_config(&[&old], "");
+    failed(&env.agent(&["now"]), 6, "rollback floor");
+    assert_eq!(
+        env.agent(&["check"]).status.code(),
+        Some(3),
+        "check: no acceptable update"
+    );
+    assert!(env.slot_holds("B", "v3.img"), "B (3.0.0) untouched");
+    let out = env.agent(&["now", "--allow-downgrade"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(env.slot_holds("B", "v2.img"), "the operator's override installs it");
+}
+
+/// Keys, the keys directory and the state directory that another user could change are
+/// refused before anything is fetched or written; secrets and state are owner-only.
+#[test]
+fn keys_and_state_that_others_could_change_are_refused() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let env = Env::new();
+    let mode = |p: &str| std::fs::metadata(env.path(p)).unwrap().mode() & 0o777;
+    let chmod = |p: &str, m: u32| std::fs::set_permissions(env.path(p), std::fs::Permissions::from_mode(m)).unwrap();
+    assert_eq!(
+        mode("signer.key"),
+        0o600,
+        "atom-build keygen writes the secret key owner-only"
+    );
+
+    chmod("keys", 0o777);
+    failed(&env.agent(&["now"]), 6, "keys directory");
+    chmod("keys", 0o755);
+    chmod("keys/signer.pub", 0o666);
+    failed(&env.agent(&["check"]), 6, "writable by everyone");
+    chmod("keys/signer.pub", 0o644);
+    std::os::unix::fs::chown(env.path("keys/signer.pub"), Some(4242), None).unwrap();
+    failed(&env.agent(&["now"]), 6, "belongs to uid 4242");
+    std::os::unix::fs::chown(env.path("keys/signer.pub"), Some(0), None).unwrap();
+    assert_eq!(env.flags(3).0, 0, "nothing staged while the keys were refused");
+
+    env.now_ok();
+    assert_eq!(mode("state"), 0o700, "the agent creates its state directory owner-only");
+    assert_eq!(mode("state/state.toml"), 0o600);
+    chmod("state", 0o775);
+    failed(&env.agent(&["mark-good"]), 6, "state directory");
+    chmod("state", 0o700);
+    ok(Command::new(UPDATE)
+        .arg("--config")
+        .arg(env.path("update.toml"))
+        .arg("mark-good"));
+}
+
 #[test]
 fn verification_failure_never_flips() {
     let env = Env::new();
