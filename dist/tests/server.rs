@@ -345,7 +345,16 @@ async fn too_many_distinct_diffs_get_503_with_retry_after() {
     publish(&repo, &key, "1.0.0", &bytes(48 << 20, 11));
     let s = Server::start(
         &dir.path().join("repo"),
-        &["--max-diffs", "1", "--diff-queue-wait", "0s"],
+        // Both bases come from 127.0.0.1: let that address start two diffs, as two
+        // clients could.
+        &[
+            "--max-diffs",
+            "1",
+            "--diff-queue-wait",
+            "0s",
+            "--max-diffs-per-client",
+            "2",
+        ],
     );
     let c = reqwest::Client::new();
     let url = format!("{}/v1/delta?channel=stable", s.url);
@@ -465,6 +474,85 @@ async fn slow_clients_are_cut_off_and_others_still_served() {
     let mut buf = String::new();
     let _ = slow_body.read_to_string(&mut buf);
     assert!(buf.starts_with("HTTP/1.1 408"), "slow body gets 408: {buf}");
+}
+
+/// A flood from one address: past its share its connections are closed at once and its
+/// extra uncached diffs get 429 with Retry-After, while the server keeps room for others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_gets_only_its_share_of_connections_and_diffs() {
+    let f = fixture();
+    let s = Server::start(
+        &f.repo_dir,
+        &[
+            "--max-connections",
+            "16",
+            "--max-connections-per-client",
+            "4",
+            "--max-diffs",
+            "4",
+            "--max-diffs-per-client",
+            "1",
+        ],
+    );
+    let mut held: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(&s.addr).unwrap()).collect();
+    let mut extra = TcpStream::connect(&s.addr).unwrap();
+    extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut answer = String::new();
+    let started = Instant::now();
+    let _ = extra.read_to_string(&mut answer);
+    assert!(
+        answer.is_empty(),
+        "a fifth connection from one address is served: {answer}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "closed at once, not timed out"
+    );
+    held.pop();
+    std::thread::sleep(Duration::from_millis(200));
+    let c = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let ok = c.get(format!("{}/healthz", s.url)).send().await.unwrap();
+    assert_eq!(ok.status(), 200, "a freed connection slot is usable again");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(s.metric("atom_dist_client_connections_refused_total").await >= 1.0);
+
+    // Three different bases at once: only one diff of this address runs at a time.
+    let bases: Vec<Vec<u8>> = (0..3u64)
+        .map(|i| {
+            let mut b = f.v1.clone();
+            b[(i as usize) << 20..((i as usize) << 20) + 4096].copy_from_slice(&bytes(4096, 100 + i));
+            b
+        })
+        .collect();
+    let sigs: Vec<Vec<u8>> = bases.iter().map(|b| signature_body(b)).collect();
+    let tasks: Vec<_> = sigs
+        .into_iter()
+        .map(|sig| tokio::spawn(c.post(format!("{}/v1/delta?channel=stable", s.url)).body(sig).send()))
+        .collect();
+    let (mut done, mut refused) = (0, 0);
+    for t in tasks {
+        let a = t.await.unwrap().unwrap();
+        match a.status().as_u16() {
+            200 => done += 1,
+            429 => {
+                assert!(a.headers().contains_key("retry-after"), "429 without Retry-After");
+                refused += 1;
+            }
+            other => panic!("unexpected status {other}: {}", a.text().await.unwrap()),
+        }
+    }
+    assert!(done >= 1 && refused >= 1, "{done} served, {refused} refused");
+    assert_eq!(s.metric("atom_dist_client_diffs_refused_total").await, refused as f64);
+    // Sequentially, the same address is served every time.
+    let r = c
+        .post(format!("{}/v1/delta?channel=stable", s.url))
+        .body(signature_body(&bases[2]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }
 
 #[test]

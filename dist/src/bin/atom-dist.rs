@@ -74,6 +74,13 @@ struct ServeArgs {
     /// Open connections at once; further clients wait in the listen backlog.
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
+    /// Open connections one client address may hold; more are closed at once. Hosts
+    /// behind one NAT share an address: keep this well above one.
+    #[arg(long, default_value_t = 64)]
+    max_connections_per_client: usize,
+    /// Uncached diffs one client address may have running or queued; more get 429.
+    #[arg(long, default_value_t = 1)]
+    max_diffs_per_client: usize,
     /// On shutdown, how long in-flight requests may take to finish.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -110,11 +117,13 @@ fn main() -> ExitCode {
         cache_dir: a.cache,
         delta: DeltaLimits {
             max_concurrent_diffs: a.max_diffs.max(1),
+            max_diffs_per_client: a.max_diffs_per_client.max(1),
             queue_wait: a.diff_queue_wait,
             body_timeout: a.body_timeout,
             cache_max_bytes: a.cache_max,
         },
         max_connections: a.max_connections.max(1),
+        max_connections_per_client: a.max_connections_per_client.max(1),
         header_timeout: a.header_timeout,
         request_timeout: a.request_timeout,
         shutdown_grace: a.shutdown_grace,

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufWriter, Write};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,7 @@ use serde::Deserialize;
 use tokio::sync::{OnceCell, Semaphore};
 
 use super::AppState;
+use super::clients::{Peer, PerClient};
 use super::error::ApiError;
 use crate::delta;
 use crate::digest::Digest;
@@ -46,6 +48,8 @@ pub struct InFlight {
 
 pub struct DeltaLimits {
     pub max_concurrent_diffs: usize,
+    /// Uncached diffs one client address may have running (or queued) at once.
+    pub max_diffs_per_client: usize,
     pub queue_wait: Duration,
     pub body_timeout: Duration,
     pub cache_max_bytes: u64,
@@ -54,6 +58,7 @@ pub struct DeltaLimits {
 pub struct DeltaService {
     pub limits: DeltaLimits,
     pub permits: Semaphore,
+    pub per_client: Arc<PerClient>,
     pub inflight: InFlight,
     pub cache_dir: PathBuf,
 }
@@ -63,6 +68,7 @@ impl DeltaService {
         std::fs::create_dir_all(&cache_dir)?;
         Ok(DeltaService {
             permits: Semaphore::new(limits.max_concurrent_diffs),
+            per_client: PerClient::new(limits.max_diffs_per_client),
             limits,
             inflight: InFlight::default(),
             cache_dir,
@@ -94,6 +100,7 @@ fn target_manifest(state: &AppState, q: &DeltaQuery) -> Result<Manifest, ApiErro
 pub async fn handle(
     State(state): State<Arc<AppState>>,
     Query(q): Query<DeltaQuery>,
+    peer: Option<axum::Extension<Peer>>,
     headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -167,7 +174,7 @@ pub async fn handle(
         touch(&cached);
         true
     } else {
-        compute_shared(&state, key, &cached, sig, &target).await?;
+        compute_shared(&state, key, &cached, sig, &target, peer.map(|p| p.0.0)).await?;
         false
     };
     respond(&cached, &target, hit).await
@@ -180,6 +187,7 @@ async fn compute_shared(
     path: &Path,
     sig: fast_rsync::Signature,
     target: &Manifest,
+    peer: Option<IpAddr>,
 ) -> Result<(), ApiError> {
     let svc = &state.delta;
     let cell = {
@@ -192,6 +200,22 @@ async fn compute_shared(
     let result = cell
         .get_or_try_init(|| async {
             state.metrics.cache_misses.fetch_add(1, Ordering::Relaxed);
+            // Held while queued too: a client cannot fill the queue either.
+            let _client_slot = match peer.map(|ip| (ip, svc.per_client.try_acquire(ip))) {
+                Some((ip, None)) => {
+                    state.metrics.rejected_client_diffs.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%ip, "delta refused: the client has its share of diffs running");
+                    let mut e = ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "client-busy",
+                        "this address already has its share of diffs running; retry later",
+                    );
+                    e.retry_after_secs = Some(svc.limits.queue_wait.as_secs().max(1));
+                    return Err(e);
+                }
+                Some((_, slot)) => slot,
+                None => None,
+            };
             let permit = match tokio::time::timeout(svc.limits.queue_wait, svc.permits.acquire()).await {
                 Ok(Ok(p)) => p,
                 _ => {

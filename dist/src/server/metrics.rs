@@ -15,6 +15,8 @@ pub struct Metrics {
     pub diffs: AtomicU64,
     diff_micros: AtomicU64,
     pub rejected_busy: AtomicU64,
+    pub rejected_connections: AtomicU64,
+    pub rejected_client_diffs: AtomicU64,
 }
 
 impl Metrics {
@@ -63,6 +65,16 @@ impl Metrics {
             "atom_dist_delta_busy_total",
             "Delta requests refused with 503 (too many diffs).",
             get(&self.rejected_busy),
+        );
+        counter(
+            "atom_dist_client_connections_refused_total",
+            "Connections closed at once because their address held its share already.",
+            get(&self.rejected_connections),
+        );
+        counter(
+            "atom_dist_client_diffs_refused_total",
+            "Delta requests refused with 429: their address already had its diffs running.",
+            get(&self.rejected_client_diffs),
         );
         let _ = writeln!(
             out,

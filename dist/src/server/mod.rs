@@ -5,6 +5,7 @@
 //! shutdown. Nothing about the repository is cached in memory: every request reads the
 //! current files, so publishing needs no restart.
 
+mod clients;
 mod delta;
 mod error;
 mod files;
@@ -44,6 +45,8 @@ pub struct ServerConfig {
     pub cache_dir: PathBuf,
     pub delta: DeltaLimits,
     pub max_connections: usize,
+    /// Connections one client address may hold at once.
+    pub max_connections_per_client: usize,
     pub header_timeout: Duration,
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
@@ -133,7 +136,8 @@ pub async fn serve(
         Some((cert, key)) => Some(tls_acceptor(cert, key)?),
         None => None,
     };
-    let app = router(state, cfg.request_timeout);
+    let app = router(state.clone(), cfg.request_timeout);
+    let metrics = &state.metrics;
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
@@ -141,6 +145,7 @@ pub async fn serve(
     tracing::info!(%addr, tls = tls.is_some(), "listening");
     ready(addr);
     let connections = Arc::new(Semaphore::new(cfg.max_connections));
+    let per_client = clients::PerClient::new(cfg.max_connections_per_client);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -159,7 +164,25 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let svc = TowerToHyperService::new(app.clone());
+        let Some(client_slot) = per_client.try_acquire(peer.ip()) else {
+            // Closed at once: one address must not hold every connection.
+            metrics
+                .rejected_connections
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(%peer, "connection refused: the client holds its share of connections");
+            drop(stream);
+            continue;
+        };
+        // The client's slot goes first: once the global permit is back, the next accept
+        // must find this client's count already lowered.
+        let permit = (client_slot, permit);
+        let svc = TowerToHyperService::new(tower::ServiceExt::map_request(
+            app.clone(),
+            move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(clients::Peer(peer.ip()));
+                req
+            },
+        ));
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new()).header_read_timeout(cfg.header_timeout);
         let header_timeout = cfg.header_timeout;
