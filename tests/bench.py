@@ -342,7 +342,10 @@ def busybox_tree(root, variant):
             (root / f"usr/lib/added/pkg{i}").write_bytes(data[i * 1000:] + bytes([i]))
 
 
-def debian_tree(root, suite, security, extra):
+def debian_tree(root, suite, security, extra, keep=False):
+    if keep and root.is_dir() and (root / "usr/bin").is_dir():
+        print(f"# reusing {root} (--keep-trees)")
+        return
     shutil.rmtree(root, ignore_errors=True)
     sources = [f"deb http://deb.debian.org/debian {suite} main"]
     if security:
@@ -361,6 +364,8 @@ def main():
     p.add_argument("--work", default=tempfile.mkdtemp(prefix="atom-bench."))
     p.add_argument("--small", action="store_true", help="busybox trees, 64 MiB slots (the CI check)")
     p.add_argument("--suite", default="bookworm")
+    p.add_argument("--keep-trees", action="store_true",
+                   help="reuse Debian trees already in the work dir (a rerun with the same packages)")
     args = p.parse_args()
     args.slot_mib = 64 if args.small else 1024
     args.zstd_level = 19
@@ -373,9 +378,9 @@ def main():
         b.pair("security-style update (a few files change)", w / "tree0", w / "tree1")
         b.pair("added packages", w / "tree1", w / "tree2")
     else:
-        debian_tree(w / "point", args.suite, False, [])
-        debian_tree(w / "security", args.suite, True, [])
-        debian_tree(w / "added", args.suite, True, ["python3", "rsync", "vim-tiny"])
+        debian_tree(w / "point", args.suite, False, [], args.keep_trees)
+        debian_tree(w / "security", args.suite, True, [], args.keep_trees)
+        debian_tree(w / "added", args.suite, True, ["python3", "rsync", "vim-tiny"], args.keep_trees)
         b.pair(f"Debian {args.suite} point release -> with security updates", w / "point", w / "security")
         b.pair(f"Debian {args.suite} -> the same plus python3, rsync, vim-tiny", w / "security", w / "added")
     if b.failures:

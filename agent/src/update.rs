@@ -15,7 +15,7 @@ use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-use atom_dist::manifest::Manifest;
+use atom_dist::manifest::{DeltaFormat, Manifest};
 use atom_dist::verify::Policy;
 use atom_dist::{TrustedKeys, delta};
 use bootsel::SlotName;
@@ -103,7 +103,11 @@ pub fn check(s: &Settings) -> Result<Offer, Failure> {
     let m = fetch_manifest(s, &sources)?;
     let running = &host.release.version;
     let mut routes = Vec::new();
-    if let Some(d) = m.deltas.iter().find(|d| &d.base_version == running) {
+    if let Some(d) = m
+        .deltas
+        .iter()
+        .find(|d| &d.base_version == running && d.format != DeltaFormat::Unsupported)
+    {
         routes.push((Route::Precomputed, Some(d.size)));
     }
     if sources.has_http() {
@@ -421,8 +425,8 @@ impl Job<'_> {
         Ok(stats)
     }
 
-    /// Decompresses an (untrusted) zstd delta into a file and maps it.
-    fn raw_delta(&self, zst: &Path) -> Result<Mmap, Failure> {
+    /// Decompresses an (untrusted) zstd delta made against `base` into a file and maps it.
+    fn raw_delta(&self, zst: &Path, format: DeltaFormat, base: &[u8]) -> Result<Mmap, Failure> {
         let raw_path = self.work.join("delta.raw");
         let out = File::options()
             .read(true)
@@ -432,9 +436,17 @@ impl Job<'_> {
             .open(&raw_path)
             .map_err(io_failure)?;
         let src = File::open(zst).map_err(io_failure)?;
+        // SAFETY: a private download of this process, not modified while mapped.
+        let zst = unsafe { Mmap::map(&src) }.map_err(io_failure)?;
         let mut w = BufWriter::new(&out);
-        delta::decompress_bounded(src, &mut w, delta::raw_delta_limit(self.target.image.size))
-            .map_err(|e| Failure::error(e.to_string()))?;
+        delta::decompress_format(
+            format,
+            base,
+            &zst,
+            &mut w,
+            delta::raw_delta_limit(self.target.image.size),
+        )
+        .map_err(|e| Failure::error(e.to_string()))?;
         w.flush().map_err(io_failure)?;
         drop(w);
         // SAFETY: a private file of this process, not modified while mapped.
@@ -455,9 +467,9 @@ impl Job<'_> {
             .target
             .deltas
             .iter()
-            .find(|d| d.base_version == host.release.version)
+            .find(|d| d.base_version == host.release.version && d.format != DeltaFormat::Unsupported)
         else {
-            tracing::info!(running = %host.release.version, "no precomputed delta from the running version");
+            tracing::info!(running = %host.release.version, "no precomputed delta from the running version in a format this agent reads");
             return Ok(None);
         };
         self.progress.phase("checking the running slot");
@@ -486,8 +498,8 @@ impl Job<'_> {
                 self.opts.cancel,
             )
             .map_err(Failure::error)?;
-        let raw = self.raw_delta(&zst)?;
         let base = self.map_running(d.base_size)?;
+        let raw = self.raw_delta(&zst, d.format, &base)?;
         self.progress.phase("applying the precomputed delta");
         self.apply_delta(&base, &raw).map(Some)
     }
@@ -515,7 +527,7 @@ impl Job<'_> {
                 self.progress.download_callback(),
             )
             .map_err(Failure::error)?;
-        let raw = self.raw_delta(&zst)?;
+        let raw = self.raw_delta(&zst, DeltaFormat::FastRsyncZstd, &base)?;
         self.progress.phase("applying the rsync delta");
         self.apply_delta(&base, &raw).map(Some)
     }

@@ -10,6 +10,11 @@ use common::{Env, SLOT_MIB, UPDATE, failed, ok, sibling, tree};
 #[test]
 fn precomputed_delta_route_stages_verifies_and_flips() {
     let env = Env::new();
+    let manifest = std::fs::read_to_string(env.path("repo/channels/stable/manifest.toml")).unwrap();
+    assert!(
+        manifest.contains("format = \"fast-rsync-zstd-base-prefix\""),
+        "the publisher chose the base-prefixed delta:\n{manifest}"
+    );
     let out = env.now_ok();
     assert!(out.contains("via precomputed-delta"), "{out}");
     assert!(env.slot_holds("B", "v2.img"), "slot B holds v2 exactly");

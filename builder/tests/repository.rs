@@ -105,9 +105,17 @@ fn publish_round_trip_with_precomputed_delta() {
         compressed.len()
     );
     let mut raw = Vec::new();
-    delta::decompress_bounded(&compressed[..], &mut raw, delta::raw_delta_limit(m.image.size)).unwrap();
+    let base = fs::read(&s.v1).unwrap();
+    delta::decompress_format(
+        d.format,
+        &base,
+        &compressed,
+        &mut raw,
+        delta::raw_delta_limit(m.image.size),
+    )
+    .unwrap();
     let mut rebuilt = Vec::new();
-    delta::apply(&fs::read(&s.v1).unwrap(), &raw, m.image.size, &mut rebuilt).unwrap();
+    delta::apply(&base, &raw, m.image.size, &mut rebuilt).unwrap();
     assert!(Digest::of(&rebuilt) == v2_digest, "delta does not reproduce v2");
 
     let hist = ok(atom_build(&[&"history", &"--repo", &s.repo, &"--channel", &"stable"]));

@@ -1,12 +1,17 @@
 //! Binary deltas between images: fast_rsync (librsync format) deltas, zstd-compressed.
 //!
 //! The same format serves precomputed deltas in the repository and answers of the
-//! rsync-style endpoint. A delta is untrusted input until the image it produces matches the
+//! rsync-style endpoint. Precomputed deltas may also be compressed with the base image
+//! as zstd's prefix ([`compress_with_base`]): rsync's 4 KiB blocks miss the byte-level
+//! likeness of a changed file to its old version, which zstd then finds in the base, as
+//! `zstd --patch-from` does. A delta is untrusted input until the image it produces matches the
 //! signed digest: fast_rsync's MD4 block matching gives no security of its own.
 
 use std::io::{self, Read, Write};
 
 use fast_rsync::{Signature, SignatureOptions};
+
+use crate::manifest::DeltaFormat;
 
 /// 4 KiB matches the ext4 block size, so copy commands line up with filesystem blocks.
 pub const BLOCK_SIZE: u32 = 4096;
@@ -24,6 +29,8 @@ pub enum DeltaError {
     TooLarge { limit: u64 },
     #[error("delta i/o: {0}")]
     Io(#[from] io::Error),
+    #[error("base-prefixed delta is malformed: {0}")]
+    Frame(String),
 }
 
 /// fast_rsync's (librsync's) MD4 signature magic; the BLAKE2 variant is not supported by
@@ -108,17 +115,142 @@ pub fn make(base: &[u8], target: &[u8], zstd_level: i32, out: impl Write) -> io:
 pub fn make_with_signature(sig: &Signature, target: &[u8], zstd_level: i32, out: impl Write) -> io::Result<()> {
     let mut enc = zstd::stream::write::Encoder::new(out, zstd_level)?;
     enc.include_checksum(true)?;
-    fast_rsync::diff(&sig.index(), target, &mut enc).map_err(|e| match e {
-        fast_rsync::DiffError::Io(e) => e,
-        other => io::Error::other(other.to_string()),
-    })?;
+    diff(sig, target, &mut enc)?;
     enc.finish()?;
     Ok(())
+}
+
+fn diff(sig: &Signature, target: &[u8], out: &mut impl Write) -> io::Result<()> {
+    fast_rsync::diff(&sig.index(), target, out).map_err(|e| match e {
+        fast_rsync::DiffError::Io(e) => e,
+        other => io::Error::other(other.to_string()),
+    })
 }
 
 /// The largest zstd window (2^25 = 32 MiB) a payload or delta may use: what a host must
 /// hold in memory to decode it. Publishers stay within it; hosts refuse more.
 pub const MAX_WINDOW_LOG: u32 = 25;
+
+/// A base-prefixed delta is cut into frames of at most this much raw delta: what a host
+/// allocates to decode one frame.
+pub const PREFIX_FRAME_BYTES: usize = 32 << 20;
+/// The largest window a base-prefixed frame may declare: its matches reach 2 GiB back,
+/// into the base. Decoding costs no window buffer (frames are decoded whole into a
+/// buffer of their declared size), so this does not raise a host's memory.
+pub const PREFIX_WINDOW_LOG: u32 = 31;
+
+/// The raw (uncompressed) delta that turns `base` into `target`.
+pub fn make_raw(base: &[u8], target: &[u8]) -> io::Result<Vec<u8>> {
+    let mut raw = Vec::new();
+    diff(&Signature::calculate(base, signature_options()), target, &mut raw)?;
+    Ok(raw)
+}
+
+fn zstd_error(what: &str, code: usize) -> io::Error {
+    io::Error::other(format!("{what}: {}", zstd::zstd_safe::get_error_name(code)))
+}
+
+/// Compresses a raw delta in frames of [`PREFIX_FRAME_BYTES`], each with `base` as its
+/// zstd prefix (long-distance matching on, window wide enough to reach all of the base).
+/// Each frame loads the whole base again, so publishers keep this for small raw deltas.
+pub fn compress_with_base(base: &[u8], raw: &[u8], zstd_level: i32, mut out: impl Write) -> io::Result<()> {
+    use zstd::zstd_safe::{CCtx, CParameter, ResetDirective};
+    let span = (base.len() + PREFIX_FRAME_BYTES).max(1 << 10) as u64;
+    let window_log = (64 - (span - 1).leading_zeros()).min(PREFIX_WINDOW_LOG);
+    let mut cctx = CCtx::create();
+    let mut dst = Vec::new();
+    for chunk in raw.chunks(PREFIX_FRAME_BYTES) {
+        cctx.reset(ResetDirective::SessionAndParameters)
+            .map_err(|c| zstd_error("reset", c))?;
+        for p in [
+            CParameter::CompressionLevel(zstd_level),
+            CParameter::WindowLog(window_log),
+            CParameter::EnableLongDistanceMatching(true),
+            CParameter::ChecksumFlag(true),
+            CParameter::ContentSizeFlag(true),
+        ] {
+            cctx.set_parameter(p).map_err(|c| zstd_error("parameter", c))?;
+        }
+        cctx.ref_prefix(base).map_err(|c| zstd_error("prefix", c))?;
+        dst.clear();
+        dst.reserve(zstd::zstd_safe::compress_bound(chunk.len()));
+        cctx.compress2(&mut dst, chunk).map_err(|c| zstd_error("compress", c))?;
+        out.write_all(&dst)?;
+    }
+    Ok(())
+}
+
+/// Decompresses a base-prefixed delta into `out`, frame by frame. Every frame must declare
+/// its size, at most [`PREFIX_FRAME_BYTES`], and all together at most `limit`: an
+/// untrusted delta cannot make a host allocate more than one frame's worth.
+pub fn decompress_with_base(
+    base: &[u8],
+    delta_zst: &[u8],
+    out: &mut impl Write,
+    limit: u64,
+) -> Result<u64, DeltaError> {
+    use zstd::zstd_safe::{DCtx, DParameter, ResetDirective};
+    let bad = |what: String| DeltaError::Frame(what);
+    let mut dctx = DCtx::create();
+    let mut rest = delta_zst;
+    let mut total = 0u64;
+    let mut buf: Vec<u8> = Vec::new();
+    while !rest.is_empty() {
+        let len = zstd::zstd_safe::find_frame_compressed_size(rest).map_err(|c| {
+            bad(format!(
+                "frame at byte {}: {}",
+                delta_zst.len() - rest.len(),
+                zstd::zstd_safe::get_error_name(c)
+            ))
+        })?;
+        let (frame, next) = rest.split_at(len);
+        let size = match zstd::zstd_safe::get_frame_content_size(frame) {
+            Ok(Some(n)) => n,
+            _ => return Err(bad("a frame does not declare its size".into())),
+        };
+        if size > PREFIX_FRAME_BYTES as u64 {
+            return Err(bad(format!(
+                "a frame declares {size} bytes, more than {PREFIX_FRAME_BYTES}"
+            )));
+        }
+        if total + size > limit {
+            return Err(DeltaError::TooLarge { limit });
+        }
+        dctx.reset(ResetDirective::SessionAndParameters)
+            .map_err(|c| bad(zstd::zstd_safe::get_error_name(c).into()))?;
+        dctx.set_parameter(DParameter::WindowLogMax(PREFIX_WINDOW_LOG))
+            .map_err(|c| bad(zstd::zstd_safe::get_error_name(c).into()))?;
+        dctx.ref_prefix(base)
+            .map_err(|c| bad(zstd::zstd_safe::get_error_name(c).into()))?;
+        buf.clear();
+        buf.reserve_exact(size as usize);
+        let got = dctx
+            .decompress(&mut buf, frame)
+            .map_err(|c| bad(zstd::zstd_safe::get_error_name(c).into()))?;
+        if got as u64 != size {
+            return Err(bad(format!("a frame gave {got} bytes, it declares {size}")));
+        }
+        out.write_all(&buf)?;
+        total += size;
+        rest = next;
+    }
+    Ok(total)
+}
+
+/// Decompresses a delta of `format` made against `base` into `out`, at most `limit` bytes.
+pub fn decompress_format(
+    format: DeltaFormat,
+    base: &[u8],
+    delta_zst: &[u8],
+    out: &mut impl Write,
+    limit: u64,
+) -> Result<u64, DeltaError> {
+    match format {
+        DeltaFormat::FastRsyncZstd => decompress_bounded(delta_zst, out, limit),
+        DeltaFormat::FastRsyncZstdBasePrefix => decompress_with_base(base, delta_zst, out, limit),
+        DeltaFormat::Unsupported => Err(DeltaError::Frame("a delta format this build does not read".into())),
+    }
+}
 
 /// Decompresses a delta into `out`, refusing to produce more than `limit` bytes.
 pub fn decompress_bounded(delta_zst: impl Read, out: &mut impl Write, limit: u64) -> Result<u64, DeltaError> {
@@ -183,6 +315,68 @@ mod tests {
                 x as u8
             })
             .collect()
+    }
+
+    /// A "security update": a file's new version differs from the old one in scattered
+    /// bytes and lands elsewhere in the image, as a rewritten file does.
+    fn patched_pair() -> (Vec<u8>, Vec<u8>) {
+        let base = pseudo_random(2 << 20, 7);
+        let mut target = base.clone();
+        let mut moved = base[300_000..700_000].to_vec();
+        for i in (0..moved.len()).step_by(1500) {
+            moved[i] ^= 0x5a;
+        }
+        target[1_200_000..1_600_000].copy_from_slice(&moved);
+        (base, target)
+    }
+
+    #[test]
+    fn base_prefix_finds_byte_level_likeness_and_round_trips() {
+        let (base, target) = patched_pair();
+        let raw = make_raw(&base, &target).unwrap();
+        let mut plain = Vec::new();
+        make(&base, &target, 19, &mut plain).unwrap();
+        let mut prefixed = Vec::new();
+        compress_with_base(&base, &raw, 19, &mut prefixed).unwrap();
+        assert!(
+            prefixed.len() * 4 < plain.len(),
+            "base prefix {} bytes vs plain {} bytes",
+            prefixed.len(),
+            plain.len()
+        );
+        let mut back = Vec::new();
+        let n = decompress_with_base(&base, &prefixed, &mut back, raw_delta_limit(target.len() as u64)).unwrap();
+        assert_eq!((n as usize, &back), (raw.len(), &raw));
+        let mut out = Vec::new();
+        apply(&base, &back, target.len() as u64, &mut out).unwrap();
+        assert!(out == target);
+    }
+
+    #[test]
+    fn base_prefixed_delta_refuses_wrong_base_and_hostile_frames() {
+        let (base, target) = patched_pair();
+        let raw = make_raw(&base, &target).unwrap();
+        let mut zst = Vec::new();
+        compress_with_base(&base, &raw, 3, &mut zst).unwrap();
+        let limit = raw_delta_limit(target.len() as u64);
+        let mut other = base.clone();
+        other[400_000] ^= 1;
+        assert!(
+            decompress_with_base(&other, &zst, &mut Vec::new(), limit).is_err(),
+            "checksum catches a wrong base"
+        );
+        assert!(matches!(
+            decompress_with_base(&base, &zst, &mut Vec::new(), 100),
+            Err(DeltaError::TooLarge { .. })
+        ));
+        assert!(decompress_with_base(&base, &zst[..zst.len() - 9], &mut Vec::new(), limit).is_err());
+        // A frame that does not declare its size (a streaming frame) is refused.
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        enc.write_all(&raw).unwrap();
+        let unsized_frame = enc.finish().unwrap();
+        let e = decompress_with_base(&base, &unsized_frame, &mut Vec::new(), limit).unwrap_err();
+        assert!(e.to_string().contains("does not declare its size"), "{e}");
+        assert!(decompress_with_base(&base, b"not zstd at all", &mut Vec::new(), limit).is_err());
     }
 
     #[test]

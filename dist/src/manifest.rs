@@ -77,6 +77,14 @@ pub enum DeltaFormat {
     /// A librsync-format delta made by fast_rsync against the base image, zstd-compressed.
     #[serde(rename = "fast-rsync-zstd")]
     FastRsyncZstd,
+    /// The same raw delta, zstd-compressed in frames that each use the base image as
+    /// their prefix (see `delta::compress_with_base`): byte-level matches into the base.
+    #[serde(rename = "fast-rsync-zstd-base-prefix")]
+    FastRsyncZstdBasePrefix,
+    /// A format this build does not know (a newer publisher's): hosts skip the delta
+    /// and take another route instead of refusing the whole manifest.
+    #[serde(other, skip_serializing)]
+    Unsupported,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -274,6 +282,24 @@ pub(crate) mod tests {
             Manifest::parse(&vec![b' '; MAX_MANIFEST_BYTES + 1]),
             Err(ManifestError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn delta_formats_of_newer_publishers_are_read_as_unsupported() {
+        let text = sample().to_toml();
+        assert!(text.contains("format = \"fast-rsync-zstd\""), "{text}");
+        let m = Manifest::parse(
+            text.replace("\"fast-rsync-zstd\"", "\"fast-rsync-zstd-base-prefix\"")
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(m.deltas[0].format, DeltaFormat::FastRsyncZstdBasePrefix);
+        let m = Manifest::parse(text.replace("\"fast-rsync-zstd\"", "\"some-future-format\"").as_bytes()).unwrap();
+        assert_eq!(
+            m.deltas[0].format,
+            DeltaFormat::Unsupported,
+            "the manifest stays usable"
+        );
     }
 
     #[test]
