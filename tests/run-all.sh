@@ -28,6 +28,8 @@ cargo test --workspace --locked -- --test-threads="$(nproc)"
 echo "==> bootsel static build"
 bootsel_bin=$(bash bootsel/build-static.sh)
 echo "bootsel (static, for the initramfs): $(stat -c %s "$bootsel_bin") bytes"
+echo "==> fuzzing, short (10 s per target; bash tests/fuzz.sh 3600 is the nightly run)"
+bash tests/fuzz.sh 10
 echo "==> benchmark, small version (numbers produced, every output verified)"
 bash tests/bench.sh --small
 echo "==> VM end-to-end test (tests/vm.sh)"
