@@ -286,6 +286,45 @@ fn keys_and_state_that_others_could_change_are_refused() {
         .arg("mark-good"));
 }
 
+/// Rotation as an operator does it: ship the new public key to the hosts, publish with the
+/// new key, retire the old one on the hosts; what only the retired key signed is refused.
+#[test]
+fn key_rotation_two_trusted_keys_then_the_old_one_retired() {
+    let env = Env::new();
+    ok(Command::new(sibling("atom-build"))
+        .arg("keygen")
+        .arg("--out")
+        .arg(env.path("new")));
+    std::fs::copy(env.path("new.pub"), env.path("keys/new.pub")).unwrap();
+    ok(Command::new("cp")
+        .arg("-a")
+        .arg(env.path("repo"))
+        .arg(env.path("old-signed-repo")));
+    let out = env.now_ok();
+    assert!(out.contains("2.0.0"), "signed by the old key, trusted: {out}");
+
+    ok(Command::new(sibling("atom-build"))
+        .args(["publish", "--channel", "stable", "--zstd-level", "3", "--repo"])
+        .arg(env.path("repo"))
+        .arg("--key")
+        .arg(env.path("new.key"))
+        .arg("--trust")
+        .arg(env.path("signer.pub"))
+        .arg(env.path("v3.img")));
+    let out = env.now_ok();
+    assert!(out.contains("3.0.0"), "signed by the new key, trusted: {out}");
+
+    std::fs::remove_file(env.path("keys/signer.pub")).unwrap();
+    let out = env.now_ok();
+    assert!(
+        out.contains("already staged"),
+        "the new key alone still verifies: {out}"
+    );
+    let old = env.path("old-signed-repo").display().to_string();
+    env.write_config(&[&old], "");
+    failed(&env.agent(&["now"]), 6, "untrusted key");
+}
+
 #[test]
 fn verification_failure_never_flips() {
     let env = Env::new();
