@@ -1,10 +1,11 @@
 //! Power loss during `atom-update now`. The test disk is a file served by atom-powercut
 //! (tests/powercut), which keeps every write apart until the loop device flushes it and,
 //! at a seeded random write, drops what was not flushed (or, in half the rounds, keeps a
-//! random half of it) and never answers again. After each cut: the GPT is readable, the
-//! running slot is untouched, the slot that boots next holds a verified image, and a
-//! rerun on the powered-up disk completes the update without downloading again what the
-//! cut run had already fetched. Same test host as update.rs.
+//! random half of it) and never answers again. The agent's state directory is an ext4 on
+//! the same disk, so the cut hits its state file, checkpoints and downloads too. After
+//! each cut: the GPT is readable, the running slot is untouched, the slot that boots next
+//! holds a verified image, and a rerun on the powered-up disk completes the update without
+//! downloading again what the cut run had kept. Same test host as update.rs.
 
 mod common;
 
@@ -31,6 +32,8 @@ struct PoweredDisk {
     daemon: Child,
     mount: PathBuf,
     loopdev: String,
+    /// Partitions of the disk mounted on the host (the agent's state file system).
+    mounted: Vec<PathBuf>,
     /// Attached and mounted: a failed assertion must not leave them behind.
     live: bool,
 }
@@ -65,14 +68,49 @@ impl PoweredDisk {
             .read_line(&mut line)
             .unwrap();
         assert!(line.starts_with("mounted"), "atom-powercut did not mount: {line:?}");
-        let loopdev = ok(Command::new("losetup").args(["-f", "--show"]).arg(mount.join("disk")))
-            .trim()
-            .to_string();
+        let loopdev = ok(Command::new("losetup")
+            .args(["-f", "--show", "-P"])
+            .arg(mount.join("disk")))
+        .trim()
+        .to_string();
         PoweredDisk {
             daemon,
             mount,
             loopdev,
+            mounted: Vec::new(),
             live: true,
+        }
+    }
+
+    /// The device of partition `n`, once the kernel has made its node.
+    fn partition(&self, n: u32) -> String {
+        let dev = format!("{}p{n}", self.loopdev);
+        if !Path::new(&dev).exists() {
+            // The scan at attach time does not always run here; partx asks again.
+            let _ = Command::new("partx").args(["-a", &self.loopdev]).status();
+        }
+        let start = Instant::now();
+        while !Path::new(&dev).exists() {
+            assert!(start.elapsed() < Duration::from_secs(10), "{dev} never appeared");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        dev
+    }
+
+    /// Mounts partition `n` (a file system on the same powered disk) on `at`.
+    fn mount_partition(&mut self, n: u32, at: &Path) {
+        std::fs::create_dir_all(at).unwrap();
+        ok(Command::new("mount").arg(self.partition(n)).arg(at));
+        self.mounted.push(at.to_owned());
+    }
+
+    fn unmount_partitions(&mut self, lazy: bool) {
+        for m in self.mounted.drain(..).rev() {
+            let mut c = Command::new("umount");
+            if lazy {
+                c.arg("-l");
+            }
+            let _ = c.arg(&m).status();
         }
     }
 
@@ -80,6 +118,7 @@ impl PoweredDisk {
     /// Returns the number of write requests the disk saw.
     fn power_off(mut self) -> u64 {
         self.live = false;
+        self.unmount_partitions(false);
         ok(Command::new("losetup").args(["-d", &self.loopdev]));
         ok(Command::new("umount").arg(&self.mount));
         let mut out = String::new();
@@ -98,6 +137,8 @@ impl PoweredDisk {
         self.live = false;
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
+        // The file system's last writes fail now: its device is gone, as on a dead machine.
+        self.unmount_partitions(true);
         ok(Command::new("losetup").args(["-d", &self.loopdev]));
         ok(Command::new("umount").arg("-l").arg(&self.mount));
     }
@@ -108,6 +149,7 @@ impl Drop for PoweredDisk {
         if self.live {
             let _ = self.daemon.kill();
             let _ = self.daemon.wait();
+            self.unmount_partitions(true);
             let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
             let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
         }
@@ -130,12 +172,10 @@ fn run_until_cut(cmd: &mut Command, disk: PoweredDisk, dir: &Path, what: &str) -
         std::thread::sleep(Duration::from_millis(2));
     };
     // SIGKILL takes effect once the dead disk's requests fail, that is after pull_plug.
+    // A command that ended first loses power right after; an orderly power-off could hang,
+    // as unmounting writes and may reach the cut.
     let _ = child.kill();
-    if cut {
-        disk.pull_plug();
-    } else {
-        disk.power_off();
-    }
+    disk.pull_plug();
     let _ = child.wait();
     cut
 }
@@ -196,8 +236,11 @@ fn reset(env: &Env, blank: bool) {
 }
 
 /// Powers the test host's disk on; `env.loopdev` names it until `detached`.
+/// The agent's state directory is the state partition's ext4, on the same disk: a cut
+/// hits the state file, checkpoints and downloads as it hits the slots.
 fn attach(env: &mut Env, cut: Option<Cut>) -> PoweredDisk {
-    let disk = PoweredDisk::power_on(&env.path("disk.img"), env.dir.path(), cut);
+    let mut disk = PoweredDisk::power_on(&env.path("disk.img"), env.dir.path(), cut);
+    disk.mount_partition(4, &env.path("state"));
     env.loopdev = disk.loopdev.clone();
     env.boot_into("A", "1.0.0");
     disk
@@ -217,6 +260,11 @@ fn power_loss_at_random_writes_never_boots_an_unverified_slot() {
     let mut env = Env::new();
     ok(Command::new("losetup").args(["-d", &env.loopdev]));
     detached(&mut env);
+    let disk = PoweredDisk::power_on(&env.path("disk.img"), env.dir.path(), None);
+    ok(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "state"])
+        .arg(disk.partition(4)));
+    disk.power_off();
     let seed = env_u64("ATOM_POWERLOSS_SEED", 0x0ff_1ce);
     let rounds = env_u64("ATOM_POWERLOSS_ROUNDS", 60);
     println!("seed {seed:#x} (ATOM_POWERLOSS_SEED to replay), {rounds} rounds");
@@ -278,8 +326,8 @@ fn power_loss_at_random_writes_never_boots_an_unverified_slot() {
             other => panic!("{what}: next boot is {other}"),
         }
 
-        let kept = kept_downloads(&env);
         let disk = attach(&mut env, None);
+        let kept = kept_downloads(&env);
         let out = env.now_ok();
         let again = downloaded(&env);
         disk.power_off();
