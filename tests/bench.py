@@ -364,6 +364,8 @@ def main():
     p.add_argument("--work", default=tempfile.mkdtemp(prefix="atom-bench."))
     p.add_argument("--small", action="store_true", help="busybox trees, 64 MiB slots (the CI check)")
     p.add_argument("--suite", default="bookworm")
+    p.add_argument("--only", choices=["security", "added"],
+                   help="run one Debian pair: security updates, or added packages")
     p.add_argument("--keep-trees", action="store_true",
                    help="reuse Debian trees already in the work dir (a rerun with the same packages)")
     args = p.parse_args()
@@ -378,11 +380,15 @@ def main():
         b.pair("security-style update (a few files change)", w / "tree0", w / "tree1")
         b.pair("added packages", w / "tree1", w / "tree2")
     else:
-        debian_tree(w / "point", args.suite, False, [], args.keep_trees)
+        if args.only != "added":
+            debian_tree(w / "point", args.suite, False, [], args.keep_trees)
         debian_tree(w / "security", args.suite, True, [], args.keep_trees)
-        debian_tree(w / "added", args.suite, True, ["python3", "rsync", "vim-tiny"], args.keep_trees)
-        b.pair(f"Debian {args.suite} point release -> with security updates", w / "point", w / "security")
-        b.pair(f"Debian {args.suite} -> the same plus python3, rsync, vim-tiny", w / "security", w / "added")
+        if args.only != "security":
+            debian_tree(w / "added", args.suite, True, ["python3", "rsync", "vim-tiny"], args.keep_trees)
+        if args.only != "added":
+            b.pair(f"Debian {args.suite} point release -> with security updates", w / "point", w / "security")
+        if args.only != "security":
+            b.pair(f"Debian {args.suite} -> the same plus python3, rsync, vim-tiny", w / "security", w / "added")
     if b.failures:
         print("\nFAILED:\n" + "\n".join(f"  {f}" for f in b.failures))
         sys.exit(1)

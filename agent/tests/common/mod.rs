@@ -302,7 +302,14 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         self.stop_server();
-        if self.loopdev.starts_with("/dev/") {
+        // Only our own loop device: after a failure midway the name may already be free
+        // and given to another test (or to the benchmark).
+        let backing = Command::new("losetup")
+            .args(["-n", "-O", "BACK-FILE", &self.loopdev])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        if backing == self.path("disk.img").display().to_string() {
             let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
         }
     }
