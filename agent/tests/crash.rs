@@ -7,18 +7,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Env, UPDATE, ok, sibling};
-
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
+use common::{Env, Rng, UPDATE, ok, sibling};
 
 #[test]
 fn kill_9_at_random_moments_never_leaves_an_unverified_slot_booting() {

@@ -14,18 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Env, UPDATE, ok, sibling};
-
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
+use common::{Env, Rng, UPDATE, ok, partitioned_file, sibling};
 
 /// A disk image served by atom-powercut and attached as a loop device.
 struct PoweredDisk {
@@ -354,17 +343,11 @@ fn power_loss_during_bootsels_tries_write() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
     let fresh = || {
-        std::fs::File::create(&image).unwrap().set_len(64 << 20).unwrap();
-        let script = "label: gpt\nsize=8MiB, name=root-a\nsize=8MiB, name=root-b\n";
-        let mut sf = Command::new("sfdisk")
-            .arg("--quiet")
-            .arg(&image)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::io::Write::write_all(&mut sf.stdin.take().unwrap(), script.as_bytes()).unwrap();
-        assert!(sf.wait().unwrap().success());
+        partitioned_file(
+            &image,
+            64 << 20,
+            "label: gpt\nsize=8MiB, name=root-a\nsize=8MiB, name=root-b\n",
+        );
         for (slot, flags) in [("A", ["1", "0", "1"]), ("B", ["2", "2", "0"])] {
             ok(Command::new(sibling("bootsel"))
                 .args(["set", "--disk"])

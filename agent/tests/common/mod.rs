@@ -105,20 +105,14 @@ impl Env {
         env.publish("v2.img", &[]);
 
         let disk = env.path("disk.img");
-        std::fs::File::create(&disk).unwrap().set_len(128 << 20).unwrap();
-        let script = format!(
-            "label: gpt\nsize=4MiB, name=esp\nsize={SLOT_MIB}MiB, type=4f68bce3-e8cd-4db1-96e7-fbcaf984b709, name=root-a\n\
-             size={SLOT_MIB}MiB, type=4f68bce3-e8cd-4db1-96e7-fbcaf984b709, name=root-b\nname=state\n"
+        partitioned_file(
+            &disk,
+            128 << 20,
+            &format!(
+                "label: gpt\nsize=4MiB, name=esp\nsize={SLOT_MIB}MiB, type=4f68bce3-e8cd-4db1-96e7-fbcaf984b709, name=root-a\n\
+                 size={SLOT_MIB}MiB, type=4f68bce3-e8cd-4db1-96e7-fbcaf984b709, name=root-b\nname=state\n"
+            ),
         );
-        let mut sf = Command::new("sfdisk")
-            .arg("--quiet")
-            .arg(&disk)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::io::Write::write_all(&mut sf.stdin.take().unwrap(), script.as_bytes()).unwrap();
-        assert!(sf.wait().unwrap().success());
         let loopdev = ok(Command::new("losetup").args(["-f", "--show"]).arg(&disk))
             .trim()
             .to_string();
@@ -312,6 +306,32 @@ impl Drop for Env {
         if backing == self.path("disk.img").display().to_string() {
             let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
         }
+    }
+}
+
+/// A new file of `len` bytes, partitioned by sfdisk from `script`.
+pub fn partitioned_file(path: &Path, len: u64, script: &str) {
+    std::fs::File::create(path).unwrap().set_len(len).unwrap();
+    let mut sf = Command::new("sfdisk")
+        .arg("--quiet")
+        .arg(path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut sf.stdin.take().unwrap(), script.as_bytes()).unwrap();
+    assert!(sf.wait().unwrap().success(), "sfdisk {}", path.display());
+}
+
+/// A seeded xorshift: the crash and power-loss tests replay a failing run from its seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
     }
 }
 
