@@ -84,7 +84,9 @@ chmod 755 "$work/root-v3/usr/lib/atom/health.d/50-broken-service"
 "$build" image --rootfs "$work/root-v3" --version 3.0.0 --size 48M --out "$work/v3.img" --base "$work/v2.img"
 sample_root "$work/root-v4" 4.0.0
 rm "$work/root-v4/sbin/init"
-printf '#!/bin/sh\necho "ATOM-SAMPLE: 4.0.0 init crashes before userspace is up"\nexit 1\n' > "$work/root-v4/sbin/init"
+# The pause lets the serial console drain: the kernel panics the moment init exits, and
+# a line still in the tty buffer would be lost.
+printf '#!/bin/sh\necho "ATOM-SAMPLE: 4.0.0 init crashes before userspace is up"\n/bin/busybox sleep 1\nexit 1\n' > "$work/root-v4/sbin/init"
 chmod 755 "$work/root-v4/sbin/init"
 "$build" image --rootfs "$work/root-v4" --version 4.0.0 --size 48M --out "$work/v4.img" --base "$work/v2.img"
 

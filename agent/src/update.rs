@@ -208,6 +208,7 @@ fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
     let mut state = State::load(&s.state_dir);
 
     if &target.version == running_version {
+        forget_partial_work(&s.state_dir);
         return Ok(Outcome::UpToDate {
             version: target.version.to_string(),
         });
@@ -237,6 +238,7 @@ fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
     if let Some(staged) = state.slots.get(inactive_name.as_str()) {
         let on_trial = inactive.flags.priority > running.flags.priority && inactive.flags.tries > 0;
         if staged.digest == target.image.digest.to_string() && on_trial {
+            forget_partial_work(&s.state_dir);
             return Ok(Outcome::AlreadyStaged {
                 version: staged.version.clone(),
             });
@@ -325,8 +327,7 @@ fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
         },
     );
     state.save(&s.state_dir)?;
-    Checkpoint::clear(&s.state_dir);
-    let _ = std::fs::remove_dir_all(s.state_dir.join("downloads"));
+    forget_partial_work(&s.state_dir);
     tracing::info!(
         version = %target.version, slot = %inactive_name, route = route.name(),
         written = stats.written, skipped = stats.skipped, downloaded, uploaded,
@@ -340,6 +341,13 @@ fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
         downloaded,
         uploaded,
     })
+}
+
+/// Downloads and a checkpoint left by a run that was cut off after its work was done
+/// (or for a target that is no longer wanted) would only take space.
+fn forget_partial_work(state_dir: &Path) {
+    Checkpoint::clear(state_dir);
+    let _ = std::fs::remove_dir_all(state_dir.join("downloads"));
 }
 
 impl Job<'_> {

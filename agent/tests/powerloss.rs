@@ -33,6 +33,9 @@ struct Cut {
     /// What becomes of unflushed writes: "none", "half" or "all" (see atom-powercut).
     keep: &'static str,
     seed: u64,
+    /// Count writes only from `arm()` on: setting up (mounting the state file system)
+    /// writes too, and must not be cut.
+    after_arm: bool,
 }
 
 const KEEP: [&str; 3] = ["none", "half", "all"];
@@ -50,6 +53,9 @@ impl PoweredDisk {
                 .args(["--keep", cut.keep, "--seed", &cut.seed.to_string()])
                 .arg("--marker")
                 .arg(dir.join("cut"));
+            if cut.after_arm {
+                c.arg("--arm-on-sigusr1");
+            }
         }
         let mut daemon = c.stdout(Stdio::piped()).spawn().unwrap();
         let mut line = String::new();
@@ -69,6 +75,11 @@ impl PoweredDisk {
             mounted: Vec::new(),
             live: true,
         }
+    }
+
+    /// From now on writes count towards the cut.
+    fn arm(&self) {
+        ok(Command::new("kill").args(["-USR1", &self.daemon.id().to_string()]));
     }
 
     /// The device of partition `n`, once the kernel has made its node.
@@ -106,10 +117,19 @@ impl PoweredDisk {
     /// An orderly stop: what was not flushed is lost, as on a power-off after the run.
     /// Returns the number of write requests the disk saw.
     fn power_off(mut self) -> u64 {
-        self.live = false;
         self.unmount_partitions(false);
         ok(Command::new("losetup").args(["-d", &self.loopdev]));
-        ok(Command::new("umount").arg(&self.mount));
+        // The kernel lets go of a detached loop device's file a moment later.
+        let start = Instant::now();
+        while !Command::new("umount").arg(&self.mount).status().unwrap().success() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "cannot unmount {}",
+                self.mount.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.live = false;
         let mut out = String::new();
         std::io::Read::read_to_string(self.daemon.stdout.as_mut().unwrap(), &mut out).unwrap();
         assert!(self.daemon.wait().unwrap().success(), "atom-powercut failed: {out}");
@@ -124,23 +144,32 @@ impl PoweredDisk {
     /// The power is already gone (the disk answers nothing): take the pieces away.
     fn pull_plug(mut self) {
         self.live = false;
+        self.tear_down();
+    }
+
+    /// Kills the disk, then lets go of its mounts and loop device.
+    fn tear_down(&mut self) {
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
         // The file system's last writes fail now: its device is gone, as on a dead machine.
         self.unmount_partitions(true);
-        ok(Command::new("losetup").args(["-d", &self.loopdev]));
-        ok(Command::new("umount").arg("-l").arg(&self.mount));
+        // Only if still ours: a name already let go of may belong to someone else now.
+        let backing = Command::new("losetup")
+            .args(["-n", "-O", "BACK-FILE", &self.loopdev])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        if backing == self.mount.join("disk").display().to_string() {
+            let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
     }
 }
 
 impl Drop for PoweredDisk {
     fn drop(&mut self) {
         if self.live {
-            let _ = self.daemon.kill();
-            let _ = self.daemon.wait();
-            self.unmount_partitions(true);
-            let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
-            let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+            self.tear_down();
         }
     }
 }
@@ -292,11 +321,13 @@ fn power_loss_at_random_writes_never_boots_an_unverified_slot() {
             at_write: 1 + rng.below(clean[r].0 + clean[r].0 / 8),
             keep: KEEP[rng.below(2) as usize],
             seed: rng.below(u64::MAX),
+            after_arm: true,
         };
         let what = format!("round {round} ({route}, blank B {blank}, {cut:?})");
         reset(&env, blank);
         env.write_config(&[&url], &format!("routes = [\"{route}\"]\n"));
         let disk = attach(&mut env, Some(cut));
+        disk.arm();
         let mut agent = Command::new(UPDATE);
         agent.arg("--config").arg(env.path("update.toml")).arg("now");
         if !run_until_cut(&mut agent, disk, env.dir.path(), &what) {
@@ -389,6 +420,7 @@ fn power_loss_during_bootsels_tries_write() {
                 at_write,
                 keep,
                 seed: at_write * 16 + k as u64,
+                after_arm: false,
             };
             let what = format!("{cut:?}");
             fresh();

@@ -14,6 +14,8 @@
 //! `--marker` file appears and no request is answered again: the processes using the disk
 //! hang until they are killed, as on a dead machine; kill this process too and unmount.
 //!
+//! With `--arm-on-sigusr1` only the writes after SIGUSR1 count towards the cut.
+//!
 //! Without a cut it counts writes and flushes and prints them on unmount, which is how a
 //! test learns the range to draw cut points from.
 
@@ -22,6 +24,7 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -57,6 +60,10 @@ struct Args {
     /// Seed for `--keep half`'s choice of pages.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Count write requests towards the cut only after SIGUSR1, so a test can set up (mount
+    /// file systems, which write) before the power may go.
+    #[arg(long)]
+    arm_on_sigusr1: bool,
     /// Written when the power goes, with what was kept and lost.
     #[arg(long)]
     marker: Option<PathBuf>,
@@ -85,6 +92,8 @@ struct Disk {
     cut_at: Option<u64>,
     keep: Keep,
     seed: u64,
+    armed: Arc<AtomicBool>,
+    armed_writes: u64,
     marker: Option<PathBuf>,
     dead: bool,
 }
@@ -281,7 +290,10 @@ impl Filesystem for Disk {
             c.writes += 1;
             c.writes
         };
-        if self.cut_at == Some(n) {
+        if self.armed.load(Ordering::Relaxed) {
+            self.armed_writes += 1;
+        }
+        if self.cut_at == Some(self.armed_writes) {
             if let Err(e) = self.cut(n) {
                 eprintln!("atom-powercut: cut failed: {e}");
             }
@@ -325,6 +337,8 @@ fn main() -> Result<()> {
         anyhow::bail!("{}: size {size} is not a multiple of {PAGE}", args.image.display());
     }
     let counts = Arc::new(Mutex::new(Counts::default()));
+    let armed = Arc::new(AtomicBool::new(!args.arm_on_sigusr1));
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, armed.clone()).context("cannot handle SIGUSR1")?;
     let disk = Disk {
         image,
         size,
@@ -332,6 +346,8 @@ fn main() -> Result<()> {
         counts: counts.clone(),
         cut_at: args.cut_at_write,
         keep: args.keep,
+        armed,
+        armed_writes: 0,
         seed: args.seed,
         marker: args.marker,
         dead: false,
