@@ -102,8 +102,7 @@ pub fn mark_good(s: &Settings) -> Result<(), Failure> {
     let _lock = Lock::acquire(&s.state_dir)?;
     let host = Host::detect(s)?;
     let (mut disk, mut table) = host::load_table(&host.disk, s, true)?;
-    remember_running_version(s, &host);
-    raise_rollback_floor(s, &host)?;
+    remember_running_version_and_floor(s, &host)?;
     if table.slot(host.running).flags.successful {
         println!("slot {} is already marked good", host.running);
         return Ok(());
@@ -115,28 +114,25 @@ pub fn mark_good(s: &Settings) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The first image of a host was not written by the agent; without this, `status` could
-/// not name its version once the other slot runs.
-fn remember_running_version(s: &Settings, host: &Host) {
+/// Records the running slot's version (the first image of a host was not written by the
+/// agent; without this, `status` could not name its version once the other slot runs) and
+/// raises the rollback floor to it, in one write of the state file.
+fn remember_running_version_and_floor(s: &Settings, host: &Host) -> Result<(), Failure> {
     let mut state = State::load(&s.state_dir);
     let version = host.release.version.to_string();
     let entry = state.slots.entry(host.running.as_str().to_owned()).or_default();
-    if entry.version != version {
+    let new_version = entry.version != version;
+    if new_version {
         *entry = crate::state::SlotContent {
             version,
             digest: String::new(),
         };
-        if let Err(e) = state.save(&s.state_dir) {
-            tracing::warn!(error = %e, "cannot record the running slot's version");
-        }
     }
-}
-
-fn raise_rollback_floor(s: &Settings, host: &Host) -> Result<(), Failure> {
-    let mut state = State::load(&s.state_dir);
     if state.raise_floor(&host.release.version) {
         state.save(&s.state_dir)?;
         tracing::info!(floor = %host.release.version, "rollback floor raised: older versions are refused from now on");
+    } else if new_version && let Err(e) = state.save(&s.state_dir) {
+        tracing::warn!(error = %e, "cannot record the running slot's version");
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Env, Rng, UPDATE, ok, partitioned_file, sibling};
+use common::{Env, Rng, UPDATE, detach_if_backed_by, ok, partitioned_file, sibling};
 
 /// A disk image served by atom-powercut and attached as a loop device.
 struct PoweredDisk {
@@ -153,15 +153,7 @@ impl PoweredDisk {
         let _ = self.daemon.wait();
         // The file system's last writes fail now: its device is gone, as on a dead machine.
         self.unmount_partitions(true);
-        // Only if still ours: a name already let go of may belong to someone else now.
-        let backing = Command::new("losetup")
-            .args(["-n", "-O", "BACK-FILE", &self.loopdev])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default();
-        if backing == self.mount.join("disk").display().to_string() {
-            let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
-        }
+        detach_if_backed_by(&self.loopdev, &self.mount.join("disk"));
         let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
     }
 }

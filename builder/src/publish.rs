@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use atom_dist::digest::HashingWriter;
-use atom_dist::manifest::{self, Delta, DeltaFormat, Image, Manifest, Payload};
+use atom_dist::manifest::{self, Delta, Image, Manifest, Payload};
 use atom_dist::release::{RELEASE_PATH, Release};
 use atom_dist::repo::{SignedManifest, layout};
 use atom_dist::verify::{Policy, verify_manifest};
@@ -191,35 +191,6 @@ fn current_manifest(repo: &Repository, channel: &str, trusted: &TrustedKeys) -> 
     }
 }
 
-/// Raw deltas up to this size are also compressed with the base as prefix: each of its
-/// frames loads the whole base into zstd, so larger ones would cost minutes per base.
-const BASE_PREFIX_MAX_RAW: usize = 4 * delta::PREFIX_FRAME_BYTES;
-
-/// The smaller of the plain and the base-prefixed encoding of the delta.
-fn encode_delta(base: &[u8], target: &[u8], level: i32) -> Result<(DeltaFormat, Vec<u8>)> {
-    let raw = delta::make_raw(base, target)?;
-    let mut enc = zstd::stream::write::Encoder::new(Vec::new(), level)?;
-    enc.include_checksum(true)?;
-    enc.write_all(&raw)?;
-    let plain = enc.finish()?;
-    if raw.len() > BASE_PREFIX_MAX_RAW {
-        return Ok((DeltaFormat::FastRsyncZstd, plain));
-    }
-    let mut prefixed = Vec::new();
-    delta::compress_with_base(base, &raw, level, &mut prefixed)?;
-    tracing::info!(
-        raw = raw.len(),
-        plain = plain.len(),
-        base_prefix = prefixed.len(),
-        "delta encodings"
-    );
-    Ok(if prefixed.len() < plain.len() {
-        (DeltaFormat::FastRsyncZstdBasePrefix, prefixed)
-    } else {
-        (DeltaFormat::FastRsyncZstd, plain)
-    })
-}
-
 fn make_deltas(
     repo: &Repository,
     args: &PublishArgs,
@@ -279,7 +250,7 @@ fn make_deltas(
         let base = map(scratch.path())?;
         let rel = layout::delta(&base_digest, image_digest);
         tracing::info!(base = %version, path = %rel, "computing delta");
-        let (format, encoded) = encode_delta(&base, &target, args.zstd_level)?;
+        let (format, encoded) = delta::make_precomputed(&base, &target, args.zstd_level)?;
         let (digest, size) = write_object(&repo.path(&rel), new_files, |w| w.write_all(&encoded))?;
         out.push(Delta {
             base_version: version,

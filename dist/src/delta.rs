@@ -113,11 +113,16 @@ pub fn make(base: &[u8], target: &[u8], zstd_level: i32, out: impl Write) -> io:
 
 /// Same as [`make`] when the base is known only by its signature (the rsync endpoint).
 pub fn make_with_signature(sig: &Signature, target: &[u8], zstd_level: i32, out: impl Write) -> io::Result<()> {
-    let mut enc = zstd::stream::write::Encoder::new(out, zstd_level)?;
-    enc.include_checksum(true)?;
+    let mut enc = plain_encoder(out, zstd_level)?;
     diff(sig, target, &mut enc)?;
     enc.finish()?;
     Ok(())
+}
+
+fn plain_encoder<W: Write>(out: W, zstd_level: i32) -> io::Result<zstd::stream::write::Encoder<'static, W>> {
+    let mut enc = zstd::stream::write::Encoder::new(out, zstd_level)?;
+    enc.include_checksum(true)?;
+    Ok(enc)
 }
 
 fn diff(sig: &Signature, target: &[u8], out: &mut impl Write) -> io::Result<()> {
@@ -138,6 +143,35 @@ pub const PREFIX_FRAME_BYTES: usize = 32 << 20;
 /// into the base. Decoding costs no window buffer (frames are decoded whole into a
 /// buffer of their declared size), so this does not raise a host's memory.
 pub const PREFIX_WINDOW_LOG: u32 = 31;
+
+/// Raw deltas up to this size are also tried with the base as prefix: each frame loads
+/// the whole base into zstd, so larger ones would cost minutes per base.
+pub const BASE_PREFIX_MAX_RAW: usize = 4 * PREFIX_FRAME_BYTES;
+
+/// A precomputed delta from `base` to `target`: the smaller of the plain and the
+/// base-prefixed encoding, with the format that names it.
+pub fn make_precomputed(base: &[u8], target: &[u8], zstd_level: i32) -> io::Result<(DeltaFormat, Vec<u8>)> {
+    let raw = make_raw(base, target)?;
+    let mut enc = plain_encoder(Vec::new(), zstd_level)?;
+    enc.write_all(&raw)?;
+    let plain = enc.finish()?;
+    if raw.len() > BASE_PREFIX_MAX_RAW {
+        return Ok((DeltaFormat::FastRsyncZstd, plain));
+    }
+    let mut prefixed = Vec::new();
+    compress_with_base(base, &raw, zstd_level, &mut prefixed)?;
+    tracing::info!(
+        raw = raw.len(),
+        plain = plain.len(),
+        base_prefix = prefixed.len(),
+        "delta encodings"
+    );
+    Ok(if prefixed.len() < plain.len() {
+        (DeltaFormat::FastRsyncZstdBasePrefix, prefixed)
+    } else {
+        (DeltaFormat::FastRsyncZstd, plain)
+    })
+}
 
 /// The raw (uncompressed) delta that turns `base` into `target`.
 pub fn make_raw(base: &[u8], target: &[u8]) -> io::Result<Vec<u8>> {
@@ -189,8 +223,9 @@ pub fn decompress_with_base(
     out: &mut impl Write,
     limit: u64,
 ) -> Result<u64, DeltaError> {
-    use zstd::zstd_safe::{DCtx, DParameter, ResetDirective};
+    use zstd::zstd_safe::{DCtx, DParameter, ResetDirective, get_error_name};
     let bad = |what: String| DeltaError::Frame(what);
+    let zbad = |code: usize| DeltaError::Frame(get_error_name(code).into());
     let mut dctx = DCtx::create();
     let mut rest = delta_zst;
     let mut total = 0u64;
@@ -200,7 +235,7 @@ pub fn decompress_with_base(
             bad(format!(
                 "frame at byte {}: {}",
                 delta_zst.len() - rest.len(),
-                zstd::zstd_safe::get_error_name(c)
+                get_error_name(c)
             ))
         })?;
         let (frame, next) = rest.split_at(len);
@@ -216,17 +251,13 @@ pub fn decompress_with_base(
         if total + size > limit {
             return Err(DeltaError::TooLarge { limit });
         }
-        dctx.reset(ResetDirective::SessionAndParameters)
-            .map_err(|c| bad(zstd::zstd_safe::get_error_name(c).into()))?;
+        dctx.reset(ResetDirective::SessionAndParameters).map_err(zbad)?;
         dctx.set_parameter(DParameter::WindowLogMax(PREFIX_WINDOW_LOG))
-            .map_err(|c| bad(zstd::zstd_safe::get_error_name(c).into()))?;
-        dctx.ref_prefix(base)
-            .map_err(|c| bad(zstd::zstd_safe::get_error_name(c).into()))?;
+            .map_err(zbad)?;
+        dctx.ref_prefix(base).map_err(zbad)?;
         buf.clear();
         buf.reserve_exact(size as usize);
-        let got = dctx
-            .decompress(&mut buf, frame)
-            .map_err(|c| bad(zstd::zstd_safe::get_error_name(c).into()))?;
+        let got = dctx.decompress(&mut buf, frame).map_err(zbad)?;
         if got as u64 != size {
             return Err(bad(format!("a frame gave {got} bytes, it declares {size}")));
         }

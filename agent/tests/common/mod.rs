@@ -296,16 +296,20 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         self.stop_server();
-        // Only our own loop device: after a failure midway the name may already be free
-        // and given to another test (or to the benchmark).
-        let backing = Command::new("losetup")
-            .args(["-n", "-O", "BACK-FILE", &self.loopdev])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default();
-        if backing == self.path("disk.img").display().to_string() {
-            let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
-        }
+        detach_if_backed_by(&self.loopdev, &self.path("disk.img"));
+    }
+}
+
+/// Detaches `loopdev` only if it is still backed by `file`: after a failure midway the
+/// name may already be free and given to another test (or to the benchmark).
+pub fn detach_if_backed_by(loopdev: &str, file: &Path) {
+    let backing = Command::new("losetup")
+        .args(["-n", "-O", "BACK-FILE", loopdev])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    if backing == file.display().to_string() {
+        let _ = Command::new("losetup").args(["-d", loopdev]).status();
     }
 }
 
