@@ -148,12 +148,8 @@ impl Env {
     }
 
     pub fn start_server(&mut self) {
-        self.start_server_at("127.0.0.1:0");
-    }
-
-    pub fn start_server_at(&mut self, listen: &str) {
         let mut child = Command::new(sibling("atom-dist"))
-            .args(["serve", "--listen", listen, "--repo"])
+            .args(["serve", "--listen", "127.0.0.1:0", "--repo"])
             .arg(self.path("repo"))
             .arg("--cache")
             .arg(self.path("dist-cache"))
