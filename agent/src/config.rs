@@ -12,6 +12,7 @@
 //! disk = "/dev/vda"                    # default: from the boot record or the root mount
 //! labels = ["root-a", "root-b"]
 //! slot_devices = ["/dev/sda2", "/dev/sda3"]  # instead of disk + labels: the slot partitions
+//! tls_ca = "/etc/atom/ca.pem"          # HTTPS: trust only these CAs (default: system store)
 //! http_timeout_secs = 30
 //! http_retries = 3
 //! state_dir = "/var/lib/atom"          # downloads, checkpoints, last result
@@ -52,6 +53,7 @@ struct Raw {
     disk: Option<PathBuf>,
     labels: Option<[String; 2]>,
     slot_devices: Option<[PathBuf; 2]>,
+    tls_ca: Option<PathBuf>,
     #[serde(default = "default_timeout")]
     http_timeout_secs: u64,
     #[serde(default = "default_retries")]
@@ -157,6 +159,8 @@ pub struct Settings {
     pub window: Option<Window>,
     pub disk: Option<PathBuf>,
     pub labels: bootsel::SlotLabels,
+    /// PEM bundle of the only CAs trusted for HTTPS repositories, instead of the system's.
+    pub tls_ca: Option<PathBuf>,
     pub http_timeout: Duration,
     pub http_retries: u32,
     pub state_dir: PathBuf,
@@ -292,6 +296,7 @@ impl Settings {
             window,
             disk,
             labels,
+            tls_ca: raw.tls_ca,
             http_timeout: Duration::from_secs(raw.http_timeout_secs.max(1)),
             http_retries: raw.http_retries,
             state_dir: raw.state_dir,

@@ -13,8 +13,8 @@ use std::time::Duration;
 use atom_dist::Digest;
 use atom_dist::repo::layout;
 use atom_dist::verify::{Policy, Verified, verify_manifest};
-use reqwest::StatusCode;
 use reqwest::blocking::Client;
+use reqwest::{Certificate, StatusCode};
 
 use crate::config::{Repo, Settings};
 use crate::error::Failure;
@@ -31,6 +31,25 @@ pub struct Sources {
 /// timeout plus the time this rate needs for its size.
 const MIN_BYTES_PER_SEC: u64 = 64 * 1024;
 
+/// The CAs of `tls_ca`: trust material like the signing keys, so others may not write it.
+fn pinned_cas(path: &Path) -> Result<Vec<Certificate>, Failure> {
+    crate::perms::check_private(path, "TLS CA file")?;
+    let pem =
+        std::fs::read(path).map_err(|e| Failure::error(format!("cannot read TLS CA file {}: {e}", path.display())))?;
+    match Certificate::from_pem_bundle(&pem) {
+        Ok(certs) if !certs.is_empty() => Ok(certs),
+        Ok(_) => Err(Failure::error(format!(
+            "TLS CA file {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        ))),
+        Err(e) => Err(Failure::error(format!(
+            "TLS CA file {}: {}",
+            path.display(),
+            error_chain(&e)
+        ))),
+    }
+}
+
 /// Why one mirror could not give us something; collected so the final error lists all.
 fn join(errors: &[String]) -> String {
     errors.join("; ")
@@ -42,10 +61,14 @@ impl Sources {
         let _ = rustls::crypto::ring::default_provider().install_default();
         // Only with an HTTP mirror: a host fed from a local disk may have no CA store.
         let client = if s.repositories.iter().any(|r| matches!(r, Repo::Http(_))) {
-            let c = Client::builder()
+            let mut builder = Client::builder()
                 .connect_timeout(s.http_timeout)
                 .timeout(s.http_timeout)
-                .user_agent(concat!("atom-update/", env!("CARGO_PKG_VERSION")))
+                .user_agent(concat!("atom-update/", env!("CARGO_PKG_VERSION")));
+            if let Some(path) = &s.tls_ca {
+                builder = builder.tls_certs_only(pinned_cas(path)?);
+            }
+            let c = builder
                 .build()
                 .map_err(|e| Failure::error(format!("cannot create the HTTP client: {}", error_chain(&e))))?;
             Some(c)
@@ -103,7 +126,7 @@ impl Sources {
                 let mut body = Vec::new();
                 resp.take(limit as u64 + 1)
                     .read_to_end(&mut body)
-                    .map_err(|e| format!("{url}: {e}"))?;
+                    .map_err(|e| format!("{url}: {}", error_chain(&e)))?;
                 if body.len() > limit {
                     return Err(format!("{url} is larger than {limit} bytes"));
                 }
@@ -124,8 +147,8 @@ impl Sources {
                         && r.status() != StatusCode::SERVICE_UNAVAILABLE
                         && attempt < self.retries => {}
                 Ok(r) => return Ok(r),
-                Err(e) if attempt >= self.retries => return Err(e.to_string()),
-                Err(e) => tracing::warn!(error = %e, attempt, "request failed; retrying"),
+                Err(e) if attempt >= self.retries => return Err(error_chain(&e)),
+                Err(e) => tracing::warn!(error = error_chain(&e), attempt, "request failed; retrying"),
             }
             attempt += 1;
             std::thread::sleep(Duration::from_millis(500 << attempt.min(4)));
@@ -254,7 +277,7 @@ impl Sources {
         if from > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={from}-"));
         }
-        let mut resp = req.send().map_err(|e| e.to_string())?;
+        let mut resp = req.send().map_err(|e| error_chain(&e))?;
         let mut file = match (from, resp.status()) {
             (0, StatusCode::OK) => File::create(dest),
             (_, StatusCode::PARTIAL_CONTENT) => OpenOptions::new().append(true).open(dest),
@@ -270,7 +293,9 @@ impl Sources {
                 file.sync_all().map_err(|e| e.to_string())?;
                 return Err(CANCELLED.into());
             }
-            let n = resp.read(&mut buf).map_err(|e| format!("transfer failed: {e}"))?;
+            let n = resp
+                .read(&mut buf)
+                .map_err(|e| format!("transfer failed: {}", error_chain(&e)))?;
             if n == 0 {
                 break;
             }
@@ -318,8 +343,8 @@ impl Sources {
                     return Err(format!("HTTP {status}: {}", text.trim()));
                 }
                 let mut file = File::create(dest).map_err(|e| e.to_string())?;
-                let n =
-                    std::io::copy(&mut resp.take(limit + 1), &mut file).map_err(|e| format!("transfer failed: {e}"))?;
+                let n = std::io::copy(&mut resp.take(limit + 1), &mut file)
+                    .map_err(|e| format!("transfer failed: {}", error_chain(&e)))?;
                 if n > limit {
                     return Err(format!("delta larger than {limit} bytes"));
                 }

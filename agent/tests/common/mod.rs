@@ -148,11 +148,17 @@ impl Env {
     }
 
     pub fn start_server(&mut self) {
+        self.start_server_with(&[]);
+    }
+
+    /// atom-dist on a free loopback port with `extra` flags (e.g. TLS).
+    pub fn start_server_with(&mut self, extra: &[&std::ffi::OsStr]) {
         let mut child = Command::new(sibling("atom-dist"))
             .args(["serve", "--listen", "127.0.0.1:0", "--repo"])
             .arg(self.path("repo"))
             .arg("--cache")
             .arg(self.path("dist-cache"))
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
