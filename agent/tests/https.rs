@@ -147,9 +147,13 @@ fn https_repository_is_trusted_only_through_the_configured_ca() {
     failed(&env.agent(&["now"]), 1, "cannot read TLS CA file");
     untouched(&env);
 
-    // The fleet CA pinned: the update goes through over HTTPS, rsync endpoint included.
-    env.write_config(&[&url], &pinned("fleet-ca.pem"));
+    // The fleet CA pinned: the update goes through over HTTPS, here by the rsync endpoint
+    // (the signature goes up through TLS too).
+    env.write_config(&[&url], &format!("{}routes = [\"rsync\"]\n", pinned("fleet-ca.pem")));
     let out = env.now_ok();
-    assert!(out.contains("staged 2.0.0 in slot B"), "{out}");
+    assert!(
+        out.contains("staged 2.0.0 in slot B") && out.contains("via rsync-delta"),
+        "{out}"
+    );
     assert!(env.slot_holds("B", "v2.img"));
 }
