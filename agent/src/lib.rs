@@ -16,6 +16,7 @@ pub mod progress;
 pub mod reboot;
 pub mod slotio;
 pub mod source;
+pub mod space;
 pub mod state;
 pub mod update;
 pub mod verbs;

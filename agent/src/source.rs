@@ -19,6 +19,7 @@ use reqwest::{Certificate, StatusCode};
 use crate::config::{Repo, Settings};
 use crate::error::Failure;
 use crate::slotio::CANCELLED;
+use crate::space;
 
 pub struct Sources {
     repos: Vec<Repo>,
@@ -254,6 +255,8 @@ impl Sources {
                 std::fs::remove_file(dest).map_err(|e| e.to_string())?;
                 continue;
             }
+            let dir = dest.parent().unwrap_or(Path::new("."));
+            space::ensure_room(dir, size - have, "the download")?;
             match self.download_from(url, have, size, dest, progress, cancel) {
                 Ok(()) => return Ok(()),
                 Err(e) if attempt >= self.retries || e == CANCELLED => return Err(e),
@@ -302,8 +305,14 @@ impl Sources {
             if total + n as u64 > size {
                 return Err(format!("server sent more than the {size} bytes the manifest names"));
             }
-            file.write_all(&buf[..n])
-                .map_err(|e| format!("{}: {e}", dest.display()))?;
+            if let Err(e) = file.write_all(&buf[..n]) {
+                return Err(if space::is_full(&e) {
+                    let _ = std::fs::remove_file(dest);
+                    space::full_message(dest, &e)
+                } else {
+                    format!("{}: {e}", dest.display())
+                });
+            }
             total += n as u64;
             progress(n as u64);
             crate::failpoint::hit("download-chunk");
@@ -342,9 +351,15 @@ impl Sources {
                     let _ = (&mut resp).take(4096).read_to_string(&mut text);
                     return Err(format!("HTTP {status}: {}", text.trim()));
                 }
-                let mut file = File::create(dest).map_err(|e| e.to_string())?;
-                let n = std::io::copy(&mut resp.take(limit + 1), &mut file)
-                    .map_err(|e| format!("transfer failed: {}", error_chain(&e)))?;
+                let mut file = File::create(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+                let n = std::io::copy(&mut resp.take(limit + 1), &mut file).map_err(|e| {
+                    if space::is_full(&e) {
+                        let _ = std::fs::remove_file(dest);
+                        space::full_message(dest, &e)
+                    } else {
+                        format!("transfer failed: {}", error_chain(&e))
+                    }
+                })?;
                 if n > limit {
                     return Err(format!("delta larger than {limit} bytes"));
                 }

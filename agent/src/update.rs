@@ -27,6 +27,7 @@ use crate::host::{self, Host};
 use crate::progress::Progress;
 use crate::slotio::{self, SlotWriter, WriteStats};
 use crate::source::Sources;
+use crate::space;
 use crate::state::{Checkpoint, LastResult, Lock, SlotContent, State};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -433,32 +434,44 @@ impl Job<'_> {
         Ok(stats)
     }
 
-    /// Decompresses an (untrusted) zstd delta made against `base` into a file and maps it.
-    fn raw_delta(&self, zst: &Path, format: DeltaFormat, base: &[u8]) -> Result<Mmap, Failure> {
-        let raw_path = self.work.join("delta.raw");
+    /// Decompresses an (untrusted) zstd delta made against `base` into a file and maps it;
+    /// the file goes away with the map, whatever the route's outcome.
+    fn raw_delta(&self, zst: &Path, format: DeltaFormat, base: &[u8]) -> Result<RawDelta, Failure> {
+        let src = File::open(zst).map_err(io_failure)?;
+        // SAFETY: a private download of this process, not modified while mapped.
+        let zst = unsafe { Mmap::map(&src) }.map_err(io_failure)?;
+        if let Some(size) = delta::declared_size(&zst) {
+            space::ensure_room(&self.work, size, "the decoded delta").map_err(Failure::error)?;
+        }
+        let path = self.work.join("delta.raw");
         let out = File::options()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&raw_path)
+            .open(&path)
             .map_err(io_failure)?;
-        let src = File::open(zst).map_err(io_failure)?;
-        // SAFETY: a private download of this process, not modified while mapped.
-        let zst = unsafe { Mmap::map(&src) }.map_err(io_failure)?;
+        let mut raw = RawDelta { path, map: None };
         let mut w = BufWriter::new(&out);
-        delta::decompress_format(
+        let decoded = delta::decompress_format(
             format,
             base,
             &zst,
             &mut w,
             delta::raw_delta_limit(self.target.image.size),
         )
-        .map_err(|e| Failure::error(e.to_string()))?;
-        w.flush().map_err(io_failure)?;
+        .and_then(|_| w.flush().map_err(delta::DeltaError::Io));
+        match decoded {
+            Err(delta::DeltaError::Io(e)) if space::is_full(&e) => {
+                return Err(Failure::error(space::full_message(&raw.path, &e)));
+            }
+            Err(e) => return Err(Failure::error(e.to_string())),
+            Ok(()) => {}
+        }
         drop(w);
         // SAFETY: a private file of this process, not modified while mapped.
-        unsafe { Mmap::map(&out) }.map_err(io_failure)
+        raw.map = Some(unsafe { Mmap::map(&out) }.map_err(io_failure)?);
+        Ok(raw)
     }
 
     fn apply_delta(&self, base: &[u8], raw: &[u8]) -> Result<WriteStats, Failure> {
@@ -561,6 +574,26 @@ impl Job<'_> {
         let mut w = self.writer();
         std::io::copy(&mut dec.take(self.target.image.size + 1), &mut w).map_err(io_failure)?;
         self.finish(w)
+    }
+}
+
+/// A decoded delta on disk (it can be as large as the image), removed when dropped.
+struct RawDelta {
+    path: PathBuf,
+    map: Option<Mmap>,
+}
+
+impl std::ops::Deref for RawDelta {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or_default()
+    }
+}
+
+impl Drop for RawDelta {
+    fn drop(&mut self) {
+        self.map = None;
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 

@@ -268,6 +268,19 @@ pub fn decompress_with_base(
     Ok(total)
 }
 
+/// What a zstd delta's frames say they decompress to, if every frame says (a hint for
+/// reserving room, not a fact: decoders check sizes themselves).
+pub fn declared_size(delta_zst: &[u8]) -> Option<u64> {
+    let mut rest = delta_zst;
+    let mut total = 0u64;
+    while !rest.is_empty() {
+        let len = zstd::zstd_safe::find_frame_compressed_size(rest).ok()?;
+        total = total.checked_add(zstd::zstd_safe::get_frame_content_size(rest).ok()??)?;
+        rest = rest.get(len..)?;
+    }
+    Some(total)
+}
+
 /// Decompresses a delta of `format` made against `base` into `out`, at most `limit` bytes.
 pub fn decompress_format(
     format: DeltaFormat,
@@ -375,6 +388,9 @@ mod tests {
             prefixed.len(),
             plain.len()
         );
+        assert_eq!(declared_size(&prefixed), Some(raw.len() as u64));
+        assert_eq!(declared_size(&plain), None, "a streamed frame declares no size");
+        assert_eq!(declared_size(&prefixed[..prefixed.len() - 1]), None);
         let mut back = Vec::new();
         let n = decompress_with_base(&base, &prefixed, &mut back, raw_delta_limit(target.len() as u64)).unwrap();
         assert_eq!((n as usize, &back), (raw.len(), &raw));
