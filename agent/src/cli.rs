@@ -13,12 +13,14 @@ EXIT STATUS:
     3  `check`: no update available
     4  the written slot did not verify; nothing was made bootable
     5  another atom-update is running
-    6  refused for security: bad signature, expired manifest, wrong board, downgrade
+    6  refused for security: bad signature, expired manifest, wrong board, downgrade,
+       keys, CA file or state that someone other than root could change
     7  not allowed in the current state (e.g. rollback with no valid other slot)
 
 FILES:
     /etc/atom/update.toml   configuration (--config)
     /etc/atom/keys/*.pub    trusted publisher keys
+    tls_ca (update.toml)    the only CAs trusted for HTTPS mirrors, if set
     /run/atom/boot.toml     what bootsel chose at boot
     /var/lib/atom/          state, downloads, lock";
 
