@@ -14,6 +14,7 @@ pub mod host;
 pub mod perms;
 pub mod progress;
 pub mod reboot;
+mod routes;
 pub mod slotio;
 pub mod source;
 pub mod space;
