@@ -1,5 +1,5 @@
-//! A delta as a host downloads it: zstd-compressed (plain or with the base as prefix),
-//! then applied to the running slot.
+//! A delta as a host downloads it: its declared size (read to reserve room), zstd-compressed
+//! (plain or with the base as prefix), then applied to the running slot.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
@@ -11,9 +11,11 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(n) = atom_dist::delta::decompress_bounded(data, &mut raw, limit) {
         assert!(n <= limit);
     }
+    let declared = atom_dist::delta::declared_size(data);
     let mut raw = Vec::new();
     if let Ok(n) = atom_dist::delta::decompress_with_base(&base, data, &mut raw, limit) {
         assert!(n <= limit && raw.len() as u64 == n);
+        assert_eq!(declared, Some(n), "a decodable prefixed delta declares its size");
     }
     let mut out = Vec::new();
     if atom_dist::delta::apply(&base, data, target_len, &mut out).is_ok() {
