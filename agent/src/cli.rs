@@ -54,6 +54,9 @@ pub enum Command {
         /// Do not reboot even if the reboot policy says so.
         #[arg(long)]
         no_reboot: bool,
+        /// Take a version that is being rolled out in phases now, not at this host's turn.
+        #[arg(long)]
+        skip_rollout: bool,
     },
     /// Is there an update, and how big is it by each route?
     Check {
@@ -102,7 +105,8 @@ mod tests {
             c.command,
             Command::Now {
                 allow_downgrade: true,
-                no_reboot: false
+                no_reboot: false,
+                skip_rollout: false
             }
         ));
         assert!(Cli::try_parse_from(["atom-update", "frobnicate"]).is_err());

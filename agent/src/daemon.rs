@@ -34,10 +34,16 @@ pub fn run(config: &Path) -> Result<(), Failure> {
     while !stop.load(Ordering::Relaxed) {
         let opts = Options {
             allow_downgrade: false,
+            skip_rollout: false,
             cancel: &stop,
             progress: false,
         };
+        let mut until_turn = None;
         match update::now(&settings, &opts) {
+            Ok(Outcome::Waiting { version, turn, .. }) => {
+                tracing::info!(%version, %turn, "phased rollout: checking again at this host's turn");
+                until_turn = Some(Duration::try_from(jiff::Timestamp::now().duration_until(turn)).unwrap_or_default());
+            }
             Ok(Outcome::Staged { version, .. }) => {
                 tracing::info!(%version, "update staged");
                 if settings.reboot != RebootPolicy::Never {
@@ -48,14 +54,19 @@ pub fn run(config: &Path) -> Result<(), Failure> {
             Err(e) => tracing::warn!(error = %e, "update failed; will retry at the next check"),
         }
         let checked = Instant::now();
-        let mut wake = checked + settings.check_interval + jitter(settings.check_interval);
+        let next = |s: &Settings| {
+            let regular = s.check_interval + jitter(s.check_interval);
+            // A rollout turn sooner than the next regular check is not left waiting for it.
+            checked + until_turn.map_or(regular, |t| t.min(regular))
+        };
+        let mut wake = next(&settings);
         while Instant::now() < wake && !stop.load(Ordering::Relaxed) {
             if reload.swap(false, Ordering::Relaxed) {
                 match Settings::load(config) {
                     Ok(s) => {
                         settings = s;
                         // A new interval counts from the last check, not from the reload.
-                        wake = checked + settings.check_interval + jitter(settings.check_interval);
+                        wake = next(&settings);
                         tracing::info!(
                             interval = ?settings.check_interval, channel = %settings.channel,
                             "configuration reloaded"

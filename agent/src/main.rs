@@ -43,10 +43,12 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
         Command::Now {
             allow_downgrade,
             no_reboot,
+            skip_rollout,
         } => {
             let cancel = AtomicBool::new(false);
             let opts = Options {
                 allow_downgrade: *allow_downgrade,
+                skip_rollout: *skip_rollout,
                 cancel: &cancel,
                 progress: true,
             };
@@ -54,6 +56,10 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
             match &outcome {
                 Outcome::UpToDate { version } => println!("up to date: {version}"),
                 Outcome::AlreadyStaged { version } => println!("{version} is already staged; reboot to use it"),
+                Outcome::Waiting { version, turn, end } => println!(
+                    "{version} is being rolled out until {end}; this host's turn comes at {turn} \
+                     (--skip-rollout takes it now)"
+                ),
                 Outcome::Staged {
                     version,
                     slot,
@@ -93,12 +99,21 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
                     .iter()
                     .map(|(r, size)| serde_json::json!({"route": r.name(), "bytes": size}))
                     .collect();
+                let rollout = offer.rollout.map(
+                    |(end, turn)| serde_json::json!({"end": end.to_string(), "turn": turn.map(|t| t.to_string())}),
+                );
                 println!(
                     "{:#}",
-                    serde_json::json!({"running": offer.running, "offered": offer.offered, "update_available": offer.newer, "routes": routes})
+                    serde_json::json!({"running": offer.running, "offered": offer.offered, "update_available": offer.newer, "routes": routes, "rollout": rollout})
                 );
             } else if offer.newer {
                 println!("update available: {} -> {}", offer.running, offer.offered);
+                if let Some((end, turn)) = offer.rollout {
+                    match turn {
+                        Some(t) => println!("  phased rollout until {end}; this host's turn: {t}"),
+                        None => println!("  phased rollout until {end}; this host's turn is drawn at its first `now`"),
+                    }
+                }
                 for (r, size) in &offer.routes {
                     match size {
                         Some(b) => println!("  {:<18} {b} bytes", r.name()),

@@ -56,6 +56,10 @@ pub struct State {
     /// version it falls back to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback_floor: Option<String>,
+    /// This host's place in phased rollouts (uniform over u32), drawn once and kept, so
+    /// its turn does not move between checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_place: Option<u32>,
 }
 
 impl State {
@@ -70,6 +74,13 @@ impl State {
         }
         self.rollback_floor = Some(good.to_string());
         true
+    }
+
+    /// The rollout place, drawn now if this host has none yet (the caller saves the state).
+    pub fn rollout_place(&mut self) -> u32 {
+        *self
+            .rollout_place
+            .get_or_insert_with(|| rand_core::RngCore::next_u32(&mut rand_core::OsRng))
     }
 
     pub fn path(dir: &Path) -> PathBuf {

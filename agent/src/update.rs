@@ -30,6 +30,8 @@ use crate::state::{Checkpoint, LastResult, Lock, SlotContent, State};
 
 pub struct Options<'a> {
     pub allow_downgrade: bool,
+    /// Take a phased rollout's version before this host's turn.
+    pub skip_rollout: bool,
     pub cancel: &'a AtomicBool,
     pub progress: bool,
 }
@@ -41,6 +43,12 @@ pub enum Outcome {
     },
     AlreadyStaged {
         version: String,
+    },
+    /// The version is rolled out in phases and this host's turn has not come.
+    Waiting {
+        version: String,
+        turn: jiff::Timestamp,
+        end: jiff::Timestamp,
     },
     Staged {
         version: String,
@@ -59,6 +67,8 @@ pub struct Offer {
     pub offered: String,
     pub newer: bool,
     pub routes: Vec<(Route, Option<u64>)>,
+    /// A phased rollout's end, and this host's turn once `now` has drawn its place.
+    pub rollout: Option<(jiff::Timestamp, Option<jiff::Timestamp>)>,
 }
 
 fn trusted(s: &Settings) -> Result<TrustedKeys, Failure> {
@@ -96,12 +106,17 @@ pub fn check(s: &Settings) -> Result<Offer, Failure> {
         routes.push((Route::Rsync, None));
     }
     routes.push((Route::Full, Some(m.payload.size)));
+    let state = State::load(&s.state_dir);
     Ok(Offer {
         running: running.to_string(),
         offered: m.version.to_string(),
         // Below the rollback floor, `now` would refuse it.
-        newer: &m.version > running && State::load(&s.state_dir).floor().is_none_or(|f| m.version >= f),
+        newer: &m.version > running && state.floor().is_none_or(|f| m.version >= f),
         routes,
+        rollout: m
+            .rollout
+            .as_ref()
+            .map(|r| (r.turn(u32::MAX), state.rollout_place.map(|p| r.turn(p)))),
     })
 }
 
@@ -141,6 +156,13 @@ fn last_result(o: &Outcome) -> LastResult {
             time,
             outcome: "staged".into(),
             message: format!("{version} is already staged for the next boot"),
+            version: Some(version.clone()),
+            ..Default::default()
+        },
+        Outcome::Waiting { version, turn, end } => LastResult {
+            time,
+            outcome: "waiting".into(),
+            message: format!("{version} is being rolled out until {end}; this host's turn comes at {turn}"),
             version: Some(version.clone()),
             ..Default::default()
         },
@@ -218,6 +240,23 @@ fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
                 "{v} is already staged; the repository now offers the older {}: refusing (replayed manifest?)",
                 target.version
             )));
+        }
+    }
+    if let Some(rollout) = &target.rollout
+        && !opts.skip_rollout
+    {
+        let had_place = state.rollout_place.is_some();
+        let turn = rollout.turn(state.rollout_place());
+        if !had_place {
+            state.save(&s.state_dir)?;
+        }
+        if jiff::Timestamp::now() < turn {
+            tracing::info!(version = %target.version, %turn, "phased rollout: not this host's turn yet");
+            return Ok(Outcome::Waiting {
+                version: target.version.to_string(),
+                turn,
+                end: rollout.turn(u32::MAX),
+            });
         }
     }
     if target.image.size > inactive.size_bytes {

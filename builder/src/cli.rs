@@ -198,6 +198,14 @@ pub struct PublishArgs {
     /// zstd level for payloads and deltas (1-22).
     #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(1..=22))]
     pub zstd_level: i32,
+    /// Phased rollout: hosts take this version at moments spread evenly over DURATION
+    /// (e.g. 48h), each at a random place it keeps, instead of all at once. Stop a bad
+    /// rollout by publishing a fixed version; `atom-update now --skip-rollout` takes it at once.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub rollout: Option<std::time::Duration>,
+    /// When the rollout begins (RFC 3339, e.g. 2026-11-24T08:00:00Z); default: now.
+    #[arg(long, value_name = "TIME", requires = "rollout")]
+    pub rollout_start: Option<jiff::Timestamp>,
     /// The image to publish.
     pub image: PathBuf,
 }

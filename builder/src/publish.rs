@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use atom_dist::digest::HashingWriter;
-use atom_dist::manifest::{self, Delta, Image, Manifest, Payload};
+use atom_dist::manifest::{self, Delta, Image, Manifest, Payload, Rollout};
 use atom_dist::release::{RELEASE_PATH, Release};
 use atom_dist::repo::{SignedManifest, layout};
 use atom_dist::verify::{Policy, verify_manifest};
@@ -65,6 +65,9 @@ fn write_object(
 pub fn run(args: &PublishArgs) -> Result<()> {
     let key = SecretKey::load(&args.key)?;
     manifest::check_name("channel", &args.channel)?;
+    if args.rollout.is_some_and(|d| d.as_secs() > manifest::MAX_ROLLOUT_SECS) {
+        bail!("--rollout may last at most a year");
+    }
     let release =
         Release::parse(&ext4::read_file(&args.image, RELEASE_PATH).context("the image is not an Atom image")?)
             .with_context(|| format!("bad /{RELEASE_PATH} in {}", args.image.display()))?;
@@ -135,6 +138,10 @@ pub fn run(args: &PublishArgs) -> Result<()> {
             size: payload_size,
             digest: payload_digest,
         },
+        rollout: args.rollout.map(|d| Rollout {
+            start: args.rollout_start.unwrap_or(now),
+            duration_secs: d.as_secs(),
+        }),
         deltas,
     };
     let text = manifest.to_toml();
@@ -147,6 +154,14 @@ pub fn run(args: &PublishArgs) -> Result<()> {
     repo.commit_manifest(&args.channel, &release.version, &signed)?;
     new_files.0.clear();
 
+    if let Some(r) = &manifest.rollout {
+        println!(
+            "rollout: hosts take {} from {} to {}",
+            release.version,
+            r.start,
+            r.turn(u32::MAX)
+        );
+    }
     println!(
         "published {} {} on channel {} (signed by {}): payload {} bytes, {} delta(s){}",
         release.board,

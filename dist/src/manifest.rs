@@ -17,6 +17,10 @@
 //! size = 123456
 //! digest = "blake3:…"
 //!
+//! [rollout]                            # optional: phased, hosts spread over the duration
+//! start = "2026-11-22T02:00:00Z"
+//! duration_secs = 172800
+//!
 //! [[deltas]]                           # precomputed, one per recent base
 //! base_version = "2.0.0"
 //! base_size = 1073741824
@@ -53,8 +57,35 @@ pub struct Manifest {
     pub expires: Timestamp,
     pub image: Image,
     pub payload: Payload,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deltas: Vec<Delta>,
+}
+
+/// A phased rollout: each host takes the version at its own moment, spread evenly over
+/// `duration_secs` from `start` by a random place it keeps, so a bad release reaches a
+/// growing fraction of the fleet while the publisher can still stop it (by publishing a
+/// fixed version) instead of all hosts at once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollout {
+    pub start: Timestamp,
+    pub duration_secs: u64,
+}
+
+/// Longer spreads are certainly mistakes (and would overflow time arithmetic).
+pub const MAX_ROLLOUT_SECS: u64 = 365 * 24 * 3600;
+
+impl Rollout {
+    /// When a host at `place` (uniform over all u32 values) gets its turn.
+    pub fn turn(&self, place: u32) -> Timestamp {
+        let offset = (u128::from(self.duration_secs.min(MAX_ROLLOUT_SECS)) * u128::from(place)) >> 32;
+        // Both bounded above: start is a valid timestamp, offset under a year.
+        self.start
+            .checked_add(jiff::SignedDuration::from_secs(offset as i64))
+            .unwrap_or(self.start)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,6 +178,14 @@ impl Manifest {
             return invalid("image size is 0".into());
         }
         check_repo_path(&self.payload.path)?;
+        if let Some(r) = &self.rollout
+            && r.duration_secs > MAX_ROLLOUT_SECS
+        {
+            return invalid(format!(
+                "rollout lasts {} s; at most {MAX_ROLLOUT_SECS} (a year)",
+                r.duration_secs
+            ));
+        }
         if self.deltas.len() > MAX_DELTAS {
             return invalid(format!("{} deltas listed; at most {MAX_DELTAS}", self.deltas.len()));
         }
@@ -225,6 +264,7 @@ pub(crate) mod tests {
                 size: 10,
                 digest: Digest::of(b"payload"),
             },
+            rollout: None,
             deltas: vec![Delta {
                 base_version: Version::new(1, 0, 0),
                 base_size: 4096,
@@ -300,6 +340,28 @@ pub(crate) mod tests {
             DeltaFormat::Unsupported,
             "the manifest stays usable"
         );
+    }
+
+    #[test]
+    fn rollout_spreads_hosts_over_its_duration() {
+        let mut m = sample();
+        m.rollout = Some(Rollout {
+            start: "2026-11-01T00:00:00Z".parse().unwrap(),
+            duration_secs: 100 * 3600,
+        });
+        let text = m.to_toml();
+        assert!(text.contains("[rollout]"), "{text}");
+        assert_eq!(Manifest::parse(text.as_bytes()).unwrap(), m);
+        let r = m.rollout.clone().unwrap();
+        assert_eq!(r.turn(0), r.start);
+        assert_eq!(r.turn(1 << 31).to_string(), "2026-11-03T02:00:00Z");
+        assert_eq!(r.turn(u32::MAX).to_string(), "2026-11-05T03:59:59Z");
+
+        m.rollout.as_mut().unwrap().duration_secs = MAX_ROLLOUT_SECS + 1;
+        assert!(matches!(
+            Manifest::parse(m.to_toml().as_bytes()),
+            Err(ManifestError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -49,6 +49,7 @@ fn publish(repo: &Repository, key: &SecretKey, version: &str, image: &[u8]) -> M
             size: payload.len() as u64,
             digest: Digest::of(&payload),
         },
+        rollout: None,
         deltas: vec![],
     };
     let text = m.to_toml();
