@@ -296,7 +296,12 @@ fn failed_publishes_leave_the_repository_as_it_was() {
     .unwrap();
     fails_with(s.f.publish(&s.repo, &corrupt_key, &v9), 1, "corrupt.key");
     unchanged("corrupt key");
-    fails_with(s.f.publish(&s.repo, &s.f.path("missing.key"), &v9), 1, "missing.key");
+    let err = fails_with(s.f.publish(&s.repo, &s.f.path("missing.key"), &v9), 1, "missing.key");
+    assert_eq!(
+        err.matches("No such file or directory").count(),
+        1,
+        "the cause is said once: {err}"
+    );
 
     let not_image = s.f.path("junk.img");
     fs::write(&not_image, vec![7u8; 1 << 20]).unwrap();
