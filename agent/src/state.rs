@@ -13,14 +13,12 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Failure, Kind};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SlotContent {
     pub version: String,
     pub digest: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct LastResult {
     pub time: String,
     pub outcome: String,
@@ -42,8 +40,9 @@ pub struct LastResult {
     pub bytes_resumed: u64,
 }
 
+/// Unknown fields are ignored, not errors: the state directory outlives the slots, so after
+/// a fallback an older agent reads what a newer one wrote, and must keep the rollback floor.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct State {
     /// Verified contents by slot name ("A"/"B"); absent while a slot is being written.
     #[serde(default)]
@@ -163,5 +162,23 @@ impl Lock {
             }),
             Err(std::fs::TryLockError::Error(e)) => Err(Failure::error(format!("cannot lock {}: {e}", path.display()))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_agent_reads_a_newer_agents_state() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            State::path(dir.path()),
+            "rollback_floor = \"2.0.0\"\nfrom_the_future = 7\n[slots.B]\nversion = \"3.0.0\"\ndigest = \"blake3:00\"\nnew_too = true\n",
+        )
+        .unwrap();
+        let st = State::load(dir.path());
+        assert_eq!(st.floor(), Some(semver::Version::new(2, 0, 0)));
+        assert_eq!(st.slots["B"].version, "3.0.0");
     }
 }

@@ -21,8 +21,9 @@ use serde::{Deserialize, Serialize};
 pub const RECORD_PATH: &str = "/run/atom/boot.toml";
 const MAX_RECORD_BYTES: usize = 16 * 1024;
 
+/// Unknown fields are ignored: the initramfs that writes the record is shared by both
+/// slots, so an agent in an older slot may read a record from a newer bootsel.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct BootRecord {
     pub slot: String,
     pub label: String,
@@ -83,5 +84,11 @@ mod tests {
         };
         assert_eq!(BootRecord::parse(&r.to_toml()).unwrap(), r);
         assert!(BootRecord::parse("slot = 1").is_err());
+        let newer = format!("measured_boot = true\n{}", r.to_toml());
+        assert_eq!(
+            BootRecord::parse(&newer).unwrap(),
+            r,
+            "a newer bootsel's field is ignored"
+        );
     }
 }
