@@ -169,6 +169,14 @@ fn security_refusals() {
     failed(&env.agent(&["now"]), 6, "expired");
     let out = env.agent(&["check"]);
     assert_eq!(out.status.code(), Some(6));
+    // The publisher re-signs the channel (same version and files): hosts take it again.
+    ok(Command::new(sibling("atom-build"))
+        .args(["resign", "--channel", "stable", "--repo"])
+        .arg(env.path("repo"))
+        .arg("--key")
+        .arg(env.path("signer.key")));
+    let out = env.now_ok();
+    assert!(out.contains("staged 3.0.0 in slot B"), "{out}");
 }
 
 /// The rollback floor rises to a version only when mark-good confirms it: staging it or

@@ -32,6 +32,7 @@ pub enum Command {
     Keygen(KeygenArgs),
     Image(ImageArgs),
     Publish(PublishArgs),
+    Resign(ResignArgs),
     Verify(VerifyArgs),
     History(HistoryArgs),
     InstallUnits(InstallArgs),
@@ -177,6 +178,33 @@ pub struct ImageArgs {
 /// --repo is missing or empty. The version must be newer than the channel's.
 #[derive(Debug, Args)]
 pub struct PublishArgs {
+    #[command(flatten)]
+    pub signing: Signing,
+    /// How many earlier versions of the channel get a precomputed delta.
+    #[arg(long, default_value_t = 2)]
+    pub deltas: usize,
+    /// How long the manifest stays valid; hosts refuse it afterwards (publish or resign).
+    #[arg(long, default_value = "30days", value_parser = humantime::parse_duration)]
+    pub expires_in: std::time::Duration,
+    /// zstd level for payloads and deltas (1-22).
+    #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(1..=22))]
+    pub zstd_level: i32,
+    /// Phased rollout: hosts take this version at moments spread evenly over DURATION
+    /// (e.g. 48h), each at a random place it keeps, instead of all at once. Pause it with
+    /// `resign --rollout-start LATER`, stop it by publishing a fixed version;
+    /// `atom-update now --skip-rollout` takes it at once on a host.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub rollout: Option<std::time::Duration>,
+    /// When the rollout begins (RFC 3339, e.g. 2026-11-24T08:00:00Z); default: now.
+    #[arg(long, value_name = "TIME", requires = "rollout")]
+    pub rollout_start: Option<jiff::Timestamp>,
+    /// The image to publish.
+    pub image: PathBuf,
+}
+
+/// The channel a publisher signs, and with which keys.
+#[derive(Debug, Args)]
+pub struct Signing {
     /// Repository directory.
     #[arg(long)]
     pub repo: PathBuf,
@@ -189,25 +217,31 @@ pub struct PublishArgs {
     /// Further public keys accepted on the channel's current manifest (key rotation).
     #[arg(long, value_name = "PUB")]
     pub trust: Vec<PathBuf>,
-    /// How many earlier versions of the channel get a precomputed delta.
-    #[arg(long, default_value_t = 2)]
-    pub deltas: usize,
-    /// How long the manifest stays valid; hosts refuse it afterwards (re-publish or re-sign).
+}
+
+/// Re-sign the channel's current manifest: same version and files, a new expiry.
+///
+/// Run it before the manifest expires when no new version is due (hosts refuse an expired
+/// manifest: that bound is what stops a frozen mirror from hiding updates forever). It can
+/// also sign with a new key (with --trust OLD.pub, as publish does) and change a phased
+/// rollout: --rollout-start moves it (a later start pauses it for the hosts whose turn has
+/// not come), --rollout sets a new spread, --end-rollout lets every host take it now.
+#[derive(Debug, Args)]
+pub struct ResignArgs {
+    #[command(flatten)]
+    pub signing: Signing,
+    /// How long the re-signed manifest stays valid, from now.
     #[arg(long, default_value = "30days", value_parser = humantime::parse_duration)]
     pub expires_in: std::time::Duration,
-    /// zstd level for payloads and deltas (1-22).
-    #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(1..=22))]
-    pub zstd_level: i32,
-    /// Phased rollout: hosts take this version at moments spread evenly over DURATION
-    /// (e.g. 48h), each at a random place it keeps, instead of all at once. Stop a bad
-    /// rollout by publishing a fixed version; `atom-update now --skip-rollout` takes it at once.
+    /// A new rollout spread, starting at --rollout-start or now.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub rollout: Option<std::time::Duration>,
-    /// When the rollout begins (RFC 3339, e.g. 2026-11-24T08:00:00Z); default: now.
-    #[arg(long, value_name = "TIME", requires = "rollout")]
+    /// A new rollout start (RFC 3339), keeping the spread unless --rollout is given.
+    #[arg(long, value_name = "TIME")]
     pub rollout_start: Option<jiff::Timestamp>,
-    /// The image to publish.
-    pub image: PathBuf,
+    /// End the phased rollout: every host may take the version now.
+    #[arg(long, conflicts_with_all = ["rollout", "rollout_start"])]
+    pub end_rollout: bool,
 }
 
 /// Check a repository: signatures, expiry, and the digest of every file.

@@ -11,6 +11,7 @@ mod install;
 mod keygen;
 mod modules;
 mod publish;
+mod resign;
 
 use std::process::ExitCode;
 
@@ -26,6 +27,7 @@ fn main() -> ExitCode {
         Command::Keygen(a) => keygen::run(a),
         Command::Image(a) => image::run_image(a),
         Command::Publish(a) => publish::run(a),
+        Command::Resign(a) => resign::run(a),
         Command::History(a) => audit::run_history(a),
         Command::InstallUnits(a) => install::run(a),
         Command::Initramfs(a) => image::source_date_epoch().and_then(|t| initramfs::run(a, t)),

@@ -15,7 +15,7 @@ use jiff::Timestamp;
 use memmap2::Mmap;
 use semver::Version;
 
-use crate::cli::PublishArgs;
+use crate::cli::{PublishArgs, Signing};
 use crate::ext4;
 
 /// Files this run created; removed again unless the publish completes, so a failed
@@ -63,8 +63,7 @@ fn write_object(
 }
 
 pub fn run(args: &PublishArgs) -> Result<()> {
-    let key = SecretKey::load(&args.key)?;
-    manifest::check_name("channel", &args.channel)?;
+    let (key, trusted) = signing_keys(&args.signing)?;
     if args.rollout.is_some_and(|d| d.as_secs() > manifest::MAX_ROLLOUT_SECS) {
         bail!("--rollout may last at most a year");
     }
@@ -74,28 +73,23 @@ pub fn run(args: &PublishArgs) -> Result<()> {
     let (image_digest, image_size) =
         Digest::of_file(&args.image).with_context(|| format!("cannot read {}", args.image.display()))?;
 
-    let repo = Repository::open_or_create(&args.repo)?;
+    let repo = Repository::open_or_create(&args.signing.repo)?;
     let _lock = repo.lock()?;
-    let mut trusted: Vec<PublicKey> = vec![key.public()];
-    for p in &args.trust {
-        trusted.push(PublicKey::load(p)?);
-    }
-    let trusted = TrustedKeys::new(trusted);
     let now = Timestamp::now().round(jiff::Unit::Second)?;
-    let previous = current_manifest(&repo, &args.channel, &trusted)?;
+    let previous = current_manifest(&repo, &args.signing.channel, &trusted)?;
     if let Some(prev) = &previous {
         if release.version <= prev.version {
             bail!(
                 "version {} is not newer than {} on channel {:?}; versions must increase",
                 release.version,
                 prev.version,
-                args.channel
+                args.signing.channel
             );
         }
         if release.board != prev.board {
             bail!(
                 "channel {:?} carries board {:?}, the image is for {:?}",
-                args.channel,
+                args.signing.channel,
                 prev.board,
                 release.board
             );
@@ -122,7 +116,7 @@ pub fn run(args: &PublishArgs) -> Result<()> {
     let deltas = make_deltas(&repo, args, &release, &image_digest, &trusted, &mut new_files)?;
     let manifest = Manifest {
         format: manifest::FORMAT,
-        channel: args.channel.clone(),
+        channel: args.signing.channel.clone(),
         version: release.version.clone(),
         board: release.board.clone(),
         created: now,
@@ -144,14 +138,7 @@ pub fn run(args: &PublishArgs) -> Result<()> {
         }),
         deltas,
     };
-    let text = manifest.to_toml();
-    // Parse our own output back: the publisher never signs what a client would reject.
-    Manifest::parse(text.as_bytes()).context("internal error: generated manifest does not parse")?;
-    let signed = SignedManifest {
-        signature: signature::sign(text.as_bytes(), &[&key]).into_bytes(),
-        manifest: text.into_bytes(),
-    };
-    repo.commit_manifest(&args.channel, &release.version, &signed)?;
+    sign_and_commit(&repo, &manifest, &key)?;
     new_files.0.clear();
 
     if let Some(r) = &manifest.rollout {
@@ -166,7 +153,7 @@ pub fn run(args: &PublishArgs) -> Result<()> {
         "published {} {} on channel {} (signed by {}): payload {} bytes, {} delta(s){}",
         release.board,
         release.version,
-        args.channel,
+        args.signing.channel,
         key.id(),
         payload_size,
         manifest.deltas.len(),
@@ -180,9 +167,33 @@ pub fn run(args: &PublishArgs) -> Result<()> {
     Ok(())
 }
 
+/// The signing key, and the keys the channel's current manifest may be signed with.
+pub(crate) fn signing_keys(s: &Signing) -> Result<(SecretKey, TrustedKeys)> {
+    let key = SecretKey::load(&s.key)?;
+    manifest::check_name("channel", &s.channel)?;
+    let mut trusted: Vec<PublicKey> = vec![key.public()];
+    for p in &s.trust {
+        trusted.push(PublicKey::load(p)?);
+    }
+    Ok((key, TrustedKeys::new(trusted)))
+}
+
+/// Signs `manifest` and makes it the channel's current one (the last, atomic step).
+pub(crate) fn sign_and_commit(repo: &Repository, manifest: &Manifest, key: &SecretKey) -> Result<()> {
+    let text = manifest.to_toml();
+    // Parse our own output back: the publisher never signs what a client would reject.
+    Manifest::parse(text.as_bytes()).context("internal error: generated manifest does not parse")?;
+    let signed = SignedManifest {
+        signature: signature::sign(text.as_bytes(), &[key]).into_bytes(),
+        manifest: text.into_bytes(),
+    };
+    repo.commit_manifest(&manifest.channel, &manifest.version, &signed)?;
+    Ok(())
+}
+
 /// The channel's current manifest, checked with the publisher's keys. Expiry is not held
 /// against it: re-publishing is how an expired channel is revived.
-fn current_manifest(repo: &Repository, channel: &str, trusted: &TrustedKeys) -> Result<Option<Manifest>> {
+pub(crate) fn current_manifest(repo: &Repository, channel: &str, trusted: &TrustedKeys) -> Result<Option<Manifest>> {
     let Some(current) = repo.current(channel)? else {
         return Ok(None);
     };
@@ -215,7 +226,7 @@ fn make_deltas(
     new_files: &mut NewFiles,
 ) -> Result<Vec<Delta>> {
     let mut bases: Vec<(Version, Digest, u64)> = Vec::new();
-    for (version, signed) in repo.history(&args.channel)?.into_iter().rev() {
+    for (version, signed) in repo.history(&args.signing.channel)?.into_iter().rev() {
         if bases.len() >= args.deltas {
             break;
         }
@@ -223,7 +234,7 @@ fn make_deltas(
             trusted,
             now: Timestamp::MIN,
             board: Some(&release.board),
-            channel: Some(&args.channel),
+            channel: Some(&args.signing.channel),
         };
         match verify_manifest(&signed.manifest, &signed.signature, &policy) {
             Ok(v)

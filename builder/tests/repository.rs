@@ -402,3 +402,80 @@ fn readers_never_see_a_half_published_channel() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// `atom-build resign` on the test repository, signing with `key`.
+fn resign(s: &Setup, key: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+        vec![&"resign", &"--repo", &s.repo, &"--channel", &"stable", &"--key", &key];
+    for e in extra {
+        args.push(e);
+    }
+    atom_build(&args)
+}
+
+fn signed_by_only(repo: &Path, public: &Path) -> bool {
+    let r = Repository::open(repo).unwrap();
+    let current = r.current("stable").unwrap().unwrap();
+    let trusted = TrustedKeys::new([PublicKey::load(public).unwrap()]);
+    let policy = Policy {
+        trusted: &trusted,
+        now: jiff::Timestamp::now(),
+        board: None,
+        channel: Some("stable"),
+    };
+    verify_manifest(&current.manifest, &current.signature, &policy).is_ok()
+}
+
+#[test]
+fn resign_extends_expiry_changes_rollouts_and_rotates_keys() {
+    let s = setup();
+    let before = current(&s.repo);
+
+    // Same version and files, valid for longer; the repository still verifies.
+    ok(resign(&s, &s.key, &["--expires-in", "90days"]));
+    let m = current(&s.repo);
+    assert_eq!(
+        (&m.version, &m.image, &m.payload, &m.deltas),
+        (&before.version, &before.image, &before.payload, &before.deltas)
+    );
+    assert!(
+        m.expires.duration_since(before.expires).as_hours() > 59 * 24,
+        "{} vs {}",
+        m.expires,
+        before.expires
+    );
+    assert_eq!(verify(&s.repo, &[&s.public]).0, 0, "the re-signed repository verifies");
+
+    // A rollout started, moved (paused), then ended.
+    ok(resign(&s, &s.key, &["--rollout", "48h"]));
+    let r = current(&s.repo).rollout.expect("a rollout");
+    assert_eq!(r.duration_secs, 48 * 3600);
+    ok(resign(&s, &s.key, &["--rollout-start", "2030-01-01T00:00:00Z"]));
+    let moved = current(&s.repo).rollout.expect("still a rollout");
+    assert_eq!(
+        (moved.start.to_string().as_str(), moved.duration_secs),
+        ("2030-01-01T00:00:00Z", 48 * 3600)
+    );
+    ok(resign(&s, &s.key, &["--end-rollout"]));
+    assert!(current(&s.repo).rollout.is_none());
+    fails_with(
+        resign(&s, &s.key, &["--rollout-start", "2030-01-01T00:00:00Z"]),
+        1,
+        "no rollout to move",
+    );
+
+    // Another key cannot re-sign the channel; with --trust the old key it takes it over.
+    let (new_key, new_public) = s.f.keygen("new");
+    let untouched = snapshot(&s.repo);
+    fails_with(resign(&s, &new_key, &[]), 1, "not signed by this key");
+    assert!(snapshot(&s.repo) == untouched, "a refused resign changes nothing");
+    ok(resign(&s, &new_key, &["--trust", s.public.to_str().unwrap()]));
+    assert!(signed_by_only(&s.repo, &new_public));
+    assert!(
+        !signed_by_only(&s.repo, &s.public),
+        "the old key no longer signs the channel"
+    );
+
+    let never = atom_build(&[&"resign", &"--repo", &s.repo, &"--channel", &"edge", &"--key", &s.key]);
+    fails_with(never, 1, "never been published");
+}
