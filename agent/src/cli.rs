@@ -57,11 +57,19 @@ pub enum Command {
         /// Take a version that is being rolled out in phases now, not at this host's turn.
         #[arg(long)]
         skip_rollout: bool,
+        /// Use this repository for this run instead of the configured ones (repeat for
+        /// several, tried in order), e.g. file:///media/usb/atom-repo on a host without
+        /// network. What it offers is checked against this host's keys as always.
+        #[arg(long = "repository", value_name = "URL|PATH", value_parser = crate::config::parse_repo)]
+        repositories: Vec<crate::config::Repo>,
     },
     /// Is there an update, and how big is it by each route?
     Check {
         #[arg(long)]
         json: bool,
+        /// Ask this repository instead of the configured ones (repeatable).
+        #[arg(long = "repository", value_name = "URL|PATH", value_parser = crate::config::parse_repo)]
+        repositories: Vec<crate::config::Repo>,
     },
     /// Slots, versions, boot flags, the booted slot, fallbacks and the last update result.
     Status {
@@ -106,7 +114,8 @@ mod tests {
             Command::Now {
                 allow_downgrade: true,
                 no_reboot: false,
-                skip_rollout: false
+                skip_rollout: false,
+                ..
             }
         ));
         assert!(Cli::try_parse_from(["atom-update", "frobnicate"]).is_err());

@@ -183,7 +183,7 @@ fn parse_window(s: &str) -> Result<Window, String> {
     }
 }
 
-fn parse_repo(s: &str) -> Result<Repo, String> {
+pub fn parse_repo(s: &str) -> Result<Repo, String> {
     if s.starts_with("http://") || s.starts_with("https://") {
         Ok(Repo::Http(s.trim_end_matches('/').to_owned()))
     } else if let Some(p) = s.strip_prefix("file://") {

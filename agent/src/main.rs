@@ -38,12 +38,18 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
         }
         _ => {}
     }
-    let s = Settings::load(&cli.config).map_err(Failure::error)?;
+    let mut s = Settings::load(&cli.config).map_err(Failure::error)?;
+    if let Command::Now { repositories, .. } | Command::Check { repositories, .. } = &cli.command
+        && !repositories.is_empty()
+    {
+        s.repositories = repositories.clone();
+    }
     match &cli.command {
         Command::Now {
             allow_downgrade,
             no_reboot,
             skip_rollout,
+            ..
         } => {
             let cancel = AtomicBool::new(false);
             let opts = Options {
@@ -91,7 +97,7 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
             }
             Ok(0)
         }
-        Command::Check { json } => {
+        Command::Check { json, .. } => {
             let offer = update::check(&s)?;
             if *json {
                 let routes: Vec<_> = offer

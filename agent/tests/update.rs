@@ -132,6 +132,19 @@ fn mirrors_are_tried_in_order_and_dead_servers_fail_cleanly() {
     failed(&out, 1, "cannot fetch the manifest");
     assert_eq!(env.flags(2), (1, 0, 1));
     assert_eq!(env.flags(3).0, 0);
+
+    // The operator brings the repository on a stick: --repository replaces the mirrors for
+    // one run, and what it holds is checked against the host's keys as always.
+    let stick = format!("file://{}", env.path("repo").display());
+    let check = env.agent(&["check", "--repository", &stick]);
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    let out = env.agent(&["now", "--repository", &stick]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("staged 2.0.0 in slot B"));
+    assert!(env.slot_holds("B", "v2.img"));
+    let cfg = std::fs::read_to_string(env.path("update.toml")).unwrap();
+    assert!(!cfg.contains("file://"), "the configuration is not changed");
+    failed(&env.agent(&["now", "--repository", "relative/path"]), 2, "--repository");
 }
 
 #[test]
