@@ -156,8 +156,14 @@ impl Sources {
         }
     }
 
-    /// The channel's manifest, verified, from the first mirror that has a valid one.
-    pub fn signed_manifest(&self, channel: &str, policy: &Policy<'_>) -> Result<(Verified, String), Failure> {
+    /// The channel's manifest, verified, from the first mirror that has a valid one not
+    /// older than `seen` (the newest this host accepted before).
+    pub fn signed_manifest(
+        &self,
+        channel: &str,
+        policy: &Policy<'_>,
+        seen: Option<jiff::Timestamp>,
+    ) -> Result<(Verified, String), Failure> {
         let mut errors = Vec::new();
         let mut refusals = Vec::new();
         for repo in &self.repos {
@@ -185,7 +191,14 @@ impl Sources {
                 }
             };
             match verify_manifest(&manifest, &sig, policy) {
-                Ok(v) => return Ok((v, repo.to_string())),
+                Ok(v) => match seen.filter(|t| v.manifest.created < *t) {
+                    Some(t) => refusals.push(format!(
+                        "{repo}: manifest created {} is older than one this host already accepted ({t}): \
+                         a replay or a stale mirror",
+                        v.manifest.created
+                    )),
+                    None => return Ok((v, repo.to_string())),
+                },
                 Err(e) => refusals.push(format!("{repo}: {e}")),
             }
         }

@@ -59,6 +59,11 @@ pub struct State {
     /// its turn does not move between checks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout_place: Option<u32>,
+    /// By channel, the `created` time of the newest manifest accepted: an older one, though
+    /// validly signed and unexpired, is a replay (it could undo a re-signed pause of a
+    /// rollout) and is refused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub newest_manifest: BTreeMap<String, jiff::Timestamp>,
 }
 
 impl State {

@@ -76,7 +76,7 @@ fn trusted(s: &Settings) -> Result<TrustedKeys, Failure> {
     TrustedKeys::load_dir(&s.keys_dir).map_err(|e| Failure::error(e.to_string()))
 }
 
-fn fetch_manifest(s: &Settings, sources: &Sources) -> Result<Manifest, Failure> {
+fn fetch_manifest(s: &Settings, sources: &Sources, state: &State) -> Result<Manifest, Failure> {
     let keys = trusted(s)?;
     let policy = Policy {
         trusted: &keys,
@@ -84,7 +84,8 @@ fn fetch_manifest(s: &Settings, sources: &Sources) -> Result<Manifest, Failure> 
         board: Some(&s.board),
         channel: Some(&s.channel),
     };
-    let (v, from) = sources.signed_manifest(&s.channel, &policy)?;
+    let seen = state.newest_manifest.get(&s.channel).copied();
+    let (v, from) = sources.signed_manifest(&s.channel, &policy, seen)?;
     tracing::info!(version = %v.manifest.version, repository = %from, signed_by = %v.signed_by, "verified manifest");
     Ok(v.manifest)
 }
@@ -92,7 +93,8 @@ fn fetch_manifest(s: &Settings, sources: &Sources) -> Result<Manifest, Failure> 
 pub fn check(s: &Settings) -> Result<Offer, Failure> {
     let host = Host::detect(s)?;
     let sources = Sources::new(s)?;
-    let m = fetch_manifest(s, &sources)?;
+    let state = State::load(&s.state_dir);
+    let m = fetch_manifest(s, &sources, &state)?;
     let running = &host.release.version;
     let mut routes = Vec::new();
     if let Some(d) = m
@@ -106,7 +108,6 @@ pub fn check(s: &Settings) -> Result<Offer, Failure> {
         routes.push((Route::Rsync, None));
     }
     routes.push((Route::Full, Some(m.payload.size)));
-    let state = State::load(&s.state_dir);
     Ok(Offer {
         running: running.to_string(),
         offered: m.version.to_string(),
@@ -191,9 +192,13 @@ fn last_result(o: &Outcome) -> LastResult {
 fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
     let host = Host::detect(s)?;
     let sources = Sources::new(s)?;
-    let target = fetch_manifest(s, &sources)?;
-    let running_version = &host.release.version;
     let mut state = State::load(&s.state_dir);
+    let target = fetch_manifest(s, &sources, &state)?;
+    let running_version = &host.release.version;
+    if state.newest_manifest.get(&s.channel) != Some(&target.created) {
+        state.newest_manifest.insert(s.channel.clone(), target.created);
+        state.save(&s.state_dir)?;
+    }
 
     if &target.version == running_version {
         forget_partial_work(&s.state_dir);

@@ -193,8 +193,9 @@ fn security_refusals() {
 }
 
 /// The rollback floor rises to a version only when mark-good confirms it: staging it or
-/// booting it on trial leaves the floor alone. Once risen, an old signed manifest is
-/// refused even on a host that went back to an older slot.
+/// booting it on trial leaves the floor alone. Once risen, a signed manifest offering an
+/// older version (here on another channel, so it is no replay) is refused even on a host
+/// that went back to an older slot.
 #[test]
 fn rollback_floor_rises_only_when_marked_good() {
     let env = Env::new();
@@ -212,13 +213,24 @@ fn rollback_floor_rises_only_when_marked_good() {
         Some("1.0.0"),
         "mark-good of the first image sets the floor"
     );
-    // The channel as it is now (2.0.0 on offer), kept to be replayed later.
-    ok(Command::new("cp")
-        .arg("-a")
-        .arg(env.path("repo"))
-        .arg(env.path("old-repo")));
-
     env.publish("v3.img", &[]);
+    // Channel "lts" offers 2.0.0.
+    ok(Command::new(sibling("atom-build"))
+        .args(["publish", "--channel", "lts", "--zstd-level", "3", "--repo"])
+        .arg(env.path("repo"))
+        .arg("--key")
+        .arg(env.path("signer.key"))
+        .arg(env.path("v2.img")));
+    let url = env.url.clone();
+    let use_channel = |c: &str| {
+        env.write_config(&[&url], "");
+        let cfg = std::fs::read_to_string(env.path("update.toml")).unwrap();
+        std::fs::write(
+            env.path("update.toml"),
+            cfg.replace("channel = \"stable\"", &format!("channel = \"{c}\"")),
+        )
+        .unwrap();
+    };
     env.now_ok();
     assert_eq!(env.flags(3).0, 2, "3.0.0 staged in B");
     assert_eq!(floor().as_deref(), Some("1.0.0"), "staging does not raise the floor");
@@ -230,16 +242,15 @@ fn rollback_floor_rises_only_when_marked_good() {
         "a trial boot does not raise the floor"
     );
 
-    // The trial fails: back on A (1.0.0), the old channel offering 2.0.0 is still fine.
+    // The trial fails: back on A (1.0.0), 2.0.0 from "lts" is still fine.
     env.cgpt(3, 0, 0, 0);
     env.boot_into("A", "1.0.0");
-    let old = env.path("old-repo").display().to_string();
-    env.write_config(&[&old], "");
+    use_channel("lts");
     let out = env.now_ok();
     assert!(out.contains("2.0.0"), "{out}");
 
     // 3.0.0 staged again, booted, marked good: the floor is 3.0.0 ...
-    env.write_config(&[&env.url.clone()], "");
+    use_channel("stable");
     env.now_ok();
     ok(Command::new(sibling("bootsel")).args(["choose", "--disk", &env.loopdev]));
     env.boot_into("B", "3.0.0");
@@ -257,7 +268,7 @@ fn rollback_floor_rises_only_when_marked_good() {
         .arg(env.path("update.toml"))
         .arg("rollback"));
     env.boot_into("A", "1.0.0");
-    env.write_config(&[&old], "");
+    use_channel("lts");
     failed(&env.agent(&["now"]), 6, "rollback floor");
     assert_eq!(
         env.agent(&["check"]).status.code(),
@@ -508,4 +519,48 @@ fn a_newer_version_replaces_a_staged_one_and_a_mounted_slot_is_refused() {
     let _ = Command::new("partx").args(["-d", &env.loopdev]).status();
     failed(&out, 1, "is mounted");
     assert!(env.slot_holds("B", "v3.img"), "the mounted slot was not touched");
+}
+
+/// A validly signed, unexpired manifest older than one the host already accepted (the same
+/// version before a re-sign, say one that undoes a paused rollout) is a replay: refused,
+/// and a mirror that serves it is passed over for one that is current.
+#[test]
+fn a_replayed_older_manifest_of_the_same_version_is_refused() {
+    let env = Env::new();
+    let manifest = env.path("repo/channels/stable/manifest.toml");
+    env.publish(
+        "v3.img",
+        &["--rollout", "1h", "--rollout-start", "2099-01-01T00:00:00Z"],
+    );
+    let paused = std::fs::read(&manifest).unwrap();
+    let out = env.now_ok();
+    assert!(out.contains("being rolled out"), "{out}");
+
+    // The publisher ends the rollout; the host takes 3.0.0 under the newer manifest.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    ok(Command::new(sibling("atom-build"))
+        .args(["resign", "--channel", "stable", "--end-rollout", "--repo"])
+        .arg(env.path("repo"))
+        .arg("--key")
+        .arg(env.path("signer.key")));
+    let current = std::fs::read(&manifest).unwrap();
+    let out = env.now_ok();
+    assert!(out.contains("staged 3.0.0 in slot B"), "{out}");
+
+    // A stale mirror still serves the first manifest (its signature file is still there).
+    let stale = env.path("stale-repo");
+    ok(Command::new("cp").arg("-a").arg(env.path("repo")).arg(&stale));
+    std::fs::write(stale.join("channels/stable/manifest.toml"), &paused).unwrap();
+    let stale_url = format!("file://{}", stale.display());
+    env.write_config(&[&stale_url], "");
+    let err = failed(&env.agent(&["now"]), 6, "older than one this host already accepted");
+    assert!(err.contains("replay"), "{err}");
+    failed(&env.agent(&["check"]), 6, "older than one this host already accepted");
+
+    // Listed first, the stale mirror is passed over for a current one.
+    let good = format!("file://{}", env.path("repo").display());
+    env.write_config(&[&stale_url, &good], "");
+    let out = env.now_ok();
+    assert!(out.contains("already staged"), "{out}");
+    assert_eq!(std::fs::read(&manifest).unwrap(), current);
 }

@@ -78,6 +78,7 @@ pub fn run(args: &PublishArgs) -> Result<()> {
     let now = Timestamp::now().round(jiff::Unit::Second)?;
     let previous = current_manifest(&repo, &args.signing.channel, &trusted)?;
     if let Some(prev) = &previous {
+        check_clock(now, prev)?;
         if release.version <= prev.version {
             bail!(
                 "version {} is not newer than {} on channel {:?}; versions must increase",
@@ -176,6 +177,19 @@ pub(crate) fn signing_keys(s: &Signing) -> Result<(SecretKey, TrustedKeys)> {
         trusted.push(PublicKey::load(p)?);
     }
     Ok((key, TrustedKeys::new(trusted)))
+}
+
+/// Hosts refuse a manifest created before one they accepted (a replay), so a new one must
+/// not be dated before the channel's current one.
+pub(crate) fn check_clock(now: Timestamp, current: &Manifest) -> Result<()> {
+    if now < current.created {
+        bail!(
+            "this machine's clock ({now}) is behind the channel's current manifest (created {}); \
+             hosts would refuse the new one as a replay: fix the clock",
+            current.created
+        );
+    }
+    Ok(())
 }
 
 /// Signs `manifest` and makes it the channel's current one (the last, atomic step).

@@ -7,7 +7,7 @@ use atom_dist::manifest::{self, Rollout};
 use jiff::Timestamp;
 
 use crate::cli::ResignArgs;
-use crate::publish::{current_manifest, sign_and_commit, signing_keys};
+use crate::publish::{check_clock, current_manifest, sign_and_commit, signing_keys};
 
 pub fn run(args: &ResignArgs) -> Result<()> {
     let (key, trusted) = signing_keys(&args.signing)?;
@@ -18,6 +18,7 @@ pub fn run(args: &ResignArgs) -> Result<()> {
         bail!("channel {channel:?} has never been published; nothing to re-sign");
     };
     let now = Timestamp::now().round(jiff::Unit::Second)?;
+    check_clock(now, &m)?;
     m.created = now;
     m.expires = now
         .checked_add(jiff::SignedDuration::try_from(args.expires_in)?)

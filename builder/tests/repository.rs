@@ -478,4 +478,25 @@ fn resign_extends_expiry_changes_rollouts_and_rotates_keys() {
 
     let never = atom_build(&[&"resign", &"--repo", &s.repo, &"--channel", &"edge", &"--key", &s.key]);
     fails_with(never, 1, "never been published");
+
+    // A channel whose manifest is dated after this machine's clock: a new one would look
+    // like a replay to hosts, so publish and resign refuse to make it.
+    let mut future = current(&s.repo);
+    future.created = "2099-01-01T00:00:00Z".parse().unwrap();
+    future.expires = "2099-02-01T00:00:00Z".parse().unwrap();
+    let text = future.to_toml();
+    let key = atom_dist::SecretKey::load(&new_key).unwrap();
+    let signed = atom_dist::repo::SignedManifest {
+        signature: atom_dist::signature::sign(text.as_bytes(), &[&key]).into_bytes(),
+        manifest: text.into_bytes(),
+    };
+    Repository::open(&s.repo)
+        .unwrap()
+        .commit_manifest("stable", &future.version, &signed)
+        .unwrap();
+    fails_with(resign(&s, &new_key, &[]), 1, "clock");
+    let t3 = s.f.path("t3");
+    make_tree(&t3, 5, 3);
+    let v3 = s.f.image("v3", "3.0.0", &t3, None);
+    fails_with(s.f.publish(&s.repo, &new_key, &v3), 1, "clock");
 }
