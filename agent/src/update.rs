@@ -1,9 +1,10 @@
 //! `atom-update now` and `check`: the update pipeline.
 //!
 //! The order of steps carries the safety:
-//! 1. the manifest is verified (signature, expiry, board, channel) and must be newer than
-//!    what runs and what is staged, and not older than the newest version ever marked
-//!    good here (anti-rollback);
+//! 1. the manifest is verified (signature, expiry, board, channel, and not created before
+//!    the newest one accepted here) and must be newer than what runs and what is staged,
+//!    and not older than the newest version ever marked good here (anti-rollback); a
+//!    phased rollout then waits for this host's turn;
 //! 2. the inactive slot is made unbootable *before* its first byte is written, so no
 //!    interruption can leave a half-written slot bootable;
 //! 3. the image is written by the cheapest route that works (`routes`);
