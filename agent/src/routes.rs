@@ -180,12 +180,12 @@ impl Job<'_> {
             delta::raw_delta_limit(self.target.image.size),
         )
         .and_then(|_| w.flush().map_err(delta::DeltaError::Io));
-        match decoded {
-            Err(delta::DeltaError::Io(e)) if space::is_full(&e) => {
-                return Err(Failure::error(space::full_message(&raw.path, &e)));
-            }
-            Err(e) => return Err(Failure::error(e.to_string())),
-            Ok(()) => {}
+        if let Err(e) = decoded {
+            let full = match &e {
+                delta::DeltaError::Io(io) => space::removed_if_full(&raw.path, io),
+                _ => None,
+            };
+            return Err(Failure::error(full.unwrap_or_else(|| e.to_string())));
         }
         drop(w);
         // SAFETY: a private file of this process, not modified while mapped.

@@ -319,12 +319,7 @@ impl Sources {
                 return Err(format!("server sent more than the {size} bytes the manifest names"));
             }
             if let Err(e) = file.write_all(&buf[..n]) {
-                return Err(if space::is_full(&e) {
-                    let _ = std::fs::remove_file(dest);
-                    space::full_message(dest, &e)
-                } else {
-                    format!("{}: {e}", dest.display())
-                });
+                return Err(space::removed_if_full(dest, &e).unwrap_or_else(|| format!("{}: {e}", dest.display())));
             }
             total += n as u64;
             progress(n as u64);
@@ -366,12 +361,7 @@ impl Sources {
                 }
                 let mut file = File::create(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
                 let n = std::io::copy(&mut resp.take(limit + 1), &mut file).map_err(|e| {
-                    if space::is_full(&e) {
-                        let _ = std::fs::remove_file(dest);
-                        space::full_message(dest, &e)
-                    } else {
-                        format!("transfer failed: {}", error_chain(&e))
-                    }
+                    space::removed_if_full(dest, &e).unwrap_or_else(|| format!("transfer failed: {}", error_chain(&e)))
                 })?;
                 if n > limit {
                     return Err(format!("delta larger than {limit} bytes"));

@@ -30,17 +30,17 @@ pub fn ensure_room(dir: &Path, need: u64, what: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether a write failed because the file system (or the quota) is full.
-pub fn is_full(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
-}
-
-/// The message for a write into `file` that ran out of space; the caller removes `file`.
-pub fn full_message(file: &Path, e: &io::Error) -> String {
-    format!(
+/// When a write into `file` failed because the file system (or the quota) is full: removes
+/// `file` and says so. Any other error: `None`, and the file stays.
+pub fn removed_if_full(file: &Path, e: &io::Error) -> Option<String> {
+    if !matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded) {
+        return None;
+    }
+    let _ = std::fs::remove_file(file);
+    Some(format!(
         "{}: {e}; the file was removed so the file system is not left full",
         file.display()
-    )
+    ))
 }
 
 #[cfg(test)]
@@ -56,8 +56,15 @@ mod tests {
             e.contains("not enough space in") && e.contains("for the payload"),
             "{e}"
         );
-        assert!(is_full(&io::Error::from_raw_os_error(nix::libc::ENOSPC)));
-        assert!(is_full(&io::Error::from_raw_os_error(nix::libc::EDQUOT)));
-        assert!(!is_full(&io::Error::from_raw_os_error(nix::libc::EIO)));
+        let file = dir.path().join("partial");
+        for (errno, full) in [
+            (nix::libc::ENOSPC, true),
+            (nix::libc::EDQUOT, true),
+            (nix::libc::EIO, false),
+        ] {
+            std::fs::write(&file, b"x").unwrap();
+            let said = removed_if_full(&file, &io::Error::from_raw_os_error(errno));
+            assert_eq!((said.is_some(), file.exists()), (full, !full), "errno {errno}");
+        }
     }
 }
