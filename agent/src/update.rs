@@ -118,7 +118,7 @@ pub fn check(s: &Settings) -> Result<Offer, Failure> {
         rollout: m
             .rollout
             .as_ref()
-            .map(|r| (r.turn(u32::MAX), state.rollout_place.map(|p| r.turn(p)))),
+            .map(|r| (r.end(), state.rollout_place.map(|p| r.turn(p)))),
     })
 }
 
@@ -261,7 +261,7 @@ fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
             return Ok(Outcome::Waiting {
                 version: target.version.to_string(),
                 turn,
-                end: rollout.turn(u32::MAX),
+                end: rollout.end(),
             });
         }
     }

@@ -64,8 +64,9 @@ fn write_object(
 
 pub fn run(args: &PublishArgs) -> Result<()> {
     let (key, trusted) = signing_keys(&args.signing)?;
-    if args.rollout.is_some_and(|d| d.as_secs() > manifest::MAX_ROLLOUT_SECS) {
-        bail!("--rollout may last at most a year");
+    if let Some(d) = args.rollout {
+        // Before the expensive part: the manifest would refuse it at the end.
+        Rollout::check_duration(d.as_secs()).context("--rollout")?;
     }
     let release =
         Release::parse(&ext4::read_file(&args.image, RELEASE_PATH).context("the image is not an Atom image")?)
@@ -147,7 +148,7 @@ pub fn run(args: &PublishArgs) -> Result<()> {
             "rollout: hosts take {} from {} to {}",
             release.version,
             r.start,
-            r.turn(u32::MAX)
+            r.end()
         );
     }
     println!(

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result, bail};
 use atom_dist::Repository;
-use atom_dist::manifest::{self, Rollout};
+use atom_dist::manifest::Rollout;
 use jiff::Timestamp;
 
 use crate::cli::ResignArgs;
@@ -33,7 +33,7 @@ pub fn run(args: &ResignArgs) -> Result<()> {
         key.id(),
         m.expires,
         match &m.rollout {
-            Some(r) => format!(", rollout from {} to {}", r.start, r.turn(u32::MAX)),
+            Some(r) => format!(", rollout from {} to {}", r.start, r.end()),
             None => String::new(),
         }
     );
@@ -51,9 +51,7 @@ fn new_rollout(args: &ResignArgs, old: Option<Rollout>, now: Timestamp) -> Resul
         }
         return Ok(None);
     };
-    if duration_secs > manifest::MAX_ROLLOUT_SECS {
-        bail!("--rollout may last at most a year");
-    }
+    Rollout::check_duration(duration_secs).context("--rollout")?;
     // A new spread without a start begins now; a moved start keeps the spread.
     let start = args
         .rollout_start

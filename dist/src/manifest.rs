@@ -78,6 +78,21 @@ pub struct Rollout {
 pub const MAX_ROLLOUT_SECS: u64 = 365 * 24 * 3600;
 
 impl Rollout {
+    /// Refuses spreads over a year: certainly a mistake, and beyond the time arithmetic.
+    pub fn check_duration(secs: u64) -> Result<(), ManifestError> {
+        if secs > MAX_ROLLOUT_SECS {
+            return Err(ManifestError::Invalid(format!(
+                "rollout lasts {secs} s; at most {MAX_ROLLOUT_SECS} (a year)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// When the last host gets its turn.
+    pub fn end(&self) -> Timestamp {
+        self.turn(u32::MAX)
+    }
+
     /// When a host at `place` (uniform over all u32 values) gets its turn.
     pub fn turn(&self, place: u32) -> Timestamp {
         let offset = (u128::from(self.duration_secs.min(MAX_ROLLOUT_SECS)) * u128::from(place)) >> 32;
@@ -178,13 +193,8 @@ impl Manifest {
             return invalid("image size is 0".into());
         }
         check_repo_path(&self.payload.path)?;
-        if let Some(r) = &self.rollout
-            && r.duration_secs > MAX_ROLLOUT_SECS
-        {
-            return invalid(format!(
-                "rollout lasts {} s; at most {MAX_ROLLOUT_SECS} (a year)",
-                r.duration_secs
-            ));
+        if let Some(r) = &self.rollout {
+            Rollout::check_duration(r.duration_secs)?;
         }
         if self.deltas.len() > MAX_DELTAS {
             return invalid(format!("{} deltas listed; at most {MAX_DELTAS}", self.deltas.len()));
