@@ -183,11 +183,7 @@ fn security_refusals() {
     let out = env.agent(&["check"]);
     assert_eq!(out.status.code(), Some(6));
     // The publisher re-signs the channel (same version and files): hosts take it again.
-    ok(Command::new(sibling("atom-build"))
-        .args(["resign", "--channel", "stable", "--repo"])
-        .arg(env.path("repo"))
-        .arg("--key")
-        .arg(env.path("signer.key")));
+    env.resign(&[]);
     let out = env.now_ok();
     assert!(out.contains("staged 3.0.0 in slot B"), "{out}");
 }
@@ -215,12 +211,7 @@ fn rollback_floor_rises_only_when_marked_good() {
     );
     env.publish("v3.img", &[]);
     // Channel "lts" offers 2.0.0.
-    ok(Command::new(sibling("atom-build"))
-        .args(["publish", "--channel", "lts", "--zstd-level", "3", "--repo"])
-        .arg(env.path("repo"))
-        .arg("--key")
-        .arg(env.path("signer.key"))
-        .arg(env.path("v2.img")));
+    env.publish_to("lts", "v2.img", &[]);
     let url = env.url.clone();
     let use_channel = |c: &str| {
         env.write_config(&[&url], "");
@@ -538,11 +529,7 @@ fn a_replayed_older_manifest_of_the_same_version_is_refused() {
 
     // The publisher ends the rollout; the host takes 3.0.0 under the newer manifest.
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    ok(Command::new(sibling("atom-build"))
-        .args(["resign", "--channel", "stable", "--end-rollout", "--repo"])
-        .arg(env.path("repo"))
-        .arg("--key")
-        .arg(env.path("signer.key")));
+    env.resign(&["--end-rollout"]);
     let current = std::fs::read(&manifest).unwrap();
     let out = env.now_ok();
     assert!(out.contains("staged 3.0.0 in slot B"), "{out}");

@@ -126,13 +126,29 @@ impl Env {
     }
 
     pub fn publish(&self, image: &str, extra: &[&str]) {
-        ok(Command::new(sibling("atom-build"))
-            .args(["publish", "--channel", "stable", "--zstd-level", "3", "--repo"])
-            .arg(self.path("repo"))
-            .arg("--key")
-            .arg(self.path("signer.key"))
+        self.publish_to("stable", image, extra);
+    }
+
+    pub fn publish_to(&self, channel: &str, image: &str, extra: &[&str]) {
+        ok(self
+            .signing("publish", channel)
+            .args(["--zstd-level", "3"])
             .args(extra)
             .arg(self.path(image)));
+    }
+
+    /// `atom-build resign` of channel stable with the test key.
+    pub fn resign(&self, extra: &[&str]) {
+        ok(self.signing("resign", "stable").args(extra));
+    }
+
+    fn signing(&self, verb: &str, channel: &str) -> Command {
+        let mut c = Command::new(sibling("atom-build"));
+        c.args([verb, "--channel", channel, "--repo"])
+            .arg(self.path("repo"))
+            .arg("--key")
+            .arg(self.path("signer.key"));
+        c
     }
 
     /// Publishes 4.0.0 (the 3.0.0 tree again) so there is something newer to install.
