@@ -115,7 +115,7 @@ class Bench:
     # ---- building -------------------------------------------------------------------
 
     def image(self, tree, version, out, base=None):
-        cmd = [self.bin / "atom-build", "image", "--rootfs", tree, "--version", version,
+        cmd = [self.bin / "atom-build", "image", "--kernel", "none", "--rootfs", tree, "--version", version,
                "--size", f"{self.args.slot_mib}M", "--out", out]
         if base:
             cmd += ["--base", base]

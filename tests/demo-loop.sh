@@ -41,12 +41,12 @@ rm -f "$work"/signer.key "$work"/signer.pub
 
 step "building sample OS 1.0.0 (reproducible ext4 image)"
 sample_root "$work/root-v1" 1.0.0
-"$build" image --rootfs "$work/root-v1" --version 1.0.0 --size 128M --out "$work/v1.img"
+"$build" image --kernel none --rootfs "$work/root-v1" --version 1.0.0 --size 128M --out "$work/v1.img"
 
 step "building sample OS 2.0.0 on top of 1.0.0 (--base: unchanged files keep their blocks)"
 sample_root "$work/root-v2" 2.0.0
 echo "new in 2.0.0" > "$work/root-v2/etc/feature"
-"$build" image --rootfs "$work/root-v2" --version 2.0.0 --size 128M --out "$work/v2.img" --base "$work/v1.img"
+"$build" image --kernel none --rootfs "$work/root-v2" --version 2.0.0 --size 128M --out "$work/v2.img" --base "$work/v1.img"
 python3 - "$work/v1.img" "$work/v2.img" <<'PY'
 import sys
 a, b = (open(p, "rb").read() for p in sys.argv[1:3])
@@ -131,7 +131,7 @@ au mark-good
 au status
 
 step "3.0.0 is published; it will fail to boot (simulated: never marked good)"
-"$build" image --rootfs "$work/root-v2" --version 3.0.0 --size 128M --out "$work/v3.img" --base "$work/v2.img"
+"$build" image --kernel none --rootfs "$work/root-v2" --version 3.0.0 --size 128M --out "$work/v3.img" --base "$work/v2.img"
 "$build" publish --repo "$work/repo" --channel stable --key "$work/signer.key" "$work/v3.img"
 au now
 for attempt in 1 2 3; do

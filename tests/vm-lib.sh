@@ -27,38 +27,91 @@ source tests/packages.sh
 ensure_packages "${packages[@]}"
 [[ $(id -u) == 0 ]] || fail "run as root (image building mounts loop devices)"
 
-step "the Debian kernel: linux-image-amd64, unpacked (no network needed at boot)"
-kernel_pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
-[[ -n $kernel_pkg ]] || fail "apt does not know linux-image-amd64"
-kver=${kernel_pkg#linux-image-}
-kroot=$work/kernel
-if [[ ! -e $kroot/lib/modules/$kver/modules.dep ]]; then
-  rm -rf "$kroot" && mkdir -p "$kroot"
-  (cd "$work" && apt-get download -q "$kernel_pkg" 2>&1 | grep -v "^W: Download is performed unsandboxed" || true)
-  deb=$(ls "$work"/"$kernel_pkg"_*.deb)
-  dpkg -x "$deb" "$kroot"
-  depmod -b "$kroot" "$kver"
-fi
-vmlinuz=$kroot/boot/vmlinuz-$kver
-echo "    $kernel_pkg: $vmlinuz"
+step "two Debian kernels, unpacked: bookworm's (main suite) and the security suite's"
+# linux-image-amd64 as the main suite has it, and as the security suite has it: two ABIs,
+# so `uname -r` tells them apart. Prints the versioned package, e.g. linux-image-6.1.0-50-amd64.
+kernel_package() { # main|security
+  local version
+  if [[ $1 == security ]]; then
+    version=$(apt-cache madison linux-image-amd64 | awk -F'|' '$3 ~ /-security/ {gsub(/ /, "", $2); print $2; exit}')
+  else
+    version=$(apt-cache madison linux-image-amd64 | awk -F'|' '$3 !~ /-security|-updates|backports/ {gsub(/ /, "", $2); print $2; exit}')
+  fi
+  [[ -n $version ]] || return 1
+  apt-cache show "linux-image-amd64=$version" | sed -n 's/^Depends: \(linux-image-[0-9][^ ,]*\).*/\1/p' | head -n 1
+}
+unpack_kernel() { # PACKAGE -> sets kdir and kver
+  local pkg=$1
+  kver=${pkg#linux-image-}
+  kdir=$work/kernel-$kver
+  if [[ ! -e $kdir/lib/modules/$kver/modules.dep ]]; then
+    rm -rf "$kdir" && mkdir -p "$kdir"
+    (cd "$work" && apt-get download -q "$pkg" 2>&1 | grep -v "^W: Download is performed unsandboxed" || true)
+    dpkg -x "$(ls "$work"/"$pkg"_*.deb)" "$kdir"
+    depmod -b "$kdir" "$kver"
+  fi
+}
+old_pkg=$(kernel_package main) || fail "apt knows no linux-image-amd64 in the main suite"
+new_pkg=$(kernel_package security) ||
+  fail "apt knows no linux-image-amd64 in the security suite (add bookworm-security to the apt sources)"
+[[ $old_pkg != "$new_pkg" ]] || fail "the main and security suites have the same kernel ($old_pkg)"
+unpack_kernel "$old_pkg"
+kver_old=$kver kdir_old=$kdir
+unpack_kernel "$new_pkg"
+kver_new=$kver kdir_new=$kdir
+# The first stage (on the ESP, written once) runs the main suite's kernel.
+kroot=$kdir_old
+kver=$kver_old
+vmlinuz=$kdir_old/boot/vmlinuz-$kver_old
+echo "    first stage and 1.0.0: $old_pkg; later versions: $new_pkg"
+
+# The modules every initramfs here loads: the virtio disk, ext4 (crc32c is a soft
+# dependency modules.dep does not list) and overlay for /etc.
+initramfs_modules=(virtio_pci virtio_blk crc32c_generic ext4 overlay)
+
+# slot_kernel ROOT KERNEL_DIR RELEASE [MODULE...]: the kernel and the named modules (with
+# what they depend on) into a sample root, as a distribution package would put them;
+# `atom-build image` finds them there and builds the slot's initramfs.
+slot_kernel() {
+  local root=$1 from=$2 release=$3
+  shift 3
+  local mods=$root/usr/lib/modules/$release
+  mkdir -p "$root/boot" "$mods"
+  cp "$from/boot/vmlinuz-$release" "$root/boot/"
+  cp "$from/lib/modules/$release"/modules.{order,builtin,builtin.modinfo} "$mods/"
+  modprobe -d "$from" -S "$release" --show-depends "${@:-${initramfs_modules[@]}}" |
+    awk '$1 == "insmod" {print $2}' | sort -u | while read -r ko; do
+    rel=${ko#"$from/lib/modules/$release/"}
+    mkdir -p "$mods/$(dirname "$rel")"
+    cp "$ko" "$mods/$rel"
+  done
+  depmod -b "$root" "$release"
+}
+# image_args: what `atom-build image` needs to build a slot's bootsel initramfs.
+slot_image_args() { # [MODULE...]
+  local m
+  printf '%s\n' --bootsel "$bootsel_static" --initramfs-config "$work/bootsel.toml" --shell /bin/busybox
+  for m in "${@:-${initramfs_modules[@]}}"; do printf '%s\n' --module "$m"; done
+}
 
 step "building atom-build, and static bootsel and atom-update"
-cargo build --locked -q -p atom-build
+cargo build --locked -p atom-build
 build=$repo_root/target/debug/atom-build
 bootsel_static=$(bash bootsel/build-static.sh)
 update_static=$(bash bootsel/build-static.sh atom-update)
 ls -l "$bootsel_static" "$update_static" | awk '{print "    " $5 " bytes  " $9}'
 
-step "the initramfs: bootsel as /init, virtio and ext4/overlay modules from modules.dep"
+step "the first stage's initramfs (ESP): bootsel as /init, virtio and ext4/overlay modules"
 cat > "$work/bootsel.toml" <<'EOF'
 disk = "/dev/vda"
 etc = "overlay"
 binds = ["/var"]
 wait_seconds = 20
 EOF
+mods=()
+for m in "${initramfs_modules[@]}"; do mods+=(--module "$m"); done
 "$build" initramfs --bootsel "$bootsel_static" --kernel-modules "$kroot/lib/modules/$kver" \
-  --module virtio_pci --module virtio_blk --module crc32c_generic --module ext4 --module overlay \
-  --config "$work/bootsel.toml" --shell /bin/busybox --out "$work/initrd.img"
+  "${mods[@]}" --config "$work/bootsel.toml" --shell /bin/busybox --out "$work/initrd.img"
 
 step "a signing key"
 rm -f "$work/signer.key" "$work/signer.pub"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The Atom demo, and the end-to-end VM test (CI runs it; any misstep exits non-zero).
 #
-# A real Debian kernel boots a sample OS (busybox + atom-update + the Atom units) in qemu
-# from a GPT disk made by `atom-build disk`, through the initramfs of `atom-build
-# initramfs` (bootsel as /init). The repository reaches the guest on a second, read-only
+# Real Debian kernels boot a sample OS (busybox + atom-update + the Atom units) in qemu
+# from a GPT disk made by `atom-build disk`: the first stage is the initramfs of
+# `atom-build initramfs` (bootsel as /init), each slot's own initramfs is built by
+# `atom-build image`. The repository reaches the guest on a second, read-only
 # disk (file:// repository; no guest network). Each boot is one qemu run with -no-reboot,
 # so every reboot the guest asks for ends qemu and the next run is the next boot; what
 # happened is read back from the serial console.
@@ -13,9 +14,18 @@
 #   boot 3: 3.0.0 from A; its health check fails -> mark-bad -> reboot
 #   boot 4: back on 2.0.0 from B by itself; update to 4.0.0, whose init crashes
 #   boot 5, 6: 4.0.0 from A panics; each boot spends one try
-#   boot 7: A is out of tries: bootsel falls back to 2.0.0 on B; status shows it
-#   boot 8: the disk never appears: bootsel explains and opens the emergency shell, which
+#   boot 7: A is out of tries: bootsel falls back to 2.0.0 on B; status shows it; update
+#           to 5.0.0, whose initramfs lacks ext4
+#   boot 8: 5.0.0's kernel starts but cannot mount its root: its second stage marks A
+#           failed and reboots
+#   boot 9: the first stage passes over A: 2.0.0 on B with its own kernel
+#   boot 10: the disk never appears: bootsel explains and opens the emergency shell, which
 #           runs a command typed on the serial console
+#
+# Every slot carries its own kernel and initramfs (/boot/atom): 1.0.0 has the main suite's
+# Debian kernel, the later versions the security suite's. The ESP keeps a first stage
+# (kernel + bootsel initramfs, written once) that chooses the slot, spends its try and
+# starts the slot's kernel with kexec; the console shows `uname -r` on every boot.
 #
 # Usage (root, Debian): bash tests/vm.sh [WORKDIR]
 # ATOM_VM_TIMEOUT bounds each boot (seconds, default 240); ATOM_VM_ACCEL=kvm uses KVM
@@ -26,7 +36,7 @@ work=${1:-}
 source "$(dirname "$0")/vm-lib.sh"
 
 step "the sample OS (busybox, static atom-update, Atom units) in four versions"
-sample_root() { # DIR VERSION
+sample_root() { # DIR VERSION KERNEL_DIR RELEASE
   local root=$1 version=$2
   rm -rf "$root"
   mkdir -p "$root"/{bin,sbin,etc/init.d,etc/atom/keys,proc,sys,dev,run,tmp,var,mnt/exchange,usr/share/doc/sample}
@@ -45,7 +55,7 @@ export PATH=/usr/bin:/bin:/sbin
 mount -t tmpfs tmpfs /tmp
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' /usr/lib/atom/release)
 slot=$(sed -n 's/^slot = "\(.*\)"/\1/p' /run/atom/boot.toml)
-echo "ATOM-SAMPLE: running $version from slot $slot"
+echo "ATOM-SAMPLE: running $version from slot $slot on kernel $(uname -r)"
 mount -o ro /dev/vdb /mnt/exchange || echo "ATOM-SAMPLE: no exchange disk"
 if atom-update health-check; then
   atom-update mark-good && echo "ATOM-SAMPLE: marked good"
@@ -67,32 +77,38 @@ EOF
   printf 'Welcome to the Atom sample OS %s\n' "$version" > "$root/etc/motd"
   # Bulk that stays the same between versions, like most of a real OS.
   for i in $(seq 1 20); do head -c 200000 /bin/busybox | tail -c $((1000 * i)) > "$root/usr/share/doc/sample/blob$i"; done
+  slot_kernel "$root" "$3" "$4"
 }
+mapfile -t slot_args < <(slot_image_args)
 
-sample_root "$work/root-v1" 1.0.0
-"$build" image --rootfs "$work/root-v1" --version 1.0.0 --size 48M --out "$work/v1.img"
-sample_root "$work/root-v2" 2.0.0
+sample_root "$work/root-v1" 1.0.0 "$kdir_old" "$kver_old"
+"$build" image "${slot_args[@]}" --rootfs "$work/root-v1" --version 1.0.0 --size 64M --out "$work/v1.img"
+sample_root "$work/root-v2" 2.0.0 "$kdir_new" "$kver_new"
 echo "new in 2.0.0" > "$work/root-v2/etc/feature"
-"$build" image --rootfs "$work/root-v2" --version 2.0.0 --size 48M --out "$work/v2.img" --base "$work/v1.img"
-sample_root "$work/root-v3" 3.0.0
+"$build" image "${slot_args[@]}" --rootfs "$work/root-v2" --version 2.0.0 --size 64M --out "$work/v2.img" --base "$work/v1.img"
+sample_root "$work/root-v3" 3.0.0 "$kdir_new" "$kver_new"
 cat > "$work/root-v3/usr/lib/atom/health.d/50-broken-service" <<'EOF'
 #!/bin/sh
 echo "the sample service of 3.0.0 does not start" >&2
 exit 1
 EOF
 chmod 755 "$work/root-v3/usr/lib/atom/health.d/50-broken-service"
-"$build" image --rootfs "$work/root-v3" --version 3.0.0 --size 48M --out "$work/v3.img" --base "$work/v2.img"
-sample_root "$work/root-v4" 4.0.0
+"$build" image "${slot_args[@]}" --rootfs "$work/root-v3" --version 3.0.0 --size 64M --out "$work/v3.img" --base "$work/v2.img"
+sample_root "$work/root-v4" 4.0.0 "$kdir_new" "$kver_new"
 rm "$work/root-v4/sbin/init"
 # The pause lets the serial console drain: the kernel panics the moment init exits, and
 # a line still in the tty buffer would be lost.
 printf '#!/bin/sh\necho "ATOM-SAMPLE: 4.0.0 init crashes before userspace is up"\n/bin/busybox sleep 1\nexit 1\n' > "$work/root-v4/sbin/init"
 chmod 755 "$work/root-v4/sbin/init"
-"$build" image --rootfs "$work/root-v4" --version 4.0.0 --size 48M --out "$work/v4.img" --base "$work/v2.img"
+"$build" image "${slot_args[@]}" --rootfs "$work/root-v4" --version 4.0.0 --size 64M --out "$work/v4.img" --base "$work/v2.img"
+# 5.0.0's initramfs lacks ext4: its second stage cannot mount the slot's root.
+sample_root "$work/root-v5" 5.0.0 "$kdir_new" "$kver_new"
+mapfile -t no_ext4_args < <(slot_image_args virtio_pci virtio_blk overlay)
+"$build" image "${no_ext4_args[@]}" --rootfs "$work/root-v5" --version 5.0.0 --size 64M --out "$work/v5.img" --base "$work/v2.img"
 
 step "the host's disk: atom-build disk (ESP with systemd-boot, root-a = 1.0.0, root-b, state)"
 "$build" disk --image "$work/v1.img" --kernel "$vmlinuz" --initramfs "$work/initrd.img" \
-  --cmdline "ro console=ttyS0 panic=1" --slot-size 64M --out "$work/disk.img"
+  --cmdline "ro console=ttyS0 panic=1" --slot-size 80M --out "$work/disk.img"
 
 
 step "publishing 1.0.0 and 2.0.0 to the repository on the exchange disk"
@@ -106,8 +122,11 @@ EOF
 step "boot 1 through UEFI firmware: 1.0.0 from A, then atom-update now"
 boot uefi
 expect "systemd-boot|Boot0|BdsDxe" "the firmware started the boot loader from the ESP"
-expect "ATOM-SAMPLE: running 1.0.0 from slot A" "1.0.0 runs from slot A"
+expect "bootsel: kernel $kver_old" "the first stage runs on the ESP's kernel ($kver_old)"
 expect "loaded /lib/modules/.*virtio_blk.ko" "bootsel loaded virtio_blk with finit_module"
+expect "bootsel: starting the slot's kernel $kver_old" "the first stage chose A and starts A's own kernel (kexec)"
+expect "bootsel: second stage: slot A chosen by the first stage" "A's initramfs takes over without choosing again"
+expect "ATOM-SAMPLE: running 1.0.0 from slot A on kernel $kver_old" "1.0.0 runs from slot A on $kver_old"
 expect "ATOM-SAMPLE: marked good" "slot A marked good"
 expect "^staged 2\.0\.0 in slot B via" "2.0.0 written to slot B and staged"
 
@@ -118,7 +137,8 @@ atom-update status
 atom-update now
 EOF
 boot
-expect "ATOM-SAMPLE: running 2.0.0 from slot B" "2.0.0 runs from slot B"
+expect "bootsel: starting the slot's kernel $kver_new" "the first stage starts B's kernel, $kver_new"
+expect "ATOM-SAMPLE: running 2.0.0 from slot B on kernel $kver_new" "2.0.0 runs from slot B on its own kernel $kver_new"
 expect "ATOM-SAMPLE: marked good" "2.0.0 marked good"
 expect "^A +root-a +1\.0\.0 " "status names 1.0.0 in slot A (recorded when it was marked good)"
 expect "^staged 3\.0\.0 in slot A via" "3.0.0 written to slot A and staged"
@@ -136,7 +156,7 @@ control <<'EOF'
 atom-update now
 EOF
 boot
-expect "ATOM-SAMPLE: running 2.0.0 from slot B" "back on 2.0.0 from slot B"
+expect "ATOM-SAMPLE: running 2.0.0 from slot B on kernel $kver_new" "back on 2.0.0 from slot B, on $kver_new"
 expect "^staged 4\.0\.0 in slot A via" "4.0.0 written to slot A and staged"
 
 for attempt in 1 2; do
@@ -149,15 +169,39 @@ EOF
   expect "Kernel panic" "the kernel panicked (no userspace, nothing marked)"
 done
 
-step "boot $((boot_n + 1)): slot A is out of tries; bootsel falls back to 2.0.0 on B"
+step "boot $((boot_n + 1)): slot A is out of tries; bootsel falls back to 2.0.0 on B; update to 5.0.0"
+publish "$work/v5.img"
 control <<'EOF'
 atom-update status
 atom-update status --json
+atom-update now
 EOF
 boot
-expect "ATOM-SAMPLE: running 2.0.0 from slot B" "2.0.0 runs from slot B again"
+expect "ATOM-SAMPLE: running 2.0.0 from slot B on kernel $kver_new" "2.0.0 runs from slot B again, on its kernel"
 expect "last boot FELL BACK: slot A ran out of tries" "status reports the fallback"
 expect '"fell_back_from": ?"A"' "status --json names the slot it fell back from"
+expect "^staged 5\.0\.0 in slot A via" "5.0.0 (initramfs without ext4) written to slot A and staged"
+
+step "boot $((boot_n + 1)): 5.0.0's kernel starts, but its initramfs cannot mount the root: slot A is marked failed"
+control <<'EOF'
+echo "ATOM-SAMPLE: should not run on a version that cannot mount its root"
+EOF
+boot
+expect "bootsel: starting the slot's kernel $kver_new" "the first stage started 5.0.0's kernel"
+expect "bootsel: second stage: slot A chosen" "5.0.0's own initramfs took over"
+expect "THIS SLOT CANNOT BOOT" "the second stage says the slot cannot boot"
+expect "cannot mount .*ext4" "and why: no ext4 in its initramfs"
+expect "slot A marked failed" "it marked slot A failed before rebooting"
+refute "ATOM-SAMPLE: running 5.0.0" "5.0.0 never ran"
+
+step "boot $((boot_n + 1)): the first stage passes over the failed slot: 2.0.0 on its kernel"
+control <<'EOF'
+atom-update status
+EOF
+boot
+expect "ATOM-SAMPLE: running 2.0.0 from slot B on kernel $kver_new" "2.0.0 from slot B on $kver_new"
+expect "last boot FELL BACK: slot A" "status reports the fallback from A"
+expect "^B +root-b +2\.0\.0 .*$kver_new" "status names B's kernel"
 
 step "boot $((boot_n + 1)): the disk never appears: bootsel says why and opens its emergency shell"
 boot_n=$((boot_n + 1))

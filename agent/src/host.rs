@@ -25,6 +25,13 @@ pub struct Host {
     pub release: Release,
 }
 
+/// `uname -r`: the kernel the running slot booted with.
+pub fn running_kernel() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 /// `major:minor` of the filesystem mounted at `/`, from /proc/self/mountinfo. Mounts are
 /// listed in the order they were made, so with several on `/` the last is the one in use.
 fn root_devnum() -> Option<String> {

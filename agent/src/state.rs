@@ -16,6 +16,9 @@ use crate::error::{Failure, Kind};
 pub struct SlotContent {
     pub version: String,
     pub digest: String,
+    /// `uname -r` of the kernel the slot booted with, once it has run on this host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -335,6 +335,7 @@ fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
         SlotContent {
             version: target.version.to_string(),
             digest: target.image.digest.to_string(),
+            kernel: None,
         },
     );
     state.save(&s.state_dir)?;

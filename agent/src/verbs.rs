@@ -25,6 +25,13 @@ pub fn status(s: &Settings, as_json: bool) -> Result<(), Failure> {
             state.slots.get(name.as_str()).map(|c| c.version.clone())
         }
     };
+    let kernel_of = |name: SlotName| -> Option<String> {
+        if name == host.running {
+            Some(host::running_kernel())
+        } else {
+            state.slots.get(name.as_str()).and_then(|c| c.kernel.clone())
+        }
+    };
     let fell_back_from = host.record.as_ref().and_then(|r| r.fell_back_from.clone());
     if as_json {
         let slots: Vec<_> = table
@@ -33,7 +40,8 @@ pub fn status(s: &Settings, as_json: bool) -> Result<(), Failure> {
             .map(|sl| {
                 json!({
                     "slot": sl.name.as_str(), "label": sl.label, "partition": sl.partition,
-                    "version": version_of(sl.name), "booted": sl.name == host.running,
+                    "version": version_of(sl.name), "kernel": kernel_of(sl.name),
+                    "booted": sl.name == host.running,
                     "flags": flags_json(sl.flags),
                 })
             })
@@ -41,6 +49,7 @@ pub fn status(s: &Settings, as_json: bool) -> Result<(), Failure> {
         let doc = json!({
             "disk": host.disk, "board": host.release.board, "booted_slot": host.running.as_str(),
             "booted_version": host.release.version.to_string(),
+            "booted_kernel": host::running_kernel(),
             "detected_by": match &host.detection { Detection::BootRecord(p) => format!("boot record {}", p.display()), Detection::Mountinfo => "mountinfo".into() },
             "fell_back_from": fell_back_from,
             "boot_trial": host.record.as_ref().map(|r| r.trial),
@@ -53,18 +62,19 @@ pub fn status(s: &Settings, as_json: bool) -> Result<(), Failure> {
         return Ok(());
     }
     println!(
-        "booted: slot {} running {} ({}) on {}",
+        "booted: slot {} running {} ({}) on {}, kernel {}",
         host.running,
         host.release.version,
         host.release.board,
-        host.disk.display()
+        host.disk.display(),
+        host::running_kernel()
     );
     if let Some(from) = &fell_back_from {
         println!("last boot FELL BACK: slot {from} ran out of tries without being marked good");
     }
     println!(
-        "{:<5} {:<10} {:<12} {:>8} {:>5} {:>10}  STATE",
-        "SLOT", "LABEL", "VERSION", "PRIORITY", "TRIES", "SUCCESSFUL"
+        "{:<5} {:<10} {:<12} {:<18} {:>8} {:>5} {:>10}  STATE",
+        "SLOT", "LABEL", "VERSION", "KERNEL", "PRIORITY", "TRIES", "SUCCESSFUL"
     );
     for sl in table.slots() {
         let mut notes = Vec::new();
@@ -78,10 +88,11 @@ pub fn status(s: &Settings, as_json: bool) -> Result<(), Failure> {
             notes.push(format!("not bootable: {w}"));
         }
         println!(
-            "{:<5} {:<10} {:<12} {:>8} {:>5} {:>10}  {}",
+            "{:<5} {:<10} {:<12} {:<18} {:>8} {:>5} {:>10}  {}",
             sl.name.as_str(),
             sl.label,
             version_of(sl.name).unwrap_or_else(|| "unknown".into()),
+            kernel_of(sl.name).unwrap_or_else(|| "-".into()),
             sl.flags.priority,
             sl.flags.tries,
             if sl.flags.successful { "yes" } else { "no" },
@@ -121,12 +132,14 @@ fn remember_running_version_and_floor(s: &Settings, host: &Host) -> Result<(), F
     let mut state = State::load(&s.state_dir);
     let version = host.release.version.to_string();
     let entry = state.slots.entry(host.running.as_str().to_owned()).or_default();
-    let new_version = entry.version != version;
+    let kernel = Some(host::running_kernel());
+    let new_version = entry.version != version || entry.kernel != kernel;
     if new_version {
-        *entry = crate::state::SlotContent {
-            version,
-            digest: String::new(),
-        };
+        if entry.version != version {
+            entry.digest = String::new();
+        }
+        entry.version = version;
+        entry.kernel = kernel;
     }
     if state.raise_floor(&host.release.version) {
         state.save(&s.state_dir)?;

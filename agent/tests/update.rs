@@ -452,7 +452,16 @@ fn operator_verbs_and_bad_setups() {
     // Image larger than the slot.
     tree(&env.path("big"), 9);
     ok(Command::new(sibling("atom-build"))
-        .args(["image", "--size", "48M", "--version", "9.0.0", "--rootfs"])
+        .args([
+            "image",
+            "--kernel",
+            "none",
+            "--size",
+            "48M",
+            "--version",
+            "9.0.0",
+            "--rootfs",
+        ])
         .arg(env.path("big"))
         .arg("--out")
         .arg(env.path("big.img")));

@@ -81,6 +81,17 @@ impl SlotFlags {
     pub fn is_bootable(self) -> bool {
         self.priority > 0 && (self.successful || self.tries > 0)
     }
+
+    /// The flags of a slot whose boot failed before its init ran: out of tries and not
+    /// successful, priority kept, so the selection rule skips it and the agent reports a
+    /// fallback from it (as after tries running out), until an update rewrites it.
+    pub fn failed(self) -> Self {
+        SlotFlags {
+            tries: 0,
+            successful: false,
+            ..self
+        }
+    }
 }
 
 #[cfg(test)]

@@ -23,9 +23,12 @@ USAGE:
                                            (spends a try on a slot on trial)
     bootsel set --disk DEV --slot A|B [--priority N] [--tries N] [--successful 0|1]
     bootsel init [--config FILE]           the initramfs /init (runs automatically as PID 1)
-    bootsel prepare-root [--config FILE] [--root DIR]
-                                           init's steps up to switch_root, without it:
-                                           choose, mount the slot and state (for tests)
+    bootsel prepare-root [--config FILE] [--root DIR] [--cmdline TEXT]
+                                           init's steps up to switch_root or kexec,
+                                           without them: choose, mount the slot and
+                                           state (for tests); --cmdline stands in for
+                                           /proc/cmdline (atom.handover=... makes it
+                                           the second stage)
 
 OPTIONS:
     --labels A,B   partition labels of the slots (default root-a,root-b)
@@ -49,6 +52,7 @@ struct Args {
     successful: Option<bool>,
     config: Option<PathBuf>,
     root: Option<PathBuf>,
+    cmdline: String,
 }
 
 fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args, lexopt::Error> {
@@ -85,6 +89,7 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args, lexopt::Error
             }
             Long("config") => a.config = Some(p.value()?.into()),
             Long("root") => a.root = Some(p.value()?.into()),
+            Long("cmdline") => a.cmdline = p.value()?.string()?,
             Value(v) if a.command.is_none() => a.command = Some(v.string()?),
             _ => return Err(arg.unexpected()),
         }
@@ -107,7 +112,7 @@ pub fn main() -> ExitCode {
         Some("init") => {
             init::run(args.config.as_deref());
         }
-        Some("prepare-root") => init::prepare_root_cli(args.config.as_deref(), args.root.as_deref()),
+        Some("prepare-root") => init::prepare_root_cli(args.config.as_deref(), args.root.as_deref(), &args.cmdline),
         Some(other) => Err(Failure::Usage(format!("unknown command {other:?}"))),
         None => Err(Failure::Usage("a command is required".into())),
     };

@@ -13,6 +13,7 @@
 //! init = "/sbin/init"
 //! emergency_shell = "/bin/sh"  # offered when nothing can boot
 //! reboot_delay_seconds = 30    # when there is no shell
+//! fallback_delay_seconds = 5   # a failed second stage shows why, then reboots
 //! ```
 //!
 //! Command line: `bootsel.disk=`, `bootsel.labels=A,B`, `bootsel.root_fstype=`,
@@ -44,6 +45,8 @@ pub struct Config {
     pub init: String,
     pub emergency_shell: String,
     pub reboot_delay_seconds: u32,
+    /// How long a second stage whose slot failed shows why before it reboots.
+    pub fallback_delay_seconds: u32,
 }
 
 impl Default for Config {
@@ -61,6 +64,7 @@ impl Default for Config {
             init: "/sbin/init".into(),
             emergency_shell: "/bin/sh".into(),
             reboot_delay_seconds: 30,
+            fallback_delay_seconds: 5,
         }
     }
 }

@@ -11,6 +11,7 @@
 //! tries_left = 2
 //! fell_back_from = "A"     # only when a preferred slot was out of tries
 //! state = "mounted"        # or "none", or "unavailable: <why>"
+//! kernel = "6.1.0-57-amd64" # the kernel that runs the slot
 //! ```
 
 use std::path::Path;
@@ -36,6 +37,9 @@ pub struct BootRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fell_back_from: Option<String>,
     pub state: String,
+    /// `uname -r` of the kernel that booted the slot (from a bootsel that knows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +85,7 @@ mod tests {
             tries_left: 2,
             fell_back_from: None,
             state: "mounted".into(),
+            kernel: Some("6.1.0-57-amd64".into()),
         };
         assert_eq!(BootRecord::parse(&r.to_toml()).unwrap(), r);
         assert!(BootRecord::parse("slot = 1").is_err());

@@ -307,6 +307,11 @@ impl BootTable {
         &self.slots[name as usize]
     }
 
+    /// The disk GUID of the GPT (lower case, as blkid prints it).
+    pub fn disk_guid(&self) -> String {
+        guid_string(&self.primary_header.disk_guid)
+    }
+
     pub fn sector_size(&self) -> u64 {
         self.sector_size
     }

@@ -168,6 +168,38 @@ pub struct ImageArgs {
     /// Previous image to build on, for a layout-stable image.
     #[arg(long, value_name = "PREVIOUS.img")]
     pub base: Option<PathBuf>,
+    /// The slot's kernel: `auto` takes the one kernel in the tree (/boot/vmlinuz-RELEASE
+    /// or /usr/lib/modules/RELEASE/vmlinuz), a RELEASE picks one of several, `none`
+    /// builds a slot without a kernel, booted by the first stage's kernel. The kernel and
+    /// its initramfs go to /boot/atom/ (vmlinuz, initrd.img, kernel-release), where the
+    /// first stage finds them.
+    #[arg(long, value_name = "auto|RELEASE|none", default_value = "auto")]
+    pub kernel: String,
+    /// The slot's initramfs (the second stage): `bootsel` builds one with bootsel as /init
+    /// and the --module list from the tree's modules; `tree` takes the distribution's
+    /// /boot/initrd.img-RELEASE (initramfs-tools with the Atom hook).
+    #[arg(long, value_enum, default_value = "bootsel")]
+    pub initramfs: InitramfsKind,
+    /// The static bootsel for the slot's initramfs (bootsel/build-static.sh prints it).
+    #[arg(long, value_name = "FILE")]
+    pub bootsel: Option<PathBuf>,
+    /// A kernel module for the slot's initramfs, by name, from the tree's modules.dep;
+    /// repeat in load order (e.g. virtio_blk, ext4, overlay).
+    #[arg(long = "module", value_name = "NAME")]
+    pub modules: Vec<String>,
+    /// bootsel configuration for the slot's initramfs (see `bootsel --help`).
+    #[arg(long, value_name = "TOML")]
+    pub initramfs_config: Option<PathBuf>,
+    /// A static busybox for the slot initramfs's emergency shell.
+    #[arg(long, value_name = "BUSYBOX")]
+    pub shell: Option<PathBuf>,
+}
+
+/// Where a slot's initramfs comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InitramfsKind {
+    Bootsel,
+    Tree,
 }
 
 /// Publish an image into a channel of a repository.

@@ -12,7 +12,7 @@ use filetime::FileTime;
 
 use crate::cli::ImageArgs;
 use crate::cmd::run;
-use crate::ext4;
+use crate::{ext4, slot_boot};
 
 /// Used when SOURCE_DATE_EPOCH is unset (2020-01-01T00:00:00Z). Not 0: e2fsprogs treats
 /// a fake time of 0 as "use the real clock".
@@ -30,6 +30,13 @@ pub fn run_image(args: &ImageArgs) -> Result<()> {
         report.size,
         report.digest
     );
+    match &report.kernel {
+        Some(k) => println!(
+            "  kernel {} in /boot/atom, initramfs {} bytes ({} module(s))",
+            k.release, k.initramfs_bytes, k.modules
+        ),
+        None => println!("  no kernel of its own (--kernel none): the first stage's kernel boots it"),
+    }
     Ok(())
 }
 
@@ -50,6 +57,7 @@ pub fn source_date_epoch() -> Result<i64> {
 pub struct ImageReport {
     pub size: u64,
     pub digest: Digest,
+    pub kernel: Option<slot_boot::Installed>,
 }
 
 pub fn build(args: &ImageArgs, epoch: i64) -> Result<ImageReport> {
@@ -76,6 +84,7 @@ pub fn build(args: &ImageArgs, epoch: i64) -> Result<ImageReport> {
         .with_context(|| format!("cannot create a work directory in {}", out_dir.display()))?;
     let staging = work.path().join("root");
     stage_rootfs(&args.rootfs, source_meta.is_dir(), &staging)?;
+    let kernel = slot_boot::install(&staging, args, epoch)?;
     write_release(
         &staging,
         &Release {
@@ -113,7 +122,7 @@ pub fn build(args: &ImageArgs, epoch: i64) -> Result<ImageReport> {
     let (digest, size) = Digest::of_file(&tmp_image).context("cannot hash the new image")?;
     fs::rename(&tmp_image, &args.out).with_context(|| format!("cannot move the image to {}", args.out.display()))?;
     fsutil::sync_dir(out_dir).with_context(|| format!("cannot sync {}", out_dir.display()))?;
-    Ok(ImageReport { size, digest })
+    Ok(ImageReport { size, digest, kernel })
 }
 
 fn stage_rootfs(rootfs: &Path, is_dir: bool, staging: &Path) -> Result<()> {
@@ -144,9 +153,20 @@ fn stage_rootfs(rootfs: &Path, is_dir: bool, staging: &Path) -> Result<()> {
 
 /// Creates `usr/lib/atom/release`, refusing to follow a symlink out of the tree.
 fn write_release(staging: &Path, release: &Release) -> Result<()> {
-    let mut dir = staging.to_path_buf();
     let (parent, _) = RELEASE_PATH.rsplit_once('/').expect("release path has a directory");
-    for component in parent.split('/') {
+    create_dirs_in_tree(staging, Path::new(parent))?;
+    let path = staging.join(RELEASE_PATH);
+    if fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
+        bail!("/{RELEASE_PATH} in the root filesystem is not a regular file");
+    }
+    fs::write(&path, release.to_toml()).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Creates the directories of `rel` under `staging` where missing, refusing a component
+/// that is a symlink or a file (writing through it could land outside the tree).
+pub fn create_dirs_in_tree(staging: &Path, rel: &Path) -> Result<()> {
+    let mut dir = staging.to_path_buf();
+    for component in rel.components() {
         dir.push(component);
         match fs::symlink_metadata(&dir) {
             Ok(m) if m.is_dir() => {}
@@ -160,11 +180,7 @@ fn write_release(staging: &Path, release: &Release) -> Result<()> {
                 .with_context(|| format!("cannot create {}", dir.display()))?,
         }
     }
-    let path = staging.join(RELEASE_PATH);
-    if fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
-        bail!("/{RELEASE_PATH} in the root filesystem is not a regular file");
-    }
-    fs::write(&path, release.to_toml()).with_context(|| format!("cannot write {}", path.display()))
+    Ok(())
 }
 
 /// Clamps every timestamp to `epoch` (files newer than it get exactly `epoch`) and returns

@@ -19,9 +19,51 @@ const CONFIG_PATH: &str = "etc/bootsel.toml";
 const DIRS: &[&str] = &["bin", "dev", "etc", "lib", "proc", "run", "sys", "sysroot", "tmp"];
 const ZSTD_LEVEL: i32 = 19;
 
+/// What goes into an initramfs.
+pub struct Spec<'a> {
+    pub bootsel: &'a Path,
+    pub kernel_modules: Option<&'a Path>,
+    pub modules: &'a [String],
+    pub config: Option<&'a Path>,
+    pub shell: Option<&'a Path>,
+}
+
+/// A built initramfs: the compressed archive and what it holds.
+pub struct Built {
+    pub compressed: Vec<u8>,
+    pub uncompressed_len: usize,
+    pub modules: Vec<String>,
+}
+
 pub fn run(args: &InitramfsArgs, epoch: i64) -> Result<()> {
-    let init = fs::read(&args.bootsel).with_context(|| format!("cannot read {}", args.bootsel.display()))?;
-    require_static(&init).with_context(|| format!("{} cannot be /init", args.bootsel.display()))?;
+    let spec = Spec {
+        bootsel: &args.bootsel,
+        kernel_modules: args.kernel_modules.as_deref(),
+        modules: &args.modules,
+        config: args.config.as_deref(),
+        shell: args.shell.as_deref(),
+    };
+    let built = build(&spec, epoch)?;
+    atom_dist::fsutil::write_atomic_bytes(&args.out, 0o644, &built.compressed)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    println!(
+        "built {}: {} bytes ({} uncompressed), /init {}, {} module(s){}",
+        args.out.display(),
+        built.compressed.len(),
+        built.uncompressed_len,
+        args.bootsel.display(),
+        built.modules.len(),
+        if args.shell.is_some() { ", emergency shell" } else { "" }
+    );
+    for m in &built.modules {
+        println!("  /{m}");
+    }
+    Ok(())
+}
+
+pub fn build(spec: &Spec, epoch: i64) -> Result<Built> {
+    let init = fs::read(spec.bootsel).with_context(|| format!("cannot read {}", spec.bootsel.display()))?;
+    require_static(&init).with_context(|| format!("{} cannot be /init", spec.bootsel.display()))?;
     let mut archive = Archive::new(epoch);
     for d in DIRS {
         archive.dir(d);
@@ -29,7 +71,7 @@ pub fn run(args: &InitramfsArgs, epoch: i64) -> Result<()> {
     archive.char_device("dev/console", 0o600, (5, 1));
     archive.file("init", 0o755, init);
 
-    let mut config: toml::Table = match &args.config {
+    let mut config: toml::Table = match spec.config {
         Some(p) => {
             let text = fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
             toml::from_str(&text).with_context(|| format!("{} is not valid TOML", p.display()))?
@@ -39,15 +81,15 @@ pub fn run(args: &InitramfsArgs, epoch: i64) -> Result<()> {
     if config.contains_key("modules") {
         bail!("the config lists `modules`; give them as --module NAME instead, so their dependencies are resolved");
     }
-    let loaded = match &args.kernel_modules {
-        Some(dir) => add_modules(&mut archive, dir, &args.modules)?,
+    let loaded = match spec.kernel_modules {
+        Some(dir) => add_modules(&mut archive, dir, spec.modules)?,
         None => Vec::new(),
     };
     config.insert(
         "modules".into(),
         toml::Value::Array(loaded.iter().map(|m| toml::Value::String(format!("/{m}"))).collect()),
     );
-    match &args.shell {
+    match spec.shell {
         Some(shell) => {
             let bin = fs::read(shell).with_context(|| format!("cannot read {}", shell.display()))?;
             require_static(&bin).with_context(|| format!("{} cannot be the emergency shell", shell.display()))?;
@@ -69,21 +111,11 @@ pub fn run(args: &InitramfsArgs, epoch: i64) -> Result<()> {
 
     let cpio = archive.finish()?;
     let compressed = zstd::bulk::compress(&cpio, ZSTD_LEVEL).context("cannot compress the initramfs")?;
-    atom_dist::fsutil::write_atomic_bytes(&args.out, 0o644, &compressed)
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
-    println!(
-        "built {}: {} bytes ({} uncompressed), /init {}, {} module(s){}",
-        args.out.display(),
-        compressed.len(),
-        cpio.len(),
-        args.bootsel.display(),
-        loaded.len(),
-        if args.shell.is_some() { ", emergency shell" } else { "" }
-    );
-    for m in &loaded {
-        println!("  /{m}");
-    }
-    Ok(())
+    Ok(Built {
+        compressed,
+        uncompressed_len: cpio.len(),
+        modules: loaded,
+    })
 }
 
 /// Adds the modules and their dependencies under lib/modules/; returns their archive paths

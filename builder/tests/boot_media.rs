@@ -225,6 +225,8 @@ fn disk_has_gpt_esp_with_systemd_boot_slot_a_good_and_empty_state() {
     let image = t.path().join("v1.img");
     ok(atom_build(&[
         &"image",
+        &"--kernel",
+        &"none",
         &"--rootfs",
         &tree,
         &"--version",

@@ -144,6 +144,8 @@ fn bad_inputs_fail_with_one_clear_line_and_write_nothing() {
     let run = |rootfs: &Path, size: &str| {
         atom_build(&[
             &"image",
+            &"--kernel",
+            &"none",
             &"--rootfs",
             &rootfs,
             &"--version",
@@ -171,6 +173,8 @@ fn bad_inputs_fail_with_one_clear_line_and_write_nothing() {
     fails_with(run(&tree, "lots"), 2, "");
     let bad_version = atom_build(&[
         &"image",
+        &"--kernel",
+        &"none",
         &"--rootfs",
         &tree,
         &"--version",
@@ -183,6 +187,8 @@ fn bad_inputs_fail_with_one_clear_line_and_write_nothing() {
     fails_with(bad_version, 2, "");
     let bad_board = atom_build(&[
         &"image",
+        &"--kernel",
+        &"none",
         &"--rootfs",
         &tree,
         &"--version",
@@ -199,6 +205,8 @@ fn bad_inputs_fail_with_one_clear_line_and_write_nothing() {
     fs::write(&not_image, vec![0u8; 1 << 20]).unwrap();
     let bad_base = atom_build(&[
         &"image",
+        &"--kernel",
+        &"none",
         &"--rootfs",
         &tree,
         &"--version",

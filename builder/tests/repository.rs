@@ -254,6 +254,8 @@ fn expired_and_wrong_board_are_reported() {
     let out = f.path("other-board.img");
     ok(atom_build(&[
         &"image",
+        &"--kernel",
+        &"none",
         &"--rootfs",
         &t,
         &"--version",

@@ -85,10 +85,19 @@ impl Env {
         for v in 1..=3u64 {
             tree(&p(&format!("t{v}")), v);
             let mut c = Command::new(&build);
-            c.args(["image", "--size", "32M", "--version", &format!("{v}.0.0"), "--rootfs"])
-                .arg(p(&format!("t{v}")))
-                .arg("--out")
-                .arg(p(&format!("v{v}.img")));
+            c.args([
+                "image",
+                "--kernel",
+                "none",
+                "--size",
+                "32M",
+                "--version",
+                &format!("{v}.0.0"),
+                "--rootfs",
+            ])
+            .arg(p(&format!("t{v}")))
+            .arg("--out")
+            .arg(p(&format!("v{v}.img")));
             if let Some(b) = &base {
                 c.arg("--base").arg(b);
             }
@@ -154,7 +163,16 @@ impl Env {
     /// Publishes 4.0.0 (the 3.0.0 tree again) so there is something newer to install.
     pub fn publish_next_version_marker(&self) {
         ok(Command::new(sibling("atom-build"))
-            .args(["image", "--size", "32M", "--version", "4.0.0", "--rootfs"])
+            .args([
+                "image",
+                "--kernel",
+                "none",
+                "--size",
+                "32M",
+                "--version",
+                "4.0.0",
+                "--rootfs",
+            ])
             .arg(self.path("t3"))
             .arg("--out")
             .arg(self.path("v4.img"))

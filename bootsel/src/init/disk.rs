@@ -36,9 +36,17 @@ pub struct FoundDisk {
     pub table: BootTable,
 }
 
-/// Waits up to `wait` for the configured disk (or, with none configured, any disk whose GPT
-/// has both slot labels) and loads its table. The error says what was seen.
-pub fn find(configured: Option<&str>, labels: &SlotLabels, wait: Duration) -> Result<FoundDisk, String> {
+/// Waits up to `wait` for the configured disk (or, with none configured, the one disk
+/// whose GPT has both slot labels) and loads its table. With `guid`, only a disk with that
+/// GPT disk GUID will do (the second stage finds the disk the first stage chose). Two
+/// disks that both qualify (an install stick left plugged in) are an error, not a coin
+/// toss. The error says what was seen.
+pub fn find(
+    configured: Option<&str>,
+    guid: Option<&str>,
+    labels: &SlotLabels,
+    wait: Duration,
+) -> Result<FoundDisk, String> {
     let deadline = Instant::now() + wait;
     let mut last_problem = String::from("no disk appeared");
     loop {
@@ -46,19 +54,34 @@ pub fn find(configured: Option<&str>, labels: &SlotLabels, wait: Duration) -> Re
             Some(d) => vec![PathBuf::from(d)],
             None => whole_disks(Path::new("/sys")),
         };
+        let mut matches = Vec::new();
         for path in candidates {
-            let file = match OpenOptions::new().read(true).write(true).open(&path) {
+            let mut file = match OpenOptions::new().read(true).write(true).open(&path) {
                 Ok(f) => f,
                 Err(e) => {
                     last_problem = format!("{}: {e}", path.display());
                     continue;
                 }
             };
-            let mut file = file;
             match BootTable::load(&mut file, labels) {
-                Ok(table) => return Ok(FoundDisk { path, file, table }),
+                Ok(table) => match guid {
+                    Some(g) if !table.disk_guid().eq_ignore_ascii_case(g) => {
+                        last_problem = format!("{}: disk GUID {}, not {g}", path.display(), table.disk_guid());
+                    }
+                    _ => matches.push(FoundDisk { path, file, table }),
+                },
                 Err(e) => last_problem = format!("{}: {e}", path.display()),
             }
+        }
+        if matches.len() > 1 {
+            let names: Vec<String> = matches.iter().map(|m| m.path.display().to_string()).collect();
+            return Err(format!(
+                "several disks have both slot labels ({}); set the boot disk with bootsel.disk= or `disk` in the config",
+                names.join(", ")
+            ));
+        }
+        if let Some(found) = matches.pop() {
+            return Ok(found);
         }
         if Instant::now() >= deadline {
             return Err(format!(

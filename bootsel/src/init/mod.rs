@@ -4,6 +4,7 @@
 //! reboots.
 
 mod disk;
+mod kexec;
 mod mount;
 mod seed;
 
@@ -12,9 +13,11 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bootsel::handover::{Handover, SLOT_KERNEL};
 use bootsel::record::BootRecord;
 use bootsel::select::{Reason, why_not_bootable};
-use bootsel::{BootTable, SlotLabels};
+use bootsel::table::Slot;
+use bootsel::{BootTable, SlotLabels, SlotName};
 use nix::mount::MsFlags;
 
 use crate::cli::Failure;
@@ -53,6 +56,14 @@ pub fn run_as_pid1() -> ! {
     run(None)
 }
 
+/// What ends a successful boot path, done by PID 1 at boot and only described in tests.
+pub enum Finish {
+    /// The slot carries its own kernel: load it and hand over.
+    Kexec { slot: kexec::SlotKernel, cmdline: String },
+    /// The slot is mounted with its state: switch root to it.
+    SwitchRoot,
+}
+
 /// The whole boot. Only meaningful as PID 1.
 pub fn run(config_path: Option<&Path>) -> ! {
     if std::process::id() != 1 {
@@ -85,30 +96,82 @@ pub fn run(config_path: Option<&Path>) -> ! {
     for w in cfg.apply_cmdline(&cmdline) {
         say!("warning: {w}");
     }
+    say!("kernel {}", kernel_release());
     load_modules(&cfg.modules);
     let paths = Paths {
         newroot: PathBuf::from("/sysroot"),
         run: PathBuf::from("/run"),
     };
-    match prepare_root(&cfg, &paths).and_then(|()| switch_root(&cfg, &paths)) {
-        Ok(never) => match never {},
+    let result = match Handover::parse(&cmdline) {
+        None => first_stage(&cfg, &paths, &cmdline, &mut finish_at_boot),
+        Some(handover) => match second_stage(&cfg, &paths, handover, &mut finish_at_boot) {
+            Err(Stage2Failure::SlotMarkedFailed(e)) => reboot_to_first_stage(&e, &cfg),
+            Err(Stage2Failure::Other(e)) => Err(e),
+            Ok(()) => Err("the boot path ended without switching root".into()),
+        },
+    };
+    match result {
+        Ok(()) => emergency("the boot path ended without switching root", &cfg),
         Err(e) => emergency(&e, &cfg),
     }
 }
 
-/// `bootsel prepare-root`: the boot up to (not including) switch_root, under `root`.
-pub fn prepare_root_cli(config_path: Option<&Path>, root: Option<&Path>) -> Result<(), Failure> {
-    let cfg = match config_path {
+/// The running kernel's release (`uname -r`).
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|e| format!("unknown ({e})"))
+}
+
+fn finish_at_boot(cfg: &Config, paths: &Paths, finish: Finish) -> Result<(), String> {
+    match finish {
+        Finish::Kexec { slot, cmdline } => {
+            kexec::load(&slot, &cmdline)?;
+            say!("starting the slot's kernel {}", slot.release);
+            drop(slot);
+            mount::detach(&paths.newroot);
+            Err(kexec::execute())
+        }
+        Finish::SwitchRoot => switch_root(cfg, paths).map(|never| match never {}),
+    }
+}
+
+/// `bootsel prepare-root`: the boot up to (not including) switch_root or kexec, under
+/// `root`; `cmdline` stands in for /proc/cmdline (a hand-over makes it the second stage).
+pub fn prepare_root_cli(config_path: Option<&Path>, root: Option<&Path>, cmdline: &str) -> Result<(), Failure> {
+    let mut cfg = match config_path {
         Some(p) => {
             let text = fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
             Config::parse(&text).map_err(|e| format!("{}: {e}", p.display()))?
         }
         None => Config::default(),
     };
+    for w in cfg.apply_cmdline(cmdline) {
+        say!("warning: {w}");
+    }
     let root = root.ok_or_else(|| Failure::Usage("--root DIR is required".into()))?;
     load_modules(&cfg.modules);
-    prepare_root(&cfg, &Paths::at(root)).map_err(Failure::Error)
+    let paths = Paths::at(root);
+    let mut describe = |_: &Config, _: &Paths, finish: Finish| {
+        match finish {
+            Finish::Kexec { slot, cmdline } => {
+                println!("kexec {} (kernel {})", slot.kernel_path.display(), slot.release);
+                println!("cmdline {cmdline}");
+            }
+            Finish::SwitchRoot => println!("switch_root {}", paths.newroot.display()),
+        }
+        Ok(())
+    };
+    match Handover::parse(cmdline) {
+        None => first_stage(&cfg, &paths, cmdline, &mut describe).map_err(Failure::Error),
+        Some(h) => second_stage(&cfg, &paths, h, &mut describe).map_err(|e| match e {
+            Stage2Failure::SlotMarkedFailed(e) => Failure::Error(format!("{e}; the slot was marked failed")),
+            Stage2Failure::Other(e) => Failure::Error(e),
+        }),
+    }
 }
+
+type FinishFn<'a> = dyn FnMut(&Config, &Paths, Finish) -> Result<(), String> + 'a;
 
 fn load_modules(modules: &[String]) {
     for m in modules {
@@ -143,15 +206,53 @@ fn describe_slots(table: &BootTable) -> String {
         .join("\n")
 }
 
-/// Chooses, spends the try (on disk, before mounting), mounts slot, state and overlays,
-/// and writes the boot record.
-pub fn prepare_root(cfg: &Config, paths: &Paths) -> Result<(), String> {
-    let labels = SlotLabels {
+fn labels(cfg: &Config) -> SlotLabels {
+    SlotLabels {
         a: cfg.labels[0].clone(),
         b: cfg.labels[1].clone(),
-    };
+    }
+}
+
+/// The slot this boot runs and why.
+struct Chosen {
+    name: SlotName,
+    slot: Slot,
+    reason: Reason,
+    fell_back_from: Option<SlotName>,
+}
+
+/// The first stage: choose, spend the try (on disk, before anything of the slot runs),
+/// mount the slot, then hand over to its kernel or boot it directly. A slot that fails
+/// on the way is marked failed and the other slot is tried in the same boot; only when no
+/// slot is left does this return an error.
+pub fn first_stage(cfg: &Config, paths: &Paths, cmdline: &str, finish: &mut FinishFn) -> Result<(), String> {
     let wait = Duration::from_secs(u64::from(cfg.wait_seconds));
-    let mut found = disk::find(cfg.disk.as_deref(), &labels, wait)?;
+    let mut found = disk::find(cfg.disk.as_deref(), None, &labels(cfg), wait)?;
+    let mut failures = Vec::new();
+    loop {
+        let chosen = spend_try(&mut found).map_err(|e| {
+            if failures.is_empty() {
+                e
+            } else {
+                format!("{e}\nthis boot:\n{}", failures.join("\n"))
+            }
+        })?;
+        // A slot marked failed earlier in this boot shows up as `fell_back_from`, like one
+        // that ran out of tries.
+        match boot_chosen(cfg, paths, cmdline, &found, &chosen, finish) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                say!("slot {} cannot boot: {e}", chosen.name);
+                unmount_all(paths);
+                failures.push(format!("  slot {}: {e}", chosen.name));
+                mark_failed(&mut found, chosen.name);
+            }
+        }
+    }
+}
+
+/// Decides and writes the spent try before returning.
+fn spend_try(found: &mut disk::FoundDisk) -> Result<Chosen, String> {
     let table = &mut found.table;
     let Some((name, decision)) = table.decide() else {
         return Err(format!(
@@ -160,57 +261,198 @@ pub fn prepare_root(cfg: &Config, paths: &Paths) -> Result<(), String> {
             describe_slots(table)
         ));
     };
-    let chosen = table.slot(name).clone();
+    let slot = table.slot(name).clone();
     table.set_flags(name, decision.new_flags);
     // The try must be on disk before anything of the slot runs: a slot that crashes the
     // machine must still run out of tries.
     if let Err(e) = table.commit(&mut found.file) {
         say!("WARNING: cannot write the partition table ({e}); this boot's try is not recorded");
     }
-    let fell_back_from = table.fallback_slot(&decision).map(|n| n.to_string());
-    if let Some(from) = &fell_back_from {
+    let fell_back_from = table.fallback_slot(&decision);
+    if let Some(from) = fell_back_from {
         say!("slot {from} is out of tries and was never marked successful: falling back");
     }
     say!(
         "booting slot {name} ({}, partition {}): {}",
-        chosen.label,
-        chosen.partition,
+        slot.label,
+        slot.partition,
         decision.reason
     );
+    Ok(Chosen {
+        name,
+        slot,
+        reason: decision.reason,
+        fell_back_from,
+    })
+}
 
-    let node = disk::partition_node(&found.path, chosen.partition, wait)?;
+/// A slot that failed after the choice is taken out (see [`SlotFlags::failed`]).
+fn mark_failed(found: &mut disk::FoundDisk, name: SlotName) {
+    let flags = found.table.slot(name).flags;
+    found.table.set_flags(name, flags.failed());
+    match found.table.commit(&mut found.file) {
+        Ok(()) => say!("slot {name} marked failed (tries 0, not successful)"),
+        Err(e) => say!("WARNING: cannot mark slot {name} failed ({e})"),
+    }
+}
+
+fn boot_chosen(
+    cfg: &Config,
+    paths: &Paths,
+    cmdline: &str,
+    found: &disk::FoundDisk,
+    chosen: &Chosen,
+    finish: &mut FinishFn,
+) -> Result<(), String> {
+    mount_slot(cfg, paths, found, &chosen.slot)?;
+    if kexec::slot_has_kernel(&paths.newroot) {
+        let slot = kexec::open(&paths.newroot)?;
+        let (trial, tries_left) = trial_and_tries(chosen.reason);
+        let handover = Handover {
+            slot: chosen.name,
+            partuuid: chosen.slot.part_uuid.to_ascii_lowercase(),
+            disk_guid: found.table.disk_guid(),
+            trial,
+            tries_left,
+            fell_back_from: chosen.fell_back_from,
+        };
+        let cmdline = handover.cmdline(cmdline)?;
+        return finish(cfg, paths, Finish::Kexec { slot, cmdline });
+    }
+    say!("the slot has no /{SLOT_KERNEL}: booting it with this kernel");
+    finish_slot(cfg, paths, found, chosen)?;
+    finish(cfg, paths, Finish::SwitchRoot)
+}
+
+fn trial_and_tries(reason: Reason) -> (bool, u8) {
+    match reason {
+        Reason::Trial { tries_left } => (true, tries_left),
+        Reason::Successful => (false, 0),
+    }
+}
+
+fn mount_slot(cfg: &Config, paths: &Paths, found: &disk::FoundDisk, slot: &Slot) -> Result<(), String> {
+    let wait = Duration::from_secs(u64::from(cfg.wait_seconds));
+    let node = disk::partition_node(&found.path, slot.partition, wait)?;
     let node_str = node.to_string_lossy().into_owned();
-    mount::mount_fs(&node_str, &paths.newroot, &cfg.root_fstype, MsFlags::MS_RDONLY, None)?;
+    mount::mount_fs(
+        &node_str,
+        &paths.newroot,
+        &cfg.root_fstype,
+        MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
+        None,
+    )
+}
 
-    let state = mount_state(cfg, paths, table, &found.path, wait);
+/// State, overlays and the boot record for the mounted slot.
+fn finish_slot(cfg: &Config, paths: &Paths, found: &disk::FoundDisk, chosen: &Chosen) -> Result<(), String> {
+    let wait = Duration::from_secs(u64::from(cfg.wait_seconds));
+    let state = mount_state(cfg, paths, &found.table, &found.path, wait);
     let state_ok = state == "mounted";
     if !state_ok {
         say!("state: {state}");
     }
     setup_etc(cfg, paths, state_ok)?;
     setup_binds(cfg, paths, state_ok)?;
-
-    let (trial, tries_left) = match decision.reason {
-        Reason::Trial { tries_left } => (true, tries_left),
-        Reason::Successful => (false, 0),
-    };
+    let (trial, tries_left) = trial_and_tries(chosen.reason);
     let record = BootRecord {
-        slot: name.to_string(),
-        label: chosen.label.clone(),
-        partition: chosen.partition,
-        partuuid: chosen.part_uuid.clone(),
+        slot: chosen.name.to_string(),
+        label: chosen.slot.label.clone(),
+        partition: chosen.slot.partition,
+        partuuid: chosen.slot.part_uuid.clone(),
         disk: found.path.to_string_lossy().into_owned(),
-        reason: decision.reason.to_string(),
+        reason: chosen.reason.to_string(),
         trial,
         tries_left,
-        fell_back_from,
+        fell_back_from: chosen.fell_back_from.map(|n| n.to_string()),
         state,
+        kernel: Some(kernel_release()),
     };
     let record_path = paths.record();
     fs::create_dir_all(record_path.parent().expect("record has a parent"))
         .and_then(|()| fs::write(&record_path, record.to_toml()))
-        .map_err(|e| format!("cannot write {}: {e}", record_path.display()))?;
-    Ok(())
+        .map_err(|e| format!("cannot write {}: {e}", record_path.display()))
+}
+
+/// Undoes what a failed attempt mounted, so the next slot starts clean.
+fn unmount_all(paths: &Paths) {
+    mount::detach(&paths.newroot);
+    if let Ok(rd) = fs::read_dir(paths.run.join("atom/ram")) {
+        for e in rd.flatten() {
+            mount::detach(&e.path());
+        }
+    }
+    mount::detach(&paths.state());
+}
+
+/// Why a second stage did not switch root.
+pub enum Stage2Failure {
+    /// The chosen slot failed and is marked so: a reboot lets the first stage fall back.
+    SlotMarkedFailed(String),
+    /// Anything else (no hand-over we can use, no disk).
+    Other(String),
+}
+
+/// The second stage, in the slot's own initramfs: the first stage chose and spent the
+/// try; this mounts exactly that slot (found by disk GUID and partition UUID, never by
+/// choosing again) with its state, records the boot and switches root. A failure marks
+/// the slot failed, so the reboot that follows falls back.
+pub fn second_stage(
+    cfg: &Config,
+    paths: &Paths,
+    handover: Result<Handover, String>,
+    finish: &mut FinishFn,
+) -> Result<(), Stage2Failure> {
+    let h = handover.map_err(|e| Stage2Failure::Other(format!("unusable hand-over from the first stage: {e}")))?;
+    say!("second stage: slot {} chosen by the first stage", h.slot);
+    let wait = Duration::from_secs(u64::from(cfg.wait_seconds));
+    let mut found =
+        disk::find(cfg.disk.as_deref(), Some(&h.disk_guid), &labels(cfg), wait).map_err(Stage2Failure::Other)?;
+    let slot = found.table.slot(h.slot).clone();
+    if !slot.part_uuid.eq_ignore_ascii_case(&h.partuuid) {
+        return Err(Stage2Failure::Other(format!(
+            "slot {} on {} is partition {}, not the {} the first stage chose",
+            h.slot,
+            found.path.display(),
+            slot.part_uuid,
+            h.partuuid
+        )));
+    }
+    let chosen = Chosen {
+        name: h.slot,
+        slot,
+        reason: if h.trial {
+            Reason::Trial {
+                tries_left: h.tries_left,
+            }
+        } else {
+            Reason::Successful
+        },
+        fell_back_from: h.fell_back_from,
+    };
+    let attempt = mount_slot(cfg, paths, &found, &chosen.slot)
+        .and_then(|()| finish_slot(cfg, paths, &found, &chosen))
+        .and_then(|()| finish(cfg, paths, Finish::SwitchRoot));
+    attempt.map_err(|e| {
+        say!("slot {} cannot boot: {e}", h.slot);
+        unmount_all(paths);
+        mark_failed(&mut found, h.slot);
+        Stage2Failure::SlotMarkedFailed(e)
+    })
+}
+
+/// The second stage failed and marked its slot: reboot, so the first stage (which reads
+/// the marked table) boots the other slot. Never returns.
+fn reboot_to_first_stage(why: &str, cfg: &Config) -> Result<(), String> {
+    eprintln!("\n*** bootsel: THIS SLOT CANNOT BOOT ***\n{why}\n");
+    say!(
+        "rebooting in {} s; the first stage will boot the other slot if it can",
+        cfg.fallback_delay_seconds
+    );
+    std::thread::sleep(Duration::from_secs(u64::from(cfg.fallback_delay_seconds)));
+    nix::unistd::sync();
+    let e = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT).unwrap_err();
+    Err(format!("reboot failed: {e}"))
 }
 
 /// Mounts the state partition; on failure the boot goes on without it and says why.
@@ -263,7 +505,15 @@ fn overlay(paths: &Paths, target: &Path, upper_base: Option<PathBuf>, ram_name: 
         upper.display(),
         work.display()
     );
-    mount::mount_fs("overlay", target, "overlay", MsFlags::empty(), Some(&data))
+    // nosuid,nodev: the upper layer lives on the state partition, where nothing may plant
+    // a setuid binary or a device node that the overlay would then honour.
+    mount::mount_fs(
+        "overlay",
+        target,
+        "overlay",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(&data),
+    )
 }
 
 /// /etc as an overlay: the slot's /etc below, a writable upper on state (or in RAM).
@@ -271,7 +521,12 @@ fn setup_etc(cfg: &Config, paths: &Paths, state_ok: bool) -> Result<(), String> 
     let etc = paths.newroot.join("etc");
     match cfg.etc {
         EtcMode::None => Ok(()),
-        EtcMode::Overlay if state_ok => overlay(paths, &etc, Some(paths.state().join("etc")), "etc"),
+        EtcMode::Overlay if state_ok => overlay(paths, &etc, Some(paths.state().join("etc")), "etc").or_else(|e| {
+            // A full or damaged state partition must not stop the boot: the same RAM
+            // fallback as a state partition that does not mount.
+            say!("state: /etc overlay on the state partition failed ({e}); /etc changes stay in RAM this boot");
+            overlay(paths, &etc, None, "etc")
+        }),
         EtcMode::Overlay | EtcMode::Tmpfs => overlay(paths, &etc, None, "etc"),
     }
 }
@@ -286,20 +541,41 @@ fn setup_binds(cfg: &Config, paths: &Paths, state_ok: bool) -> Result<(), String
             say!("warning: {b} does not exist in the slot; not binding it");
             continue;
         }
-        if state_ok {
-            let source = paths.state().join(rel);
-            if !source.is_dir() {
-                // First boot with this state: start from what the image ships, so the
-                // system finds the directories it expects.
-                seed::seed_dir(&target, &source)?;
-                say!("seeded {} on the state partition from the slot", b);
+        let ram = || overlay(paths, &target, None, &rel.replace('/', "-"));
+        if !state_ok {
+            ram()?;
+            continue;
+        }
+        match bind_from_state(paths, b, rel, &target) {
+            Ok(()) => {}
+            Err(e) => {
+                say!("state: {b} from the state partition failed ({e}); its changes stay in RAM this boot");
+                ram()?;
             }
-            mount::bind(&source, &target)?;
-        } else {
-            overlay(paths, &target, None, &rel.replace('/', "-"))?;
         }
     }
     Ok(())
+}
+
+/// Binds `rel` from the state partition on `target`, seeding it first. A symlink on the
+/// state partition where the directory should be is refused: following it would bind
+/// whatever it points to (anywhere in the initramfs or the slot) into the system.
+fn bind_from_state(paths: &Paths, b: &str, rel: &str, target: &Path) -> Result<(), String> {
+    let source = paths.state().join(rel);
+    let mut at = paths.state();
+    for component in Path::new(rel).components() {
+        at.push(component);
+        if fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(format!("{} on the state partition is a symlink", at.display()));
+        }
+    }
+    if !source.is_dir() {
+        // First boot with this state: start from what the image ships, so the system
+        // finds the directories it expects.
+        seed::seed_dir(target, &source)?;
+        say!("seeded {b} on the state partition from the slot");
+    }
+    mount::bind_restricted(&source, target)
 }
 
 /// Moves the API filesystems into the new root, makes it `/` and executes its init.

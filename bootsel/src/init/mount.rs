@@ -19,3 +19,22 @@ pub fn move_mount(source: &Path, target: &Path) -> Result<(), String> {
     mount(Some(source), target, None::<&str>, MsFlags::MS_MOVE, None::<&str>)
         .map_err(|e| format!("cannot move {} to {}: {e}", source.display(), target.display()))
 }
+
+/// Detaches `target` and everything mounted below it; nothing there is an error.
+pub fn detach(target: &Path) {
+    let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+}
+
+/// Binds `source` on `target` with nosuid and nodev: a bind inherits the flags of the
+/// source's mount only in the kernel's view of the first mount, so they are set again.
+pub fn bind_restricted(source: &Path, target: &Path) -> Result<(), String> {
+    bind(source, target)?;
+    mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(|e| format!("cannot make {} nosuid,nodev: {e}", target.display()))
+}

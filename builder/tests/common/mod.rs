@@ -115,6 +115,8 @@ impl Fixture {
         let out = self.path(&format!("{name}.img"));
         let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
             &"image",
+            &"--kernel",
+            &"none",
             &"--rootfs",
             &tree,
             &"--version",
