@@ -43,12 +43,19 @@ impl LoopDisk {
     }
 
     fn fill_slot(&self, n: u32, name: &str) {
+        self.fill_slot_with(n, name, |_| {});
+    }
+
+    /// A slot tree, changed by `extra` before it becomes the filesystem of partition `n`.
+    fn fill_slot_with(&self, n: u32, name: &str, extra: impl FnOnce(&Path)) {
         let tree = self.dir_path.join(name);
+        let _ = fs::remove_dir_all(&tree);
         for d in ["etc", "var/lib", "sbin", "dev", "proc", "sys", "run"] {
             fs::create_dir_all(tree.join(d)).unwrap();
         }
         fs::write(tree.join("etc/hostname"), format!("{name}\n")).unwrap();
         fs::write(tree.join("sbin/init"), "#!/bin/sh\n").unwrap();
+        extra(&tree);
         ok(Command::new("mkfs.ext4")
             .args(["-q", "-F", "-d"])
             .arg(&tree)
@@ -64,11 +71,16 @@ impl LoopDisk {
     /// Runs prepare-root under a fresh mount namespace and a shell `probe` inside it (the
     /// mounts vanish with the namespace). Returns (exit ok, stdout, stderr).
     fn boot(&self, config: &Path, probe: &str) -> (bool, String, String) {
+        self.boot_with(config, "", probe)
+    }
+
+    /// As [`Self::boot`], with `cmdline` standing in for /proc/cmdline.
+    fn boot_with(&self, config: &Path, cmdline: &str, probe: &str) -> (bool, String, String) {
         let root = self.dir_path.join("root");
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root).unwrap();
         let script = format!(
-            "set -e\n\"{BIN}\" prepare-root --config \"{}\" --root \"{}\"\nR=\"{}\"\n{probe}",
+            "set -e\n\"{BIN}\" prepare-root --config \"{}\" --root \"{}\" --cmdline '{cmdline}'\nR=\"{}\"\n{probe}",
             config.display(),
             root.display(),
             root.display()
@@ -315,4 +327,211 @@ fn pid1_switches_root_into_the_chosen_slot() {
         stderr.contains("CANNOT BOOT") || stderr.contains("cannot execute"),
         "{stderr}"
     );
+}
+
+/// A file that passes the x86 boot header checks: what kexec_file_load would be given.
+fn fake_kernel(len: usize) -> Vec<u8> {
+    let mut k = vec![0u8; len];
+    k[0x1f1] = 1;
+    k[0x202..0x206].copy_from_slice(b"HdrS");
+    k[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    k[0x1f4..0x1f8].copy_from_slice(&((len as u32 - 1024) / 16).to_le_bytes());
+    k
+}
+
+/// Slot boot files as `atom-build image` writes them; `kernel` and `initramfs` as given.
+fn slot_boot_files(kernel: Vec<u8>, initramfs: Vec<u8>) -> impl FnOnce(&Path) {
+    move |tree: &Path| {
+        fs::create_dir_all(tree.join("boot/atom")).unwrap();
+        fs::write(tree.join("boot/atom/vmlinuz"), kernel).unwrap();
+        fs::write(tree.join("boot/atom/initrd.img"), initramfs).unwrap();
+        fs::write(tree.join("boot/atom/kernel-release"), "6.1.0-57-amd64\n").unwrap();
+    }
+}
+
+fn zstd_like(len: usize) -> Vec<u8> {
+    let mut z = vec![0u8; len];
+    z[..4].copy_from_slice(&[0x28, 0xb5, 0x2f, 0xfd]);
+    z
+}
+
+fn hand_over_line(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix("cmdline "))
+        .unwrap_or_else(|| panic!("no hand-over in {out}"))
+        .to_owned()
+}
+
+#[test]
+fn a_slot_with_its_own_kernel_is_handed_over_and_the_second_stage_does_not_choose_again() {
+    let disk = LoopDisk::new();
+    disk.fill_slot_with(3, "slot-b", slot_boot_files(fake_kernel(64 * 1024), zstd_like(4096)));
+    cgpt_set(Path::new(&disk.dev), 2, 1, 0, 1);
+    cgpt_set(Path::new(&disk.dev), 3, 2, 2, 0);
+    let cfg = disk.config("binds = [\"/var\"]\n");
+    let (ok_, out, err) = disk.boot_with(&cfg, "console=ttyS0 root=/dev/sda9 rw panic=1", "");
+    assert!(ok_, "{out}\n{err}");
+    assert!(out.contains("boot/atom/vmlinuz (kernel 6.1.0-57-amd64)"), "{out}");
+    let line = hand_over_line(&out);
+    let part_b = cgpt_uuid(Path::new(&disk.dev), 3);
+    assert!(line.starts_with("console=ttyS0 panic=1 root=PARTUUID="), "{line}");
+    assert!(!line.contains("/dev/sda9") && !line.contains(" rw "), "{line}");
+    assert!(line.contains(&format!("atom.partuuid={part_b}")), "{line}");
+    assert!(line.contains("atom.slot=B") && line.contains("atom.tries_left=1") && line.contains("atom.trial=1"));
+    assert_eq!(
+        cgpt_field(Path::new(&disk.dev), 3, "-T"),
+        1,
+        "the first stage spent the try"
+    );
+
+    // The second stage, given that line, mounts B without spending another try.
+    let (ok_, out, err) = disk.boot_with(&cfg, &line, PROBE);
+    assert!(ok_, "{out}\n{err}");
+    assert!(err.contains("second stage: slot B chosen by the first stage"), "{err}");
+    assert!(out.contains("hostname: slot-b") && out.contains("switch_root"), "{out}");
+    assert!(out.contains("slot = \"B\"") && out.contains("tries_left = 1"), "{out}");
+    assert!(out.contains("kernel = \""), "the record names the kernel: {out}");
+    assert_eq!(cgpt_field(Path::new(&disk.dev), 3, "-T"), 1, "no second try spent");
+
+    // A hand-over naming another disk GUID or partition is refused, not guessed at.
+    let wrong = line.replace(&part_b, "00000000-0000-0000-0000-000000000000");
+    let (ok_, _, err) = disk.boot_with(&cfg, &wrong, "");
+    assert!(
+        !ok_ && err.contains("not the 00000000-0000-0000-0000-000000000000"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_slot_whose_kernel_or_initramfs_is_broken_falls_back_in_the_same_boot() {
+    let cases: [(&str, Vec<u8>, Vec<u8>, &str); 3] = [
+        (
+            "not a kernel",
+            b"#!/bin/sh\n".repeat(100),
+            zstd_like(4096),
+            "not a Linux kernel",
+        ),
+        (
+            "truncated",
+            fake_kernel(64 * 1024)[..8192].to_vec(),
+            zstd_like(4096),
+            "truncated",
+        ),
+        (
+            "bad initramfs",
+            fake_kernel(64 * 1024),
+            vec![0u8; 4096],
+            "not an initramfs",
+        ),
+    ];
+    for (what, kernel, initramfs, said) in cases {
+        let disk = LoopDisk::new();
+        disk.fill_slot_with(3, "slot-b", slot_boot_files(kernel, initramfs));
+        cgpt_set(Path::new(&disk.dev), 2, 1, 0, 1);
+        cgpt_set(Path::new(&disk.dev), 3, 2, 2, 0);
+        let (ok_, out, err) = disk.boot(&disk.config("binds = [\"/var\"]\n"), PROBE);
+        assert!(ok_, "{what}: {out}\n{err}");
+        assert!(
+            err.contains("slot B cannot boot") && err.contains(said),
+            "{what}: {err}"
+        );
+        assert!(err.contains("slot B marked failed"), "{what}: {err}");
+        assert!(out.contains("hostname: slot-a"), "{what}: booted A instead: {out}");
+        assert!(out.contains("fell_back_from = \"B\""), "{what}: {out}");
+        assert_eq!(
+            cgpt_field(Path::new(&disk.dev), 3, "-T"),
+            0,
+            "{what}: B has no tries left"
+        );
+        assert_eq!(cgpt_field(Path::new(&disk.dev), 3, "-S"), 0, "{what}");
+    }
+}
+
+#[test]
+fn an_unmountable_marked_good_slot_falls_back_to_the_other() {
+    let disk = LoopDisk::new();
+    // A is marked good and preferred, but its file system is gone; B is bootable.
+    cgpt_set(Path::new(&disk.dev), 2, 2, 0, 1);
+    cgpt_set(Path::new(&disk.dev), 3, 1, 0, 1);
+    ok(Command::new("dd").args([
+        "if=/dev/zero",
+        &format!("of={}", disk.part(2)),
+        "bs=1M",
+        "count=2",
+        "status=none",
+    ]));
+    let cfg = disk.config("binds = [\"/var\"]\n");
+    let (ok_, out, err) = disk.boot(&cfg, PROBE);
+    assert!(ok_, "{out}\n{err}");
+    assert!(
+        err.contains("slot A cannot boot") && err.contains("cannot mount"),
+        "{err}"
+    );
+    assert!(out.contains("hostname: slot-b"), "{out}");
+    assert!(out.contains("fell_back_from = \"A\""), "{out}");
+    assert_eq!(
+        cgpt_field(Path::new(&disk.dev), 2, "-S"),
+        0,
+        "A is no longer marked good"
+    );
+    // The next boot goes straight to B; with B broken too, nothing loops: a clear stop.
+    let (ok_, out, _) = disk.boot(&cfg, "echo hostname: $(cat \"$R/sysroot/etc/hostname\")");
+    assert!(ok_ && out.contains("hostname: slot-b"), "{out}");
+    ok(Command::new("dd").args([
+        "if=/dev/zero",
+        &format!("of={}", disk.part(3)),
+        "bs=1M",
+        "count=2",
+        "status=none",
+    ]));
+    let (ok_, _, err) = disk.boot(&cfg, "");
+    assert!(!ok_, "{err}");
+    assert!(err.contains("no bootable slot") && err.contains("this boot:"), "{err}");
+}
+
+#[test]
+fn a_second_stage_that_cannot_mount_its_slot_marks_it_failed() {
+    let disk = LoopDisk::new();
+    disk.fill_slot_with(3, "slot-b", slot_boot_files(fake_kernel(64 * 1024), zstd_like(4096)));
+    cgpt_set(Path::new(&disk.dev), 2, 1, 0, 1);
+    cgpt_set(Path::new(&disk.dev), 3, 2, 2, 0);
+    let cfg = disk.config("binds = [\"/var\"]\n");
+    let (ok_, out, err) = disk.boot(&cfg, "");
+    assert!(ok_, "{out}\n{err}");
+    let line = hand_over_line(&out);
+    // The slot's own initramfs has the wrong file system type for its root.
+    let (ok_, _, err) = disk.boot_with(&cfg, &format!("{line} bootsel.root_fstype=xfs"), "");
+    assert!(!ok_);
+    assert!(err.contains("slot B cannot boot") && err.contains("xfs"), "{err}");
+    assert!(err.contains("marked failed"), "{err}");
+    assert_eq!(cgpt_field(Path::new(&disk.dev), 3, "-T"), 0);
+    // The first stage then boots A.
+    let (ok_, out, err) = disk.boot(&cfg, PROBE);
+    assert!(ok_ && out.contains("hostname: slot-a"), "{out}\n{err}");
+}
+
+#[test]
+fn state_symlinks_and_setuid_files_do_not_reach_the_system() {
+    let disk = LoopDisk::new();
+    cgpt_set(Path::new(&disk.dev), 2, 1, 0, 1);
+    let cfg = disk.config("binds = [\"/var\"]\n");
+    // First boot seeds the state; then plant a symlink where /var's source is.
+    let (ok_, out, err) = disk.boot(&cfg, "");
+    assert!(ok_, "{out}\n{err}");
+    let (ok_, out, err) = disk.boot(
+        &cfg,
+        "rm -rf \"$R/run/atom/state/var\" && ln -s /etc \"$R/run/atom/state/var\" && echo planted",
+    );
+    assert!(ok_ && out.contains("planted"), "{out}\n{err}");
+    let probe = "findmnt -rn -o TARGET,FSTYPE,OPTIONS -R \"$R/sysroot\" | sed \"s|$R|R|\"";
+    let (ok_, out, err) = disk.boot(&cfg, probe);
+    assert!(ok_, "{out}\n{err}");
+    assert!(err.contains("is a symlink"), "{err}");
+    assert!(out.contains("R/sysroot/var overlay"), "/var falls back to RAM: {out}");
+    for line in out
+        .lines()
+        .filter(|l| l.contains("R/sysroot/etc") || l.contains("R/sysroot/var"))
+    {
+        assert!(line.contains("nosuid") && line.contains("nodev"), "{line}");
+    }
 }

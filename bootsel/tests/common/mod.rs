@@ -99,3 +99,12 @@ pub fn flip(path: &Path, offset: u64) {
 pub fn disk_len(path: &Path) -> u64 {
     std::fs::metadata(path).unwrap().len()
 }
+
+/// The unique partition GUID of partition `n`, lower case (as the hand-over spells it).
+pub fn cgpt_uuid(disk: &Path, partition: u32) -> String {
+    ok(Command::new("cgpt")
+        .args(["show", "-i", &partition.to_string(), "-u"])
+        .arg(disk))
+    .trim()
+    .to_ascii_lowercase()
+}
