@@ -11,14 +11,16 @@
 //! modules = ["/lib/modules/virtio_blk.ko"]  # loaded in order (dependencies first)
 //! wait_seconds = 30            # for the disk to appear
 //! init = "/sbin/init"
-//! emergency_shell = "/bin/sh"  # offered when nothing can boot
+//! emergency_shell = "/bin/sh"  # offered when nothing can boot (only with --shell); an
+//!                              # unauthenticated root shell on the console
+//! emergency_shell_timeout_seconds = 300  # then the host reboots
 //! reboot_delay_seconds = 30    # when there is no shell
 //! fallback_delay_seconds = 5   # a failed second stage shows why, then reboots
 //! ```
 //!
 //! Command line: `bootsel.disk=`, `bootsel.labels=A,B`, `bootsel.root_fstype=`,
 //! `bootsel.state=`, `bootsel.etc=`, `bootsel.binds=/var,/home`, `bootsel.wait=`,
-//! `bootsel.init=`, `bootsel.shell=`.
+//! `bootsel.init=`, `bootsel.shell=`, `bootsel.shell_timeout=`.
 
 use serde::Deserialize;
 
@@ -45,6 +47,8 @@ pub struct Config {
     pub init: String,
     pub emergency_shell: String,
     pub reboot_delay_seconds: u32,
+    /// How long the emergency shell may stay open before the host reboots.
+    pub emergency_shell_timeout_seconds: u32,
     /// How long a second stage whose slot failed shows why before it reboots.
     pub fallback_delay_seconds: u32,
 }
@@ -64,6 +68,7 @@ impl Default for Config {
             init: "/sbin/init".into(),
             emergency_shell: "/bin/sh".into(),
             reboot_delay_seconds: 30,
+            emergency_shell_timeout_seconds: 300,
             fallback_delay_seconds: 5,
         }
     }
@@ -150,6 +155,10 @@ impl Config {
                     candidate.emergency_shell = value.into();
                     Ok(())
                 }
+                "shell_timeout" => value
+                    .parse()
+                    .map(|v| candidate.emergency_shell_timeout_seconds = v)
+                    .map_err(|_| "takes seconds".into()),
                 _ => Err("unknown option".into()),
             };
             match applied.and_then(|()| candidate.validate()) {

@@ -535,3 +535,36 @@ fn state_symlinks_and_setuid_files_do_not_reach_the_system() {
         assert!(line.contains("nosuid") && line.contains("nodev"), "{line}");
     }
 }
+
+/// The emergency shell is bounded: an unattended host does not stay in it forever.
+#[test]
+fn the_emergency_shell_times_out_and_the_host_reboots() {
+    let dir = tempfile::tempdir().unwrap();
+    let shell = dir.path().join("hanging-shell");
+    fs::write(&shell, "#!/bin/sh\necho SHELL-OPEN\nexec sleep 600\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&shell, fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = dir.path().join("bootsel.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "disk = \"/dev/atom-no-such-disk\"\nwait_seconds = 1\nemergency_shell = \"{}\"\nemergency_shell_timeout_seconds = 2\n",
+            shell.display()
+        ),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let out = run(Command::new("timeout")
+        .args(["60", "unshare", "--pid", "--fork", "--mount", "--propagation", "private"])
+        .arg(BIN)
+        .args(["init", "--config"])
+        .arg(&cfg)
+        .stdin(std::process::Stdio::null()));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(stdout.contains("SHELL-OPEN"), "{stdout}\n{stderr}");
+    assert!(stderr.contains("emergency shell timed out after 2 s"), "{stderr}");
+    assert!(started.elapsed().as_secs() < 30, "bounded: {:?}", started.elapsed());
+}

@@ -599,15 +599,44 @@ fn switch_root(cfg: &Config, paths: &Paths) -> Result<std::convert::Infallible, 
     Err(format!("cannot execute {}: {err}", cfg.init))
 }
 
+/// Runs `shell` on the console until it exits or `limit` passes (then it is killed).
+fn run_bounded(shell: &Path, limit: Duration) {
+    let mut child = match std::process::Command::new(shell).spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            say!("cannot start {}: {e}", shell.display());
+            return;
+        }
+    };
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => return,
+            Ok(None) if std::time::Instant::now() >= deadline => {
+                say!("emergency shell timed out after {} s; rebooting", limit.as_secs());
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
 /// Nothing can boot: say why, offer the shell, else reboot after a delay. Never returns.
 fn emergency(why: &str, cfg: &Config) -> ! {
     eprintln!("\n*** bootsel: CANNOT BOOT ***\n{why}\n");
     let shell = Path::new(&cfg.emergency_shell);
     if !cfg.emergency_shell.is_empty() && shell.exists() {
-        say!("starting emergency shell {}; exit it to reboot", shell.display());
-        if let Err(e) = std::process::Command::new(shell).status() {
-            say!("cannot start {}: {e}", shell.display());
-        }
+        // The shell is root without a password on the console: only built in when the
+        // initramfs was made with one (`atom-build initramfs --shell`), and never left
+        // open forever on an unattended host.
+        say!(
+            "starting emergency shell {}; exit it to reboot (the host reboots by itself after {} s)",
+            shell.display(),
+            cfg.emergency_shell_timeout_seconds
+        );
+        run_bounded(shell, Duration::from_secs(u64::from(cfg.emergency_shell_timeout_seconds)));
     } else {
         say!("no emergency shell; rebooting in {} s", cfg.reboot_delay_seconds);
         std::thread::sleep(Duration::from_secs(u64::from(cfg.reboot_delay_seconds)));
