@@ -75,11 +75,12 @@ initramfs_modules=(virtio_pci virtio_blk crc32c_generic ext4 overlay)
 slot_kernel() {
   local root=$1 from=$2 release=$3
   shift 3
-  local mods=$root/usr/lib/modules/$release
+  (($#)) || set -- "${initramfs_modules[@]}"
+  local mods=$root/lib/modules/$release
   mkdir -p "$root/boot" "$mods"
   cp "$from/boot/vmlinuz-$release" "$root/boot/"
   cp "$from/lib/modules/$release"/modules.{order,builtin,builtin.modinfo} "$mods/"
-  modprobe -d "$from" -S "$release" --show-depends "${@:-${initramfs_modules[@]}}" |
+  modprobe -d "$from" -S "$release" --show-depends -a "$@" |
     awk '$1 == "insmod" {print $2}' | sort -u | while read -r ko; do
     rel=${ko#"$from/lib/modules/$release/"}
     mkdir -p "$mods/$(dirname "$rel")"
@@ -90,8 +91,9 @@ slot_kernel() {
 # image_args: what `atom-build image` needs to build a slot's bootsel initramfs.
 slot_image_args() { # [MODULE...]
   local m
+  (($#)) || set -- "${initramfs_modules[@]}"
   printf '%s\n' --bootsel "$bootsel_static" --initramfs-config "$work/bootsel.toml" --shell /bin/busybox
-  for m in "${@:-${initramfs_modules[@]}}"; do printf '%s\n' --module "$m"; done
+  for m in "$@"; do printf '%s\n' --module "$m"; done
 }
 
 step "building atom-build, and static bootsel and atom-update"
