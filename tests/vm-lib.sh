@@ -128,11 +128,12 @@ control() { # the shell script the guest runs after its health checks
   cat > "$work/exchange/control.sh"
 }
 
-# install_agent ROOT: the static agent, the units and presets (atom-build install-units),
+# install_agent ROOT [OPTIONS]: the static agent, the units and presets (atom-build install-units),
 # the signing key, and an update.toml reading the repository on the exchange disk.
-install_agent() {
+install_agent() { # ROOT [install-units options...]
   local root=$1
-  "$build" install-units --root "$root" --bin-dir "$(dirname "$update_static")" >/dev/null
+  shift
+  "$build" install-units --root "$root" --bin-dir "$(dirname "$update_static")" "$@" >/dev/null
   cp "$work/signer.pub" "$root/etc/atom/keys/"
   cat > "$root/etc/atom/update.toml" <<'EOF'
 repositories = ["file:///mnt/exchange/repo"]

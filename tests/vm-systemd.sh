@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The Atom systemd units under a real systemd: a Debian root (mmdebstrap, the host's apt
 # sources) with atom-update and the units installed by `atom-build install-units`, booted
-# in qemu like tests/vm.sh (same kernel, initramfs, disk and exchange disk).
+# in qemu like tests/vm.sh (same first stage, disk and exchange disk). Each slot carries
+# its Debian kernel (1.0.0 the main suite's, later versions the security suite's) and
+# Debian's own initramfs made by update-initramfs with the Atom initramfs-tools hook: the
+# first stage kexecs it, and `bootsel attach` in its local-bottom adds state and /etc.
 #
 #   boot 1: 1.0.0 from A; atom-health.service passes, atom-mark-good.service runs;
 #           `systemctl start atom-update.service` stages 2.0.0 (hardened unit, journald
@@ -21,20 +24,26 @@ source "$(dirname "$0")/vm-lib.sh"
 suite=$(. /etc/os-release && echo "$VERSION_CODENAME")
 base=$work/sysbase
 step "a Debian $suite root with systemd (mmdebstrap --variant=minbase, the host's apt sources)"
-if [[ ! -x $base/usr/lib/systemd/systemd ]]; then
+if [[ ! -x $base/usr/lib/systemd/systemd || ! -x $base/usr/sbin/mkinitramfs ]]; then
   rm -rf "$base"
-  mmdebstrap --quiet --variant=minbase --include=systemd-sysv,udev \
+  mmdebstrap --quiet --variant=minbase --include=systemd-sysv,udev,initramfs-tools,kmod \
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
     --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
     "$suite" "$base"
 fi
 du -sh "$base" | sed 's/^/    /'
 
-sample_root() { # DIR VERSION
-  local root=$1 version=$2
+# The slot's kernel with the modules it needs, and Debian's own initramfs for it, made by
+# update-initramfs in the slot's tree with the Atom hook (install-units --bootsel).
+sample_root() { # DIR VERSION KERNEL_DIR RELEASE
+  local root=$1 version=$2 from=$3 release=$4
   rm -rf "$root"
   cp -a "$base" "$root"
-  install_agent "$root"
+  install_agent "$root" --bootsel "$bootsel_static"
+  slot_kernel "$root" "$from" "$release"
+  cp "$from/boot/config-$release" "$root/boot/"
+  chroot "$root" update-initramfs -c -k "$release" 2>&1 | grep -v "^W: Possible missing firmware" | sed 's/^/    /' || true
+  [[ -s $root/boot/initrd.img-$release ]] || fail "update-initramfs made no initramfs for $release"
   echo atom-vm > "$root/etc/hostname"
   mkdir -p "$root/mnt/exchange"
   echo '/dev/vdb /mnt/exchange ext4 ro,nofail,x-systemd.device-timeout=10s 0 0' > "$root/etc/fstab"
@@ -47,7 +56,7 @@ After=local-fs.target
 [Service]
 Type=oneshot
 StandardOutput=journal+console
-ExecStart=/bin/sh -c 'echo "ATOM-SAMPLE: running $(sed -n "s/^version = \\"\\(.*\\)\\"/\\1/p" /usr/lib/atom/release) from slot $(sed -n "s/^slot = \\"\\(.*\\)\\"/\\1/p" /run/atom/boot.toml)"'
+ExecStart=/bin/sh -c 'echo "ATOM-SAMPLE: running $(sed -n "s/^version = \\"\\(.*\\)\\"/\\1/p" /usr/lib/atom/release) from slot $(sed -n "s/^slot = \\"\\(.*\\)\\"/\\1/p" /run/atom/boot.toml) on kernel $(uname -r)"'
 [Install]
 WantedBy=multi-user.target
 EOF
@@ -73,16 +82,16 @@ EOF
 }
 
 step "the sample OS (Debian + systemd + Atom units) in three versions"
-sample_root "$work/root-v1" 1.0.0
-"$build" image --rootfs "$work/root-v1" --version 1.0.0 --size 400M --out "$work/v1.img"
-sample_root "$work/root-v2" 2.0.0
+sample_root "$work/root-v1" 1.0.0 "$kdir_old" "$kver_old"
+"$build" image --initramfs tree --rootfs "$work/root-v1" --version 1.0.0 --size 400M --out "$work/v1.img"
+sample_root "$work/root-v2" 2.0.0 "$kdir_new" "$kver_new"
 echo "new in 2.0.0" > "$work/root-v2/etc/feature"
-"$build" image --rootfs "$work/root-v2" --version 2.0.0 --size 400M --out "$work/v2.img" --base "$work/v1.img"
-sample_root "$work/root-v3" 3.0.0
+"$build" image --initramfs tree --rootfs "$work/root-v2" --version 2.0.0 --size 400M --out "$work/v2.img" --base "$work/v1.img"
+sample_root "$work/root-v3" 3.0.0 "$kdir_new" "$kver_new"
 printf '#!/bin/sh\necho "the sample service of 3.0.0 does not start" >&2\nexit 1\n' \
   > "$work/root-v3/usr/lib/atom/health.d/50-broken-service"
 chmod 755 "$work/root-v3/usr/lib/atom/health.d/50-broken-service"
-"$build" image --rootfs "$work/root-v3" --version 3.0.0 --size 400M --out "$work/v3.img" --base "$work/v2.img"
+"$build" image --initramfs tree --rootfs "$work/root-v3" --version 3.0.0 --size 400M --out "$work/v3.img" --base "$work/v2.img"
 
 step "the host's disk: atom-build disk (root-a = 1.0.0)"
 "$build" disk --image "$work/v1.img" --kernel "$vmlinuz" --initramfs "$work/initrd.img" \
@@ -101,7 +110,10 @@ $journal_fields
 atom-update status
 EOF
 boot
-expect "ATOM-SAMPLE: running 1.0.0 from slot A" "1.0.0 runs from slot A under systemd"
+expect "bootsel: starting the slot's kernel $kver_old" "the first stage starts A's kernel"
+expect "Loading, please wait|Begin: Loading essential drivers" "Debian's own initramfs (initramfs-tools) is the second stage"
+expect "bootsel: second stage: slot A chosen by the first stage" "its Atom hook (bootsel attach) took the hand-over"
+expect "ATOM-SAMPLE: running 1.0.0 from slot A on kernel $kver_old" "1.0.0 runs from slot A under systemd on $kver_old"
 expect "UNITS: active active" "atom-health.service and atom-mark-good.service ran"
 expect "Result=success" "atom-update.service (hardened) succeeded"
 expect 'JOURNAL: "ATOM_VERSION":"2.0.0"' "the journal has ATOM_VERSION=2.0.0 (journalctl -o json)"
@@ -117,7 +129,7 @@ systemctl start atom-update.service
 systemctl show -p Result atom-update.service
 EOF
 boot
-expect "ATOM-SAMPLE: running 2.0.0 from slot B" "2.0.0 runs from slot B"
+expect "ATOM-SAMPLE: running 2.0.0 from slot B on kernel $kver_new" "2.0.0 runs from slot B on its kernel $kver_new"
 expect "UNITS: active active" "boot-complete.target reached, atom-mark-good.service ran"
 expect "\]: B +root-b +2\.0\.0 +[0-9]+ +0 +yes +booted" "slot B marked successful"
 expect "Result=success" "3.0.0 staged by the unit"
@@ -137,7 +149,7 @@ journalctl -b -1 -o cat --no-pager -u atom-health.service -u atom-mark-bad.servi
 atom-update status
 EOF
 boot
-expect "ATOM-SAMPLE: running 2.0.0 from slot B" "back on 2.0.0 from slot B"
+expect "ATOM-SAMPLE: running 2.0.0 from slot B on kernel $kver_new" "back on 2.0.0 from slot B, on $kver_new"
 expect "PREVIOUS: .*50-broken-service" "boot 3's journal: the failing check by name"
 expect "PREVIOUS: .*marked bad" "boot 3's journal: atom-mark-bad.service marked the slot bad"
 expect "\]: A +root-a +3\.0\.0 .*not bootable" "slot A (3.0.0) is not bootable"

@@ -23,6 +23,12 @@ USAGE:
                                            (spends a try on a slot on trial)
     bootsel set --disk DEV --slot A|B [--priority N] [--tries N] [--successful 0|1]
     bootsel init [--config FILE]           the initramfs /init (runs automatically as PID 1)
+    bootsel attach --root DIR [--config FILE] [--run DIR]
+                                           the second stage in a distribution initramfs
+                                           (initramfs-tools local-bottom): DIR is the
+                                           slot it mounted; adds state, /etc overlay,
+                                           binds and the boot record; a failure marks
+                                           the slot failed and reboots
     bootsel prepare-root [--config FILE] [--root DIR] [--cmdline TEXT]
                                            init's steps up to switch_root or kexec,
                                            without them: choose, mount the slot and
@@ -52,7 +58,8 @@ struct Args {
     successful: Option<bool>,
     config: Option<PathBuf>,
     root: Option<PathBuf>,
-    cmdline: String,
+    cmdline: Option<String>,
+    run: Option<PathBuf>,
 }
 
 fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args, lexopt::Error> {
@@ -89,7 +96,8 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args, lexopt::Error
             }
             Long("config") => a.config = Some(p.value()?.into()),
             Long("root") => a.root = Some(p.value()?.into()),
-            Long("cmdline") => a.cmdline = p.value()?.string()?,
+            Long("cmdline") => a.cmdline = Some(p.value()?.string()?),
+            Long("run") => a.run = Some(p.value()?.into()),
             Value(v) if a.command.is_none() => a.command = Some(v.string()?),
             _ => return Err(arg.unexpected()),
         }
@@ -112,7 +120,20 @@ pub fn main() -> ExitCode {
         Some("init") => {
             init::run(args.config.as_deref());
         }
-        Some("prepare-root") => init::prepare_root_cli(args.config.as_deref(), args.root.as_deref(), &args.cmdline),
+        Some("prepare-root") => init::prepare_root_cli(
+            args.config.as_deref(),
+            args.root.as_deref(),
+            args.cmdline.as_deref().unwrap_or(""),
+        ),
+        Some("attach") => match &args.root {
+            Some(root) => init::attach_cli(
+                args.config.as_deref(),
+                root,
+                args.run.as_deref().unwrap_or(std::path::Path::new("/run")),
+                args.cmdline.as_deref(),
+            ),
+            None => Err(Failure::Usage("attach needs --root DIR".into())),
+        },
         Some(other) => Err(Failure::Usage(format!("unknown command {other:?}"))),
         None => Err(Failure::Usage("a command is required".into())),
     };

@@ -555,7 +555,15 @@ fn the_emergency_shell_times_out_and_the_host_reboots() {
     .unwrap();
     let started = std::time::Instant::now();
     let out = run(Command::new("timeout")
-        .args(["60", "unshare", "--pid", "--fork", "--mount", "--propagation", "private"])
+        .args([
+            "60",
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount",
+            "--propagation",
+            "private",
+        ])
         .arg(BIN)
         .args(["init", "--config"])
         .arg(&cfg)
@@ -567,4 +575,47 @@ fn the_emergency_shell_times_out_and_the_host_reboots() {
     assert!(stdout.contains("SHELL-OPEN"), "{stdout}\n{stderr}");
     assert!(stderr.contains("emergency shell timed out after 2 s"), "{stderr}");
     assert!(started.elapsed().as_secs() < 30, "bounded: {:?}", started.elapsed());
+}
+
+/// `bootsel attach`: a distribution initramfs mounted the slot from `root=PARTUUID=`;
+/// bootsel adds state, overlays and the record, and refuses a root that is not the slot.
+#[test]
+fn attach_adds_state_to_a_root_the_distribution_initramfs_mounted() {
+    let disk = LoopDisk::new();
+    disk.fill_slot_with(3, "slot-b", slot_boot_files(fake_kernel(64 * 1024), zstd_like(4096)));
+    cgpt_set(Path::new(&disk.dev), 2, 1, 0, 1);
+    cgpt_set(Path::new(&disk.dev), 3, 2, 2, 0);
+    let cfg = disk.config("binds = [\"/var\"]\n");
+    let (ok_, out, err) = disk.boot(&cfg, "");
+    assert!(ok_, "{out}\n{err}");
+    let line = hand_over_line(&out);
+    let attach = |partition: u32| {
+        let script = format!(
+            "set -e\nR={dir}/attach\nrm -rf $R && mkdir -p $R/root $R/run\nmount -o ro {part} $R/root\n\
+             BOOTSEL_NO_REBOOT=1 \"{BIN}\" attach --root $R/root --run $R/run --config {cfg} --cmdline '{line}'\n\
+             findmnt -rn -o TARGET,FSTYPE,OPTIONS -R $R/root | sed \"s|$R|R|\"\ncat $R/run/atom/boot.toml\n",
+            dir = disk.dir_path.display(),
+            part = disk.part(partition),
+            cfg = cfg.display(),
+        );
+        let o = run(Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]));
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (ok_, out, err) = attach(3);
+    assert!(ok_, "{out}\n{err}");
+    assert!(out.contains("R/root/etc overlay") && out.contains("nosuid"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("R/root/var ext4")), "{out}");
+    assert!(out.contains("slot = \"B\"") && out.contains("tries_left = 1"), "{out}");
+    assert_eq!(cgpt_field(Path::new(&disk.dev), 3, "-T"), 1, "no try spent by attach");
+
+    // The initramfs mounted A although the hand-over names B: refused, B marked failed.
+    let (ok_, _, err) = attach(2);
+    assert!(!ok_, "{err}");
+    assert!(err.contains("is not slot B's partition"), "{err}");
+    assert!(err.contains("marked failed"), "{err}");
+    assert_eq!(cgpt_field(Path::new(&disk.dev), 3, "-T"), 0);
 }

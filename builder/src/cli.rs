@@ -125,6 +125,12 @@ pub struct InstallArgs {
     /// Where the atom-update binary is (default: next to atom-build).
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
+    /// Also install this static bootsel as /usr/lib/atom/bootsel with the initramfs-tools
+    /// hook, so the distribution's initramfs (update-initramfs) is an Atom second stage:
+    /// it mounts the slot from the hand-over's root=PARTUUID= and `bootsel attach` adds
+    /// the state partition, /etc overlay and boot record.
+    #[arg(long, value_name = "FILE")]
+    pub bootsel: Option<PathBuf>,
 }
 
 /// Create an ed25519 signing key pair.

@@ -26,6 +26,19 @@ const UNITS: &[(&str, &str)] = &[
         include_str!("../../systemd/atom-mark-bad.service"),
     ),
 ];
+/// The initramfs-tools hook that makes Debian's own initramfs an Atom second stage.
+const INITRAMFS_TOOLS: &[(&str, &str)] = &[
+    (
+        "usr/share/initramfs-tools/hooks/atom",
+        include_str!("../../bootsel/initramfs-tools/hooks/atom"),
+    ),
+    (
+        "usr/share/initramfs-tools/scripts/local-bottom/atom",
+        include_str!("../../bootsel/initramfs-tools/scripts/local-bottom/atom"),
+    ),
+];
+/// Where the slot keeps the static bootsel that the hook copies into its initramfs.
+const BOOTSEL_IN_ROOT: &str = "usr/lib/atom/bootsel";
 const PRESET: &str = include_str!("../../systemd/80-atom.preset");
 const BINARIES: &[&str] = &["atom-update"];
 
@@ -83,6 +96,19 @@ pub fn run(args: &InstallArgs) -> Result<()> {
         "var/lib/atom",
     ] {
         fs::create_dir_all(root.join(dir)).with_context(|| format!("cannot create {dir}"))?;
+    }
+    if let Some(bootsel) = &args.bootsel {
+        let dst = root.join(BOOTSEL_IN_ROOT);
+        fs::create_dir_all(dst.parent().expect("has parent"))?;
+        fs::copy(bootsel, &dst).with_context(|| format!("cannot copy {}", bootsel.display()))?;
+        fs::set_permissions(&dst, fs::Permissions::from_mode(0o755))?;
+        for (path, text) in INITRAMFS_TOOLS {
+            write(&root.join(path), text, 0o755)?;
+        }
+        println!(
+            "installed bootsel and the initramfs-tools hook (run update-initramfs in the tree, then \
+             atom-build image --initramfs tree)"
+        );
     }
     let example = root.join("etc/atom/update.toml.example");
     write(&example, CONFIG_EXAMPLE, 0o644)?;

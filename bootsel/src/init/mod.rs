@@ -403,6 +403,24 @@ pub fn second_stage(
     handover: Result<Handover, String>,
     finish: &mut FinishFn,
 ) -> Result<(), Stage2Failure> {
+    second_stage_in(cfg, paths, handover, RootMount::Mount, finish)
+}
+
+/// Whether the second stage mounts the slot itself or finds it mounted (by a
+/// distribution initramfs that read `root=PARTUUID=` from the hand-over).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RootMount {
+    Mount,
+    AlreadyMounted,
+}
+
+fn second_stage_in(
+    cfg: &Config,
+    paths: &Paths,
+    handover: Result<Handover, String>,
+    root: RootMount,
+    finish: &mut FinishFn,
+) -> Result<(), Stage2Failure> {
     let h = handover.map_err(|e| Stage2Failure::Other(format!("unusable hand-over from the first stage: {e}")))?;
     say!("second stage: slot {} chosen by the first stage", h.slot);
     let wait = Duration::from_secs(u64::from(cfg.wait_seconds));
@@ -430,15 +448,97 @@ pub fn second_stage(
         },
         fell_back_from: h.fell_back_from,
     };
-    let attempt = mount_slot(cfg, paths, &found, &chosen.slot)
+    let mounted = match root {
+        RootMount::Mount => mount_slot(cfg, paths, &found, &chosen.slot),
+        RootMount::AlreadyMounted => check_root_is(cfg, paths, &found, &chosen.slot),
+    };
+    let attempt = mounted
         .and_then(|()| finish_slot(cfg, paths, &found, &chosen))
         .and_then(|()| finish(cfg, paths, Finish::SwitchRoot));
     attempt.map_err(|e| {
         say!("slot {} cannot boot: {e}", h.slot);
-        unmount_all(paths);
+        match root {
+            RootMount::Mount => unmount_all(paths),
+            // The root is the distribution initramfs's mount: only undo what we added.
+            RootMount::AlreadyMounted => {
+                for d in [paths.newroot.join("etc"), paths.newroot.join("var")] {
+                    mount::detach(&d);
+                }
+                mount::detach(&paths.state());
+            }
+        }
         mark_failed(&mut found, h.slot);
         Stage2Failure::SlotMarkedFailed(e)
     })
+}
+
+/// The mounted root must be the chosen slot's partition, not whatever the distribution
+/// initramfs found (a `root=` typo, another disk with the same labels).
+fn check_root_is(cfg: &Config, paths: &Paths, found: &disk::FoundDisk, slot: &Slot) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let wait = Duration::from_secs(u64::from(cfg.wait_seconds));
+    let node = disk::partition_node(&found.path, slot.partition, wait)?;
+    let want = fs::metadata(&node)
+        .map_err(|e| format!("cannot stat {}: {e}", node.display()))?
+        .rdev();
+    let have = fs::metadata(&paths.newroot)
+        .map_err(|e| format!("cannot stat {}: {e}", paths.newroot.display()))?
+        .dev();
+    if want != have {
+        return Err(format!(
+            "{} is not slot {}'s partition {} (the initramfs mounted another root)",
+            paths.newroot.display(),
+            slot.name,
+            node.display()
+        ));
+    }
+    Ok(())
+}
+
+/// `bootsel attach --root DIR`: the second stage inside a distribution's initramfs
+/// (initramfs-tools' local-bottom hook, dracut's pre-pivot): the initramfs mounted the
+/// slot named by the hand-over at DIR; this checks it is that slot and adds the state
+/// partition, the /etc overlay, the binds and the boot record (under `run`). A slot that
+/// fails here is marked failed and the host reboots into the first stage, which then
+/// boots the other slot. Without a hand-over on the command line it does nothing.
+pub fn attach_cli(config_path: Option<&Path>, root: &Path, run: &Path, cmdline: Option<&str>) -> Result<(), Failure> {
+    let cfg = match config_path {
+        Some(p) => {
+            let text = fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            Config::parse(&text).map_err(|e| format!("{}: {e}", p.display()))?
+        }
+        None => Config::default(),
+    };
+    let proc_cmdline;
+    let cmdline = match cmdline {
+        Some(c) => c,
+        None => {
+            proc_cmdline =
+                fs::read_to_string("/proc/cmdline").map_err(|e| format!("cannot read /proc/cmdline: {e}"))?;
+            &proc_cmdline
+        }
+    };
+    let mut cfg = cfg;
+    for w in cfg.apply_cmdline(cmdline) {
+        say!("warning: {w}");
+    }
+    let Some(handover) = Handover::parse(cmdline) else {
+        say!("no Atom hand-over on the command line (atom.handover=): nothing to attach");
+        return Ok(());
+    };
+    let paths = Paths {
+        newroot: root.to_path_buf(),
+        run: run.to_path_buf(),
+    };
+    let mut done = |_: &Config, _: &Paths, _: Finish| Ok(());
+    match second_stage_in(&cfg, &paths, handover, RootMount::AlreadyMounted, &mut done) {
+        Ok(()) => Ok(()),
+        Err(Stage2Failure::Other(e)) => Err(Failure::Error(e)),
+        Err(Stage2Failure::SlotMarkedFailed(e)) if std::env::var_os("BOOTSEL_NO_REBOOT").is_some() => {
+            Err(Failure::Error(format!("{e}; the slot was marked failed")))
+        }
+        Err(Stage2Failure::SlotMarkedFailed(e)) => reboot_to_first_stage(&e, &cfg).map_err(Failure::Error),
+    }
 }
 
 /// The second stage failed and marked its slot: reboot, so the first stage (which reads
@@ -636,7 +736,10 @@ fn emergency(why: &str, cfg: &Config) -> ! {
             shell.display(),
             cfg.emergency_shell_timeout_seconds
         );
-        run_bounded(shell, Duration::from_secs(u64::from(cfg.emergency_shell_timeout_seconds)));
+        run_bounded(
+            shell,
+            Duration::from_secs(u64::from(cfg.emergency_shell_timeout_seconds)),
+        );
     } else {
         say!("no emergency shell; rebooting in {} s", cfg.reboot_delay_seconds);
         std::thread::sleep(Duration::from_secs(u64::from(cfg.reboot_delay_seconds)));
