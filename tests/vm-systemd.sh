@@ -46,7 +46,7 @@ sample_root() { # DIR VERSION KERNEL_DIR RELEASE
   [[ -s $root/boot/initrd.img-$release ]] || fail "update-initramfs made no initramfs for $release"
   echo atom-vm > "$root/etc/hostname"
   mkdir -p "$root/mnt/exchange"
-  echo '/dev/vdb /mnt/exchange ext4 ro,nofail,x-systemd.device-timeout=10s 0 0' > "$root/etc/fstab"
+  echo '/dev/vdb /mnt/exchange ext4 ro,nofail,x-systemd.device-timeout=30s 0 0' > "$root/etc/fstab"
   # Test-only units: a banner with the version and slot, and the control script from the
   # exchange disk, run once the slot was marked good, then power off.
   cat > "$root/etc/systemd/system/atom-vm-banner.service" <<'EOF'

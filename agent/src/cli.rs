@@ -6,7 +6,8 @@ use clap::{Parser, Subcommand};
 
 pub const AFTER_HELP: &str = "\
 EXIT STATUS:
-    0  success (for `now`: updated, already staged, or already up to date;
+    0  success (for `now`: updated, already staged, already up to date, waiting for its
+       rollout turn, or the offered version was rejected on this host before;
        for `check`: an update is available)
     1  error (the message says what; the running slot still boots)
     2  bad command line
@@ -15,7 +16,8 @@ EXIT STATUS:
     5  another atom-update is running
     6  refused for security: bad signature, expired manifest, wrong board, downgrade,
        keys, CA file or state that someone other than root could change
-    7  not allowed in the current state (e.g. rollback with no valid other slot)
+    7  not allowed in the current state (e.g. rollback with no valid other slot, or `now`
+       while this slot is on trial and the other holds the last version marked good)
 
 FILES:
     /etc/atom/update.toml   configuration (--config)
@@ -57,6 +59,15 @@ pub enum Command {
         /// Take a version that is being rolled out in phases now, not at this host's turn.
         #[arg(long)]
         skip_rollout: bool,
+        /// Install the offered version even though it failed on this host before (a
+        /// fallback from it, or mark-bad); `forget-rejected` clears the record for good.
+        #[arg(long)]
+        allow_rejected: bool,
+        /// Write the other slot even while this slot is on trial (not yet marked good) and
+        /// the other one holds the last version marked good: a failure of both then leaves
+        /// nothing good to boot.
+        #[arg(long)]
+        force: bool,
         /// Use this repository for this run instead of the configured ones (repeat for
         /// several, tried in order), e.g. file:///media/usb/atom-repo on a host without
         /// network. What it offers is checked against this host's keys as always.
@@ -87,6 +98,12 @@ pub enum Command {
     },
     /// Make the other slot boot next (if it holds a bootable system).
     Rollback,
+    /// Allow a version that failed on this host to be installed again (after a fixed
+    /// re-publish under the same version, or a failure that was not the version's fault).
+    ForgetRejected {
+        /// The version, as `status` lists it under "rejected".
+        version: String,
+    },
     /// Check periodically (with jitter); SIGHUP reloads the configuration.
     Daemon,
     /// Run the boot health checks (every executable in the health directories).

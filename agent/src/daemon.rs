@@ -34,6 +34,8 @@ pub fn run(config: &Path) -> Result<(), Failure> {
     while !stop.load(Ordering::Relaxed) {
         let opts = Options {
             allow_downgrade: false,
+            allow_rejected: false,
+            force: false,
             skip_rollout: false,
             cancel: &stop,
             progress: false,

@@ -25,6 +25,13 @@ pub struct Host {
     pub release: Release,
 }
 
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), new at every kernel start.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
 /// `uname -r`: the kernel the running slot booted with.
 pub fn running_kernel() -> String {
     nix::sys::utsname::uname()

@@ -49,11 +49,15 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
             allow_downgrade,
             no_reboot,
             skip_rollout,
+            allow_rejected,
+            force,
             ..
         } => {
             let cancel = AtomicBool::new(false);
             let opts = Options {
                 allow_downgrade: *allow_downgrade,
+                allow_rejected: *allow_rejected,
+                force: *force,
                 skip_rollout: *skip_rollout,
                 cancel: &cancel,
                 progress: true,
@@ -62,6 +66,10 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
             match &outcome {
                 Outcome::UpToDate { version } => println!("up to date: {version}"),
                 Outcome::AlreadyStaged { version } => println!("{version} is already staged; reboot to use it"),
+                Outcome::Rejected { version, why } => println!(
+                    "not installing {version}: it was rejected on this host: {why} \
+                     (--allow-rejected installs it anyway; `atom-update forget-rejected {version}` for good)"
+                ),
                 Outcome::Waiting { version, turn, end } => println!(
                     "{version} is being rolled out until {end}; this host's turn comes at {turn} \
                      (--skip-rollout takes it now)"
@@ -110,7 +118,7 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
                 );
                 println!(
                     "{:#}",
-                    serde_json::json!({"running": offer.running, "offered": offer.offered, "update_available": offer.newer, "routes": routes, "rollout": rollout})
+                    serde_json::json!({"running": offer.running, "offered": offer.offered, "update_available": offer.newer, "rejected": offer.rejected, "routes": routes, "rollout": rollout})
                 );
             } else if offer.newer {
                 println!("update available: {} -> {}", offer.running, offer.offered);
@@ -126,6 +134,11 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
                         None => println!("  {:<18} size known after the server computes it", r.name()),
                     }
                 }
+            } else if let Some(why) = &offer.rejected {
+                println!(
+                    "no update: channel offers {}, rejected on this host: {why} (now --allow-rejected, or forget-rejected)",
+                    offer.offered
+                );
             } else {
                 println!("no update: running {}, channel offers {}", offer.running, offer.offered);
             }
@@ -135,6 +148,7 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
         Command::MarkGood => verbs::mark_good(&s).map(|()| 0),
         Command::MarkBad { force } => verbs::mark_bad(&s, *force).map(|()| 0),
         Command::Rollback => verbs::rollback(&s).map(|()| 0),
+        Command::ForgetRejected { version } => verbs::forget_rejected(&s, version).map(|()| 0),
         Command::Daemon | Command::HealthCheck { .. } => unreachable!("handled above"),
     }
 }

@@ -67,6 +67,21 @@ pub struct State {
     /// rollout) and is refused.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub newest_manifest: BTreeMap<String, jiff::Timestamp>,
+    /// Images (by digest) that failed on this host: a fallback from them or mark-bad.
+    /// They are not installed again unless an operator says so.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rejected: BTreeMap<String, Rejected>,
+    /// The boot (kernel boot id) whose fallback was already recorded: the record says
+    /// "fell back from A" all boot long, also after A was rewritten with a new version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_noted: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    pub version: String,
+    pub why: String,
+    pub time: String,
 }
 
 impl State {
@@ -81,6 +96,49 @@ impl State {
         }
         self.rollback_floor = Some(good.to_string());
         true
+    }
+
+    /// Records what `slot` holds as rejected (when its content is known); true if new.
+    pub fn reject_slot(&mut self, slot: &str, why: &str) -> bool {
+        let Some(content) = self.slots.get(slot).filter(|c| !c.digest.is_empty()) else {
+            return false;
+        };
+        if self.rejected.contains_key(&content.digest) {
+            return false;
+        }
+        tracing::warn!(version = %content.version, digest = %content.digest, why, "version rejected on this host");
+        self.rejected.insert(
+            content.digest.clone(),
+            Rejected {
+                version: content.version.clone(),
+                why: why.to_owned(),
+                time: jiff::Timestamp::now().to_string(),
+            },
+        );
+        true
+    }
+
+    /// Records the fallback this boot made (once per boot); true if the state changed.
+    pub fn note_fallback(&mut self, fell_back_from: Option<&str>, boot_id: &str) -> bool {
+        let Some(from) = fell_back_from else {
+            return false;
+        };
+        if self.fallback_noted.as_deref() == Some(boot_id) {
+            return false;
+        }
+        self.fallback_noted = Some(boot_id.to_owned());
+        self.reject_slot(
+            from,
+            &format!("the boot fell back from slot {from} (out of tries or failed to start)"),
+        );
+        true
+    }
+
+    /// Forgets the rejections of `version`; how many there were.
+    pub fn forget_rejected(&mut self, version: &str) -> usize {
+        let before = self.rejected.len();
+        self.rejected.retain(|_, r| r.version != version);
+        before - self.rejected.len()
     }
 
     /// The rollout place, drawn now if this host has none yet (the caller saves the state).
@@ -153,6 +211,20 @@ pub struct Lock {
 }
 
 impl Lock {
+    /// As [`Self::acquire`], waiting up to `limit` for another agent to finish (mark-good
+    /// must not give up because a timer run holds the lock).
+    pub fn acquire_waiting(dir: &Path, limit: std::time::Duration) -> Result<Lock, Failure> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            match Self::acquire(dir) {
+                Err(f) if f.kind == Kind::Locked && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                }
+                other => return other,
+            }
+        }
+    }
+
     pub fn acquire(dir: &Path) -> Result<Lock, Failure> {
         crate::perms::private_state_dir(dir)?;
         let path = dir.join("lock");
@@ -188,5 +260,26 @@ mod tests {
         let st = State::load(dir.path());
         assert_eq!(st.floor(), Some(semver::Version::new(2, 0, 0)));
         assert_eq!(st.slots["B"].version, "3.0.0");
+    }
+
+    #[test]
+    fn a_fallback_rejects_the_slots_content_once_per_boot() {
+        let mut st = State::default();
+        st.slots.insert(
+            "A".into(),
+            SlotContent {
+                version: "4.0.0".into(),
+                digest: "blake3:44".into(),
+                kernel: None,
+            },
+        );
+        assert!(st.note_fallback(Some("A"), "boot-1"));
+        assert_eq!(st.rejected["blake3:44"].version, "4.0.0");
+        // Later in the same boot, A was rewritten with 5.0.0: the old record must not reject it.
+        st.slots.get_mut("A").unwrap().digest = "blake3:55".into();
+        assert!(!st.note_fallback(Some("A"), "boot-1"));
+        assert!(!st.rejected.contains_key("blake3:55"));
+        assert_eq!(st.forget_rejected("4.0.0"), 1);
+        assert!(st.rejected.is_empty());
     }
 }

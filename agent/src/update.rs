@@ -18,6 +18,7 @@ use atom_dist::TrustedKeys;
 use atom_dist::manifest::{DeltaFormat, Manifest};
 use atom_dist::verify::Policy;
 use bootsel::SlotName;
+use bootsel::table::Slot;
 
 use crate::config::Settings;
 use crate::error::{Failure, Kind};
@@ -31,6 +32,11 @@ use crate::state::{Checkpoint, LastResult, Lock, SlotContent, State};
 
 pub struct Options<'a> {
     pub allow_downgrade: bool,
+    /// Install a version that failed on this host before.
+    pub allow_rejected: bool,
+    /// Write the other slot even while the running one is on trial and the other holds
+    /// the last version marked good.
+    pub force: bool,
     /// Take a phased rollout's version before this host's turn.
     pub skip_rollout: bool,
     pub cancel: &'a AtomicBool,
@@ -44,6 +50,11 @@ pub enum Outcome {
     },
     AlreadyStaged {
         version: String,
+    },
+    /// The offered version failed on this host before (a fallback or mark-bad).
+    Rejected {
+        version: String,
+        why: String,
     },
     /// The version is rolled out in phases and this host's turn has not come.
     Waiting {
@@ -70,6 +81,8 @@ pub struct Offer {
     pub routes: Vec<(Route, Option<u64>)>,
     /// A phased rollout's end, and this host's turn once `now` has drawn its place.
     pub rollout: Option<(jiff::Timestamp, Option<jiff::Timestamp>)>,
+    /// Why the offered version is not taken: it failed on this host before.
+    pub rejected: Option<String>,
 }
 
 fn trusted(s: &Settings) -> Result<TrustedKeys, Failure> {
@@ -94,9 +107,11 @@ fn fetch_manifest(s: &Settings, sources: &Sources, state: &State) -> Result<Mani
 pub fn check(s: &Settings) -> Result<Offer, Failure> {
     let host = Host::detect(s)?;
     let sources = Sources::new(s)?;
-    let state = State::load(&s.state_dir);
+    let mut state = State::load(&s.state_dir);
+    note_fallback(s, &host, &mut state)?;
     let m = fetch_manifest(s, &sources, &state)?;
     let running = &host.release.version;
+    let rejected = state.rejected.get(&m.image.digest.to_string()).map(|r| r.why.clone());
     let mut routes = Vec::new();
     if let Some(d) = m
         .deltas
@@ -113,7 +128,8 @@ pub fn check(s: &Settings) -> Result<Offer, Failure> {
         running: running.to_string(),
         offered: m.version.to_string(),
         // Below the rollback floor, `now` would refuse it.
-        newer: &m.version > running && state.floor().is_none_or(|f| m.version >= f),
+        newer: &m.version > running && state.floor().is_none_or(|f| m.version >= f) && rejected.is_none(),
+        rejected,
         routes,
         rollout: m
             .rollout
@@ -161,6 +177,13 @@ fn last_result(o: &Outcome) -> LastResult {
             version: Some(version.clone()),
             ..Default::default()
         },
+        Outcome::Rejected { version, why } => LastResult {
+            time,
+            outcome: "rejected".into(),
+            message: format!("{version} was rejected on this host: {why}"),
+            version: Some(version.clone()),
+            ..Default::default()
+        },
         Outcome::Waiting { version, turn, end } => LastResult {
             time,
             outcome: "waiting".into(),
@@ -190,93 +213,34 @@ fn last_result(o: &Outcome) -> LastResult {
     }
 }
 
+/// The pipeline, one named step each (numbers as in the design document).
 fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
     let host = Host::detect(s)?;
     let sources = Sources::new(s)?;
     let mut state = State::load(&s.state_dir);
+    note_fallback(s, &host, &mut state)?;
+    // Step 1: a signed, current manifest for a version this host may take.
     let target = fetch_manifest(s, &sources, &state)?;
-    let running_version = &host.release.version;
-    if state.newest_manifest.get(&s.channel) != Some(&target.created) {
-        state.newest_manifest.insert(s.channel.clone(), target.created);
-        state.save(&s.state_dir)?;
+    record_manifest_time(s, &mut state, &target)?;
+    if let Some(done) = nothing_to_do(s, &host, &target) {
+        return Ok(done);
     }
-
-    if &target.version == running_version {
-        forget_partial_work(&s.state_dir);
-        return Ok(Outcome::UpToDate {
-            version: target.version.to_string(),
-        });
-    }
-    if &target.version < running_version && !opts.allow_downgrade {
-        return Err(Failure::refused(format!(
-            "the repository offers {} but {} is running: refusing a downgrade (an old manifest replayed?); \
-             use --allow-downgrade to install it on purpose",
-            target.version, running_version
-        )));
-    }
-    if let Some(floor) = state.floor()
-        && target.version < floor
-        && !opts.allow_downgrade
-    {
-        return Err(Failure::refused(format!(
-            "the repository offers {} but {floor} was marked good on this host (the rollback floor): \
-             refusing a downgrade (an old manifest replayed?); use --allow-downgrade to install it on purpose",
-            target.version
-        )));
-    }
-
+    refuse_downgrade(&host, &state, &target, opts)?;
     let (mut disk, mut table) = host::load_table(&host.disk, s, true)?;
+    keep_the_last_good_slot(&host, &table, opts)?;
     let inactive_name = host.running.other();
     let running = table.slot(host.running).clone();
     let inactive = table.slot(inactive_name).clone();
-    if let Some(staged) = state.slots.get(inactive_name.as_str()) {
-        let on_trial = inactive.flags.priority > running.flags.priority && inactive.flags.tries > 0;
-        if staged.digest == target.image.digest.to_string() && on_trial {
-            forget_partial_work(&s.state_dir);
-            return Ok(Outcome::AlreadyStaged {
-                version: staged.version.clone(),
-            });
-        }
-        if let Ok(v) = staged.version.parse::<semver::Version>()
-            && v > target.version
-            && on_trial
-            && !opts.allow_downgrade
-        {
-            return Err(Failure::refused(format!(
-                "{v} is already staged; the repository now offers the older {}: refusing (replayed manifest?)",
-                target.version
-            )));
-        }
+    if let Some(done) = already_staged(s, &state, &running, &inactive, &target, opts)? {
+        return Ok(done);
     }
-    if let Some(rollout) = &target.rollout
-        && !opts.skip_rollout
-    {
-        let had_place = state.rollout_place.is_some();
-        let turn = rollout.turn(state.rollout_place());
-        if !had_place {
-            state.save(&s.state_dir)?;
-        }
-        if jiff::Timestamp::now() < turn {
-            tracing::info!(version = %target.version, %turn, "phased rollout: not this host's turn yet");
-            return Ok(Outcome::Waiting {
-                version: target.version.to_string(),
-                turn,
-                end: rollout.end(),
-            });
-        }
+    if let Some(rejected) = skip_rejected(&state, &target, opts) {
+        return Ok(rejected);
     }
-    if target.image.size > inactive.size_bytes {
-        return Err(Failure::error(format!(
-            "the {} image is {} bytes but slot {} ({}) holds only {}",
-            target.version, target.image.size, inactive_name, inactive.label, inactive.size_bytes
-        )));
+    if let Some(waiting) = wait_for_rollout_turn(s, &mut state, &target, opts)? {
+        return Ok(waiting);
     }
-    if host::partition_is_mounted(&host.disk, inactive.partition) {
-        return Err(Failure::error(format!(
-            "slot {inactive_name} ({}) is mounted; unmount it before updating",
-            inactive.label
-        )));
-    }
+    check_slot_fits(&host, &inactive, &target)?;
 
     // Step 2: nothing half-written may ever be bootable.
     table.disable(inactive_name);
@@ -287,41 +251,9 @@ fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
     state.save(&s.state_dir)?;
     tracing::info!(slot = %inactive_name, label = %inactive.label, "inactive slot marked unbootable; writing");
 
-    let work = s.state_dir.join("downloads");
-    std::fs::create_dir_all(&work).map_err(|e| Failure::error(format!("cannot create {}: {e}", work.display())))?;
-    let target_digest = target.image.digest.to_string();
-    let resume_from = Checkpoint::durable_for(&s.state_dir, inactive_name.as_str(), &target_digest);
-    if resume_from > 0 {
-        tracing::info!(bytes = resume_from, "resuming an interrupted write from its checkpoint");
-    } else {
-        Checkpoint::clear(&s.state_dir);
-    }
-    let save_checkpoint = |durable: u64| {
-        Checkpoint {
-            slot: inactive_name.as_str().to_owned(),
-            target: target_digest.clone(),
-            durable,
-        }
-        .save(&s.state_dir)
-    };
-    let job = Job {
-        resume_from: std::cell::Cell::new(resume_from),
-        uploaded: std::cell::Cell::new(0),
-        save_checkpoint: &save_checkpoint,
-        s,
-        sources: &sources,
-        target: &target,
-        disk: &disk,
-        running: running.clone(),
-        inactive: inactive.clone(),
-        opts,
-        work,
-        progress: Progress::new(opts.progress, target.image.size),
-    };
-    let (route, stats) = job.write_by_cheapest_route(&host)?;
-    let downloaded = job.progress.downloaded();
-    let uploaded = job.uploaded.get();
-    job.progress.finish();
+    // Steps 3 and 4: write by the cheapest route, then read back and verify.
+    let (route, stats, downloaded, uploaded) =
+        write_and_verify(s, &sources, &host, &disk, &running, &inactive, &target, opts)?;
 
     // Step 5: flip, only now that the slot holds exactly the signed image.
     table
@@ -353,6 +285,211 @@ fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
         downloaded,
         uploaded,
     })
+}
+
+/// A fallback this boot made rejects what the failed slot holds.
+fn note_fallback(s: &Settings, host: &Host, state: &mut State) -> Result<(), Failure> {
+    let from = host.record.as_ref().and_then(|r| r.fell_back_from.as_deref());
+    if state.note_fallback(from, &host::boot_id()) {
+        state.save(&s.state_dir)?;
+    }
+    Ok(())
+}
+
+/// The replay watermark: the newest `created` accepted on this channel.
+fn record_manifest_time(s: &Settings, state: &mut State, target: &Manifest) -> Result<(), Failure> {
+    if state.newest_manifest.get(&s.channel) != Some(&target.created) {
+        state.newest_manifest.insert(s.channel.clone(), target.created);
+        state.save(&s.state_dir)?;
+    }
+    Ok(())
+}
+
+fn nothing_to_do(s: &Settings, host: &Host, target: &Manifest) -> Option<Outcome> {
+    (target.version == host.release.version).then(|| {
+        forget_partial_work(&s.state_dir);
+        Outcome::UpToDate {
+            version: target.version.to_string(),
+        }
+    })
+}
+
+fn refuse_downgrade(host: &Host, state: &State, target: &Manifest, opts: &Options<'_>) -> Result<(), Failure> {
+    let running_version = &host.release.version;
+    if &target.version < running_version && !opts.allow_downgrade {
+        return Err(Failure::refused(format!(
+            "the repository offers {} but {} is running: refusing a downgrade (an old manifest replayed?); \
+             use --allow-downgrade to install it on purpose",
+            target.version, running_version
+        )));
+    }
+    if let Some(floor) = state.floor()
+        && target.version < floor
+        && !opts.allow_downgrade
+    {
+        return Err(Failure::refused(format!(
+            "the repository offers {} but {floor} was marked good on this host (the rollback floor): \
+             refusing a downgrade (an old manifest replayed?); use --allow-downgrade to install it on purpose",
+            target.version
+        )));
+    }
+    Ok(())
+}
+
+/// A version that failed here is not installed again (a reboot loop into a known-bad
+/// version otherwise), unless the operator overrides.
+fn skip_rejected(state: &State, target: &Manifest, opts: &Options<'_>) -> Option<Outcome> {
+    let rejected = state.rejected.get(&target.image.digest.to_string())?;
+    if opts.allow_rejected {
+        tracing::warn!(version = %target.version, "installing a version rejected on this host (--allow-rejected)");
+        return None;
+    }
+    tracing::info!(version = %target.version, why = %rejected.why, "version rejected on this host; not installing it again");
+    Some(Outcome::Rejected {
+        version: target.version.to_string(),
+        why: format!("{} ({})", rejected.why, rejected.time),
+    })
+}
+
+/// While the running slot is on trial, the other slot is the last known-good one: writing
+/// it could leave the host with no good slot at all.
+fn keep_the_last_good_slot(host: &Host, table: &bootsel::BootTable, opts: &Options<'_>) -> Result<(), Failure> {
+    let running = table.slot(host.running).flags;
+    let other_name = host.running.other();
+    let other = table.slot(other_name).flags;
+    if !running.successful && other.successful && other.priority > 0 && !opts.force {
+        return Err(Failure::not_allowed(format!(
+            "slot {} ({}) is on trial, not yet marked good, and slot {other_name} holds the last version \
+             marked good: not overwriting it. Wait for mark-good (atom-mark-good.service after the health \
+             checks), or use --force",
+            host.running, host.release.version
+        )));
+    }
+    Ok(())
+}
+
+fn already_staged(
+    s: &Settings,
+    state: &State,
+    running: &Slot,
+    inactive: &Slot,
+    target: &Manifest,
+    opts: &Options<'_>,
+) -> Result<Option<Outcome>, Failure> {
+    let Some(staged) = state.slots.get(inactive.name.as_str()) else {
+        return Ok(None);
+    };
+    let on_trial = inactive.flags.priority > running.flags.priority && inactive.flags.tries > 0;
+    if staged.digest == target.image.digest.to_string() && on_trial {
+        forget_partial_work(&s.state_dir);
+        return Ok(Some(Outcome::AlreadyStaged {
+            version: staged.version.clone(),
+        }));
+    }
+    if let Ok(v) = staged.version.parse::<semver::Version>()
+        && v > target.version
+        && on_trial
+        && !opts.allow_downgrade
+    {
+        return Err(Failure::refused(format!(
+            "{v} is already staged; the repository now offers the older {}: refusing (replayed manifest?)",
+            target.version
+        )));
+    }
+    Ok(None)
+}
+
+fn wait_for_rollout_turn(
+    s: &Settings,
+    state: &mut State,
+    target: &Manifest,
+    opts: &Options<'_>,
+) -> Result<Option<Outcome>, Failure> {
+    let Some(rollout) = target.rollout.as_ref().filter(|_| !opts.skip_rollout) else {
+        return Ok(None);
+    };
+    let had_place = state.rollout_place.is_some();
+    let turn = rollout.turn(state.rollout_place());
+    if !had_place {
+        state.save(&s.state_dir)?;
+    }
+    if jiff::Timestamp::now() >= turn {
+        return Ok(None);
+    }
+    tracing::info!(version = %target.version, %turn, "phased rollout: not this host's turn yet");
+    Ok(Some(Outcome::Waiting {
+        version: target.version.to_string(),
+        turn,
+        end: rollout.end(),
+    }))
+}
+
+fn check_slot_fits(host: &Host, inactive: &Slot, target: &Manifest) -> Result<(), Failure> {
+    if target.image.size > inactive.size_bytes {
+        return Err(Failure::error(format!(
+            "the {} image is {} bytes but slot {} ({}) holds only {}",
+            target.version, target.image.size, inactive.name, inactive.label, inactive.size_bytes
+        )));
+    }
+    if host::partition_is_mounted(&host.disk, inactive.partition) {
+        return Err(Failure::error(format!(
+            "slot {} ({}) is mounted; unmount it before updating",
+            inactive.name, inactive.label
+        )));
+    }
+    Ok(())
+}
+
+/// Steps 3 and 4; returns the route taken, what was written, and the bytes downloaded
+/// and uploaded.
+#[allow(clippy::too_many_arguments)]
+fn write_and_verify(
+    s: &Settings,
+    sources: &Sources,
+    host: &Host,
+    disk: &std::fs::File,
+    running: &Slot,
+    inactive: &Slot,
+    target: &Manifest,
+    opts: &Options<'_>,
+) -> Result<(Route, WriteStats, u64, u64), Failure> {
+    let work = s.state_dir.join("downloads");
+    std::fs::create_dir_all(&work).map_err(|e| Failure::error(format!("cannot create {}: {e}", work.display())))?;
+    let target_digest = target.image.digest.to_string();
+    let slot_name = inactive.name.as_str();
+    let resume_from = Checkpoint::durable_for(&s.state_dir, slot_name, &target_digest);
+    if resume_from > 0 {
+        tracing::info!(bytes = resume_from, "resuming an interrupted write from its checkpoint");
+    } else {
+        Checkpoint::clear(&s.state_dir);
+    }
+    let save_checkpoint = |durable: u64| {
+        Checkpoint {
+            slot: slot_name.to_owned(),
+            target: target_digest.clone(),
+            durable,
+        }
+        .save(&s.state_dir)
+    };
+    let job = Job {
+        resume_from: std::cell::Cell::new(resume_from),
+        uploaded: std::cell::Cell::new(0),
+        save_checkpoint: &save_checkpoint,
+        s,
+        sources,
+        target,
+        disk,
+        running: running.clone(),
+        inactive: inactive.clone(),
+        opts,
+        work,
+        progress: Progress::new(opts.progress, target.image.size),
+    };
+    let (route, stats) = job.write_by_cheapest_route(host)?;
+    let downloaded = job.progress.downloaded();
+    let uploaded = job.uploaded.get();
+    job.progress.finish();
+    Ok((route, stats, downloaded, uploaded))
 }
 
 /// Downloads and a checkpoint left by a run that was cut off after its work was done

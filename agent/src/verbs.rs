@@ -46,7 +46,13 @@ pub fn status(s: &Settings, as_json: bool) -> Result<(), Failure> {
                 })
             })
             .collect();
+        let rejected: Vec<_> = state
+            .rejected
+            .iter()
+            .map(|(digest, r)| json!({"version": r.version, "digest": digest, "why": r.why, "time": r.time}))
+            .collect();
         let doc = json!({
+            "rejected": rejected,
             "disk": host.disk, "board": host.release.board, "booted_slot": host.running.as_str(),
             "booted_version": host.release.version.to_string(),
             "booted_kernel": host::running_kernel(),
@@ -102,6 +108,9 @@ pub fn status(s: &Settings, as_json: bool) -> Result<(), Failure> {
     if let Some(floor) = &state.rollback_floor {
         println!("rollback floor: {floor} (marked good here; older versions are refused)");
     }
+    for r in state.rejected.values() {
+        println!("rejected: {} ({}, {}); not installed again", r.version, r.why, r.time);
+    }
     match &state.last {
         Some(l) => println!("last update: {} at {}: {}", l.outcome, l.time, l.message),
         None => println!("last update: none recorded"),
@@ -109,20 +118,59 @@ pub fn status(s: &Settings, as_json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
+/// How long mark-good and mark-bad wait for a running update to release the lock.
+const VERDICT_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The lock for a boot verdict. The verdict goes on the disk even when /var cannot hold
+/// the lock (read-only or broken state directory): then no update can run either (it needs
+/// the lock), so nothing races the write.
+fn verdict_lock(s: &Settings) -> Result<Option<Lock>, Failure> {
+    match Lock::acquire_waiting(&s.state_dir, VERDICT_LOCK_WAIT) {
+        Ok(l) => Ok(Some(l)),
+        Err(f) if f.kind == crate::error::Kind::Locked => Err(f),
+        Err(f) => {
+            tracing::warn!(error = %f, "no lock (state directory unusable); recording the verdict on the disk only");
+            Ok(None)
+        }
+    }
+}
+
 pub fn mark_good(s: &Settings) -> Result<(), Failure> {
-    let _lock = Lock::acquire(&s.state_dir)?;
+    let _lock = verdict_lock(s)?;
     let host = Host::detect(s)?;
     let (mut disk, mut table) = host::load_table(&host.disk, s, true)?;
-    remember_running_version_and_floor(s, &host)?;
+    // The disk first: the GPT verdict must not depend on a writable, non-full /var.
     if table.slot(host.running).flags.successful {
         println!("slot {} is already marked good", host.running);
-        return Ok(());
+    } else {
+        table.mark_successful(host.running);
+        table.commit(&mut disk).map_err(|e| Failure::error(e.to_string()))?;
+        tracing::info!(slot = %host.running, version = %host.release.version, "marked good");
+        println!("slot {} ({}) marked good", host.running, host.release.version);
     }
-    table.mark_successful(host.running);
-    table.commit(&mut disk).map_err(|e| Failure::error(e.to_string()))?;
-    tracing::info!(slot = %host.running, version = %host.release.version, "marked good");
-    println!("slot {} ({}) marked good", host.running, host.release.version);
+    if let Err(e) = remember_running_version_and_floor(s, &host) {
+        tracing::warn!(error = %e, "marked good on the disk, but the state file was not updated");
+        eprintln!(
+            "atom-update: warning: slot {} is marked good, but {} could not be recorded in the state file ({e}): \
+             the rollback floor and fallback records are not updated",
+            host.running, host.release.version
+        );
+    }
     Ok(())
+}
+
+pub fn forget_rejected(s: &Settings, version: &str) -> Result<(), Failure> {
+    let _lock = Lock::acquire(&s.state_dir)?;
+    let mut state = State::load(&s.state_dir);
+    match state.forget_rejected(version) {
+        0 => Err(Failure::not_allowed(format!("{version} is not rejected on this host"))),
+        n => {
+            state.save(&s.state_dir)?;
+            tracing::info!(%version, images = n, "rejection forgotten");
+            println!("{version} may be installed again");
+            Ok(())
+        }
+    }
 }
 
 /// Records the running slot's version (the first image of a host was not written by the
@@ -151,7 +199,7 @@ fn remember_running_version_and_floor(s: &Settings, host: &Host) -> Result<(), F
 }
 
 pub fn mark_bad(s: &Settings, force: bool) -> Result<(), Failure> {
-    let _lock = Lock::acquire(&s.state_dir)?;
+    let _lock = verdict_lock(s)?;
     let host = Host::detect(s)?;
     let (mut disk, mut table) = host::load_table(&host.disk, s, true)?;
     let other = table.slot(host.running.other()).flags;
@@ -165,6 +213,12 @@ pub fn mark_bad(s: &Settings, force: bool) -> Result<(), Failure> {
     table.disable(host.running);
     table.commit(&mut disk).map_err(|e| Failure::error(e.to_string()))?;
     tracing::warn!(slot = %host.running, version = %host.release.version, "marked bad; the next boot falls back");
+    let mut state = State::load(&s.state_dir);
+    if state.reject_slot(host.running.as_str(), "marked bad on this host")
+        && let Err(e) = state.save(&s.state_dir)
+    {
+        tracing::warn!(error = %e, "marked bad on the disk, but the rejection was not recorded");
+    }
     println!(
         "slot {} marked bad; the next boot uses slot {}",
         host.running,
