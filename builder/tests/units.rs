@@ -65,6 +65,17 @@ fn installed_units_verify() {
     let (good, err) = verify(&root, &units);
     assert!(good, "systemd-analyze verify: {err}");
 
+    // Everything enabled at once, the daemon too: no ordering cycle (systemd would break
+    // one by dropping a start job, silently losing the daemon or the health check).
+    let enable = Command::new("systemctl")
+        .arg(format!("--root={}", root.display()))
+        .args(["enable", "atom-health.service", "atom-mark-good.service", "atom-updated.service"])
+        .output()
+        .unwrap();
+    assert!(enable.status.success(), "{}", String::from_utf8_lossy(&enable.stderr));
+    let (_, err) = verify(&root, &["multi-user.target"]);
+    assert!(!err.contains("ordering cycle"), "systemd-analyze verify multi-user.target: {err}");
+
     // The check can fail: a misspelt directive is reported.
     let unit = root.join("usr/lib/systemd/system/atom-update.service");
     let text = fs::read_to_string(&unit).unwrap().replace("ExecStart=", "ExecStrat=");
