@@ -127,7 +127,8 @@ const VERDICT_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(12
 fn verdict_lock(s: &Settings) -> Result<Option<Lock>, Failure> {
     match Lock::acquire_waiting(&s.state_dir, VERDICT_LOCK_WAIT) {
         Ok(l) => Ok(Some(l)),
-        Err(f) if f.kind == crate::error::Kind::Locked => Err(f),
+        // Held too long, or a state directory others could change (a security refusal).
+        Err(f) if f.kind != crate::error::Kind::Error => Err(f),
         Err(f) => {
             tracing::warn!(error = %f, "no lock (state directory unusable); recording the verdict on the disk only");
             Ok(None)

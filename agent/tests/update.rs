@@ -430,8 +430,11 @@ fn operator_verbs_and_bad_setups() {
     assert_eq!(env.flags(3).0, 0);
     assert_eq!(env.status_json()["next_boot"], "A");
 
-    // check: exit 0 when an update is available, 3 when not.
+    // check: exit 0 when an update is available, 3 when not (2.0.0 was marked bad, so it
+    // is rejected until the operator forgets that).
     env.boot_into("A", "1.0.0");
+    assert_eq!(env.agent(&["check"]).status.code(), Some(3));
+    assert!(env.agent(&["forget-rejected", "2.0.0"]).status.success());
     assert_eq!(env.agent(&["check"]).status.code(), Some(0));
     env.boot_into("A", "2.0.0");
     assert_eq!(env.agent(&["check"]).status.code(), Some(3));

@@ -69,12 +69,20 @@ fn installed_units_verify() {
     // one by dropping a start job, silently losing the daemon or the health check).
     let enable = Command::new("systemctl")
         .arg(format!("--root={}", root.display()))
-        .args(["enable", "atom-health.service", "atom-mark-good.service", "atom-updated.service"])
+        .args([
+            "enable",
+            "atom-health.service",
+            "atom-mark-good.service",
+            "atom-updated.service",
+        ])
         .output()
         .unwrap();
     assert!(enable.status.success(), "{}", String::from_utf8_lossy(&enable.stderr));
     let (_, err) = verify(&root, &["multi-user.target"]);
-    assert!(!err.contains("ordering cycle"), "systemd-analyze verify multi-user.target: {err}");
+    assert!(
+        !err.contains("ordering cycle"),
+        "systemd-analyze verify multi-user.target: {err}"
+    );
 
     // The check can fail: a misspelt directive is reported.
     let unit = root.join("usr/lib/systemd/system/atom-update.service");
