@@ -234,6 +234,25 @@ fn failures_are_explained() {
     assert!(err.contains("bad.toml") && err.contains("sometimes"), "{err}");
 }
 
+/// `bootsel init` as PID 1 of a new PID and mount namespace (a reboot(2) there ends only
+/// the namespace), bounded to 60 s.
+fn init_as_pid1(cfg: &Path) -> std::process::Output {
+    run(Command::new("timeout")
+        .args([
+            "60",
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount",
+            "--propagation",
+            "private",
+        ])
+        .arg(BIN)
+        .args(["init", "--config"])
+        .arg(cfg)
+        .stdin(std::process::Stdio::null()))
+}
+
 /// The real PID 1 path: bootsel as init of a new PID and mount namespace mounts /proc,
 /// /sys, /dev and /run itself, chooses, mounts, moves the API filesystems into the slot,
 /// switches root and executes the slot's /sbin/init (a busybox script that reports what
@@ -265,20 +284,7 @@ fn pid1_switches_root_into_the_chosen_slot() {
     cgpt_set(Path::new(&disk.dev), 2, 1, 0, 1);
     cgpt_set(Path::new(&disk.dev), 3, 2, 1, 0);
     let cfg = disk.config("binds = [\"/var\"]\nemergency_shell = \"\"\nreboot_delay_seconds = 0\n");
-    let out = run(Command::new("timeout")
-        .args([
-            "60",
-            "unshare",
-            "--pid",
-            "--fork",
-            "--mount",
-            "--propagation",
-            "private",
-        ])
-        .arg(BIN)
-        .args(["init", "--config"])
-        .arg(&cfg)
-        .stdin(std::process::Stdio::null()));
+    let out = init_as_pid1(&cfg);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
@@ -307,20 +313,7 @@ fn pid1_switches_root_into_the_chosen_slot() {
 
     // Now B is out of tries: the next boot falls back to A, which has no init: the
     // emergency path says so and ends (reboot(2) in a PID namespace ends only it).
-    let out = run(Command::new("timeout")
-        .args([
-            "60",
-            "unshare",
-            "--pid",
-            "--fork",
-            "--mount",
-            "--propagation",
-            "private",
-        ])
-        .arg(BIN)
-        .args(["init", "--config"])
-        .arg(&cfg)
-        .stdin(std::process::Stdio::null()));
+    let out = init_as_pid1(&cfg);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("falling back"), "{stderr}");
     assert!(
@@ -554,20 +547,7 @@ fn the_emergency_shell_times_out_and_the_host_reboots() {
     )
     .unwrap();
     let started = std::time::Instant::now();
-    let out = run(Command::new("timeout")
-        .args([
-            "60",
-            "unshare",
-            "--pid",
-            "--fork",
-            "--mount",
-            "--propagation",
-            "private",
-        ])
-        .arg(BIN)
-        .args(["init", "--config"])
-        .arg(&cfg)
-        .stdin(std::process::Stdio::null()));
+    let out = init_as_pid1(&cfg);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
