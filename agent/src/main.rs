@@ -80,21 +80,26 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
                     route,
                     stats,
                     downloaded,
+                    read_locally,
                     uploaded,
                 } => {
-                    let resumed = if stats.resumed > 0 {
-                        format!(", {} bytes already done by an interrupted run", stats.resumed)
-                    } else {
-                        String::new()
-                    };
+                    let mut moved = Vec::new();
+                    if *downloaded > 0 || *read_locally == 0 {
+                        moved.push(format!("downloaded {downloaded} bytes"));
+                    }
+                    if *read_locally > 0 {
+                        moved.push(format!("read {read_locally} bytes from a local repository"));
+                    }
+                    if *uploaded > 0 {
+                        moved.push(format!("uploaded {uploaded}"));
+                    }
+                    if stats.resumed > 0 {
+                        moved.push(format!("{} bytes already done by an interrupted run", stats.resumed));
+                    }
                     println!(
-                        "staged {version} in slot {slot} via {}: downloaded {downloaded} bytes{}, wrote {} bytes, reused {} bytes{resumed}; reboot to use it",
+                        "staged {version} in slot {slot} via {}: {}, wrote {} bytes, reused {} bytes; reboot to use it",
                         route.name(),
-                        if *uploaded > 0 {
-                            format!(" (uploaded {uploaded})")
-                        } else {
-                            String::new()
-                        },
+                        moved.join(", "),
                         stats.written,
                         stats.skipped
                     );

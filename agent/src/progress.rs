@@ -11,9 +11,11 @@ pub struct Progress {
     bar: Option<ProgressBar>,
     total: u64,
     downloaded: Arc<AtomicU64>,
+    read_locally: Arc<AtomicU64>,
     last_logged_percent: Arc<AtomicU64>,
     on_write: Box<dyn Fn(WriteStats) + Send + Sync>,
     on_download: Box<dyn Fn(u64) + Send + Sync>,
+    on_local_read: Box<dyn Fn(u64) + Send + Sync>,
 }
 
 impl Progress {
@@ -63,10 +65,19 @@ impl Progress {
                 dl.fetch_add(n, Ordering::Relaxed);
             })
         };
+        let read_locally = Arc::new(AtomicU64::new(0));
+        let on_local_read: Box<dyn Fn(u64) + Send + Sync> = {
+            let r = read_locally.clone();
+            Box::new(move |n| {
+                r.fetch_add(n, Ordering::Relaxed);
+            })
+        };
         Progress {
             bar,
             total,
             downloaded,
+            read_locally,
+            on_local_read,
             last_logged_percent: last,
             on_write,
             on_download,
@@ -94,8 +105,17 @@ impl Progress {
         &*self.on_download
     }
 
+    pub fn local_read_callback(&self) -> &dyn Fn(u64) {
+        &*self.on_local_read
+    }
+
     pub fn downloaded(&self) -> u64 {
         self.downloaded.load(Ordering::Relaxed)
+    }
+
+    /// Bytes read from a local repository (a directory, a stick): not over any network.
+    pub fn read_locally(&self) -> u64 {
+        self.read_locally.load(Ordering::Relaxed)
     }
 
     pub fn finish(&self) {

@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use atom_dist::manifest::{DeltaFormat, Manifest};
 use atom_dist::{Digest, delta};
@@ -21,6 +21,10 @@ use crate::source::Sources;
 use crate::space;
 use crate::state::Checkpoint;
 use crate::update::Options;
+
+const DELTA_SUFFIX: &str = "delta.zst";
+const PAYLOAD_SUFFIX: &str = "img.zst";
+const RSYNC_ANSWER: &str = "rsync.delta.zst";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
@@ -73,8 +77,10 @@ impl Job<'_> {
             let stats = match attempt {
                 Ok(Some(stats)) => stats,
                 Ok(None) => continue,
+                // Cancelled: what was fetched stays, for the next run to resume.
                 Err(e) if e.kind == Kind::Error && e.message == slotio::CANCELLED => return Err(e),
                 Err(e) => {
+                    self.remove_files_of(route, host);
                     tracing::warn!(route = route.name(), error = %e, "route failed; trying the next one");
                     failures.push(format!("{}: {e}", route.name()));
                     continue;
@@ -88,6 +94,7 @@ impl Job<'_> {
                 return Ok((route, stats));
             }
             verify_failed = true;
+            self.remove_files_of(route, host);
             // Whatever the checkpoint vouched for did not hold: the next route writes all.
             self.resume_from.set(0);
             Checkpoint::clear(&self.s.state_dir);
@@ -109,6 +116,39 @@ impl Job<'_> {
         })
     }
 
+    fn remove_files_of(&self, route: Route, host: &Host) {
+        for f in self.files_of(route, host) {
+            match std::fs::remove_file(&f) {
+                Ok(()) => tracing::debug!(file = %f.display(), "removed what the failed route fetched"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(file = %f.display(), error = %e, "cannot remove what the failed route fetched")
+                }
+            }
+        }
+    }
+
+    /// What a failed route leaves in the downloads directory and nobody will use: removed,
+    /// so the next route (on a small /var: the full payload) has the room. A partial full
+    /// payload cut off by the network stays, for the next run to resume with Range.
+    fn files_of(&self, route: Route, host: &Host) -> Vec<PathBuf> {
+        match route {
+            Route::Precomputed => self
+                .target
+                .deltas
+                .iter()
+                .filter(|d| d.base_version == host.release.version)
+                .map(|d| self.download_path(&d.digest, DELTA_SUFFIX))
+                .collect(),
+            Route::Rsync => vec![self.work.join(RSYNC_ANSWER)],
+            Route::Full => {
+                let p = self.download_path(&self.target.payload.digest, PAYLOAD_SUFFIX);
+                let complete = std::fs::metadata(&p).is_ok_and(|m| m.len() >= self.target.payload.size);
+                if complete { vec![p] } else { Vec::new() }
+            }
+        }
+    }
+
     fn writer(&self) -> SlotWriter<'_> {
         SlotWriter::new(
             self.disk,
@@ -123,18 +163,25 @@ impl Job<'_> {
         })
     }
 
-    /// A file the manifest names, downloaded (resumably) under its digest or read in place.
-    fn fetch(&self, rel: &str, size: u64, digest: &Digest, suffix: &str) -> Result<PathBuf, Failure> {
+    /// A file the manifest names, downloaded (resumably) under its digest, or from a local
+    /// repository: copied (`copy_local`, for files that get mapped) or read in place.
+    fn fetch(&self, rel: &str, size: u64, digest: &Digest, suffix: &str, copy_local: bool) -> Result<File, Failure> {
+        let dest = self.download_path(digest, suffix);
+        let want = crate::source::Wanted {
+            rel,
+            size,
+            digest,
+            dest: &dest,
+            downloaded: self.progress.download_callback(),
+            read_locally: self.progress.local_read_callback(),
+        };
         self.sources
-            .fetch_file(
-                rel,
-                size,
-                digest,
-                &self.work.join(format!("{}.{suffix}", digest.hex())),
-                self.progress.download_callback(),
-                self.opts.cancel,
-            )
+            .fetch_file(&want, copy_local, self.opts.cancel)
             .map_err(Failure::error)
+    }
+
+    fn download_path(&self, digest: &Digest, suffix: &str) -> PathBuf {
+        self.work.join(format!("{}.{suffix}", digest.hex()))
     }
 
     fn map_running(&self, len: u64) -> Result<Mmap, Failure> {
@@ -155,10 +202,10 @@ impl Job<'_> {
 
     /// Decompresses an (untrusted) zstd delta made against `base` into a file and maps it;
     /// the file goes away with the map, whatever the route's outcome.
-    fn raw_delta(&self, zst: &Path, format: DeltaFormat, base: &[u8]) -> Result<RawDelta, Failure> {
-        let src = File::open(zst).map_err(io_failure)?;
-        // SAFETY: a private download of this process, not modified while mapped.
-        let zst = unsafe { Mmap::map(&src) }.map_err(io_failure)?;
+    fn raw_delta(&self, src: &File, format: DeltaFormat, base: &[u8]) -> Result<RawDelta, Failure> {
+        // SAFETY: a private file of this process in its downloads directory (local
+        // repositories' files are copied there first), not modified while mapped.
+        let zst = unsafe { Mmap::map(src) }.map_err(io_failure)?;
         if let Some(size) = delta::declared_size(&zst) {
             space::ensure_room(&self.work, size, "the decoded delta").map_err(Failure::error)?;
         }
@@ -227,7 +274,7 @@ impl Job<'_> {
             )));
         }
         self.progress.phase("downloading the precomputed delta");
-        let zst = self.fetch(&d.path, d.size, &d.digest, "delta.zst")?;
+        let zst = self.fetch(&d.path, d.size, &d.digest, DELTA_SUFFIX, true)?;
         let base = self.map_running(d.base_size)?;
         let raw = self.raw_delta(&zst, d.format, &base)?;
         self.progress.phase("applying the precomputed delta");
@@ -246,7 +293,7 @@ impl Job<'_> {
         let body = zstd::bulk::compress(sig.serialized(), 3).map_err(io_failure)?;
         self.uploaded.set(self.uploaded.get() + body.len() as u64);
         self.progress.phase("fetching an rsync delta from the server");
-        let zst = self.work.join("rsync.delta.zst");
+        let zst = self.work.join(RSYNC_ANSWER);
         self.sources
             .rsync_delta(
                 &self.s.channel,
@@ -257,7 +304,8 @@ impl Job<'_> {
                 self.progress.download_callback(),
             )
             .map_err(Failure::error)?;
-        let raw = self.raw_delta(&zst, DeltaFormat::FastRsyncZstd, &base)?;
+        let answer = File::open(&zst).map_err(io_failure)?;
+        let raw = self.raw_delta(&answer, DeltaFormat::FastRsyncZstd, &base)?;
         self.progress.phase("applying the rsync delta");
         self.apply_delta(&base, &raw).map(Some)
     }
@@ -265,9 +313,10 @@ impl Job<'_> {
     fn full(&self) -> Result<WriteStats, Failure> {
         let p = &self.target.payload;
         self.progress.phase("downloading the full payload");
-        let path = self.fetch(&p.path, p.size, &p.digest, "img.zst")?;
+        // Read in place from a local repository: streamed, never mapped.
+        let payload = self.fetch(&p.path, p.size, &p.digest, PAYLOAD_SUFFIX, false)?;
         self.progress.phase("writing the full image");
-        let mut dec = zstd::stream::read::Decoder::new(File::open(&path).map_err(io_failure)?).map_err(io_failure)?;
+        let mut dec = zstd::stream::read::Decoder::new(payload).map_err(io_failure)?;
         dec.window_log_max(atom_dist::delta::MAX_WINDOW_LOG)
             .map_err(io_failure)?;
         let mut w = self.writer();

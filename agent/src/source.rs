@@ -6,13 +6,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use atom_dist::Digest;
 use atom_dist::repo::layout;
 use atom_dist::verify::{Policy, Verified, verify_manifest};
+use atom_dist::{Digest, localfile};
 use reqwest::blocking::Client;
 use reqwest::{Certificate, StatusCode};
 
@@ -100,18 +100,13 @@ impl Sources {
 
     fn get_small(&self, repo: &Repo, rel: &str, limit: usize) -> Result<Option<Vec<u8>>, String> {
         match repo {
-            Repo::Dir(root) => {
-                let p = root.join(rel);
-                match std::fs::metadata(&p) {
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                    Err(e) => return Err(format!("{}: {e}", p.display())),
-                    Ok(m) if m.len() > limit as u64 => {
-                        return Err(format!("{} is larger than {limit} bytes", p.display()));
-                    }
-                    Ok(_) => {}
-                }
-                std::fs::read(&p).map(Some).map_err(|e| format!("{}: {e}", p.display()))
-            }
+            // A stick or a shared directory may hold FIFOs, links to devices or out of the
+            // tree: regular files beneath the root only, bounded before reading.
+            Repo::Dir(root) => match localfile::read_bounded(root, rel, limit as u64) {
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(e) if e.is_not_found() => Ok(None),
+                Err(e) => Err(e.to_string()),
+            },
             Repo::Http(base) => {
                 let url = format!("{base}/{rel}");
                 let resp = {
@@ -209,36 +204,46 @@ impl Sources {
         Err(Failure::error(format!("cannot fetch the manifest: {}", join(&errors))))
     }
 
-    /// A manifest-named file, checked against `size` and `digest`. Local repositories are
-    /// read in place; HTTP downloads go to `dest` and resume with Range after a failure.
-    pub fn fetch_file(
-        &self,
-        rel: &str,
-        size: u64,
-        digest: &Digest,
-        dest: &Path,
-        progress: &dyn Fn(u64),
-        cancel: &AtomicBool,
-    ) -> Result<PathBuf, String> {
+    /// A manifest-named file, checked against `size` and `digest`, opened for reading.
+    ///
+    /// HTTP downloads go to `dest` and resume with Range after a failure. A local
+    /// repository's file is copied to `dest` when `copy_local` (the caller maps it, and a
+    /// mapped file on a stick that is pulled or truncated kills the process with SIGBUS),
+    /// else read in place.
+    pub fn fetch_file(&self, want: &Wanted<'_>, copy_local: bool, cancel: &AtomicBool) -> Result<File, String> {
         let mut errors = Vec::new();
         for repo in &self.repos {
-            let path = match repo {
-                Repo::Dir(root) => root.join(rel),
-                Repo::Http(base) => match self.download(&format!("{base}/{rel}"), size, dest, progress, cancel) {
-                    Ok(()) => dest.to_owned(),
-                    Err(e) if e == CANCELLED => return Err(e),
-                    // The partial file stays: the next mirror or the next run resumes it.
-                    Err(e) => {
-                        errors.push(format!("{repo}: {e}"));
-                        continue;
+            let checked = match repo {
+                Repo::Dir(root) if copy_local => copy_checked(root, want),
+                Repo::Dir(root) => localfile::check(root, want.rel, want.size, want.digest)
+                    .map(|f| {
+                        (want.read_locally)(f.size);
+                        f.file
+                    })
+                    .map_err(|e| e.to_string()),
+                Repo::Http(base) => {
+                    match self.download(
+                        &format!("{base}/{}", want.rel),
+                        want.size,
+                        want.dest,
+                        want.downloaded,
+                        cancel,
+                    ) {
+                        Ok(()) => check_file(want.dest, want.size, want.digest),
+                        Err(e) if e == CANCELLED => return Err(e),
+                        // The partial file stays: the next mirror or the next run resumes it.
+                        Err(e) => {
+                            errors.push(format!("{repo}: {e}"));
+                            continue;
+                        }
                     }
-                },
+                }
             };
-            match check_file(&path, size, digest) {
-                Ok(()) => return Ok(path),
+            match checked {
+                Ok(file) => return Ok(file),
                 Err(e) => {
-                    if matches!(repo, Repo::Http(_)) {
-                        let _ = std::fs::remove_file(dest);
+                    if matches!(repo, Repo::Http(_)) || copy_local {
+                        let _ = std::fs::remove_file(want.dest);
                     }
                     errors.push(format!("{repo}: {e}"));
                 }
@@ -381,15 +386,39 @@ impl Sources {
     }
 }
 
-pub fn check_file(path: &Path, size: u64, digest: &Digest) -> Result<(), String> {
-    let (d, len) = Digest::of_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    if len != size {
-        return Err(format!("{} is {len} bytes, the manifest says {size}", path.display()));
-    }
-    if &d != digest {
-        return Err(format!("{} has digest {d}, the manifest says {digest}", path.display()));
-    }
-    Ok(())
+/// A file the verified manifest names, and where it goes.
+pub struct Wanted<'a> {
+    pub rel: &'a str,
+    pub size: u64,
+    pub digest: &'a Digest,
+    pub dest: &'a Path,
+    pub downloaded: &'a dyn Fn(u64),
+    pub read_locally: &'a dyn Fn(u64),
+}
+
+/// Opens a downloaded file and checks it: size before reading, then the digest.
+pub fn check_file(path: &Path, size: u64, digest: &Digest) -> Result<File, String> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or("download path has no name")?;
+    localfile::check(dir, name, size, digest)
+        .map(|f| f.file)
+        .map_err(|e| e.to_string())
+}
+
+/// Copies a local repository's file into `want.dest` (at most its size), then checks the copy.
+fn copy_checked(root: &Path, want: &Wanted<'_>) -> Result<File, String> {
+    let src = localfile::open_sized(root, want.rel, want.size).map_err(|e| e.to_string())?;
+    let dir = want.dest.parent().unwrap_or(Path::new("."));
+    space::ensure_room(dir, want.size, "a copy of the local repository's file")?;
+    let mut out = File::create(want.dest).map_err(|e| format!("{}: {e}", want.dest.display()))?;
+    let n = std::io::copy(&mut (&src.file).take(want.size), &mut out)
+        .map_err(|e| space::removed_if_full(want.dest, &e).unwrap_or_else(|| format!("{}: {e}", src.path.display())))?;
+    (want.read_locally)(n);
+    drop(out);
+    check_file(want.dest, want.size, want.digest)
 }
 
 /// reqwest's Display hides the cause ("builder error"); operators need all of it.

@@ -32,6 +32,9 @@ pub struct LastResult {
     pub route: Option<String>,
     #[serde(default)]
     pub bytes_downloaded: u64,
+    /// Read from a local repository (directory, stick): not over a network.
+    #[serde(default)]
+    pub bytes_read_locally: u64,
     #[serde(default)]
     pub bytes_uploaded: u64,
     #[serde(default)]

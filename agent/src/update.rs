@@ -68,6 +68,8 @@ pub enum Outcome {
         route: Route,
         stats: WriteStats,
         downloaded: u64,
+        /// Bytes read from a local repository (directory, stick), not over a network.
+        read_locally: u64,
         /// The running slot's signature sent to the rsync endpoint (0 on other routes).
         uploaded: u64,
     },
@@ -197,6 +199,7 @@ fn last_result(o: &Outcome) -> LastResult {
             route,
             stats,
             downloaded,
+            read_locally,
             uploaded,
         } => LastResult {
             time,
@@ -205,6 +208,7 @@ fn last_result(o: &Outcome) -> LastResult {
             version: Some(version.clone()),
             route: Some(route.name().into()),
             bytes_downloaded: *downloaded,
+            bytes_read_locally: *read_locally,
             bytes_uploaded: *uploaded,
             bytes_written: stats.written,
             bytes_skipped: stats.skipped,
@@ -252,8 +256,15 @@ fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
     tracing::info!(slot = %inactive_name, label = %inactive.label, "inactive slot marked unbootable; writing");
 
     // Steps 3 and 4: write by the cheapest route, then read back and verify.
-    let (route, stats, downloaded, uploaded) =
-        write_and_verify(s, &sources, &host, &disk, &running, &inactive, &target, opts)?;
+    let (
+        route,
+        stats,
+        Transfer {
+            downloaded,
+            read_locally,
+            uploaded,
+        },
+    ) = write_and_verify(s, &sources, &host, &disk, &running, &inactive, &target, opts)?;
 
     // Step 5: flip, only now that the slot holds exactly the signed image.
     table
@@ -274,7 +285,7 @@ fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
     forget_partial_work(&s.state_dir);
     tracing::info!(
         version = %target.version, slot = %inactive_name, route = route.name(),
-        written = stats.written, skipped = stats.skipped, downloaded, uploaded,
+        written = stats.written, skipped = stats.skipped, downloaded, read_locally, uploaded,
         "update staged: slot set to boot next on trial"
     );
     Ok(Outcome::Staged {
@@ -283,6 +294,7 @@ fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
         route,
         stats,
         downloaded,
+        read_locally,
         uploaded,
     })
 }
@@ -440,8 +452,14 @@ fn check_slot_fits(host: &Host, inactive: &Slot, target: &Manifest) -> Result<()
     Ok(())
 }
 
-/// Steps 3 and 4; returns the route taken, what was written, and the bytes downloaded
-/// and uploaded.
+/// Bytes moved to stage an update, by where they came from or went.
+struct Transfer {
+    downloaded: u64,
+    read_locally: u64,
+    uploaded: u64,
+}
+
+/// Steps 3 and 4; returns the route taken, what was written, and the bytes moved.
 #[allow(clippy::too_many_arguments)]
 fn write_and_verify(
     s: &Settings,
@@ -452,7 +470,7 @@ fn write_and_verify(
     inactive: &Slot,
     target: &Manifest,
     opts: &Options<'_>,
-) -> Result<(Route, WriteStats, u64, u64), Failure> {
+) -> Result<(Route, WriteStats, Transfer), Failure> {
     let work = s.state_dir.join("downloads");
     std::fs::create_dir_all(&work).map_err(|e| Failure::error(format!("cannot create {}: {e}", work.display())))?;
     let target_digest = target.image.digest.to_string();
@@ -486,10 +504,13 @@ fn write_and_verify(
         progress: Progress::new(opts.progress, target.image.size),
     };
     let (route, stats) = job.write_by_cheapest_route(host)?;
-    let downloaded = job.progress.downloaded();
-    let uploaded = job.uploaded.get();
+    let transfer = Transfer {
+        downloaded: job.progress.downloaded(),
+        read_locally: job.progress.read_locally(),
+        uploaded: job.uploaded.get(),
+    };
     job.progress.finish();
-    Ok((route, stats, downloaded, uploaded))
+    Ok((route, stats, transfer))
 }
 
 /// Downloads and a checkpoint left by a run that was cut off after its work was done

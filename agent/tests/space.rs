@@ -82,3 +82,39 @@ fn a_state_directory_without_room_is_explained_and_never_left_full() {
         "{out}"
     );
 }
+
+/// A route that fails after its answer arrived (here: no room to decode it) removes the
+/// answer, so it cannot take the room of the next route on this run or any later one.
+#[test]
+fn a_failed_rsync_route_leaves_nothing_behind() {
+    let env = Env::new();
+    let url = env.url.clone();
+    let zeros = vec![0u8; std::fs::metadata(env.path("v1.img")).unwrap().len() as usize];
+    std::fs::write(env.path("zeros.img"), zeros).unwrap();
+    env.put_image("zeros.img", "A");
+    env.write_config(&[&url], "routes = [\"rsync\"]\n");
+    // How large the answer is against a slot of zeros: one run with room.
+    env.now_ok();
+    let answer = env.status_json()["last_update"]["bytes_downloaded"].as_u64().unwrap();
+    assert!(answer > 1 << 20, "a large answer: {answer}");
+    env.cgpt(3, 0, 0, 0);
+    std::fs::remove_dir_all(env.path("state")).unwrap();
+
+    // Room for the answer, not for the answer and its decoded form together.
+    let state = Tmpfs::mount(
+        &env.path("state"),
+        &format!("{}k", (answer * 3 / 2 + (256 << 10)) >> 10),
+    );
+    let err = failed(&env.agent(&["now"]), 1, "rsync-delta:");
+    assert!(
+        err.contains("not enough space") || err.contains("No space left on device"),
+        "{err}"
+    );
+    assert!(
+        state.used() < 256 << 10,
+        "the answer was removed when the route failed: {} bytes in use",
+        state.used()
+    );
+    assert_eq!(env.flags(2), (1, 0, 1), "the running slot A is untouched");
+    assert_eq!(env.flags(3).0, 0, "B is not made bootable");
+}

@@ -1,10 +1,10 @@
 //! `atom-build verify` and `atom-build history`: read-only checks of a repository.
 
 use std::fs::File;
-use std::io;
-use std::path::Path;
+use std::io::{self, Read};
 
 use anyhow::Result;
+use atom_dist::localfile;
 use atom_dist::repo::RepoError;
 use atom_dist::verify::{Policy, verify_manifest};
 use atom_dist::{Digest, Manifest, PublicKey, Repository, TrustedKeys};
@@ -112,16 +112,12 @@ fn audit_channel(
     Ok(())
 }
 
-fn check_file(repo: &Repository, rel: &str, size: u64, digest: &Digest) -> Result<(), String> {
-    let path = repo.path(rel);
-    let (actual, len) = Digest::of_file(&path).map_err(|e| format!("{rel}: {e}"))?;
-    if len != size {
-        return Err(format!("{rel}: size {len}, manifest says {size}"));
-    }
-    if &actual != digest {
-        return Err(format!("{rel}: digest {actual}, manifest says {digest}"));
-    }
-    Ok(())
+/// Size before a byte is read, then the digest: a hostile tree (FIFO, link to /dev/zero,
+/// 64 GiB sparse file, symlink out) costs nothing but an error.
+fn check_file(repo: &Repository, rel: &str, size: u64, digest: &Digest) -> Result<File, String> {
+    localfile::check(repo.root(), rel, size, digest)
+        .map(|f| f.file)
+        .map_err(|e| e.to_string())
 }
 
 /// Checks each file a manifest names, once per run (`checked` holds the paths done).
@@ -136,16 +132,16 @@ fn check_files(
     if !checked.insert(m.payload.path.clone()) {
         return;
     }
-    let payload_ok = match check_file(repo, &m.payload.path, m.payload.size, &m.payload.digest) {
-        Ok(()) => true,
+    let payload = match check_file(repo, &m.payload.path, m.payload.size, &m.payload.digest) {
+        Ok(f) => Some(f),
         Err(e) => {
             problems.push(format!("channel {channel}: payload {e}"));
-            false
+            None
         }
     };
-    if payload_ok
+    if let Some(payload) = payload
         && !quick
-        && let Err(e) = check_payload_image(&repo.path(&m.payload.path), m)
+        && let Err(e) = check_payload_image(payload, m)
     {
         problems.push(format!("channel {channel}: payload {}: {e}", m.payload.path));
     }
@@ -156,10 +152,13 @@ fn check_files(
     }
 }
 
-fn check_payload_image(path: &Path, m: &Manifest) -> Result<(), String> {
-    let dec =
-        zstd::stream::read::Decoder::new(File::open(path).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-    let (digest, len) = Digest::of_reader(io::BufReader::new(dec)).map_err(|e| format!("does not decompress: {e}"))?;
+fn check_payload_image(payload: File, m: &Manifest) -> Result<(), String> {
+    let mut dec = zstd::stream::read::Decoder::new(payload).map_err(|e| e.to_string())?;
+    dec.window_log_max(atom_dist::delta::MAX_WINDOW_LOG)
+        .map_err(|e| e.to_string())?;
+    // One byte past the image is enough to tell a payload that decompresses too far.
+    let (digest, len) = Digest::of_reader(io::BufReader::new(dec).take(m.image.size + 1))
+        .map_err(|e| format!("does not decompress: {e}"))?;
     if len != m.image.size || digest != m.image.digest {
         return Err(format!(
             "decompresses to {len} bytes {digest}, manifest image is {} bytes {}",

@@ -189,7 +189,10 @@ fn verify_names_every_tamper() {
     let (code, out) = verify(&r, &[&s.public]);
     assert_eq!(code, 3);
     assert!(out.contains("payload") && out.contains("digest"), "{out}");
-    assert!(out.contains("delta from 1.0.0") && out.contains("size"), "{out}");
+    assert!(
+        out.contains("delta from 1.0.0") && out.contains("bytes, the manifest says"),
+        "{out}"
+    );
 
     // An old version's payload (still a delta base for hosts on it) is checked too.
     let r = copy_repo(&s, "old-payload");
@@ -210,6 +213,70 @@ fn verify_names_every_tamper() {
     // Missing repository marker.
     let out = atom_build(&[&"verify", &"--repo", &s.f.path("t1"), &"--key", &s.public]);
     fails_with(out, 1, "not an Atom repository");
+}
+
+/// A verify with a timeout: a hang (FIFO, endless read) fails the test instead of CI.
+fn verify_within(repo: &Path, key: &Path, secs: u64) -> (i32, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_atom-build"))
+        .args(["verify", "--repo"])
+        .arg(repo)
+        .arg("--key")
+        .arg(key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("verify of {} did not finish within {secs} s", repo.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn verify_refuses_hostile_files_without_reading_them() {
+    let s = setup();
+    let m = current(&s.repo);
+    let replace = |repo: &Path, rel: &str, with: &dyn Fn(&Path)| {
+        let p = repo.join(rel);
+        fs::remove_file(&p).unwrap();
+        with(&p);
+    };
+    let to_zero = |p: &Path| std::os::unix::fs::symlink("/dev/zero", p).unwrap();
+    let fifo = |p: &Path| assert!(Command::new("mkfifo").arg(p).status().unwrap().success());
+    let sparse = |p: &Path| fs::File::create(p).unwrap().set_len(64 << 30).unwrap();
+    let outside = |p: &Path| std::os::unix::fs::symlink("/etc/shadow", p).unwrap();
+    let manifest = layout::manifest("stable");
+    let sig = layout::signature("stable", &Digest::of(&fs::read(s.repo.join(&manifest)).unwrap()));
+    type Case<'a> = (&'a str, &'a str, &'a dyn Fn(&Path), &'a str);
+    let cases: [Case; 7] = [
+        ("m-zero", &manifest, &to_zero, "leads out of the repository"),
+        ("s-zero", &sig, &to_zero, "leads out of the repository"),
+        ("m-fifo", &manifest, &fifo, "a FIFO, not a regular file"),
+        ("d-zero", &m.deltas[0].path, &to_zero, "leads out of the repository"),
+        (
+            "d-sparse",
+            &m.deltas[0].path,
+            &sparse,
+            "68719476736 bytes, the manifest says",
+        ),
+        ("p-fifo", &m.payload.path, &fifo, "a FIFO, not a regular file"),
+        ("p-out", &m.payload.path, &outside, "leads out of the repository"),
+    ];
+    for (name, rel, make, want) in cases {
+        let r = copy_repo(&s, name);
+        replace(&r, rel, make);
+        let (code, out) = verify_within(&r, &s.public, 20);
+        assert_ne!(code, 0, "{name}: {out}");
+        assert!(out.contains(want), "{name}: wanted {want:?} in:\n{out}");
+        assert!(!out.contains("root:"), "{name}: file contents echoed:\n{out}");
+    }
 }
 
 #[test]

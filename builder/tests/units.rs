@@ -1,5 +1,5 @@
 //! The systemd units, installed by `atom-build install-units`, checked by
-//! `systemd-analyze verify` against the host's systemd.
+//! `systemd-analyze verify` and `systemd-analyze security` against the host's systemd.
 
 mod common;
 
@@ -90,4 +90,40 @@ fn installed_units_verify() {
     fs::write(&unit, text).unwrap();
     let (good, err) = verify(&root, &["atom-update.service"]);
     assert!(!good || err.contains("ExecStrat"), "a broken unit passed verification");
+}
+
+/// Every service scores at most 3.0 in `systemd-analyze security` (lower is safer). The
+/// sandbox itself is proven to work by tests/vm-systemd.sh, which boots these units.
+#[test]
+fn every_service_is_sandboxed() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
+    let mut seen = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_none_or(|x| x != "service") {
+            continue;
+        }
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--threshold=30"])
+            .arg(&path)
+            .output()
+            .expect("systemd-analyze (package systemd) is needed");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        let score: f64 = text
+            .lines()
+            .find_map(|l| l.split("Overall exposure level for ").nth(1))
+            .and_then(|rest| rest.split(": ").nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no score for {}:\n{text}", path.display()));
+        println!("{}: {score}", path.display());
+        assert!(
+            score <= 3.0,
+            "{} scores {score} (more than 3.0):\n{text}",
+            path.display()
+        );
+        assert!(out.status.success(), "{}: {text}", path.display());
+        seen += 1;
+    }
+    assert_eq!(seen, 5, "every service was scored");
 }

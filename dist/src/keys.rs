@@ -25,8 +25,27 @@ pub const PUBLIC_KEY_KIND: &str = "atom-public-key";
 
 /// Short, stable name of a public key.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
+#[serde(into = "String", try_from = "String")]
 pub struct KeyId(String);
+
+/// Only the 16 hex digits `of` makes: an id read from a signature file is printed in
+/// errors, so it must not be able to carry arbitrary text.
+impl TryFrom<String> for KeyId {
+    type Error = &'static str;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        if s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+            Ok(KeyId(s))
+        } else {
+            Err("a key id is 16 lowercase hex digits")
+        }
+    }
+}
+
+impl From<KeyId> for String {
+    fn from(k: KeyId) -> String {
+        k.0
+    }
+}
 
 impl KeyId {
     pub fn of(key: &VerifyingKey) -> Self {

@@ -8,7 +8,9 @@ pub mod delta;
 pub mod digest;
 pub mod fsutil;
 pub mod keys;
+pub mod localfile;
 pub mod manifest;
+pub mod parse_error;
 pub mod release;
 pub mod repo;
 #[cfg(feature = "server")]

@@ -167,7 +167,8 @@ impl Manifest {
             return Err(ManifestError::TooLarge(bytes.len()));
         }
         let text = std::str::from_utf8(bytes).map_err(|_| ManifestError::NotUtf8)?;
-        let manifest: Manifest = toml::from_str(text).map_err(|e| ManifestError::Syntax(one_line(&e)))?;
+        let manifest: Manifest =
+            toml::from_str(text).map_err(|e| ManifestError::Syntax(crate::parse_error::describe(text, &e)))?;
         manifest.validate()?;
         Ok(manifest)
     }
@@ -246,10 +247,6 @@ pub fn check_repo_path(path: &str) -> Result<(), ManifestError> {
             "path {path:?} is not a plain relative path"
         )))
     }
-}
-
-fn one_line(e: &toml::de::Error) -> String {
-    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]

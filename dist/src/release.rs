@@ -40,8 +40,8 @@ impl Release {
             return Err(ReleaseError::TooLarge(bytes.len()));
         }
         let text = std::str::from_utf8(bytes).map_err(|_| ReleaseError::Malformed("not UTF-8".into()))?;
-        let release: Release = toml::from_str(text)
-            .map_err(|e| ReleaseError::Malformed(e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")))?;
+        let release: Release =
+            toml::from_str(text).map_err(|e| ReleaseError::Malformed(crate::parse_error::describe(text, &e)))?;
         manifest::check_name("board", &release.board)?;
         Ok(release)
     }

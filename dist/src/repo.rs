@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::fsutil;
+use crate::localfile::{self, LocalFileError};
 use crate::manifest;
 use crate::signature::MAX_SIGNATURE_FILE_BYTES;
 
@@ -42,8 +43,8 @@ pub enum RepoError {
     InvalidName(#[from] manifest::ManifestError),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("{path} is {size} bytes, more than the {limit} allowed")]
-    TooLarge { path: PathBuf, size: u64, limit: u64 },
+    #[error("{0}")]
+    Unsafe(#[from] LocalFileError),
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RepoError + '_ {
@@ -103,17 +104,10 @@ pub struct PublishLock {
 impl Repository {
     pub fn open(root: &Path) -> Result<Self, RepoError> {
         let marker = root.join(MARKER);
-        let text = match fs::read_to_string(&marker) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(RepoError::NotARepository(root.to_owned()));
-            }
-            Err(e) => {
-                return Err(RepoError::Io {
-                    path: marker,
-                    source: e,
-                });
-            }
+        let text = match localfile::read_bounded(root, MARKER, 4096) {
+            Ok(t) => String::from_utf8_lossy(&t).into_owned(),
+            Err(e) if e.is_not_found() => return Err(RepoError::NotARepository(root.to_owned())),
+            Err(e) => return Err(RepoError::Unsafe(e)),
         };
         let parsed: MarkerFile = toml::from_str(&text).map_err(|e| RepoError::Io {
             path: marker.clone(),
@@ -196,21 +190,13 @@ impl Repository {
         Ok(out)
     }
 
+    /// A small file of the tree: regular, inside the repository, at most `limit` bytes.
     fn read_bounded(&self, rel: &str, limit: usize) -> Result<Option<Vec<u8>>, RepoError> {
-        let path = self.path(rel);
-        let size = match fs::metadata(&path) {
-            Ok(m) => m.len(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(RepoError::Io { path, source: e }),
-        };
-        if size > limit as u64 {
-            return Err(RepoError::TooLarge {
-                path,
-                size,
-                limit: limit as u64,
-            });
+        match localfile::read_bounded(&self.root, rel, limit as u64) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(RepoError::Unsafe(e)),
         }
-        fs::read(&path).map(Some).map_err(io_at(&path))
     }
 
     fn signed_at(&self, channel: &str, manifest_rel: &str) -> Result<Option<SignedManifest>, RepoError> {

@@ -86,8 +86,8 @@ fn parse(sig_file: &[u8]) -> Result<SignatureFile, SignatureError> {
         return Err(SignatureError::TooLarge(sig_file.len()));
     }
     let text = std::str::from_utf8(sig_file).map_err(|_| SignatureError::Malformed("not UTF-8 text".into()))?;
-    let file: SignatureFile = toml::from_str(text)
-        .map_err(|e| SignatureError::Malformed(e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")))?;
+    let file: SignatureFile =
+        toml::from_str(text).map_err(|e| SignatureError::Malformed(crate::parse_error::describe(text, &e)))?;
     if file.signatures.is_empty() || file.signatures.len() > MAX_SIGNATURES {
         return Err(SignatureError::Malformed(format!(
             "{} signatures; expected 1 to {MAX_SIGNATURES}",
