@@ -21,6 +21,40 @@ fn jitter(interval: Duration) -> Duration {
     Duration::from_millis(if max == 0 { 0 } else { seed % max })
 }
 
+/// SIGHUP: the new settings, or the old ones kept when the new file does not load.
+fn reload_if_asked(config: &Path, settings: &mut Settings, reload: &AtomicBool) -> bool {
+    if !reload.swap(false, Ordering::Relaxed) {
+        return false;
+    }
+    match Settings::load(config) {
+        Ok(s) => {
+            *settings = s;
+            tracing::info!(
+                interval = ?settings.check_interval, channel = %settings.channel,
+                reboot = ?settings.reboot, "configuration reloaded"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "configuration not reloaded; keeping the old one");
+            false
+        }
+    }
+}
+
+/// The reboot policy's wait, which a SIGHUP interrupts: the reloaded settings may move the
+/// maintenance window or turn reboots off, and apply at once.
+fn wait_to_reboot(config: &Path, settings: &mut Settings, stop: &AtomicBool, reload: &AtomicBool) {
+    while settings.reboot != RebootPolicy::Never && !stop.load(Ordering::Relaxed) {
+        crate::reboot::when_allowed(settings, &|| {
+            stop.load(Ordering::Relaxed) || reload.load(Ordering::Relaxed)
+        });
+        if !reload_if_asked(config, settings, reload) {
+            return;
+        }
+    }
+}
+
 pub fn run(config: &Path) -> Result<(), Failure> {
     let stop = Arc::new(AtomicBool::new(false));
     let reload = Arc::new(AtomicBool::new(false));
@@ -48,9 +82,12 @@ pub fn run(config: &Path) -> Result<(), Failure> {
             }
             Ok(Outcome::Staged { version, .. }) => {
                 tracing::info!(%version, "update staged");
-                if settings.reboot != RebootPolicy::Never {
-                    crate::reboot::when_allowed(&settings, &stop);
-                }
+                wait_to_reboot(config, &mut settings, &stop, &reload);
+            }
+            // Staged by an earlier check whose reboot wait a reload cut short.
+            Ok(Outcome::AlreadyStaged { version }) => {
+                tracing::info!(%version, "update already staged");
+                wait_to_reboot(config, &mut settings, &stop, &reload);
             }
             Ok(other) => tracing::info!(outcome = ?other, "no update applied"),
             Err(e) => tracing::warn!(error = %e, "update failed; will retry at the next check"),
@@ -63,19 +100,9 @@ pub fn run(config: &Path) -> Result<(), Failure> {
         };
         let mut wake = next(&settings);
         while Instant::now() < wake && !stop.load(Ordering::Relaxed) {
-            if reload.swap(false, Ordering::Relaxed) {
-                match Settings::load(config) {
-                    Ok(s) => {
-                        settings = s;
-                        // A new interval counts from the last check, not from the reload.
-                        wake = next(&settings);
-                        tracing::info!(
-                            interval = ?settings.check_interval, channel = %settings.channel,
-                            "configuration reloaded"
-                        );
-                    }
-                    Err(e) => tracing::error!(error = %e, "configuration not reloaded; keeping the old one"),
-                }
+            if reload_if_asked(config, &mut settings, &reload) {
+                // A new interval counts from the last check, not from the reload.
+                wake = next(&settings);
             }
             std::thread::sleep(Duration::from_millis(200));
         }

@@ -104,7 +104,7 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
                         stats.skipped
                     );
                     if !no_reboot && s.reboot != RebootPolicy::Never {
-                        reboot::when_allowed(&s, &cancel);
+                        reboot::when_allowed(&s, &|| cancel.load(std::sync::atomic::Ordering::Relaxed));
                     }
                 }
             }

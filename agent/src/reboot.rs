@@ -1,6 +1,5 @@
 //! The reboot policy after an update is staged.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::config::{RebootPolicy, Settings};
@@ -20,8 +19,10 @@ fn reboot_now() {
     }
 }
 
-/// Reboots now (`immediate`), or waits for the maintenance window (`window`).
-pub fn when_allowed(s: &Settings, stop: &AtomicBool) {
+/// Reboots now (`immediate`), or waits for the maintenance window (`window`). Returns
+/// without rebooting once `interrupted` says so (a stop, or a reload whose settings may
+/// move the window or turn reboots off).
+pub fn when_allowed(s: &Settings, interrupted: &dyn Fn() -> bool) {
     match (s.reboot, s.window) {
         (RebootPolicy::Never, _) => {}
         (RebootPolicy::Immediate, _) => reboot_now(),
@@ -29,12 +30,17 @@ pub fn when_allowed(s: &Settings, stop: &AtomicBool) {
             if !w.contains(minute_of_day_utc()) {
                 tracing::info!("update staged; waiting for the maintenance window to reboot");
             }
-            while !stop.load(Ordering::Relaxed) {
+            loop {
                 if w.contains(minute_of_day_utc()) {
                     reboot_now();
                     return;
                 }
-                std::thread::sleep(Duration::from_secs(20));
+                for _ in 0..100 {
+                    if interrupted() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
             }
         }
         (RebootPolicy::Window, None) => {}

@@ -85,6 +85,38 @@ fn daemon_updates_reloads_on_sighup_and_stops_on_sigterm() {
     wait_for(&log, "daemon stopped", 0, Duration::from_secs(1));
 }
 
+/// "HH:MM-HH:MM" (UTC) starting `from_min` minutes from now: a window that excludes now.
+fn window_from_now(from_min: u64, len_min: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 60;
+    let hhmm = |m: u64| format!("{:02}:{:02}", (m / 60) % 24, m % 60);
+    format!("{}-{}", hhmm(now + from_min), hhmm(now + from_min + len_min))
+}
+
+#[test]
+fn sighup_while_waiting_for_the_maintenance_window_applies_at_once() {
+    let env = Env::new();
+    let url = env.url.clone();
+    // Never "immediate" here: that would reboot the test machine.
+    let window = window_from_now(120, 60);
+    env.write_config(
+        &[&url],
+        &format!("check_interval = \"1h\"\nreboot = \"window\"\nmaintenance_window = \"{window}\"\n"),
+    );
+    let (mut daemon, log) = spawn_daemon(&env, None);
+    let at = wait_for(&log, "waiting for the maintenance window", 0, Duration::from_secs(60));
+    env.write_config(&[&url], "check_interval = \"1h\"\nreboot = \"never\"\n");
+    signal(daemon.id(), "HUP");
+    wait_for(&log, "configuration reloaded", at, Duration::from_secs(10));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text[at..].contains("reboot=Never"), "{text}");
+    signal(daemon.id(), "TERM");
+    assert!(daemon.wait().unwrap().success());
+}
+
 #[test]
 fn sigterm_in_the_middle_of_a_write_stops_cleanly_and_a_rerun_completes() {
     let env = Env::new();

@@ -99,6 +99,15 @@ impl Config {
         if self.labels[0].is_empty() || self.labels[1].is_empty() || self.labels[0] == self.labels[1] {
             return Err("labels must be two different, non-empty partition labels".into());
         }
+        if self.labels.contains(&self.state) {
+            return Err(format!(
+                "state partition {:?} is a slot's label: the other slot would be mounted read-write as state",
+                self.state
+            ));
+        }
+        for b in &self.binds {
+            check_bind(b)?;
+        }
         Ok(())
     }
 
@@ -170,6 +179,23 @@ impl Config {
     }
 }
 
+/// Binds put state-partition directories over the read-only slot: never over the OS itself
+/// (`/`, `/usr`), over `/etc` (the `etc` setting governs it) or the kernel's file systems.
+fn check_bind(path: &str) -> Result<(), String> {
+    let parts: Vec<&str> = path.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+    let refused = match parts.first().copied() {
+        None => true,
+        Some("usr" | "etc" | "proc" | "sys" | "dev" | "run" | "boot") => true,
+        Some(_) => false,
+    };
+    if refused {
+        return Err(format!(
+            "bind {path:?} would hide the slot's own files (/, /usr, /etc, /boot, /proc, /sys, /dev, /run are refused)"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,6 +220,13 @@ mod tests {
         assert!(Config::parse("etc = \"sometimes\"").is_err());
         assert!(Config::parse("binds = [\"var\"]").is_err());
         assert!(Config::parse("binds = [\"/var/../etc\"]").is_err());
+        for bad in ["/", "//", "/./", "/usr", "/usr/local", "/etc", "/proc", "/run/x"] {
+            let e = Config::parse(&format!("binds = [\"{bad}\"]")).unwrap_err();
+            assert!(e.contains("would hide the slot's own files"), "{bad}: {e}");
+        }
+        assert!(Config::parse("binds = [\"/var\", \"/srv/data\", \"/home\"]").is_ok());
+        let e = Config::parse("state = \"root-b\"").unwrap_err();
+        assert!(e.contains("is a slot's label"), "{e}");
         assert!(Config::parse("labels = [\"x\", \"x\"]").is_err());
         assert!(Config::parse(&"#".repeat(70_000)).is_err());
     }
@@ -212,5 +245,12 @@ mod tests {
         assert_eq!(c.wait_seconds, 7);
         assert_eq!(c.init, "/sbin/init", "invalid init path ignored");
         assert_eq!(w.len(), 3, "{w:?}");
+        // A slot as state, or a bind over the OS, from the command line: ignored, said.
+        let w = c.apply_cmdline("bootsel.state=root-b bootsel.binds=/var,/usr");
+        assert_eq!(
+            (c.state.as_str(), &c.binds[..]),
+            ("", &["/var".to_string(), "/srv".to_string()][..])
+        );
+        assert!(w[0].contains("slot's label") && w[1].contains("would hide"), "{w:?}");
     }
 }

@@ -185,6 +185,35 @@ fn broken_state_partition_boots_without_it() {
 }
 
 #[test]
+fn a_full_state_partition_boots_with_etc_and_binds_in_ram() {
+    let disk = LoopDisk::new();
+    cgpt_set(Path::new(&disk.dev), 2, 1, 0, 1);
+    // Fill the (fresh) state file system to the last block, reserved blocks included.
+    let mnt = disk.dir_path.join("fill");
+    fs::create_dir_all(&mnt).unwrap();
+    ok(Command::new("mount").arg(disk.part(4)).arg(&mnt));
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "status=none"])
+        .arg(format!("of={}", mnt.join("fill").display()))
+        .status();
+    for i in 0.. {
+        if fs::create_dir(mnt.join(format!("d{i}"))).is_err() {
+            break;
+        }
+    }
+    ok(Command::new("umount").arg(&mnt));
+    let (ok_, out, err) = disk.boot(&disk.config("binds = [\"/var\"]\n"), PROBE);
+    assert!(ok_, "a full state partition does not stop the boot: {out}\n{err}");
+    assert!(
+        err.contains("/etc changes stay in RAM this boot"),
+        "said on the console: {err}"
+    );
+    assert!(out.contains("R/sysroot/etc overlay"), "/etc writable (in RAM): {out}");
+    assert!(out.contains("R/sysroot/var overlay"), "/var writable (in RAM): {out}");
+    assert!(out.contains("root: read-only"), "{out}");
+}
+
+#[test]
 fn stateless_tmpfs_etc() {
     let disk = LoopDisk::new();
     cgpt_set(Path::new(&disk.dev), 2, 1, 0, 1);

@@ -41,6 +41,7 @@ pub fn run_verify(args: &VerifyArgs) -> Result<usize> {
     for p in &problems {
         println!("PROBLEM {p}");
     }
+    report_stale_temp_files(&repo)?;
     if problems.is_empty() {
         println!(
             "OK: {} channel(s) in {} verified: {}",
@@ -50,6 +51,23 @@ pub fn run_verify(args: &VerifyArgs) -> Result<usize> {
         );
     }
     Ok(problems.len())
+}
+
+/// Leftovers of a killed publish: harmless to clients (hidden, never named by a manifest),
+/// but they take space; the next publish or resign removes them. Not a problem for the exit
+/// code, and not reported while a publish runs (its temporary files are live).
+fn report_stale_temp_files(repo: &Repository) -> Result<()> {
+    let Some(_lock) = repo.try_lock()? else {
+        println!("NOTE a publish is running; its temporary files are not reported");
+        return Ok(());
+    };
+    for (path, size) in repo.stale_temp_files()? {
+        println!(
+            "STALE {} ({size} bytes): left by a publish that was killed; the next publish or resign removes it",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 fn audit_channel(

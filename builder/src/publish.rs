@@ -75,7 +75,8 @@ pub fn run(args: &PublishArgs) -> Result<()> {
         Digest::of_file(&args.image).with_context(|| format!("cannot read {}", args.image.display()))?;
 
     let repo = Repository::open_or_create(&args.signing.repo)?;
-    let _lock = repo.lock()?;
+    let lock = repo.lock()?;
+    crate::publish::clean_stale_temp_files(&repo, &lock)?;
     let now = Timestamp::now().round(jiff::Unit::Second)?;
     let previous = current_manifest(&repo, &args.signing.channel, &trusted)?;
     if let Some(prev) = &previous {
@@ -166,6 +167,14 @@ pub fn run(args: &PublishArgs) -> Result<()> {
             .collect::<Vec<_>>()
             .join(",")
     );
+    Ok(())
+}
+
+/// What a killed publish left (it held the lock we now hold, so nothing writes these).
+pub(crate) fn clean_stale_temp_files(repo: &Repository, lock: &atom_dist::repo::PublishLock) -> Result<()> {
+    for (path, size) in repo.remove_stale_temp_files(lock)? {
+        tracing::warn!(path = %path.display(), size, "removed a temporary file a killed publish left behind");
+    }
     Ok(())
 }
 
@@ -267,7 +276,7 @@ fn make_deltas(
     }
     let target = map(&args.image)?;
     let scratch = tempfile::Builder::new()
-        .prefix(".atom-base-")
+        .prefix(atom_dist::fsutil::SCRATCH_PREFIX)
         .tempfile_in(repo.root())?;
     let mut out = Vec::new();
     for (version, base_digest, base_size) in bases {

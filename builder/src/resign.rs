@@ -13,7 +13,8 @@ pub fn run(args: &ResignArgs) -> Result<()> {
     let (key, trusted) = signing_keys(&args.signing)?;
     let channel = &args.signing.channel;
     let repo = Repository::open(&args.signing.repo)?;
-    let _lock = repo.lock()?;
+    let lock = repo.lock()?;
+    crate::publish::clean_stale_temp_files(&repo, &lock)?;
     let Some(mut m) = current_manifest(&repo, channel, &trusted)? else {
         bail!("channel {channel:?} has never been published; nothing to re-sign");
     };

@@ -569,3 +569,43 @@ fn resign_extends_expiry_changes_rollouts_and_rotates_keys() {
     let v3 = s.f.image("v3", "3.0.0", &t3, None);
     fails_with(s.f.publish(&s.repo, &new_key, &v3), 1, "clock");
 }
+
+#[test]
+fn publisher_hygiene_private_keys_and_stale_temporary_files() {
+    let s = setup();
+    // A signing key others may read (or that belongs to someone else) is refused, like ssh.
+    let t3 = s.f.path("t3");
+    make_tree(&t3, 40, 3);
+    let v3 = s.f.image("v3", "3.0.0", &t3, Some(&s.v2));
+    fs::set_permissions(&s.key, fs::Permissions::from_mode(0o644)).unwrap();
+    fails_with(s.f.publish(&s.repo, &s.key, &v3), 1, "is not private: mode 0644");
+    fs::set_permissions(&s.key, fs::Permissions::from_mode(0o606)).unwrap();
+    fails_with(s.f.publish(&s.repo, &s.key, &v3), 1, "chmod 600");
+    fs::set_permissions(&s.key, fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&s.key, Some(4242), None).unwrap();
+    fails_with(s.f.publish(&s.repo, &s.key, &v3), 1, "belongs to user id 4242");
+    std::os::unix::fs::chown(&s.key, Some(0), None).unwrap();
+
+    // A publish killed between write and rename leaves hidden files: verify reports them
+    // (without failing: clients never see them), the next publish removes them.
+    let stale = [
+        s.repo.join("objects/.abc.img.zst.tmp-77-00000000deadbeef"),
+        s.repo.join("deltas/.x-y.rsync.zst.tmp123"),
+        s.repo.join(".atom-base-Xy12ab"),
+    ];
+    for p in &stale {
+        fs::write(p, b"left over").unwrap();
+    }
+    let (code, out) = verify(&s.repo, &[&s.public]);
+    assert_eq!(code, 0, "{out}");
+    for p in &stale {
+        assert!(out.contains(&format!("STALE {} (9 bytes)", p.display())), "{out}");
+    }
+    ok(s.f.publish(&s.repo, &s.key, &v3));
+    for p in &stale {
+        assert!(!p.exists(), "{} was removed by the next publish", p.display());
+    }
+    let (code, out) = verify(&s.repo, &[&s.public]);
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("STALE"), "{out}");
+}

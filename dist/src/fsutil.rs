@@ -15,7 +15,7 @@ pub fn write_atomic(path: &Path, mode: u32, fill: impl FnOnce(&mut File) -> io::
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::other(format!("{} has no file name", path.display())))?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(temp_name(&name.to_string_lossy()));
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -34,6 +34,36 @@ pub fn write_atomic(path: &Path, mode: u32, fill: impl FnOnce(&mut File) -> io::
     }
     result
 }
+
+/// A hidden name beside `name`, unique per writer: the process id alone is not (every
+/// container sharing a directory runs its server as PID 1), so 64 random bits follow.
+pub fn temp_name(name: &str) -> String {
+    use rand_core::RngCore;
+    format!(
+        ".{name}{TEMP_MARK}{}-{:016x}",
+        std::process::id(),
+        rand_core::OsRng.next_u64()
+    )
+}
+
+/// `temp_name` beside `path`, in the same directory (so the rename is atomic).
+pub fn temp_path(path: &Path) -> std::path::PathBuf {
+    path.with_file_name(temp_name(&path.file_name().unwrap_or_default().to_string_lossy()))
+}
+
+const TEMP_MARK: &str = ".tmp-";
+
+/// Whether a file name is one `temp_name` made (or the publisher's scratch base image).
+pub fn is_temp_name(name: &str) -> bool {
+    // Older releases named them `.NAME.tmpPID`.
+    let old_style = name
+        .rsplit_once(".tmp")
+        .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+    name.starts_with('.') && (name.contains(TEMP_MARK) || old_style || name.starts_with(SCRATCH_PREFIX))
+}
+
+/// Prefix of the publisher's scratch files (decompressed delta bases) in the repository.
+pub const SCRATCH_PREFIX: &str = ".atom-base-";
 
 pub fn write_atomic_bytes(path: &Path, mode: u32, bytes: &[u8]) -> io::Result<()> {
     write_atomic(path, mode, |f| f.write_all(bytes))

@@ -83,6 +83,8 @@ pub enum KeyError {
         claimed: String,
         actual: KeyId,
     },
+    #[error("signing key {path} is not private: {why}")]
+    Unprotected { path: PathBuf, why: String },
     #[error("no trusted public keys (*.pub) found in {0}")]
     NoTrustedKeys(PathBuf),
 }
@@ -120,6 +122,32 @@ fn read_small(path: &Path) -> Result<String, KeyError> {
         path: path.to_owned(),
         reason: "not UTF-8 text".into(),
     })
+}
+
+fn check_private(path: &Path) -> Result<(), KeyError> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).map_err(|source| KeyError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = m.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyError::Unprotected {
+            path: path.to_owned(),
+            why: format!(
+                "mode {mode:04o} lets others read or write it; `chmod 600 {}`",
+                path.display()
+            ),
+        });
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if m.uid() != me && m.uid() != 0 {
+        return Err(KeyError::Unprotected {
+            path: path.to_owned(),
+            why: format!("it belongs to user id {}, not to this user ({me}) or root", m.uid()),
+        });
+    }
+    Ok(())
 }
 
 fn decode_32(path: &Path, field: &str, text: &str) -> Result<[u8; 32], KeyError> {
@@ -167,7 +195,10 @@ impl SecretKey {
         SecretKey { key, id }
     }
 
+    /// Loads a signing key, refusing (like ssh) a file others may read or write, or that
+    /// belongs to another user: whoever can read it can sign updates for the whole fleet.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
+        check_private(path)?;
         let text = read_small(path)?;
         let file: SigningKeyFile = toml::from_str(&text).map_err(|e| KeyError::Malformed {
             path: path.to_owned(),

@@ -98,7 +98,7 @@ pub struct Repository {
 
 /// Held while publishing, so two publishers never interleave.
 pub struct PublishLock {
-    _file: fs::File,
+    _file: Option<fs::File>,
 }
 
 impl Repository {
@@ -153,6 +153,67 @@ impl Repository {
         self.root.join(rel)
     }
 
+    /// Hidden temporary files a killed publish left behind (a crash between write and
+    /// rename), with their sizes. Only meaningful while no publish runs: see `try_lock`.
+    pub fn stale_temp_files(&self) -> Result<Vec<(PathBuf, u64)>, RepoError> {
+        let mut out = Vec::new();
+        let mut dirs = vec![self.root.clone()];
+        while let Some(dir) = dirs.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(RepoError::Io { path: dir, source: e }),
+            };
+            for e in entries {
+                let e = e.map_err(io_at(&dir))?;
+                let Ok(kind) = e.file_type() else { continue };
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if kind.is_dir() && !name.starts_with('.') {
+                    dirs.push(e.path());
+                } else if kind.is_file() && fsutil::is_temp_name(&name) {
+                    out.push((e.path(), e.metadata().map(|m| m.len()).unwrap_or(0)));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Removes what `stale_temp_files` finds; call it holding the publish lock.
+    pub fn remove_stale_temp_files(&self, _lock: &PublishLock) -> Result<Vec<(PathBuf, u64)>, RepoError> {
+        let stale = self.stale_temp_files()?;
+        for (path, _) in &stale {
+            match fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(RepoError::Io {
+                        path: path.clone(),
+                        source: e,
+                    });
+                }
+            }
+        }
+        Ok(stale)
+    }
+
+    /// The publish lock if no publish holds it now, else `None`.
+    pub fn try_lock(&self) -> Result<Option<PublishLock>, RepoError> {
+        let path = self.root.join(LOCK);
+        let file = match fs::File::open(&path) {
+            Ok(f) => f,
+            // Never published here with a lock file: nobody publishes now either.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Some(PublishLock { _file: None })),
+            Err(e) => return Err(RepoError::Io { path, source: e }),
+        };
+        match file.try_lock() {
+            Ok(()) => Ok(Some(PublishLock { _file: Some(file) })),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => Err(RepoError::Io { path, source: e }),
+        }
+    }
+
     pub fn lock(&self) -> Result<PublishLock, RepoError> {
         let path = self.root.join(LOCK);
         let file = fs::OpenOptions::new()
@@ -162,7 +223,7 @@ impl Repository {
             .open(&path)
             .map_err(io_at(&path))?;
         file.lock().map_err(io_at(&path))?;
-        Ok(PublishLock { _file: file })
+        Ok(PublishLock { _file: Some(file) })
     }
 
     pub fn channels(&self) -> Result<Vec<String>, RepoError> {

@@ -248,7 +248,7 @@ async fn compute_shared(
 }
 
 fn write_delta(sig: &fast_rsync::Signature, target: &[u8], out: &Path) -> std::io::Result<()> {
-    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+    let tmp = crate::fsutil::temp_path(out);
     let result = (|| {
         let f = std::fs::File::create(&tmp)?;
         let mut w = BufWriter::new(f);

@@ -51,7 +51,7 @@ impl ImageStore {
 
 fn load(path: PathBuf, payload: PathBuf, digest: Digest, size: u64) -> Result<Arc<Mmap>, String> {
     if std::fs::metadata(&path).map(|m| m.len()).ok() != Some(size) {
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let tmp = crate::fsutil::temp_path(&path);
         let result = (|| {
             let src = File::open(&payload).map_err(|e| format!("cannot open payload {}: {e}", payload.display()))?;
             let out = File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
