@@ -18,7 +18,10 @@ labelled root-a and root-b and decides which slot boots. Run as PID 1 in the ini
 also mounts the chosen slot and switches to it (see `bootsel init`).
 
 USAGE:
-    bootsel status --disk DEV [--json]     show both slots and which boots next
+    bootsel status --disk DEV [--json] [--record FILE]
+                                           show both slots and which boots next; the
+                                           booted slot's kernel from the boot record
+                                           (default /run/atom/boot.toml)
     bootsel choose --disk DEV [--dry-run]  apply the selection rule as a boot would
                                            (spends a try on a slot on trial)
     bootsel set --disk DEV --slot A|B [--priority N] [--tries N] [--successful 0|1]
@@ -60,6 +63,7 @@ struct Args {
     root: Option<PathBuf>,
     cmdline: Option<String>,
     run: Option<PathBuf>,
+    record: Option<PathBuf>,
 }
 
 fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args, lexopt::Error> {
@@ -98,6 +102,7 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args, lexopt::Error
             Long("root") => a.root = Some(p.value()?.into()),
             Long("cmdline") => a.cmdline = Some(p.value()?.string()?),
             Long("run") => a.run = Some(p.value()?.into()),
+            Long("record") => a.record = Some(p.value()?.into()),
             Value(v) if a.command.is_none() => a.command = Some(v.string()?),
             _ => return Err(arg.unexpected()),
         }
@@ -194,8 +199,28 @@ fn copy_state(s: &bootsel::table::CopyState) -> String {
     }
 }
 
+/// The booted slot's partition UUID and kernel, when the boot record is about this disk.
+/// Other slots' kernels are in their file systems, which status does not mount.
+fn booted_kernel(args: &Args, table: &BootTable) -> Option<(String, Option<String>)> {
+    let path = args
+        .record
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(bootsel::record::RECORD_PATH));
+    let record = bootsel::record::BootRecord::load(&path).ok()?;
+    table
+        .slots()
+        .iter()
+        .find(|s| s.part_uuid.eq_ignore_ascii_case(&record.partuuid))
+        .map(|s| (s.part_uuid.clone(), record.kernel))
+}
+
 fn status(args: &Args) -> Result<(), Failure> {
     let (_, disk, table) = load(args, false)?;
+    let booted = booted_kernel(args, &table);
+    let kernel_of = |s: &bootsel::table::Slot| match &booted {
+        Some((uuid, kernel)) if *uuid == s.part_uuid => (true, kernel.clone()),
+        _ => (false, None),
+    };
     let next = table.decide();
     let (primary, backup) = table.copy_states();
     if args.json {
@@ -203,10 +228,12 @@ fn status(args: &Args) -> Result<(), Failure> {
             .slots()
             .iter()
             .map(|s| {
+                let (is_booted, kernel) = kernel_of(s);
                 serde_json::json!({
                     "slot": s.name.as_str(), "label": s.label, "partition": s.partition,
                     "partuuid": s.part_uuid, "priority": s.flags.priority, "tries": s.flags.tries,
                     "successful": s.flags.successful, "bootable": s.flags.is_bootable(),
+                    "booted": is_booted, "kernel": kernel,
                 })
             })
             .collect();
@@ -222,18 +249,24 @@ fn status(args: &Args) -> Result<(), Failure> {
     println!("disk {} (sector size {})", disk.display(), table.sector_size());
     println!("GPT primary: {}; backup: {}", copy_state(primary), copy_state(backup));
     println!(
-        "{:<5} {:<12} {:>4} {:>8} {:>5} {:>10}  BOOTABLE",
-        "SLOT", "LABEL", "PART", "PRIORITY", "TRIES", "SUCCESSFUL"
+        "{:<5} {:<12} {:>4} {:>8} {:>5} {:>10}  {:<18} BOOTABLE",
+        "SLOT", "LABEL", "PART", "PRIORITY", "TRIES", "SUCCESSFUL", "KERNEL"
     );
     for s in table.slots() {
+        let kernel = match kernel_of(s) {
+            (true, Some(k)) => format!("{k} (booted)"),
+            (true, None) => "booted".into(),
+            (false, _) => "-".into(),
+        };
         println!(
-            "{:<5} {:<12} {:>4} {:>8} {:>5} {:>10}  {}",
+            "{:<5} {:<12} {:>4} {:>8} {:>5} {:>10}  {:<18} {}",
             s.name.as_str(),
             s.label,
             s.partition,
             s.flags.priority,
             s.flags.tries,
             if s.flags.successful { "yes" } else { "no" },
+            kernel,
             why_not_bootable(s.flags).map_or("yes".to_string(), |w| format!("no: {w}"))
         );
     }

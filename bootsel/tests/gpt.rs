@@ -71,6 +71,32 @@ fn cgpt_writes_what_bootsel_reads() {
     assert_eq!(json["slots"][0]["label"], "root-a");
     assert_eq!(json["slots"][0]["tries"], 1);
     assert_eq!(json["next_boot"], "A");
+    assert_eq!(
+        json["slots"][0]["kernel"],
+        serde_json::Value::Null,
+        "no record, no kernel"
+    );
+
+    // The boot record names the booted slot and its kernel: status shows it on that row.
+    let record = disk.with_extension("boot.toml");
+    std::fs::write(
+        &record,
+        format!(
+            "slot = \"B\"\nlabel = \"root-b\"\npartition = 3\npartuuid = \"{}\"\ndisk = \"x\"\n\
+             reason = \"trial\"\ntrial = true\ntries_left = 1\nstate = \"none\"\nkernel = \"6.1.0-57-amd64\"\n",
+            common::cgpt_uuid(&disk, 3).to_ascii_uppercase()
+        ),
+    )
+    .unwrap();
+    let rec = record.to_str().unwrap();
+    let status = bootsel_ok(&["status", "--record", rec], &disk);
+    let b_row = status.lines().find(|l| l.starts_with("B ")).unwrap();
+    assert!(b_row.contains("6.1.0-57-amd64 (booted)"), "{status}");
+    let json: serde_json::Value =
+        serde_json::from_str(&bootsel_ok(&["status", "--json", "--record", rec], &disk)).unwrap();
+    assert_eq!(json["slots"][1]["kernel"], "6.1.0-57-amd64");
+    assert_eq!(json["slots"][1]["booted"], true);
+    assert_eq!(json["slots"][0]["booted"], false);
 }
 
 #[test]
