@@ -60,6 +60,15 @@ pub fn run_one(path: &Path, timeout: Duration) -> Verdict {
     }
 }
 
+/// Checks run as root: one that others could have written (or placed, through its
+/// directory) is not run, and counts as failed, as for keys (ssh's StrictModes).
+fn trusted(path: &Path) -> Result<(), String> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    crate::perms::check_private(dir, "health check directory")
+        .and_then(|()| crate::perms::check_private(path, "health check"))
+        .map_err(|f| f.message)
+}
+
 pub fn run(dirs: &[PathBuf], timeout: Duration) -> Result<(), Failure> {
     let checks = collect(dirs);
     let mut failed = Vec::new();
@@ -70,6 +79,11 @@ pub fn run(dirs: &[PathBuf], timeout: Duration) -> Result<(), Failure> {
             continue;
         }
         ran += 1;
+        if let Err(why) = trusted(path) {
+            tracing::error!(check = %name, path = %path.display(), reason = %why, "health check not run");
+            failed.push(format!("{name} (not run: {why})"));
+            continue;
+        }
         let started = Instant::now();
         match run_one(path, timeout) {
             Verdict::Passed => {
@@ -127,5 +141,38 @@ mod tests {
             run(&[d.path().join("none")], Duration::from_secs(1)).is_ok(),
             "no checks: nothing to fail"
         );
+    }
+
+    #[test]
+    fn checks_others_could_write_are_not_run() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("health.d");
+        std::fs::create_dir_all(&dir).unwrap();
+        let marker = d.path().join("ran");
+        script(&dir, "10-planted", &format!("touch {}", marker.display()));
+        std::fs::set_permissions(dir.join("10-planted"), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = run(std::slice::from_ref(&dir), Duration::from_secs(5))
+            .unwrap_err()
+            .message;
+        assert!(
+            err.contains("10-planted (not run:") && err.contains("writable by everyone"),
+            "{err}"
+        );
+        assert!(!marker.exists(), "the planted check did not run");
+
+        std::fs::set_permissions(dir.join("10-planted"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o775)).unwrap();
+        let err = run(std::slice::from_ref(&dir), Duration::from_secs(5))
+            .unwrap_err()
+            .message;
+        assert!(
+            err.contains("health check directory") && err.contains("its group"),
+            "{err}"
+        );
+        assert!(!marker.exists());
+
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(run(std::slice::from_ref(&dir), Duration::from_secs(5)).is_ok());
+        assert!(marker.exists(), "a root-owned, owner-writable check runs");
     }
 }

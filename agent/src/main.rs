@@ -53,7 +53,12 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
             force,
             ..
         } => {
-            let cancel = AtomicBool::new(false);
+            // SIGTERM/SIGINT stop the run cleanly: a write at the next chunk (the slot stays
+            // unbootable), a download or a manifest fetch at the next read.
+            let cancel = std::sync::Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                signal_hook::flag::register(sig, cancel.clone()).map_err(|e| Failure::error(e.to_string()))?;
+            }
             let opts = Options {
                 allow_downgrade: *allow_downgrade,
                 allow_rejected: *allow_rejected,

@@ -6,9 +6,9 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use atom_dist::repo::layout;
 use atom_dist::verify::{Policy, Verified, verify_manifest};
@@ -98,7 +98,7 @@ impl Sources {
         self.repos.iter().any(|r| matches!(r, Repo::Http(_)))
     }
 
-    fn get_small(&self, repo: &Repo, rel: &str, limit: usize) -> Result<Option<Vec<u8>>, String> {
+    fn get_small(&self, repo: &Repo, rel: &str, limit: usize, cancel: &AtomicBool) -> Result<Option<Vec<u8>>, String> {
         match repo {
             // A stick or a shared directory may hold FIFOs, links to devices or out of the
             // tree: regular files beneath the root only, bounded before reading.
@@ -109,9 +109,11 @@ impl Sources {
             },
             Repo::Http(base) => {
                 let url = format!("{base}/{rel}");
+                let started = Instant::now();
                 let resp = {
                     let client = self.http()?;
-                    self.with_retries(|| client.get(&url).send())?
+                    let whole = self.transfer_timeout(limit as u64);
+                    self.with_retries(|| client.get(&url).timeout(whole).send())?
                 };
                 if resp.status() == StatusCode::NOT_FOUND {
                     return Ok(None);
@@ -119,14 +121,13 @@ impl Sources {
                 if !resp.status().is_success() {
                     return Err(format!("{url}: HTTP {}", resp.status()));
                 }
-                let mut body = Vec::new();
-                resp.take(limit as u64 + 1)
-                    .read_to_end(&mut body)
-                    .map_err(|e| format!("{url}: {}", error_chain(&e)))?;
-                if body.len() > limit {
-                    return Err(format!("{url} is larger than {limit} bytes"));
-                }
-                Ok(Some(body))
+                // A whole-request deadline by the size announced (or the limit): a server that
+                // drips a byte now and then passes every per-read timeout.
+                let expected = resp.content_length().unwrap_or(limit as u64).min(limit as u64);
+                let deadline = started + self.transfer_timeout(expected);
+                read_within(resp, limit, deadline, cancel)
+                    .map(Some)
+                    .map_err(|e| format!("{url}: {e}"))
             }
         }
     }
@@ -158,6 +159,7 @@ impl Sources {
         channel: &str,
         policy: &Policy<'_>,
         seen: Option<jiff::Timestamp>,
+        cancel: &AtomicBool,
     ) -> Result<(Verified, String), Failure> {
         let mut errors = Vec::new();
         let mut refusals = Vec::new();
@@ -166,20 +168,23 @@ impl Sources {
                 repo,
                 &layout::manifest(channel),
                 atom_dist::manifest::MAX_MANIFEST_BYTES,
+                cancel,
             ) {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     errors.push(format!("{repo}: channel {channel:?} not found"));
                     continue;
                 }
+                Err(e) if e.ends_with(CANCELLED) => return Err(Failure::error(CANCELLED)),
                 Err(e) => {
                     errors.push(e);
                     continue;
                 }
             };
             let sig_rel = layout::signature(channel, &Digest::of(&manifest));
-            let sig = match self.get_small(repo, &sig_rel, atom_dist::signature::MAX_SIGNATURE_FILE_BYTES) {
+            let sig = match self.get_small(repo, &sig_rel, atom_dist::signature::MAX_SIGNATURE_FILE_BYTES, cancel) {
                 Ok(s) => s.unwrap_or_default(),
+                Err(e) if e.ends_with(CANCELLED) => return Err(Failure::error(CANCELLED)),
                 Err(e) => {
                     errors.push(e);
                     continue;
@@ -221,28 +226,19 @@ impl Sources {
                         f.file
                     })
                     .map_err(|e| e.to_string()),
-                Repo::Http(base) => {
-                    match self.download(
-                        &format!("{base}/{}", want.rel),
-                        want.size,
-                        want.dest,
-                        want.downloaded,
-                        cancel,
-                    ) {
-                        Ok(()) => check_file(want.dest, want.size, want.digest),
-                        Err(e) if e == CANCELLED => return Err(e),
-                        // The partial file stays: the next mirror or the next run resumes it.
-                        Err(e) => {
-                            errors.push(format!("{repo}: {e}"));
-                            continue;
-                        }
+                Repo::Http(base) => match self.download_checked(base, want, cancel) {
+                    Ok(file) => Ok(file),
+                    Err(e) if e == CANCELLED => return Err(e),
+                    Err(e) => {
+                        errors.push(format!("{repo}: {e}"));
+                        continue;
                     }
-                }
+                },
             };
             match checked {
                 Ok(file) => return Ok(file),
                 Err(e) => {
-                    if matches!(repo, Repo::Http(_)) || copy_local {
+                    if copy_local {
                         let _ = std::fs::remove_file(want.dest);
                     }
                     errors.push(format!("{repo}: {e}"));
@@ -252,31 +248,74 @@ impl Sources {
         Err(join(&errors))
     }
 
+    /// Downloads `want` from the mirror at `base` and checks it. A file that resumed a
+    /// partial download and then fails its check is fetched again from zero, once: the part
+    /// before may have been an error page a broken mirror or a captive portal sent.
+    fn download_checked(&self, base: &str, want: &Wanted<'_>, cancel: &AtomicBool) -> Result<File, String> {
+        let url = format!("{base}/{}", want.rel);
+        let resumed = self.download(base, &url, want.size, want.dest, want.downloaded, cancel)?;
+        match check_file(want.dest, want.size, want.digest) {
+            Ok(f) => return Ok(f),
+            Err(e) if !resumed => {
+                Origin::forget(want.dest);
+                return Err(e);
+            }
+            Err(e) => {
+                tracing::warn!(%url, error = %e, "a resumed download failed its check; fetching it again from the start")
+            }
+        }
+        Origin::forget(want.dest);
+        self.download(base, &url, want.size, want.dest, want.downloaded, cancel)?;
+        let checked = check_file(want.dest, want.size, want.digest);
+        if checked.is_err() {
+            Origin::forget(want.dest);
+        }
+        checked
+    }
+
+    /// Fetches `url` into `dest`, resuming a partial file when that is safe (see
+    /// [`Origin`]); returns whether any of the file came from before this call.
     fn download(
         &self,
+        base: &str,
         url: &str,
         size: u64,
         dest: &Path,
         progress: &dyn Fn(u64),
         cancel: &AtomicBool,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         let mut attempt = 0;
+        let mut resumed = false;
         loop {
             if cancel.load(Ordering::Relaxed) {
                 return Err(CANCELLED.into());
             }
-            let have = std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
-            if have == size {
-                return Ok(());
+            let mut have = std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
+            let origin = Origin::load(dest);
+            let validator = match (&origin, have) {
+                (_, 0) => None,
+                (Some(o), _) if o.mirror == base => Some(o.etag.clone()),
+                // Another mirror's bytes: only with a validator the server can compare.
+                (Some(o), _) if o.etag.is_some() => Some(o.etag.clone()),
+                _ => {
+                    tracing::info!(%url, bytes = have, "a partial download from another mirror, without a validator: starting over");
+                    Origin::forget(dest);
+                    have = 0;
+                    None
+                }
+            };
+            if have == size && origin.as_ref().is_some_and(|o| o.mirror == base) {
+                return Ok(true);
             }
-            if have > size {
-                std::fs::remove_file(dest).map_err(|e| e.to_string())?;
-                continue;
+            if have >= size {
+                Origin::forget(dest);
+                have = 0;
             }
             let dir = dest.parent().unwrap_or(Path::new("."));
             space::ensure_room(dir, size - have, "the download")?;
-            match self.download_from(url, have, size, dest, progress, cancel) {
-                Ok(()) => return Ok(()),
+            resumed |= have > 0;
+            match self.download_from(base, url, have, validator.flatten(), size, dest, progress, cancel) {
+                Ok(fresh) => return Ok(resumed && !fresh),
                 Err(e) if attempt >= self.retries || e == CANCELLED => return Err(e),
                 Err(e) => tracing::warn!(%url, error = %e, resume_at = have, "download interrupted; resuming"),
             }
@@ -285,28 +324,51 @@ impl Sources {
         }
     }
 
+    /// One request for `url` from byte `from` on; returns whether the server sent the whole
+    /// file again (it ignored the range, or the validator no longer matched).
+    #[allow(clippy::too_many_arguments)]
     fn download_from(
         &self,
+        base: &str,
         url: &str,
         from: u64,
+        etag: Option<String>,
         size: u64,
         dest: &Path,
         progress: &dyn Fn(u64),
         cancel: &AtomicBool,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         let mut req = self.http()?.get(url).timeout(self.transfer_timeout(size - from));
         if from > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={from}-"));
+            if let Some(tag) = &etag {
+                // The range only if the file is still the one the partial part came from.
+                req = req.header(reqwest::header::IF_RANGE, tag);
+            }
         }
         let mut resp = req.send().map_err(|e| error_chain(&e))?;
+        let fresh = resp.status() == StatusCode::OK;
         let mut file = match (from, resp.status()) {
             (0, StatusCode::OK) => File::create(dest),
             (_, StatusCode::PARTIAL_CONTENT) => OpenOptions::new().append(true).open(dest),
-            // The server ignored the range: start over.
+            // The server ignored the range (or the validator did not match): start over.
             (_, StatusCode::OK) => File::create(dest),
             (_, s) => return Err(format!("HTTP {s}")),
         }
         .map_err(|e| format!("{}: {e}", dest.display()))?;
+        if fresh || from == 0 {
+            let etag = resp
+                .headers()
+                .get(reqwest::header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.starts_with("W/"))
+                .map(str::to_owned);
+            Origin {
+                mirror: base.to_owned(),
+                etag,
+            }
+            .save(dest);
+        }
         let mut buf = vec![0u8; 256 * 1024];
         let mut total = file.metadata().map(|m| m.len()).unwrap_or(0);
         loop {
@@ -334,7 +396,7 @@ impl Sources {
         if total != size {
             return Err(format!("transfer ended at {total} of {size} bytes"));
         }
-        Ok(())
+        Ok(fresh)
     }
 
     /// Asks the first HTTP mirror that answers for a delta from `signature` to the target.
@@ -351,7 +413,17 @@ impl Sources {
         let mut errors = Vec::new();
         for repo in &self.repos {
             let Repo::Http(base) = repo else { continue };
-            let url = format!("{base}/v1/delta?channel={channel}&version={version}");
+            // Encoded: `+` of build metadata (1.0.0+b1) would otherwise arrive as a space.
+            let url = match reqwest::Url::parse_with_params(
+                &format!("{base}/v1/delta"),
+                [("channel", channel.to_owned()), ("version", version.to_string())],
+            ) {
+                Ok(u) => u.to_string(),
+                Err(e) => {
+                    errors.push(format!("{base}: {e}"));
+                    continue;
+                }
+            };
             let result = (|| {
                 // The server may need minutes for a diff against a drifted base.
                 let timeout = self.transfer_timeout(limit / 4) + Duration::from_secs(300);
@@ -419,6 +491,71 @@ fn copy_checked(root: &Path, want: &Wanted<'_>) -> Result<File, String> {
     (want.read_locally)(n);
     drop(out);
     check_file(want.dest, want.size, want.digest)
+}
+
+/// Reads a small response body, at most `limit` bytes, by `deadline`, stopping on `cancel`.
+fn read_within(
+    mut resp: reqwest::blocking::Response,
+    limit: usize,
+    deadline: Instant,
+    cancel: &AtomicBool,
+) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(CANCELLED.into());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "only {} bytes arrived before the deadline; the server is too slow (or drips on purpose)",
+                body.len()
+            ));
+        }
+        let n = resp.read(&mut buf).map_err(|e| error_chain(&e))?;
+        if n == 0 {
+            return Ok(body);
+        }
+        body.extend_from_slice(&buf[..n]);
+        if body.len() > limit {
+            return Err(format!("larger than {limit} bytes"));
+        }
+    }
+}
+
+/// Where a partial download came from: resuming it from another mirror is safe only with
+/// a validator (`If-Range` with the first server's strong ETag), or a mirror that sent an
+/// error page could poison every later attempt. Kept beside the download as `.NAME.origin`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Origin {
+    mirror: String,
+    etag: Option<String>,
+}
+
+impl Origin {
+    fn path(dest: &Path) -> PathBuf {
+        let name = dest.file_name().unwrap_or_default().to_string_lossy();
+        dest.with_file_name(format!(".{name}.origin"))
+    }
+
+    fn load(dest: &Path) -> Option<Origin> {
+        let text = std::fs::read_to_string(Self::path(dest)).ok()?;
+        toml::from_str(&text).ok()
+    }
+
+    fn save(&self, dest: &Path) {
+        if let Ok(text) = toml::to_string(self)
+            && let Err(e) = atom_dist::fsutil::write_atomic_bytes(&Self::path(dest), 0o600, text.as_bytes())
+        {
+            tracing::warn!(error = %e, "cannot record where a download came from; it will not be resumed");
+        }
+    }
+
+    /// Forgets the partial file and where it came from.
+    fn forget(dest: &Path) {
+        let _ = std::fs::remove_file(dest);
+        let _ = std::fs::remove_file(Self::path(dest));
+    }
 }
 
 /// reqwest's Display hides the cause ("builder error"); operators need all of it.

@@ -155,21 +155,57 @@ impl State {
         dir.join("state.toml")
     }
 
-    pub fn load(dir: &Path) -> State {
-        match std::fs::read_to_string(Self::path(dir)) {
-            Ok(text) => toml::from_str(&text).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "state file unreadable; starting from an empty state");
-                State::default()
-            }),
-            Err(_) => State::default(),
+    fn backup_path(dir: &Path) -> PathBuf {
+        dir.join("state.toml.bak")
+    }
+
+    fn read(path: &Path) -> Result<Option<State>, String> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text)
+                .map(Some)
+                .map_err(|e| format!("{}: {}", path.display(), atom_dist::parse_error::describe(&text, &e))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// The state, from `state.toml` or, when that is unreadable, from the copy every save
+    /// also writes. Never silently empty: the state holds the rollback floor, the replay
+    /// watermark and the rejected versions, and forgetting them would let a downgrade, a
+    /// replay or a known-bad version through.
+    pub fn load(dir: &Path) -> Result<State, Failure> {
+        let main = Self::read(&Self::path(dir));
+        match main {
+            Ok(Some(state)) => Ok(state),
+            Ok(None) => match Self::read(&Self::backup_path(dir)) {
+                Ok(Some(state)) => {
+                    tracing::warn!("state.toml is missing; using its backup copy");
+                    Ok(state)
+                }
+                _ => Ok(State::default()),
+            },
+            Err(e) => match Self::read(&Self::backup_path(dir)) {
+                Ok(Some(state)) => {
+                    tracing::warn!(error = %e, "state file unreadable; using its backup copy");
+                    Ok(state)
+                }
+                _ => Err(Failure::error(format!(
+                    "the state file is unreadable ({e}) and has no usable backup copy; it holds the rollback \
+                     floor, the replay watermark and the rejected versions, so nothing is done without it: \
+                     repair it, or move it away to start from an empty state"
+                ))),
+            },
         }
     }
 
     pub fn save(&self, dir: &Path) -> Result<(), Failure> {
         std::fs::create_dir_all(dir).map_err(|e| Failure::error(format!("cannot create {}: {e}", dir.display())))?;
         let text = toml::to_string(self).map_err(|e| Failure::error(e.to_string()))?;
-        atom_dist::fsutil::write_atomic_bytes(&Self::path(dir), 0o600, text.as_bytes())
-            .map_err(|e| Failure::error(format!("cannot write {}: {e}", Self::path(dir).display())))
+        for path in [Self::path(dir), Self::backup_path(dir)] {
+            atom_dist::fsutil::write_atomic_bytes(&path, 0o600, text.as_bytes())
+                .map_err(|e| Failure::error(format!("cannot write {}: {e}", path.display())))?;
+        }
+        Ok(())
     }
 }
 
@@ -260,7 +296,7 @@ mod tests {
             "rollback_floor = \"2.0.0\"\nfrom_the_future = 7\n[slots.B]\nversion = \"3.0.0\"\ndigest = \"blake3:00\"\nnew_too = true\n",
         )
         .unwrap();
-        let st = State::load(dir.path());
+        let st = State::load(dir.path()).unwrap();
         assert_eq!(st.floor(), Some(semver::Version::new(2, 0, 0)));
         assert_eq!(st.slots["B"].version, "3.0.0");
     }

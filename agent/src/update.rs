@@ -92,16 +92,25 @@ fn trusted(s: &Settings) -> Result<TrustedKeys, Failure> {
     TrustedKeys::load_dir(&s.keys_dir).map_err(|e| Failure::error(e.to_string()))
 }
 
-fn fetch_manifest(s: &Settings, sources: &Sources, state: &State) -> Result<Manifest, Failure> {
+fn fetch_manifest(s: &Settings, sources: &Sources, state: &State, cancel: &AtomicBool) -> Result<Manifest, Failure> {
     let keys = trusted(s)?;
+    let now = jiff::Timestamp::now();
     let policy = Policy {
         trusted: &keys,
-        now: jiff::Timestamp::now(),
+        now,
         board: Some(&s.board),
         channel: Some(&s.channel),
     };
-    let seen = state.newest_manifest.get(&s.channel).copied();
-    let (v, from) = sources.signed_manifest(&s.channel, &policy, seen)?;
+    let seen = state.newest_manifest.get(&s.channel).copied().filter(|t| {
+        // Recorded by an older agent from a manifest dated in the future: it would refuse
+        // every correctly dated manifest as a replay until then.
+        let future = atom_dist::verify::is_from_the_future(*t, now);
+        if future {
+            tracing::warn!(watermark = %t, "the replay watermark is in the future; ignored");
+        }
+        !future
+    });
+    let (v, from) = sources.signed_manifest(&s.channel, &policy, seen, cancel)?;
     tracing::info!(version = %v.manifest.version, repository = %from, signed_by = %v.signed_by, "verified manifest");
     Ok(v.manifest)
 }
@@ -109,9 +118,9 @@ fn fetch_manifest(s: &Settings, sources: &Sources, state: &State) -> Result<Mani
 pub fn check(s: &Settings) -> Result<Offer, Failure> {
     let host = Host::detect(s)?;
     let sources = Sources::new(s)?;
-    let mut state = State::load(&s.state_dir);
+    let mut state = State::load(&s.state_dir)?;
     note_fallback(s, &host, &mut state)?;
-    let m = fetch_manifest(s, &sources, &state)?;
+    let m = fetch_manifest(s, &sources, &state, &AtomicBool::new(false))?;
     let running = &host.release.version;
     let rejected = state.rejected.get(&m.image.digest.to_string()).map(|r| r.why.clone());
     let mut routes = Vec::new();
@@ -143,7 +152,7 @@ pub fn check(s: &Settings) -> Result<Offer, Failure> {
 pub fn now(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
     let _lock = Lock::acquire(&s.state_dir)?;
     let result = run(s, opts);
-    let mut state = State::load(&s.state_dir);
+    let mut state = State::load(&s.state_dir)?;
     state.last = Some(match &result {
         Ok(o) => last_result(o),
         Err(f) => LastResult {
@@ -221,10 +230,10 @@ fn last_result(o: &Outcome) -> LastResult {
 fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
     let host = Host::detect(s)?;
     let sources = Sources::new(s)?;
-    let mut state = State::load(&s.state_dir);
+    let mut state = State::load(&s.state_dir)?;
     note_fallback(s, &host, &mut state)?;
     // Step 1: a signed, current manifest for a version this host may take.
-    let target = fetch_manifest(s, &sources, &state)?;
+    let target = fetch_manifest(s, &sources, &state, opts.cancel)?;
     record_manifest_time(s, &mut state, &target)?;
     if let Some(done) = nothing_to_do(s, &host, &target) {
         return Ok(done);
@@ -308,10 +317,12 @@ fn note_fallback(s: &Settings, host: &Host, state: &mut State) -> Result<(), Fai
     Ok(())
 }
 
-/// The replay watermark: the newest `created` accepted on this channel.
+/// The replay watermark: the newest `created` accepted on this channel, never later than
+/// this host's clock (a manifest within the allowed skew ahead is recorded as now).
 fn record_manifest_time(s: &Settings, state: &mut State, target: &Manifest) -> Result<(), Failure> {
-    if state.newest_manifest.get(&s.channel) != Some(&target.created) {
-        state.newest_manifest.insert(s.channel.clone(), target.created);
+    let created = target.created.min(jiff::Timestamp::now());
+    if state.newest_manifest.get(&s.channel) != Some(&created) {
+        state.newest_manifest.insert(s.channel.clone(), created);
         state.save(&s.state_dir)?;
     }
     Ok(())

@@ -16,7 +16,11 @@ fn flags_json(f: bootsel::SlotFlags) -> serde_json::Value {
 pub fn status(s: &Settings, as_json: bool) -> Result<(), Failure> {
     let host = Host::detect(s)?;
     let (_, table) = host::load_table(&host.disk, s, false)?;
-    let state = State::load(&s.state_dir);
+    // Status still shows the disk when the state file is broken, and says so.
+    let state = State::load(&s.state_dir).unwrap_or_else(|e| {
+        eprintln!("atom-update: warning: {e}");
+        State::default()
+    });
     let next = table.decide().map(|(n, _)| n);
     let version_of = |name: SlotName| -> Option<String> {
         if name == host.running {
@@ -162,7 +166,7 @@ pub fn mark_good(s: &Settings) -> Result<(), Failure> {
 
 pub fn forget_rejected(s: &Settings, version: &str) -> Result<(), Failure> {
     let _lock = Lock::acquire(&s.state_dir)?;
-    let mut state = State::load(&s.state_dir);
+    let mut state = State::load(&s.state_dir)?;
     match state.forget_rejected(version) {
         0 => Err(Failure::not_allowed(format!("{version} is not rejected on this host"))),
         n => {
@@ -178,7 +182,7 @@ pub fn forget_rejected(s: &Settings, version: &str) -> Result<(), Failure> {
 /// agent; without this, `status` could not name its version once the other slot runs) and
 /// raises the rollback floor to it, in one write of the state file.
 fn remember_running_version_and_floor(s: &Settings, host: &Host) -> Result<(), Failure> {
-    let mut state = State::load(&s.state_dir);
+    let mut state = State::load(&s.state_dir)?;
     let version = host.release.version.to_string();
     let entry = state.slots.entry(host.running.as_str().to_owned()).or_default();
     let kernel = Some(host::running_kernel());
@@ -214,10 +218,13 @@ pub fn mark_bad(s: &Settings, force: bool) -> Result<(), Failure> {
     table.disable(host.running);
     table.commit(&mut disk).map_err(|e| Failure::error(e.to_string()))?;
     tracing::warn!(slot = %host.running, version = %host.release.version, "marked bad; the next boot falls back");
-    let mut state = State::load(&s.state_dir);
-    if state.reject_slot(host.running.as_str(), "marked bad on this host")
-        && let Err(e) = state.save(&s.state_dir)
-    {
+    let recorded = State::load(&s.state_dir).and_then(|mut state| {
+        if state.reject_slot(host.running.as_str(), "marked bad on this host") {
+            state.save(&s.state_dir)?;
+        }
+        Ok(())
+    });
+    if let Err(e) = recorded {
         tracing::warn!(error = %e, "marked bad on the disk, but the rejection was not recorded");
     }
     println!(
@@ -235,7 +242,7 @@ pub fn rollback(s: &Settings) -> Result<(), Failure> {
     let other = host.running.other();
     table.prefer(other).map_err(|e| Failure::not_allowed(e.to_string()))?;
     table.commit(&mut disk).map_err(|e| Failure::error(e.to_string()))?;
-    let state = State::load(&s.state_dir);
+    let state = State::load(&s.state_dir).unwrap_or_default();
     let version = state
         .slots
         .get(other.as_str())

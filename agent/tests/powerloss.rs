@@ -219,7 +219,11 @@ fn kept_downloads(env: &Env) -> u64 {
         return 0;
     };
     dir.filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().len() > 64 && !e.file_name().to_string_lossy().starts_with("rsync"))
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            // Downloads are named by digest; not the rsync answer, not the hidden origin records.
+            name.len() > 64 && !name.starts_with("rsync") && !name.starts_with('.')
+        })
         .map(|e| e.metadata().unwrap().len())
         .sum()
 }

@@ -111,7 +111,7 @@ fn audit_channel(
     // History: every manifest must still verify (expiry is expected there), and the files
     // it names are still served (clients on old versions use them as delta bases).
     let history_policy = Policy {
-        now: Timestamp::MIN,
+        now: atom_dist::verify::AUDIT_HISTORY,
         ..policy
     };
     let history = repo.history(channel)?;

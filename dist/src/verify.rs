@@ -30,6 +30,23 @@ pub enum VerifyError {
     WrongBoard { expected: String, found: String },
     #[error("manifest is for channel {found:?}, requested {expected:?}")]
     WrongChannel { expected: String, found: String },
+    #[error(
+        "manifest was created at {created}, after this host's clock ({now}) plus the {}-minute skew allowed: \
+         refused (a manifest from the future would lock the channel as a replay watermark); if the host's clock \
+         is wrong, fix it (timedatectl)", MAX_CLOCK_SKEW.as_secs() / 60
+    )]
+    FromTheFuture { created: Timestamp, now: Timestamp },
+}
+
+/// How far a manifest's `created` may be ahead of the verifier's clock.
+pub const MAX_CLOCK_SKEW: jiff::SignedDuration = jiff::SignedDuration::from_mins(10);
+
+/// `Policy::now` for audits of history: neither expiry nor the clock apply.
+pub const AUDIT_HISTORY: Timestamp = Timestamp::MIN;
+
+/// Whether `t` is more than the allowed skew ahead of `now`.
+pub fn is_from_the_future(t: Timestamp, now: Timestamp) -> bool {
+    now != AUDIT_HISTORY && now.checked_add(MAX_CLOCK_SKEW).is_ok_and(|limit| t > limit)
 }
 
 /// A manifest whose signature, expiry, board and channel have been checked.
@@ -43,6 +60,12 @@ pub struct Verified {
 pub fn verify_manifest(manifest: &[u8], sig_file: &[u8], policy: &Policy<'_>) -> Result<Verified, VerifyError> {
     let signed_by = signature::verify(manifest, sig_file, policy.trusted)?;
     let manifest = Manifest::parse(manifest)?;
+    if is_from_the_future(manifest.created, policy.now) {
+        return Err(VerifyError::FromTheFuture {
+            created: manifest.created,
+            now: policy.now,
+        });
+    }
     if manifest.expires <= policy.now {
         return Err(VerifyError::Expired {
             expires: manifest.expires,
