@@ -431,3 +431,26 @@ fn a_broken_mirror_does_not_poison_the_healthy_one() {
     assert!(t.contains("staged 2.0.0 in slot B via full-payload"), "{t}");
     assert!(env.slot_holds("B", "v2.img"));
 }
+
+#[test]
+fn a_gpt_whose_slots_overlap_is_refused_and_nothing_is_written() {
+    use atom_test_support::gpt::{geometry, set_geometry};
+    let env = Env::new();
+    let dev = Path::new(&env.loopdev);
+    let (b_first, b_last) = geometry(dev, 3);
+    let (a_first, a_last) = geometry(dev, 2);
+    // root-b given root-a's sectors: `now` would write the running slot.
+    set_geometry(dev, 3, a_first, a_last);
+    for verb in [&["now"][..], &["status"], &["mark-good"]] {
+        let out = agent_within(&env, verb, 60);
+        let t = text(&out);
+        assert!(!out.status.success(), "{verb:?}: {t}");
+        assert!(
+            t.contains("invalid GPT") && t.contains("overlaps partition"),
+            "{verb:?}: {t}"
+        );
+    }
+    set_geometry(dev, 3, b_first, b_last);
+    assert!(env.slot_holds("A", "v1.img"), "the running slot was not written");
+    env.now_ok();
+}

@@ -102,6 +102,8 @@ pub enum TableError {
     DuplicateSlot(String),
     #[error("cannot write the GPT: {0}")]
     Write(String),
+    #[error("invalid GPT: {0}; refusing to use it (writing a slot could overwrite another partition)")]
+    Geometry(String),
 }
 
 /// State of one GPT copy as read.
@@ -210,15 +212,70 @@ fn find_slot(entries: &[GPTPartitionEntry], name: SlotName, label: &str, ss: u64
     if found.next().is_some() {
         return Err(TableError::DuplicateSlot(label.into()));
     }
+    let bad = |why: String| TableError::Geometry(format!("slot {name} ({label}, partition {}): {why}", i + 1));
+    if e.ending_lba < e.starting_lba {
+        return Err(bad(format!(
+            "ends (LBA {}) before it starts (LBA {})",
+            e.ending_lba, e.starting_lba
+        )));
+    }
+    // Checked: a start LBA of 2^55 times the sector size wraps to 0 (the protective MBR).
+    let offset_bytes = e
+        .starting_lba
+        .checked_mul(ss)
+        .ok_or_else(|| bad(format!("start LBA {} overflows a byte offset", e.starting_lba)))?;
+    let size_bytes = (e.ending_lba - e.starting_lba + 1)
+        .checked_mul(ss)
+        .ok_or_else(|| bad("its size overflows".into()))?;
     Ok(Slot {
         name,
         label: label.into(),
         partition: i as u32 + 1,
         part_uuid: guid_string(&e.unique_partition_guid),
         flags: SlotFlags::from_attributes(e.attribute_bits),
-        offset_bytes: e.starting_lba * ss,
-        size_bytes: (e.ending_lba.saturating_sub(e.starting_lba) + 1) * ss,
+        offset_bytes,
+        size_bytes,
     })
+}
+
+/// Each slot lies within the usable LBAs and overlaps no other used partition (the other
+/// slot, the ESP, the state partition): otherwise writing the inactive slot overwrites
+/// the running one, or the table itself.
+fn check_geometry(header: &GPTHeader, entries: &[GPTPartitionEntry], slots: &[Slot; 2]) -> Result<(), TableError> {
+    for slot in slots {
+        let e = &entries[slot.partition as usize - 1];
+        if e.starting_lba < header.first_usable_lba || e.ending_lba > header.last_usable_lba {
+            return Err(TableError::Geometry(format!(
+                "slot {} (partition {}) spans LBAs {}..={}, outside the usable {}..={}",
+                slot.name,
+                slot.partition,
+                e.starting_lba,
+                e.ending_lba,
+                header.first_usable_lba,
+                header.last_usable_lba
+            )));
+        }
+        for (j, other) in entries.iter().enumerate() {
+            let overlaps = other.is_used()
+                && j + 1 != slot.partition as usize
+                && other.starting_lba <= e.ending_lba
+                && e.starting_lba <= other.ending_lba;
+            if overlaps {
+                return Err(TableError::Geometry(format!(
+                    "slot {} (partition {}, LBAs {}..={}) overlaps partition {} {:?} (LBAs {}..={})",
+                    slot.name,
+                    slot.partition,
+                    e.starting_lba,
+                    e.ending_lba,
+                    j + 1,
+                    other.partition_name.as_str(),
+                    other.starting_lba,
+                    other.ending_lba
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// GPT GUIDs are stored mixed-endian; this gives the usual text form (as blkid shows it).
@@ -270,6 +327,7 @@ impl BootTable {
             find_slot(&entries, SlotName::A, &labels.a, ss)?,
             find_slot(&entries, SlotName::B, &labels.b, ss)?,
         ];
+        check_geometry(&good.header, &entries, &slots)?;
         Ok(BootTable {
             sector_size: ss,
             primary_header,

@@ -290,3 +290,36 @@ fn agent_operations_on_disk() {
     );
     assert!(t.start_trial(SlotName::B, 0).is_err());
 }
+
+/// Tables with valid CRCs but impossible geometry (what a hostile or broken disk can carry):
+/// a slot over the other slot, over the ESP, outside the usable LBAs, or at an LBA whose byte
+/// offset overflows. Every reader refuses them, and `status` calls them invalid.
+#[test]
+fn slot_geometry_that_could_overwrite_other_partitions_is_refused() {
+    use atom_test_support::gpt::{geometry, set_geometry};
+    let (_d, disk) = scratch();
+    let (a_first, a_last) = geometry(&disk, 2);
+    let (esp_first, _) = geometry(&disk, 1);
+    let (b_first, b_last) = geometry(&disk, 3);
+    for (first, last, want) in [
+        (a_first, a_last, "overlaps partition 3 \"root-b\""),
+        (esp_first, esp_first + 100, "overlaps partition 1 \"esp\""),
+        (b_first, u64::MAX / 2, "its size overflows"),
+        (1u64 << 55, (1u64 << 55) + 10, "overflows a byte offset"),
+        (b_first, (96 << 20) / 512 - 10, "outside the usable"),
+        (b_last, b_first, "ends (LBA"),
+    ] {
+        set_geometry(&disk, 3, first, last);
+        for args in [&["status"][..], &["status", "--json"], &["choose", "--dry-run"]] {
+            let out = bootsel(args, &disk);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?} {first}..={last}: {err}");
+            assert!(
+                err.contains("invalid GPT") && err.contains(want),
+                "{args:?} {first}..={last}: {err}"
+            );
+        }
+    }
+    set_geometry(&disk, 3, b_first, b_last);
+    assert!(bootsel_ok(&["status"], &disk).contains("next boot"));
+}
