@@ -71,6 +71,10 @@ struct Server {
 
 impl Server {
     fn start(repo_dir: &Path, extra: &[&str]) -> Server {
+        Self::start_env(repo_dir, extra, &[])
+    }
+
+    fn start_env(repo_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         // In a workspace build reqwest's rustls comes without a provider (the agent brings
         // its own): install ring before any client is made.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -81,6 +85,7 @@ impl Server {
             .arg("--cache")
             .arg(dir.path().join("cache"))
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -677,6 +682,148 @@ async fn delta_cache_is_bounded_by_eviction() {
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["x-atom-cache"], expect);
     }
-    let entries = std::fs::read_dir(s._dir.path().join("cache/deltas")).unwrap().count();
+    let entries = std::fs::read_dir(s._dir.path().join("cache/deltas"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".zst"))
+        .count();
     assert_eq!(entries, 1, "older deltas evicted");
+}
+
+/// A client that disconnects (or times out) in the middle of its diff does not get its
+/// diff slot back until the diff ends: the limits hold for orphaned diffs too, and the
+/// orphan's answer still lands in the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnecting_does_not_free_a_running_diffs_slot() {
+    let f = fixture();
+    let s = Server::start_env(
+        &f.repo_dir,
+        &[
+            "--max-diffs",
+            "1",
+            "--max-diffs-per-client",
+            "1",
+            "--diff-queue-wait",
+            "1s",
+        ],
+        &[("ATOM_DIST_FAILPOINT", "diff:slow=3000")],
+    );
+    let url = format!("{}/v1/delta?channel=stable", s.url);
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let c = reqwest::Client::new();
+    let bases: Vec<Vec<u8>> = (0..3u64)
+        .map(|i| {
+            let mut b = f.v1.clone();
+            b[..4096].copy_from_slice(&bytes(4096, 300 + i));
+            b
+        })
+        .collect();
+    assert!(
+        impatient
+            .post(&url)
+            .body(signature_body(&bases[0]))
+            .send()
+            .await
+            .is_err(),
+        "timed out"
+    );
+    // Its diff still runs: the same address gets no second one, whoever asks.
+    for base in &bases[1..] {
+        let r = c.post(&url).body(signature_body(base)).send().await.unwrap();
+        assert_eq!(r.status(), 429, "the orphaned diff still holds the client's slot");
+    }
+    // Once it ended, its answer is in the cache and the address is served again.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let r = c.post(&url).body(signature_body(&bases[0])).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-atom-cache"], "hit", "the orphan's answer was cached");
+    let r = c.post(&url).body(signature_body(&bases[1])).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// A cache entry whose bytes changed (a torn write, two writers, a disk error) is never
+/// served: it is computed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_cache_entry_is_computed_again_not_served() {
+    let f = fixture();
+    let s = Server::start(&f.repo_dir, &[]);
+    let url = format!("{}/v1/delta?channel=stable", s.url);
+    let c = reqwest::Client::new();
+    let r = c.post(&url).body(signature_body(&f.v1)).send().await.unwrap();
+    assert_eq!(r.headers()["x-atom-cache"], "miss");
+    let good = r.bytes().await.unwrap();
+    let dir = s._dir.path().join("cache/deltas");
+    let entry = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "zst"))
+        .unwrap();
+    let mut bytes_on_disk = std::fs::read(&entry).unwrap();
+    let mid = bytes_on_disk.len() / 2;
+    bytes_on_disk[mid..mid + 64].fill(0);
+    std::fs::write(&entry, &bytes_on_disk).unwrap();
+    let r = c.post(&url).body(signature_body(&f.v1)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-atom-cache"], "miss", "the damaged entry was not served");
+    let again = r.bytes().await.unwrap();
+    assert_eq!(again, good);
+    assert_eq!(apply(&f.v1, &again, f.v2.len() as u64), f.v2);
+}
+
+/// A client that stops reading a large response is cut off after --write-timeout, so a
+/// handful of stalled readers cannot hold every connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stalls_is_cut_off() {
+    let f = fixture();
+    let big = bytes(48 << 20, 9);
+    let m = publish(&f.repo, &f.key, "3.0.0", &big);
+    let s = Server::start(
+        &f.repo_dir,
+        &["--write-timeout", "2s", "--max-connections-per-client", "1"],
+    );
+    let mut stalled = TcpStream::connect(&s.addr).unwrap();
+    stalled
+        .write_all(format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", m.payload.path).as_bytes())
+        .unwrap();
+    // While it holds the address's only connection, others from it are refused...
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(raw_http(&s.addr, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").is_empty());
+    // ...until the write timeout closes it.
+    let started = Instant::now();
+    loop {
+        let answer = raw_http(&s.addr, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        if answer.contains("200 OK") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the stalled connection was never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drop(stalled);
+}
+
+/// Deltas to many versions do not keep every decompressed image: --image-cache-max holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_decompressed_image_cache_is_bounded() {
+    let f = fixture();
+    let s = Server::start(&f.repo_dir, &["--image-cache-max", "1"]);
+    let c = reqwest::Client::new();
+    for version in ["1.0.0", "2.0.0", "1.0.0"] {
+        let r = c
+            .post(format!("{}/v1/delta?channel=stable&version={version}", s.url))
+            .body(signature_body(&bytes(1 << 20, 5)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{version}");
+        let images = std::fs::read_dir(s._dir.path().join("cache/images"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".img"))
+            .count();
+        assert_eq!(images, 1, "only the image in use is kept (after {version})");
+    }
 }

@@ -56,6 +56,11 @@ struct ServeArgs {
     /// Upper bound of the delta cache; least recently used deltas are evicted.
     #[arg(long, default_value = "4G", value_parser = parse_size)]
     cache_max: u64,
+    /// Upper bound of the decompressed target images in the cache (each is one image's
+    /// size; any client may ask for a delta to any published version). Least recently
+    /// used images are evicted; the one in use is always kept.
+    #[arg(long, default_value = "8G", value_parser = parse_size)]
+    image_cache_max: u64,
     /// Diffs computed at once (each uses one CPU core for seconds on a drifted base).
     #[arg(long, default_value_t = 2)]
     max_diffs: usize,
@@ -71,6 +76,10 @@ struct ServeArgs {
     /// Time allowed until a response starts (includes waiting for a diff).
     #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
+    /// Close a connection whose client has read nothing of a response for this long (a
+    /// reader that stalls on purpose would otherwise hold the connection forever).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    write_timeout: Duration,
     /// Open connections at once; further clients wait in the listen backlog.
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
@@ -115,6 +124,7 @@ fn main() -> ExitCode {
         listen: a.listen,
         tls: a.tls_cert.zip(a.tls_key),
         cache_dir: a.cache,
+        image_cache_max: a.image_cache_max,
         delta: DeltaLimits {
             max_concurrent_diffs: a.max_diffs.max(1),
             max_diffs_per_client: a.max_diffs_per_client.max(1),
@@ -126,6 +136,7 @@ fn main() -> ExitCode {
         max_connections_per_client: a.max_connections_per_client.max(1),
         header_timeout: a.header_timeout,
         request_timeout: a.request_timeout,
+        write_timeout: a.write_timeout,
         shutdown_grace: a.shutdown_grace,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -20,7 +20,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use serde::Deserialize;
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::{Semaphore, watch};
 
 use super::AppState;
 use super::clients::{Peer, PerClient};
@@ -40,10 +40,57 @@ pub struct DeltaQuery {
 
 type Key = (Digest, Digest);
 
-/// Diffs in progress, so identical requests share one.
+/// How a diff in progress ended, for the requests that wait on it.
+#[derive(Clone, Debug)]
+enum Done {
+    Ready,
+    Failed(String),
+    /// Its leader could not start it (busy, over its share): a waiter tries to lead.
+    Abandoned,
+}
+
+/// Diffs in progress, so identical requests share one. An entry lives as long as its diff,
+/// not as long as the request that started it: a client that disconnects leaves its diff
+/// running (and counted against the limits) until it ends.
 #[derive(Default)]
 pub struct InFlight {
-    map: Mutex<HashMap<Key, Arc<OnceCell<PathBuf>>>>,
+    map: Mutex<HashMap<Key, watch::Receiver<Option<Done>>>>,
+}
+
+/// The start of a diff, before its task owns it: dropping it (a refused or disconnected
+/// leader) takes the entry out and tells the waiters.
+struct Leader {
+    state: Arc<AppState>,
+    key: Key,
+    tx: Option<watch::Sender<Option<Done>>>,
+}
+
+impl Leader {
+    fn finish(mut self, done: Done) {
+        if let Some(tx) = self.tx.take() {
+            remove_inflight(&self.state, &self.key);
+            let _ = tx.send(Some(done));
+        }
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            remove_inflight(&self.state, &self.key);
+            let _ = tx.send(Some(Done::Abandoned));
+        }
+    }
+}
+
+fn remove_inflight(state: &AppState, key: &Key) {
+    state
+        .delta
+        .inflight
+        .map
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(key);
 }
 
 pub struct DeltaLimits {
@@ -57,7 +104,7 @@ pub struct DeltaLimits {
 
 pub struct DeltaService {
     pub limits: DeltaLimits,
-    pub permits: Semaphore,
+    pub permits: Arc<Semaphore>,
     pub per_client: Arc<PerClient>,
     pub inflight: InFlight,
     pub cache_dir: PathBuf,
@@ -67,7 +114,7 @@ impl DeltaService {
     pub fn new(limits: DeltaLimits, cache_dir: PathBuf) -> std::io::Result<Self> {
         std::fs::create_dir_all(&cache_dir)?;
         Ok(DeltaService {
-            permits: Semaphore::new(limits.max_concurrent_diffs),
+            permits: Arc::new(Semaphore::new(limits.max_concurrent_diffs)),
             per_client: PerClient::new(limits.max_diffs_per_client),
             limits,
             inflight: InFlight::default(),
@@ -169,7 +216,7 @@ pub async fn handle(
 
     let key = (sig_digest, target.image.digest);
     let cached = svc.cache_dir.join(format!("{}-{}.zst", key.0.hex(), key.1.hex()));
-    let hit = if cached.exists() {
+    let hit = if entry_is_sound(&cached).await {
         state.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
         touch(&cached);
         true
@@ -189,77 +236,165 @@ async fn compute_shared(
     target: &Manifest,
     peer: Option<IpAddr>,
 ) -> Result<(), ApiError> {
-    let svc = &state.delta;
-    let cell = {
-        let mut map = svc.inflight.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(key).or_default().clone()
-    };
-    if cell.initialized() || Arc::strong_count(&cell) > 2 {
+    let sig = Arc::new(sig);
+    loop {
+        let (tx, rx) = watch::channel(None);
+        let running = {
+            let mut map = state.delta.inflight.map.lock().unwrap_or_else(|e| e.into_inner());
+            match map.get(&key) {
+                Some(rx) => Some(rx.clone()),
+                None => {
+                    map.insert(key, rx);
+                    None
+                }
+            }
+        };
+        let Some(mut running) = running else {
+            let leader = Leader {
+                state: state.clone(),
+                key,
+                tx: Some(tx),
+            };
+            return lead(state, leader, path, sig.clone(), target, peer).await;
+        };
         state.metrics.shared_waits.fetch_add(1, Ordering::Relaxed);
+        let done = running
+            .wait_for(Option::is_some)
+            .await
+            .map(|d| d.clone().unwrap_or(Done::Abandoned))
+            .unwrap_or(Done::Abandoned);
+        match done {
+            Done::Ready => return Ok(()),
+            Done::Failed(e) => return Err(ApiError::internal(e)),
+            Done::Abandoned => continue,
+        }
     }
-    let result = cell
-        .get_or_try_init(|| async {
-            state.metrics.cache_misses.fetch_add(1, Ordering::Relaxed);
-            // Held while queued too: a client cannot fill the queue either.
-            let _client_slot = match peer.map(|ip| (ip, svc.per_client.try_acquire(ip))) {
-                Some((ip, None)) => {
-                    state.metrics.rejected_client_diffs.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%ip, "delta refused: the client has its share of diffs running");
-                    let mut e = ApiError::new(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "client-busy",
-                        "this address already has its share of diffs running; retry later",
-                    );
-                    e.retry_after_secs = Some(svc.limits.queue_wait.as_secs().max(1));
-                    return Err(e);
-                }
-                Some((_, slot)) => slot,
-                None => None,
-            };
-            let permit = match tokio::time::timeout(svc.limits.queue_wait, svc.permits.acquire()).await {
-                Ok(Ok(p)) => p,
-                _ => {
-                    state.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
-                    let mut e = ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "busy",
-                        "too many diffs in progress; retry later",
-                    );
-                    e.retry_after_secs = Some(svc.limits.queue_wait.as_secs().max(1) * 2);
-                    return Err(e);
-                }
-            };
-            let image = state.images.get(target).await.map_err(ApiError::internal)?;
-            let (out, started) = (path.to_owned(), Instant::now());
-            tokio::task::spawn_blocking(move || write_delta(&sig, &image, &out))
-                .await
-                .map_err(|e| ApiError::internal(format!("diff task failed: {e}")))?
-                .map_err(|e| ApiError::internal(format!("diff failed: {e}")))?;
-            drop(permit);
-            state.metrics.diff_done(started.elapsed().as_secs_f64());
-            tracing::info!(target = %target.version, seconds = started.elapsed().as_secs_f64(), "computed delta");
-            evict(&svc.cache_dir, svc.limits.cache_max_bytes, path);
-            Ok(path.to_owned())
-        })
-        .await
-        .map(|_| ());
-    svc.inflight.map.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
-    result
 }
 
+/// Takes the client's diff slot and a diff permit, then hands the diff to a task of its
+/// own that holds both until the diff ends, whatever becomes of this request.
+async fn lead(
+    state: &Arc<AppState>,
+    leader: Leader,
+    path: &Path,
+    sig: Arc<fast_rsync::Signature>,
+    target: &Manifest,
+    peer: Option<IpAddr>,
+) -> Result<(), ApiError> {
+    let svc = &state.delta;
+    state.metrics.cache_misses.fetch_add(1, Ordering::Relaxed);
+    // Held while queued too: a client cannot fill the queue either.
+    let client_slot = match peer.map(|ip| (ip, svc.per_client.try_acquire(ip))) {
+        Some((ip, None)) => {
+            state.metrics.rejected_client_diffs.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%ip, "delta refused: the client has its share of diffs running");
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "client-busy",
+                "this address already has its share of diffs running; retry later",
+            );
+            e.retry_after_secs = Some(svc.limits.queue_wait.as_secs().max(1));
+            return Err(e);
+        }
+        Some((_, slot)) => slot,
+        None => None,
+    };
+    let permit = match tokio::time::timeout(svc.limits.queue_wait, svc.permits.clone().acquire_owned()).await {
+        Ok(Ok(p)) => p,
+        _ => {
+            state.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "too many diffs in progress; retry later",
+            );
+            e.retry_after_secs = Some(svc.limits.queue_wait.as_secs().max(1) * 2);
+            return Err(e);
+        }
+    };
+    let image = state.images.get(target).await.map_err(ApiError::internal)?;
+    let (state2, out, version) = (state.clone(), path.to_owned(), target.version.clone());
+    let task = tokio::spawn(async move {
+        let started = Instant::now();
+        let written = {
+            let out = out.clone();
+            tokio::task::spawn_blocking(move || write_delta(&sig, &image, &out)).await
+        };
+        drop(permit);
+        drop(client_slot);
+        let done = match written {
+            Ok(Ok(())) => {
+                state2.metrics.diff_done(started.elapsed().as_secs_f64());
+                tracing::info!(target = %version, seconds = started.elapsed().as_secs_f64(), "computed delta");
+                evict(&state2.delta.cache_dir, state2.delta.limits.cache_max_bytes, &out);
+                Done::Ready
+            }
+            Ok(Err(e)) => Done::Failed(format!("diff failed: {e}")),
+            Err(e) => Done::Failed(format!("diff task failed: {e}")),
+        };
+        leader.finish(done.clone());
+        done
+    });
+    match task.await {
+        Ok(Done::Ready) => Ok(()),
+        Ok(Done::Failed(e)) => Err(ApiError::internal(e)),
+        Ok(Done::Abandoned) | Err(_) => Err(ApiError::internal("the diff task ended without an answer")),
+    }
+}
+
+/// The digest of a cache entry, kept beside it: an entry is served only if its bytes are
+/// still the ones written (a torn write, a disk error, two writers).
+fn digest_path(entry: &Path) -> PathBuf {
+    entry.with_extension("zst.b3")
+}
+
+async fn entry_is_sound(entry: &Path) -> bool {
+    let entry = entry.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let Ok(want) = std::fs::read_to_string(digest_path(&entry)) else {
+            return false;
+        };
+        let sound = Digest::of_file(&entry).is_ok_and(|(d, _)| d.hex() == want.trim());
+        if !sound && entry.exists() {
+            tracing::warn!(entry = %entry.display(), "cached delta does not match its digest; computing it again");
+            let _ = std::fs::remove_file(&entry);
+            let _ = std::fs::remove_file(digest_path(&entry));
+        }
+        sound
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// Writes the entry under a name unique to this writer, then its digest, then renames it
+/// into place: a reader sees a whole entry with its digest, or none.
 fn write_delta(sig: &fast_rsync::Signature, target: &[u8], out: &Path) -> std::io::Result<()> {
     let tmp = crate::fsutil::temp_path(out);
     let result = (|| {
+        slow_diff_for_tests();
         let f = std::fs::File::create(&tmp)?;
-        let mut w = BufWriter::new(f);
+        let mut w = crate::digest::HashingWriter::new(BufWriter::new(f));
         delta::make_with_signature(sig, target, 3, &mut w)?;
-        w.flush()?;
+        let (mut inner, digest, _) = w.finish();
+        inner.flush()?;
+        crate::fsutil::write_atomic_bytes(&digest_path(out), 0o644, digest.hex().as_bytes())?;
         std::fs::rename(&tmp, out)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// `ATOM_DIST_FAILPOINT=diff:slow=MS` makes every diff take that much longer, so a test
+/// can disconnect in the middle of one.
+fn slow_diff_for_tests() {
+    let ms = std::env::var("ATOM_DIST_FAILPOINT")
+        .ok()
+        .and_then(|v| v.strip_prefix("diff:slow=").and_then(|ms| ms.parse::<u64>().ok()));
+    if let Some(ms) = ms {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
 }
 
 /// Marks a cache entry as recently used (eviction removes the least recently used).
@@ -289,6 +424,7 @@ fn evict(dir: &Path, max_bytes: u64, keep: &Path) {
             break;
         }
         if path != keep && std::fs::remove_file(&path).is_ok() {
+            let _ = std::fs::remove_file(digest_path(&path));
             total -= len;
             tracing::debug!(path = %path.display(), "evicted cached delta");
         }

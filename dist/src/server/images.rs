@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use memmap2::Mmap;
@@ -15,17 +15,57 @@ use crate::manifest::Manifest;
 pub struct ImageStore {
     dir: PathBuf,
     repo_root: PathBuf,
+    /// Bound of the decompressed images on disk: any client can name any version ever
+    /// published, so without it the cache would grow to the whole history.
+    max_bytes: u64,
     loaded: Mutex<HashMap<Digest, Arc<OnceCell<Arc<Mmap>>>>>,
 }
 
 impl ImageStore {
-    pub fn new(dir: PathBuf, repo_root: PathBuf) -> std::io::Result<Self> {
+    pub fn new(dir: PathBuf, repo_root: PathBuf, max_bytes: u64) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
         Ok(ImageStore {
             dir,
             repo_root,
+            max_bytes,
             loaded: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Removes the least recently used images until the rest fit the bound; never `keep`.
+    /// A mapped image that is removed stays valid for the diffs using it (the mapping
+    /// holds it); the next request for it decompresses it again.
+    fn evict(&self, keep: &Path) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let m = e.metadata().ok()?;
+                let is_image = m.is_file() && e.file_name().to_str()?.ends_with(".img");
+                is_image.then_some((m.modified().ok()?, m.len(), e.path()))
+            })
+            .collect();
+        let mut total: u64 = files.iter().map(|f| f.1).sum();
+        files.sort();
+        for (_, len, path) in files {
+            if total <= self.max_bytes {
+                break;
+            }
+            if path == keep || std::fs::remove_file(&path).is_err() {
+                continue;
+            }
+            total -= len;
+            let digest = path
+                .file_stem()
+                .and_then(|n| n.to_str())
+                .and_then(|hex| format!("blake3:{hex}").parse::<Digest>().ok());
+            if let Some(d) = digest {
+                self.loaded.lock().unwrap_or_else(|e| e.into_inner()).remove(&d);
+            }
+            tracing::info!(image = %path.display(), "evicted a decompressed image from the cache");
+        }
     }
 
     /// The target image of `m`, mapped read-only. The first request for an image
@@ -39,13 +79,22 @@ impl ImageStore {
         let path = self.dir.join(format!("{}.img", m.image.digest.hex()));
         let payload = self.repo_root.join(&m.payload.path);
         let (digest, size) = (m.image.digest, m.image.size);
-        cell.get_or_try_init(|| async move {
-            tokio::task::spawn_blocking(move || load(path, payload, digest, size))
-                .await
-                .map_err(|e| format!("image task failed: {e}"))?
-        })
-        .await
-        .cloned()
+        let image = {
+            let path = path.clone();
+            cell.get_or_try_init(|| async move {
+                tokio::task::spawn_blocking(move || load(path, payload, digest, size))
+                    .await
+                    .map_err(|e| format!("image task failed: {e}"))?
+            })
+            .await
+            .cloned()?
+        };
+        // Marks the image as recently used, then keeps the cache within its bound.
+        if let Ok(f) = File::options().append(true).open(&path) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+        self.evict(&path);
+        Ok(image)
     }
 }
 

@@ -43,12 +43,17 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub cache_dir: PathBuf,
+    /// Bound of the decompressed target images in the cache.
+    pub image_cache_max: u64,
     pub delta: DeltaLimits,
     pub max_connections: usize,
     /// Connections one client address may hold at once.
     pub max_connections_per_client: usize,
     pub header_timeout: Duration,
     pub request_timeout: Duration,
+    /// A connection whose client reads nothing of a response for this long is closed:
+    /// otherwise a few addresses that stop reading hold every connection.
+    pub write_timeout: Duration,
     pub shutdown_grace: Duration,
 }
 
@@ -125,8 +130,12 @@ pub async fn serve(
     use anyhow::Context;
     let repo = Repository::open(&cfg.repo)?;
     let state = Arc::new(AppState {
-        images: images::ImageStore::new(cfg.cache_dir.join("images"), repo.root().to_path_buf())
-            .with_context(|| format!("cannot create cache directory {}", cfg.cache_dir.display()))?,
+        images: images::ImageStore::new(
+            cfg.cache_dir.join("images"),
+            repo.root().to_path_buf(),
+            cfg.image_cache_max,
+        )
+        .with_context(|| format!("cannot create cache directory {}", cfg.cache_dir.display()))?,
         delta: delta::DeltaService::new(cfg.delta, cfg.cache_dir.join("deltas"))
             .with_context(|| format!("cannot create cache directory {}", cfg.cache_dir.display()))?,
         repo,
@@ -183,6 +192,9 @@ pub async fn serve(
                 req
             },
         ));
+        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(cfg.write_timeout));
+        let stream = Box::pin(stream);
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new()).header_read_timeout(cfg.header_timeout);
         let header_timeout = cfg.header_timeout;
