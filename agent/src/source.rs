@@ -52,6 +52,22 @@ fn pinned_cas(path: &Path) -> Result<Vec<Certificate>, Failure> {
 }
 
 /// Why one mirror could not give us something; collected so the final error lists all.
+/// Follows up to 10 redirects, but never from HTTPS to plain HTTP: that would drop the
+/// transport's protection (and a pinned `tls_ca`) for the rest of the request.
+fn no_downgrade() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let downgrade = attempt.url().scheme() == "http" && attempt.previous().iter().any(|u| u.scheme() == "https");
+        if downgrade {
+            let to = attempt.url().to_string();
+            attempt.error(format!("refusing a redirect from HTTPS to plain HTTP ({to})"))
+        } else if attempt.previous().len() >= 10 {
+            attempt.error("more than 10 redirects")
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
 fn join(errors: &[String]) -> String {
     errors.join("; ")
 }
@@ -63,6 +79,7 @@ impl Sources {
         // Only with an HTTP mirror: a host fed from a local disk may have no CA store.
         let client = if s.repositories.iter().any(|r| matches!(r, Repo::Http(_))) {
             let mut builder = Client::builder()
+                .redirect(no_downgrade())
                 .connect_timeout(s.http_timeout)
                 .timeout(s.http_timeout)
                 .user_agent(concat!("atom-update/", env!("CARGO_PKG_VERSION")));

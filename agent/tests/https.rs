@@ -157,3 +157,57 @@ fn https_repository_is_trusted_only_through_the_configured_ca() {
     );
     assert!(env.slot_holds("B", "v2.img"));
 }
+
+/// An HTTPS mirror that redirects to plain HTTP (a misconfigured CDN, or an attacker who
+/// can answer on the HTTPS name): the redirect is refused, even though the plain server
+/// would serve a validly signed repository.
+#[test]
+fn a_redirect_from_https_to_plain_http_is_refused() {
+    let env = Env::new();
+    let pki = env.path("pki");
+    std::fs::create_dir(&pki).unwrap();
+    make_ca(&pki, "fleet-ca");
+    make_server_cert(&pki, "fleet-ca");
+    let script = r#"
+import http.server, ssl, sys
+target, cert, key = sys.argv[1:4]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(302)
+        self.send_header("Location", target + self.path)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+srv = http.server.HTTPServer(("127.0.0.1", 0), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"#;
+    let mut redirector = Command::new("python3")
+        .args(["-c", script, &env.url])
+        .arg(pki.join("server.pem"))
+        .arg(pki.join("server.key"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 is needed for the redirect test");
+    let mut port = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(redirector.stdout.take().unwrap()),
+        &mut port,
+    )
+    .unwrap();
+    let https = format!("https://127.0.0.1:{}", port.trim());
+    env.write_config(
+        &[&https],
+        &format!("tls_ca = \"{}\"\n", pki.join("fleet-ca.pem").display()),
+    );
+    let out = env.agent(&["now"]);
+    let _ = redirector.kill();
+    let _ = redirector.wait();
+    let err = failed(&out, 1, "cannot fetch the manifest");
+    assert!(err.contains("refusing a redirect from HTTPS to plain HTTP"), "{err}");
+    assert_eq!(env.flags(3).0, 0, "nothing staged");
+}

@@ -47,13 +47,28 @@ pub fn find(
     labels: &SlotLabels,
     wait: Duration,
 ) -> Result<FoundDisk, String> {
+    find_among(
+        &|| match configured {
+            Some(d) => vec![PathBuf::from(d)],
+            None => whole_disks(Path::new("/sys")),
+        },
+        guid,
+        labels,
+        wait,
+    )
+}
+
+/// [`find`] over the disks `candidates` lists (again at each try: disks appear late).
+fn find_among(
+    candidates: &dyn Fn() -> Vec<PathBuf>,
+    guid: Option<&str>,
+    labels: &SlotLabels,
+    wait: Duration,
+) -> Result<FoundDisk, String> {
     let deadline = Instant::now() + wait;
     let mut last_problem = String::from("no disk appeared");
     loop {
-        let candidates = match configured {
-            Some(d) => vec![PathBuf::from(d)],
-            None => whole_disks(Path::new("/sys")),
-        };
+        let candidates = candidates();
         let mut matches = Vec::new();
         for path in candidates {
             let mut file = match OpenOptions::new().read(true).write(true).open(&path) {
@@ -113,5 +128,52 @@ pub fn partition_node(disk: &Path, number: u32, wait: Duration) -> Result<PathBu
             ));
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpt_disk(path: &Path) {
+        std::fs::File::create(path).unwrap().set_len(64 << 20).unwrap();
+        let mut child = std::process::Command::new("sfdisk")
+            .arg("--quiet")
+            .arg(path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("sfdisk (package fdisk) is needed");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"label: gpt\nsize=8MiB, name=root-a\nsize=8MiB, name=root-b\n")
+            .unwrap();
+        assert!(child.wait().unwrap().success());
+    }
+
+    #[test]
+    fn two_disks_with_both_labels_are_an_error_not_a_coin_toss() {
+        let d = tempfile::tempdir().unwrap();
+        let (one, two, other) = (d.path().join("sda"), d.path().join("sdb"), d.path().join("sdc"));
+        gpt_disk(&one);
+        gpt_disk(&two);
+        std::fs::write(&other, vec![0u8; 1 << 20]).unwrap();
+        let labels = SlotLabels::default();
+        let both = || vec![one.clone(), other.clone(), two.clone()];
+        let e = find_among(&both, None, &labels, Duration::ZERO).err().unwrap();
+        assert!(
+            e.contains("several disks have both slot labels") && e.contains("sda") && e.contains("sdb"),
+            "{e}"
+        );
+        let just_one = || vec![other.clone(), two.clone()];
+        let found = find_among(&just_one, None, &labels, Duration::ZERO).unwrap();
+        assert_eq!(found.path, two);
+        // The second stage names the disk by GUID: then the other disk does not count.
+        let guid = found.table.disk_guid();
+        let found = find_among(&both, Some(&guid), &labels, Duration::ZERO).unwrap();
+        assert_eq!(found.path, two);
     }
 }
