@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 package=${1:-bootsel}
 target=$(rustc -vV | sed -n 's/^host: //p')
 RUSTFLAGS="-C target-feature=+crt-static" \
-  cargo build --locked -q -p "$package" --profile initramfs --target "$target" --target-dir target/static
+  cargo build --locked -p "$package" --profile initramfs --target "$target" --target-dir target/static
 bin="target/static/$target/initramfs/$package"
 if readelf -d "$bin" | grep -q NEEDED; then
   echo "build-static.sh: $bin needs shared libraries" >&2

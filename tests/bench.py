@@ -314,6 +314,11 @@ class Bench:
         if mode == "layout-stable":
             goals.append(("bytes written <= 1.5 x differing blocks",
                           pre["written"] / max(diff * BLOCK, 1) if pre else None, 1.5))
+        if self.args.small:
+            print("* goals: not checked in the small run: on 64 MiB busybox images the timings are "
+                  "sub-second and say nothing about 1 GiB images (`bash tests/bench.sh` checks them); "
+                  "here every number is produced and every output verified")
+            goals = []
         for label, ratio, limit in goals:
             if ratio is None:
                 verdict = "not measured"
@@ -361,7 +366,8 @@ def debian_tree(root, suite, security, extra, keep=False):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bin-dir", required=True)
-    p.add_argument("--work", default=tempfile.mkdtemp(prefix="atom-bench."))
+    p.add_argument("--work", help="work directory (default: a new one under /tmp, removed after a passing run)")
+    p.add_argument("--keep", action="store_true", help="keep the default work directory after a passing run")
     p.add_argument("--small", action="store_true", help="busybox trees, 64 MiB slots (the CI check)")
     p.add_argument("--suite", default="bookworm")
     p.add_argument("--only", choices=["security", "added"],
@@ -369,6 +375,9 @@ def main():
     p.add_argument("--keep-trees", action="store_true",
                    help="reuse Debian trees already in the work dir (a rerun with the same packages)")
     args = p.parse_args()
+    made_work = args.work is None
+    if made_work:
+        args.work = tempfile.mkdtemp(prefix="atom-bench.")
     args.slot_mib = 64 if args.small else 1024
     args.zstd_level = 19
     b = Bench(args)
@@ -393,6 +402,10 @@ def main():
         print("\nFAILED:\n" + "\n".join(f"  {f}" for f in b.failures))
         sys.exit(1)
     print("\nall outputs verified")
+    if made_work and not args.keep:
+        shutil.rmtree(w, ignore_errors=True)
+    else:
+        print(f"work files kept in {w}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@
 #                                     number is produced and every output verifies
 # Extra arguments go to bench.py (e.g. --work DIR).
 set -euo pipefail
+# shellcheck source=tests/as-root.sh
+source "$(dirname "$0")/as-root.sh"
 cd "$(dirname "$0")/.."
 packages=(rsync zstd casync mmdebstrap e2fsprogs util-linux fdisk cgpt busybox-static python3)
 # shellcheck source=tests/packages.sh
@@ -16,10 +18,10 @@ ensure_packages "${packages[@]}"
 [[ $(id -u) == 0 ]] || { echo "bench.sh: run as root (loop devices)" >&2; exit 1; }
 if [[ ${1:-} == --small ]]; then
   # Numbers and verification only: the debug build the test run already made will do.
-  cargo build --locked -q -p atom-build -p atom-update -p atom-dist
+  cargo build --locked -p atom-build -p atom-update -p atom-dist
   bin=target/debug
 else
-  cargo build --locked -q --release -p atom-build -p atom-update -p atom-dist
+  cargo build --locked --release -p atom-build -p atom-update -p atom-dist
   bin=target/release
 fi
 exec python3 tests/bench.py --bin-dir "$bin" "$@"

@@ -4,8 +4,21 @@
 # simulated with `bootsel choose` (tests/vm.sh boots them for real in qemu).
 # Run as root on a fresh Debian machine: bash tests/demo-loop.sh [WORKDIR]
 set -euo pipefail
+# shellcheck source=tests/as-root.sh
+source "$(dirname "$0")/as-root.sh"
 cd "$(dirname "$0")/.."
-work=${1:-$(mktemp -d /tmp/atom-demo.XXXXXX)}
+keep_work=0 work=
+for arg in "$@"; do
+  case $arg in
+    --keep) keep_work=1 ;;
+    *) work=$arg ;;
+  esac
+done
+made_work=0
+if [[ -z $work ]]; then
+  work=$(mktemp -d /tmp/atom-demo.XXXXXX)
+  made_work=1
+fi
 mkdir -p "$work"
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
@@ -142,4 +155,12 @@ echo "    next boot, after the tries ran out:"
 "$bootsel" choose --disk "$loopdev" | sed 's/^/      /'
 "$bootsel" status --disk "$loopdev"
 
-step "done; files are in $work"
+step "done"
+cleanup
+trap - EXIT
+if ((made_work && !keep_work)); then
+  rm -rf "$work"
+  echo "    work directory $work removed (--keep keeps it)"
+else
+  echo "    files are in $work"
+fi

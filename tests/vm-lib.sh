@@ -5,7 +5,14 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 repo_root=$PWD
-work=${work:-$(mktemp -d /tmp/atom-vm.XXXXXX)}
+# A work directory made here goes away after a passing run (not with --keep, not after a
+# failure: then it holds the consoles); one given on the command line is the caller's.
+keep_work=${keep_work:-0}
+made_work=0
+if [[ -z ${work:-} ]]; then
+  work=$(mktemp -d /tmp/atom-vm.XXXXXX)
+  made_work=1
+fi
 mkdir -p "$work"
 work=$(cd "$work" && pwd)
 boot_timeout=${ATOM_VM_TIMEOUT:-240}
@@ -21,7 +28,7 @@ fail() {
   exit 1
 }
 
-packages=(qemu-system-x86 ovmf systemd-boot-efi kmod e2fsprogs zstd busybox-static rsync util-linux mount dosfstools mtools mmdebstrap)
+packages=(qemu-system-x86 ovmf systemd-boot-efi kmod e2fsprogs zstd busybox-static rsync util-linux mount dosfstools mtools mmdebstrap socat curl)
 # shellcheck source=tests/packages.sh
 source tests/packages.sh
 ensure_packages "${packages[@]}"
@@ -96,9 +103,10 @@ slot_image_args() { # [MODULE...]
   for m in "$@"; do printf '%s\n' --module "$m"; done
 }
 
-step "building atom-build, and static bootsel and atom-update"
-cargo build --locked -p atom-build
+step "building atom-build and atom-dist, and static bootsel and atom-update"
+cargo build --locked -p atom-build -p atom-dist
 build=$repo_root/target/debug/atom-build
+dist_bin=$repo_root/target/debug/atom-dist
 bootsel_static=$(bash bootsel/build-static.sh)
 update_static=$(bash bootsel/build-static.sh atom-update)
 ls -l "$bootsel_static" "$update_static" | awk '{print "    " $5 " bytes  " $9}'
@@ -128,15 +136,41 @@ control() { # the shell script the guest runs after its health checks
   cat > "$work/exchange/control.sh"
 }
 
+# atom-dist on the host's 127.0.0.1, serving the repository the VM tests publish into.
+# Guests reach it as http://10.0.2.100 (qemu user networking, restricted: the guest can
+# reach nothing else, and nothing leaves the machine).
+dist_url=
+start_dist() {
+  [[ -z $dist_url ]] || return 0
+  "$dist_bin" serve --repo "$work/exchange/repo" --listen 127.0.0.1:0 --cache "$work/dist-cache" \
+    > "$work/atom-dist.out" 2> "$work/atom-dist.log" &
+  dist_pid=$!
+  trap 'kill "$dist_pid" 2>/dev/null || true' EXIT
+  local _
+  for _ in $(seq 100); do
+    dist_url=$(sed -n 's/^atom-dist: listening on //p' "$work/atom-dist.out")
+    [[ -n $dist_url ]] && break
+    sleep 0.1
+  done
+  [[ -n $dist_url ]] || fail "atom-dist did not start: $(cat "$work/atom-dist.log")"
+  echo "    atom-dist serving $work/exchange/repo on $dist_url (the guests' http://10.0.2.100)"
+}
+# dist_metric NAME_AND_LABELS: a counter of the running atom-dist (0 if absent).
+dist_metric() {
+  curl -fsS "$dist_url/metrics" | awk -v m="$1" '$1 == m {print $2; found=1} END {if (!found) print 0}'
+}
+
+# The guests' repository: atom-dist over HTTP (tests/vm.sh sets it), or the exchange disk.
+agent_repo=${agent_repo:-file:///mnt/exchange/repo}
 # install_agent ROOT [OPTIONS]: the static agent, the units and presets (atom-build install-units),
-# the signing key, and an update.toml reading the repository on the exchange disk.
+# the signing key, and an update.toml reading $agent_repo.
 install_agent() { # ROOT [install-units options...]
   local root=$1
   shift
   "$build" install-units --root "$root" --bin-dir "$(dirname "$update_static")" "$@" >/dev/null
   cp "$work/signer.pub" "$root/etc/atom/keys/"
-  cat > "$root/etc/atom/update.toml" <<'EOF'
-repositories = ["file:///mnt/exchange/repo"]
+  cat > "$root/etc/atom/update.toml" <<EOF
+repositories = ["$agent_repo"]
 channel = "stable"
 board = "x86_64-generic"
 tries = 2
@@ -162,9 +196,16 @@ boot() {
     firmware=(-bios /usr/share/ovmf/OVMF.fd)
     how="UEFI firmware (OVMF) -> systemd-boot from the ESP"
   fi
+  local net=()
+  if [[ $agent_repo == http* ]]; then
+    start_dist
+    # Each guest connection to 10.0.2.100:80 becomes one socat to atom-dist on 127.0.0.1.
+    net=(-netdev "user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:80-cmd:socat - TCP:${dist_url#http://}"
+      -device virtio-net-pci,netdev=net0)
+  fi
   echo "    boot $boot_n: $how, accel $vm_accel, console: $console"
   local started=$SECONDS
-  timeout "$boot_timeout" qemu-system-x86_64 "${qemu_machine[@]}" -serial "file:$console" "${firmware[@]}" \
+  timeout "$boot_timeout" qemu-system-x86_64 "${qemu_machine[@]}" "${net[@]}" -serial "file:$console" "${firmware[@]}" \
     -drive "file=$work/disk.img,format=raw,if=virtio,cache=unsafe" \
     -drive "file=$work/exchange.img,format=raw,if=virtio,readonly=on" ||
     fail "boot $boot_n did not end within ${boot_timeout}s (or qemu failed)"
@@ -172,6 +213,17 @@ boot() {
   # Carriage returns and colour codes out, so patterns match what a reader sees.
   sed 's/\r//g; s/\x1b\[[0-9;]*[A-Za-z]//g' "$console" > "$console.txt" && mv "$console.txt" "$console"
   grep -E "^(bootsel|ATOM-SAMPLE|staged|up to date|booted:|last boot|SLOT|[AB] |UNITS|JOURNAL|PREVIOUS|Result=)|Kernel panic|health" "$console" | grep -v "^bootsel: loaded" | sed 's/^/    | /' || true
+}
+# The last step of a passing run.
+finish() {
+  step "all steps passed"
+  [[ -z ${dist_pid:-} ]] || kill "$dist_pid" 2>/dev/null || true
+  if ((made_work && !keep_work)); then
+    rm -rf "$work"
+    echo "    work directory $work removed (--keep keeps it)"
+  else
+    echo "    files are in $work"
+  fi
 }
 expect() { # PATTERN DESCRIPTION
   grep -qE -- "$1" "$console" || fail "$2: no line matching /$1/ on boot $boot_n's console"

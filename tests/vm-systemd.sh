@@ -15,9 +15,18 @@
 #           reboots
 #   boot 4: back on 2.0.0; the previous boot's journal shows what the units did
 #
-# Usage (root, Debian): bash tests/vm-systemd.sh [WORKDIR]
+# Usage (root, Debian): bash tests/vm-systemd.sh [--keep] [WORKDIR] (a temporary work directory
+# is removed after a passing run unless --keep; a WORKDIR given is kept and reused)
 set -euo pipefail
-work=${1:-}
+# shellcheck source=tests/as-root.sh
+source "$(dirname "$0")/as-root.sh"
+keep_work=0 work=
+for arg in "$@"; do
+  case $arg in
+    --keep) keep_work=1 ;;
+    *) work=$arg ;;
+  esac
+done
 # shellcheck source=tests/vm-lib.sh
 source "$(dirname "$0")/vm-lib.sh"
 
@@ -156,4 +165,4 @@ expect "PREVIOUS: .*50-broken-service" "boot 3's journal: the failing check by n
 expect "PREVIOUS: .*marked bad" "boot 3's journal: atom-mark-bad.service marked the slot bad"
 expect "\]: A +root-a +3\.0\.0 .*not bootable" "slot A (3.0.0) is not bootable"
 
-step "all steps passed; files are in $work"
+finish

@@ -4,15 +4,20 @@
 # Real Debian kernels boot a sample OS (busybox + atom-update + the Atom units) in qemu
 # from a GPT disk made by `atom-build disk`: the first stage is the initramfs of
 # `atom-build initramfs` (bootsel as /init), each slot's own initramfs is built by
-# `atom-build image`. The repository reaches the guest on a second, read-only
-# disk (file:// repository; no guest network). Each boot is one qemu run with -no-reboot,
+# `atom-build image`. The guest updates from a real atom-dist on the host's 127.0.0.1
+# (qemu user networking, restricted to that one forwarded address, http://10.0.2.100):
+# the precomputed delta and the rsync endpoint; once from the repository on a second,
+# read-only disk, as from a USB stick. Each boot is one qemu run with -no-reboot,
 # so every reboot the guest asks for ends qemu and the next run is the next boot; what
 # happened is read back from the serial console.
 #
 #   boot 1 (UEFI firmware, systemd-boot): 1.0.0 from A; atom-update now -> 2.0.0 into B
+#           (atom-dist, precomputed delta)
 #   boot 2: 2.0.0 from B on trial, health checks pass, marked good; update to 3.0.0
+#           (atom-dist, the rsync endpoint)
 #   boot 3: 3.0.0 from A; its health check fails -> mark-bad -> reboot
-#   boot 4: back on 2.0.0 from B by itself; update to 4.0.0, whose init crashes
+#   boot 4: back on 2.0.0 from B by itself; update to 4.0.0 (from the "USB stick"), whose
+#           init crashes
 #   boot 5, 6: 4.0.0 from A panics; each boot spends one try
 #   boot 7: A is out of tries: bootsel falls back to 2.0.0 on B; status shows it; update
 #           to 5.0.0, whose initramfs lacks ext4
@@ -27,11 +32,24 @@
 # (kernel + bootsel initramfs, written once) that chooses the slot, spends its try and
 # starts the slot's kernel with kexec; the console shows `uname -r` on every boot.
 #
-# Usage (root, Debian): bash tests/vm.sh [WORKDIR]
+# Usage (root, Debian): bash tests/vm.sh [--keep] [WORKDIR]
+# A temporary work directory is removed after a passing run unless --keep is given; a
+# WORKDIR given is kept (and reused: the downloaded kernels are not fetched again).
 # ATOM_VM_TIMEOUT bounds each boot (seconds, default 240); ATOM_VM_ACCEL=kvm uses KVM
 # (default tcg, software emulation). Packages it needs are installed.
 set -euo pipefail
-work=${1:-}
+# shellcheck source=tests/as-root.sh
+source "$(dirname "$0")/as-root.sh"
+keep_work=0 work=
+for arg in "$@"; do
+  case $arg in
+    --keep) keep_work=1 ;;
+    *) work=$arg ;;
+  esac
+done
+# The guests update from atom-dist on the host (qemu user networking); one step uses the
+# exchange disk as a USB stick would be used.
+agent_repo=http://10.0.2.100
 # shellcheck source=tests/vm-lib.sh
 source "$(dirname "$0")/vm-lib.sh"
 
@@ -57,6 +75,12 @@ version=$(sed -n 's/^version = "\(.*\)"/\1/p' /usr/lib/atom/release)
 slot=$(sed -n 's/^slot = "\(.*\)"/\1/p' /run/atom/boot.toml)
 echo "ATOM-SAMPLE: running $version from slot $slot on kernel $(uname -r)"
 mount -o ro /dev/vdb /mnt/exchange || echo "ATOM-SAMPLE: no exchange disk"
+# The network to atom-dist: qemu's user network, where 10.0.2.100 forwards to the host.
+if modprobe virtio_net && ip link set lo up && ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0; then
+  echo "ATOM-SAMPLE: network up: eth0 10.0.2.15, the repository at http://10.0.2.100"
+else
+  echo "ATOM-SAMPLE: no network"
+fi
 if atom-update health-check; then
   atom-update mark-good && echo "ATOM-SAMPLE: marked good"
 else
@@ -77,7 +101,7 @@ EOF
   printf 'Welcome to the Atom sample OS %s\n' "$version" > "$root/etc/motd"
   # Bulk that stays the same between versions, like most of a real OS.
   for i in $(seq 1 20); do head -c 200000 /bin/busybox | tail -c $((1000 * i)) > "$root/usr/share/doc/sample/blob$i"; done
-  slot_kernel "$root" "$3" "$4"
+  slot_kernel "$root" "$3" "$4" "${initramfs_modules[@]}" virtio_net
 }
 mapfile -t slot_args < <(slot_image_args)
 
@@ -128,20 +152,32 @@ expect "bootsel: starting the slot's kernel $kver_old" "the first stage chose A 
 expect "bootsel: second stage: slot A chosen by the first stage" "A's initramfs takes over without choosing again"
 expect "ATOM-SAMPLE: running 1.0.0 from slot A on kernel $kver_old" "1.0.0 runs from slot A on $kver_old"
 expect "ATOM-SAMPLE: marked good" "slot A marked good"
-expect "^staged 2\.0\.0 in slot B via" "2.0.0 written to slot B and staged"
+expect "ATOM-SAMPLE: network up" "the guest's network to atom-dist is up"
+expect "^staged 2\.0\.0 in slot B via precomputed-delta: downloaded [0-9]+ bytes" \
+  "2.0.0 staged in slot B from atom-dist over HTTP, by the precomputed delta"
+[[ $(dist_metric 'atom_dist_requests_total{route="file",status="200"}') -ge 3 ]] ||
+  fail "atom-dist served no files to the guest"
+ok "atom-dist served the guest: $(dist_metric 'atom_dist_requests_total{route="file",status="200"}') files (manifest, signature, delta)"
 
-step "boot 2: 2.0.0 from B on trial; passes its health checks; then update to 3.0.0"
+step "boot 2: 2.0.0 from B on trial; passes its health checks; then update to 3.0.0 by the rsync endpoint"
 publish "$work/v3.img"
+# This run takes only the rsync route: atom-dist computes the delta from the signature of
+# the host's running slot.
 control <<'EOF'
 atom-update status
-atom-update now
+{ grep -v '^routes' /etc/atom/update.toml; echo 'routes = ["rsync"]'; } > /tmp/rsync-only.toml
+atom-update --config /tmp/rsync-only.toml now
 EOF
 boot
 expect "bootsel: starting the slot's kernel $kver_new" "the first stage starts B's kernel, $kver_new"
 expect "ATOM-SAMPLE: running 2.0.0 from slot B on kernel $kver_new" "2.0.0 runs from slot B on its own kernel $kver_new"
 expect "ATOM-SAMPLE: marked good" "2.0.0 marked good"
 expect "^A +root-a +1\.0\.0 " "status names 1.0.0 in slot A (recorded when it was marked good)"
-expect "^staged 3\.0\.0 in slot A via" "3.0.0 written to slot A and staged"
+expect "^staged 3\.0\.0 in slot A via rsync-delta: downloaded [0-9]+ bytes, uploaded [0-9]+" \
+  "3.0.0 staged in slot A by atom-dist's rsync endpoint (signature up, delta down)"
+[[ $(dist_metric 'atom_dist_requests_total{route="delta",status="200"}') -ge 1 ]] ||
+  fail "atom-dist computed no delta for the guest"
+ok "atom-dist answered $(dist_metric 'atom_dist_requests_total{route="delta",status="200"}') rsync request(s), $(dist_metric atom_dist_delta_cache_misses_total) diff(s) computed"
 
 step "boot 3: 3.0.0 from A; its health check fails, so it marks itself bad and reboots"
 boot
@@ -150,14 +186,16 @@ expect "does not start" "the failing check's own message is on the console"
 expect "ATOM-SAMPLE: health check failed" "health check failed"
 refute "ATOM-SAMPLE: control script begins" "nothing ran after the failed check"
 
-step "boot 4: back on 2.0.0 by itself; then update to 4.0.0 (its init crashes)"
+step "boot 4: back on 2.0.0 by itself; then update to 4.0.0 (its init crashes) from a \"USB stick\""
 publish "$work/v4.img"
+# The exchange disk as a stick: --repository replaces the configured mirrors for one run.
 control <<'EOF'
-atom-update now
+atom-update now --repository file:///mnt/exchange/repo
 EOF
 boot
 expect "ATOM-SAMPLE: running 2.0.0 from slot B on kernel $kver_new" "back on 2.0.0 from slot B, on $kver_new"
-expect "^staged 4\.0\.0 in slot A via" "4.0.0 written to slot A and staged"
+expect "^staged 4\.0\.0 in slot A via [a-z-]+: read [0-9]+ bytes from a local repository" \
+  "4.0.0 staged in slot A from the stick (bytes read locally, none downloaded)"
 
 for attempt in 1 2; do
   step "boot $((boot_n + 1)): 4.0.0 from A, try $attempt of 2: init crashes, the kernel panics and reboots"
@@ -231,4 +269,4 @@ expect "/dev/vdz" "and names the disk it waited for"
 expect "starting emergency shell /bin/sh" "it offers the initramfs's busybox shell"
 expect "^EMERGENCY-SHELL: 42" "a command typed on the serial console ran in that shell"
 
-step "all steps passed; files are in $work"
+finish
