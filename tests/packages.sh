@@ -8,6 +8,8 @@ ensure_packages() {
   done
   ((${#missing[@]})) || return 0
   printf '==> installing %s\n' "${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get update -q
+  # One line per package fetched, unpacked and set up: a long install is never silent.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" |
+    { grep -E "^(Get:|Unpacking|Setting up)" || true; } | sed 's/^/    /'
 }

@@ -35,7 +35,7 @@ base=$work/sysbase
 step "a Debian $suite root with systemd (mmdebstrap --variant=minbase, the host's apt sources)"
 if [[ ! -x $base/usr/lib/systemd/systemd || ! -x $base/usr/sbin/mkinitramfs ]]; then
   rm -rf "$base"
-  mmdebstrap --quiet --variant=minbase --include=systemd-sysv,udev,initramfs-tools,kmod \
+  mmdebstrap --variant=minbase --include=systemd-sysv,udev,initramfs-tools,kmod \
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
     --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
     "$suite" "$base"
