@@ -104,6 +104,11 @@ pub enum Command {
         /// The version, as `status` lists it under "rejected".
         version: String,
     },
+    /// Forget the channel's replay watermark (the newest manifest date accepted), when an
+    /// older agent recorded one from a manifest dated in the future: until then every
+    /// correctly dated manifest is refused as a replay. Replays of older manifests are
+    /// possible again until the next accepted one, so check the mirrors first.
+    ForgetWatermark,
     /// Check periodically (with jitter); SIGHUP reloads the configuration.
     Daemon,
     /// Run the boot health checks (every executable in the health directories).

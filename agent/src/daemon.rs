@@ -45,13 +45,18 @@ fn reload_if_asked(config: &Path, settings: &mut Settings, reload: &AtomicBool) 
 /// The reboot policy's wait, which a SIGHUP interrupts: the reloaded settings may move the
 /// maintenance window or turn reboots off, and apply at once.
 fn wait_to_reboot(config: &Path, settings: &mut Settings, stop: &AtomicBool, reload: &AtomicBool) {
-    while settings.reboot != RebootPolicy::Never && !stop.load(Ordering::Relaxed) {
+    loop {
+        if settings.reboot == RebootPolicy::Never || stop.load(Ordering::Relaxed) {
+            return;
+        }
         crate::reboot::when_allowed(settings, &|| {
             stop.load(Ordering::Relaxed) || reload.load(Ordering::Relaxed)
         });
-        if !reload_if_asked(config, settings, reload) {
+        if stop.load(Ordering::Relaxed) || !reload.load(Ordering::Relaxed) {
             return;
         }
+        // A reload that fails keeps the old settings, and the wait goes on with them.
+        reload_if_asked(config, settings, reload);
     }
 }
 
@@ -65,6 +70,7 @@ pub fn run(config: &Path) -> Result<(), Failure> {
         .map_err(|e| Failure::error(e.to_string()))?;
     let mut settings = Settings::load(config).map_err(Failure::error)?;
     tracing::info!(interval = ?settings.check_interval, "daemon started");
+    let mut staged_here = false;
     while !stop.load(Ordering::Relaxed) {
         let opts = Options {
             allow_downgrade: false,
@@ -82,10 +88,13 @@ pub fn run(config: &Path) -> Result<(), Failure> {
             }
             Ok(Outcome::Staged { version, .. }) => {
                 tracing::info!(%version, "update staged");
+                staged_here = true;
                 wait_to_reboot(config, &mut settings, &stop, &reload);
             }
-            // Staged by an earlier check whose reboot wait a reload cut short.
-            Ok(Outcome::AlreadyStaged { version }) => {
+            // Staged by this daemon at an earlier check whose reboot wait a reload ended
+            // (reboots off, then on again). One an operator staged (`now --no-reboot`) is
+            // theirs to reboot into.
+            Ok(Outcome::AlreadyStaged { version }) if staged_here => {
                 tracing::info!(%version, "update already staged");
                 wait_to_reboot(config, &mut settings, &stop, &reload);
             }

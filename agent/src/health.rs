@@ -63,10 +63,12 @@ pub fn run_one(path: &Path, timeout: Duration) -> Verdict {
 /// Checks run as root: one that others could have written (or placed, through its
 /// directory) is not run, and counts as failed, as for keys (ssh's StrictModes).
 fn trusted(path: &Path) -> Result<(), String> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    crate::perms::check_private(dir, "health check directory")
-        .and_then(|()| crate::perms::check_private(path, "health check"))
-        .map_err(|f| f.message)
+    // A symlink is judged by what it points to, and that directory too.
+    let real = std::fs::canonicalize(path).map_err(|e| format!("cannot resolve {}: {e}", path.display()))?;
+    for dir in [path.parent(), real.parent()].into_iter().flatten() {
+        crate::perms::check_private(dir, "health check directory").map_err(|f| f.message)?;
+    }
+    crate::perms::check_private(&real, "health check").map_err(|f| f.message)
 }
 
 pub fn run(dirs: &[PathBuf], timeout: Duration) -> Result<(), Failure> {

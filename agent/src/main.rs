@@ -159,6 +159,7 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
         Command::MarkBad { force } => verbs::mark_bad(&s, *force).map(|()| 0),
         Command::Rollback => verbs::rollback(&s).map(|()| 0),
         Command::ForgetRejected { version } => verbs::forget_rejected(&s, version).map(|()| 0),
+        Command::ForgetWatermark => verbs::forget_watermark(&s).map(|()| 0),
         Command::Daemon | Command::HealthCheck { .. } => unreachable!("handled above"),
     }
 }

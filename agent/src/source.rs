@@ -52,6 +52,17 @@ fn pinned_cas(path: &Path) -> Result<Vec<Certificate>, Failure> {
 }
 
 /// Why one mirror could not give us something; collected so the final error lists all.
+/// TLS that trusts no certificate: for clients whose mirrors are all plain HTTP (a redirect
+/// to HTTPS then fails with an unknown issuer instead of trusting the system's CAs).
+fn no_trusted_roots() -> Result<rustls::ClientConfig, Failure> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Failure::error(format!("cannot set up TLS: {e}")))?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth())
+}
+
 /// Follows up to 10 redirects, but never from HTTPS to plain HTTP: that would drop the
 /// transport's protection (and a pinned `tls_ca`) for the rest of the request.
 fn no_downgrade() -> reqwest::redirect::Policy {
@@ -83,8 +94,16 @@ impl Sources {
                 .connect_timeout(s.http_timeout)
                 .timeout(s.http_timeout)
                 .user_agent(concat!("atom-update/", env!("CARGO_PKG_VERSION")));
+            let any_https = s
+                .repositories
+                .iter()
+                .any(|r| matches!(r, Repo::Http(u) if u.starts_with("https://")));
             if let Some(path) = &s.tls_ca {
                 builder = builder.tls_certs_only(pinned_cas(path)?);
+            } else if !any_https {
+                // Plain-HTTP mirrors only (the manifest signature is the trust): a minimal
+                // OS may have no CA store, and loading the system's would fail the run.
+                builder = builder.tls_backend_preconfigured(no_trusted_roots()?);
             }
             let c = builder
                 .build()
@@ -209,6 +228,14 @@ impl Sources {
             };
             match verify_manifest(&manifest, &sig, policy) {
                 Ok(v) => match seen.filter(|t| v.manifest.created < *t) {
+                    // A watermark in the future is still obeyed (ignoring it would let a
+                    // replay through on a host whose clock went back), but explained.
+                    Some(t) if atom_dist::verify::is_from_the_future(t, policy.now) => refusals.push(format!(
+                        "{repo}: manifest created {} is older than one this host already accepted ({t}), which \
+                         is after this host's clock: either the clock is wrong (fix it), or an older agent \
+                         recorded a manifest dated in the future (`atom-update forget-watermark` clears it)",
+                        v.manifest.created
+                    )),
                     Some(t) => refusals.push(format!(
                         "{repo}: manifest created {} is older than one this host already accepted ({t}): \
                          a replay or a stale mirror",

@@ -182,7 +182,12 @@ impl State {
                     tracing::warn!("state.toml is missing; using its backup copy");
                     Ok(state)
                 }
-                _ => Ok(State::default()),
+                Ok(None) => Ok(State::default()),
+                Err(e) => Err(Failure::error(format!(
+                    "state.toml is missing and its backup copy is unreadable ({e}); repair it, or move it away \
+                     to start from an empty state (the rollback floor, replay watermark and rejected versions \
+                     would be forgotten)"
+                ))),
             },
             Err(e) => match Self::read(&Self::backup_path(dir)) {
                 Ok(Some(state)) => {

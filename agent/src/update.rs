@@ -101,15 +101,7 @@ fn fetch_manifest(s: &Settings, sources: &Sources, state: &State, cancel: &Atomi
         board: Some(&s.board),
         channel: Some(&s.channel),
     };
-    let seen = state.newest_manifest.get(&s.channel).copied().filter(|t| {
-        // Recorded by an older agent from a manifest dated in the future: it would refuse
-        // every correctly dated manifest as a replay until then.
-        let future = atom_dist::verify::is_from_the_future(*t, now);
-        if future {
-            tracing::warn!(watermark = %t, "the replay watermark is in the future; ignored");
-        }
-        !future
-    });
+    let seen = state.newest_manifest.get(&s.channel).copied();
     let (v, from) = sources.signed_manifest(&s.channel, &policy, seen, cancel)?;
     tracing::info!(version = %v.manifest.version, repository = %from, signed_by = %v.signed_by, "verified manifest");
     Ok(v.manifest)

@@ -178,6 +178,23 @@ pub fn forget_rejected(s: &Settings, version: &str) -> Result<(), Failure> {
     }
 }
 
+pub fn forget_watermark(s: &Settings) -> Result<(), Failure> {
+    let _lock = Lock::acquire(&s.state_dir)?;
+    let mut state = State::load(&s.state_dir)?;
+    match state.newest_manifest.remove(&s.channel) {
+        None => Err(Failure::not_allowed(format!(
+            "channel {} has no replay watermark",
+            s.channel
+        ))),
+        Some(t) => {
+            state.save(&s.state_dir)?;
+            tracing::warn!(channel = %s.channel, watermark = %t, "replay watermark forgotten");
+            println!("replay watermark of channel {} ({t}) forgotten", s.channel);
+            Ok(())
+        }
+    }
+}
+
 /// Records the running slot's version (the first image of a host was not written by the
 /// agent; without this, `status` could not name its version once the other slot runs) and
 /// raises the rollback floor to it, in one write of the state file.

@@ -157,16 +157,27 @@ fn a_manifest_from_the_future_is_refused_and_does_not_lock_the_channel() {
     assert_eq!(env.flags(3).0, 0, "nothing staged");
     let state = std::fs::read_to_string(env.path("state/state.toml")).unwrap_or_default();
     assert!(
-        !state.lines().any(|l| l.starts_with("stable = 2099")),
+        !state.lines().any(|l| l.starts_with("stable = ") && l.contains("2099")),
         "the future date is not the replay watermark:\n{state}"
     );
 
-    // The publisher publishes over it (hosts refused it), and the host takes the new one.
-    env.publish("v3.img", &[]);
+    // The publisher signs over it only when told that manifest is the one from the future.
+    let out = Command::new(common::sibling("atom-build"))
+        .args(["publish", "--channel", "stable", "--zstd-level", "3", "--repo"])
+        .arg(env.path("repo"))
+        .arg("--key")
+        .arg(env.path("signer.key"))
+        .arg(env.path("v3.img"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--replace-future-manifest"), "{}", text(&out));
+    env.publish("v3.img", &["--replace-future-manifest"]);
     let out = env.now_ok();
     assert!(out.contains("staged 3.0.0"), "{out}");
 
-    // A watermark in the future left by an older agent is ignored, not obeyed.
+    // A watermark in the future left by an older agent is obeyed (a clock that went back
+    // must not open the door to replays) but explained, and an operator can clear it.
     let state = std::fs::read_to_string(env.path("state/state.toml")).unwrap();
     let poisoned = state
         .lines()
@@ -180,11 +191,24 @@ fn a_manifest_from_the_future_is_refused_and_does_not_lock_the_channel() {
         .collect::<Vec<_>>()
         .join("\n");
     assert_ne!(poisoned, state, "the state has a watermark line for stable:\n{state}");
-    std::fs::write(env.path("state/state.toml"), poisoned + "\n").unwrap();
+    for copy in ["state/state.toml", "state/state.toml.bak"] {
+        std::fs::write(env.path(copy), poisoned.clone() + "\n").unwrap();
+    }
     let out = agent_within(&env, &["check"], 60);
     let t = text(&out);
-    assert!(t.contains("replay watermark is in the future; ignored"), "{t}");
-    assert!(!t.contains("older than one this host already accepted"), "{t}");
+    assert_eq!(out.status.code(), Some(6), "{t}");
+    assert!(
+        t.contains("after this host's clock") && t.contains("atom-update forget-watermark"),
+        "{t}"
+    );
+    let out = agent_within(&env, &["forget-watermark"], 60);
+    assert!(
+        out.status.success() && text(&out).contains("forgotten"),
+        "{}",
+        text(&out)
+    );
+    let out = agent_within(&env, &["check"], 60);
+    assert!(out.status.success(), "{}", text(&out));
 }
 
 #[test]
@@ -453,4 +477,23 @@ fn a_gpt_whose_slots_overlap_is_refused_and_nothing_is_written() {
     set_geometry(dev, 3, b_first, b_last);
     assert!(env.slot_holds("A", "v1.img"), "the running slot was not written");
     env.now_ok();
+}
+
+/// A minimal OS without a CA store updates from plain-HTTP mirrors (the signature is the
+/// trust there): the agent must not need the system's CA certificates for them.
+#[test]
+fn plain_http_mirrors_need_no_ca_store() {
+    let env = Env::new();
+    let empty = env.path("no-certs");
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::write(empty.join("none.pem"), "").unwrap();
+    let none = [
+        ("SSL_CERT_FILE", empty.join("none.pem")),
+        ("SSL_CERT_DIR", empty.clone()),
+    ];
+    let envs: Vec<(&str, &str)> = none.iter().map(|(k, v)| (*k, v.to_str().unwrap())).collect();
+    let out = env.agent_env(&["now"], &envs);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("staged 2.0.0 in slot B"), "{t}");
 }

@@ -166,6 +166,15 @@ fn read_copy(disk: &mut File, sector_size: u64, header_lba: u64, disk_sectors: u
     {
         return Err("header points outside the disk".into());
     }
+    // The usable area holds the partitions: it must leave out both tables, wherever this
+    // copy's header is (LBA 0 the protective MBR, 1 the primary header and its entries
+    // after it, the backup's entries and header at the end), or a slot there would overwrite
+    // the table itself.
+    let table_sectors = 1 + entry_sectors;
+    if header.first_usable_lba <= table_sectors || header.last_usable_lba.saturating_add(table_sectors) >= disk_sectors
+    {
+        return Err("usable area overlaps the partition table itself".into());
+    }
     let entries = header.read_partitions(disk, sector_size).map_err(|e| e.to_string())?;
     Ok(Copy { header, entries })
 }
@@ -317,7 +326,12 @@ impl BootTable {
         if good.header.primary_lba == 1 {
             backup_header.primary_lba = good.header.backup_lba;
             backup_header.backup_lba = 1;
-            backup_header.partition_entry_lba = good.header.backup_lba - entry_sectors;
+            backup_header.partition_entry_lba = good
+                .header
+                .backup_lba
+                .checked_sub(entry_sectors)
+                .filter(|lba| *lba > good.header.last_usable_lba)
+                .ok_or_else(|| TableError::Geometry("the backup header leaves no room for its entries".into()))?;
         } else {
             primary_header.primary_lba = 1;
             primary_header.backup_lba = good.header.primary_lba;

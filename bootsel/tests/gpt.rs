@@ -322,4 +322,12 @@ fn slot_geometry_that_could_overwrite_other_partitions_is_refused() {
     }
     set_geometry(&disk, 3, b_first, b_last);
     assert!(bootsel_ok(&["status"], &disk).contains("next boot"));
+
+    // A header whose usable area takes in the table itself, and a slot there.
+    atom_test_support::gpt::set_first_usable(&disk, 1);
+    set_geometry(&disk, 3, 1, 100);
+    let out = bootsel(&["status"], &disk);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("usable area overlaps the partition table itself"), "{err}");
 }

@@ -255,6 +255,12 @@ pub struct Signing {
     /// Further public keys accepted on the channel's current manifest (key rotation).
     #[arg(long, value_name = "PUB")]
     pub trust: Vec<PathBuf>,
+    /// Sign even though the channel's current manifest is dated after this machine's
+    /// clock. Only when this clock is right: then that manifest came from a publisher
+    /// with a clock in the future, and hosts refused it. (If this clock is behind, fix it
+    /// instead: hosts would refuse the new manifest as a replay.)
+    #[arg(long)]
+    pub replace_future_manifest: bool,
 }
 
 /// Re-sign the channel's current manifest: same version and files, a new expiry.

@@ -80,7 +80,7 @@ pub fn run(args: &PublishArgs) -> Result<()> {
     let now = Timestamp::now().round(jiff::Unit::Second)?;
     let previous = current_manifest(&repo, &args.signing.channel, &trusted)?;
     if let Some(prev) = &previous {
-        check_clock(now, prev)?;
+        check_clock(now, prev, args.signing.replace_future_manifest)?;
         if release.version <= prev.version {
             bail!(
                 "version {} is not newer than {} on channel {:?}; versions must increase",
@@ -190,24 +190,25 @@ pub(crate) fn signing_keys(s: &Signing) -> Result<(SecretKey, TrustedKeys)> {
 }
 
 /// Hosts refuse a manifest created before one they accepted (a replay), so a new one must
-/// not be dated before the channel's current one.
-pub(crate) fn check_clock(now: Timestamp, current: &Manifest) -> Result<()> {
-    if atom_dist::verify::is_from_the_future(current.created, now) {
-        // Hosts refuse that manifest (and never record its date), so it blocks nothing.
+/// not be dated before the channel's current one, unless the operator says that one is
+/// from the future (`--replace-future-manifest`): hosts refused it and never recorded it.
+pub(crate) fn check_clock(now: Timestamp, current: &Manifest, replace_future: bool) -> Result<()> {
+    if now >= current.created {
+        return Ok(());
+    }
+    if replace_future {
         tracing::warn!(
             created = %current.created,
-            "the channel's current manifest is dated in the future; hosts refuse it; publishing over it"
+            "the channel's current manifest is dated after this clock; replacing it as asked"
         );
         return Ok(());
     }
-    if now < current.created {
-        bail!(
-            "this machine's clock ({now}) is behind the channel's current manifest (created {}); \
-             hosts would refuse the new one as a replay: fix the clock",
-            current.created
-        );
-    }
-    Ok(())
+    bail!(
+        "this machine's clock ({now}) is behind the channel's current manifest (created {}): if this clock \
+         is wrong, fix it (hosts would refuse the new manifest as a replay); if it is right, that manifest is \
+         from the future, hosts refused it, and --replace-future-manifest signs over it",
+        current.created
+    );
 }
 
 /// Signs `manifest` and makes it the channel's current one (the last, atomic step).

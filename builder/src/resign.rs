@@ -19,7 +19,7 @@ pub fn run(args: &ResignArgs) -> Result<()> {
         bail!("channel {channel:?} has never been published; nothing to re-sign");
     };
     let now = Timestamp::now().round(jiff::Unit::Second)?;
-    check_clock(now, &m)?;
+    check_clock(now, &m, args.signing.replace_future_manifest)?;
     m.created = now;
     m.expires = now
         .checked_add(jiff::SignedDuration::try_from(args.expires_in)?)

@@ -346,6 +346,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sk = SecretKey::generate();
         std::fs::write(dir.path().join("a.key"), sk.to_file_text()).unwrap();
+        private(&dir.path().join("a.key"));
         std::fs::write(dir.path().join("a.pub"), sk.public().to_file_text()).unwrap();
         let sk2 = SecretKey::load(&dir.path().join("a.key")).unwrap();
         assert_eq!(sk2.id(), sk.id());
@@ -355,11 +356,19 @@ mod tests {
         assert!(trusted.get(sk.id()).is_some());
     }
 
+    /// Signing keys must be private to be loaded at all.
+    fn private(p: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
     #[test]
     fn corrupt_key_files_are_rejected() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("k");
         let sk = SecretKey::generate();
+        std::fs::write(&p, "").unwrap();
+        private(&p);
 
         std::fs::write(&p, "garbage = [").unwrap();
         assert!(matches!(SecretKey::load(&p), Err(KeyError::Malformed { .. })));

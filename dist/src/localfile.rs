@@ -66,49 +66,73 @@ fn kind_of(mode: nix::sys::stat::SFlag) -> &'static str {
     }
 }
 
-/// Opens `rel` beneath `root`: a regular file only, never blocking on the open.
+/// Opens `rel` beneath `root`: a regular file only, never blocking on the open, and never
+/// opening anything else for reading (a device node's open can have effects of its own): the
+/// path is resolved to an `O_PATH` handle first, checked, and only then opened.
 pub fn open(root: &Path, rel: &str) -> Result<LocalFile, LocalFileError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let path = root.join(rel);
     let io_err = |source: io::Error| LocalFileError::Io {
         path: path.clone(),
         source,
     };
-    let dir = File::open(root).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => LocalFileError::NotFound(root.to_owned()),
-        _ => LocalFileError::Io {
-            path: root.to_owned(),
-            source: e,
-        },
-    })?;
-    // O_NONBLOCK: opening a FIFO without a writer returns at once instead of hanging.
+    // The root itself may be a FIFO on a hostile disk: a directory or nothing, at once.
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_DIRECTORY | OFlag::O_NONBLOCK).bits())
+        .open(root)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => LocalFileError::NotFound(root.to_owned()),
+            _ => LocalFileError::Io {
+                path: root.to_owned(),
+                source: e,
+            },
+        })?;
     let how = OpenHow::new()
-        .flags(OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
         .mode(Mode::empty())
         .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    let fd = match openat2(dir.as_fd(), rel, how) {
-        Ok(fd) => fd,
+    let handle = match openat2(dir.as_fd(), rel, how) {
+        Ok(fd) => File::from(fd),
         Err(nix::errno::Errno::ENOENT) => return Err(LocalFileError::NotFound(path)),
         Err(nix::errno::Errno::EXDEV | nix::errno::Errno::ELOOP) => return Err(LocalFileError::Outside(path)),
         // Kernels before 5.6 (or a seccomp filter) lack openat2: resolve by hand instead.
         Err(nix::errno::Errno::ENOSYS | nix::errno::Errno::EPERM) => return open_fallback(root, rel),
         Err(e) => return Err(io_err(e.into())),
     };
-    let file = File::from(fd);
+    regular(&handle, &path)?;
+    // The checked handle, opened for reading through its /proc link (the same inode).
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NOCTTY | OFlag::O_NONBLOCK).bits())
+        .open(format!("/proc/self/fd/{}", handle.as_raw_fd()))
+        .map_err(io_err)?;
     finish_open(file, path)
 }
 
-fn finish_open(file: File, path: PathBuf) -> Result<LocalFile, LocalFileError> {
-    let stat = nix::sys::stat::fstat(&file).map_err(|e| LocalFileError::Io {
-        path: path.clone(),
+/// Refuses anything but a regular file, from its handle.
+fn regular(handle: &File, path: &Path) -> Result<(), LocalFileError> {
+    let stat = nix::sys::stat::fstat(handle).map_err(|e| LocalFileError::Io {
+        path: path.to_owned(),
         source: e.into(),
     })?;
     let kind = nix::sys::stat::SFlag::from_bits_truncate(stat.st_mode) & nix::sys::stat::SFlag::S_IFMT;
     if kind != nix::sys::stat::SFlag::S_IFREG {
         return Err(LocalFileError::NotRegular {
-            path,
+            path: path.to_owned(),
             what: kind_of(kind),
         });
     }
+    Ok(())
+}
+
+fn finish_open(file: File, path: PathBuf) -> Result<LocalFile, LocalFileError> {
+    regular(&file, &path)?;
+    let stat = nix::sys::stat::fstat(&file).map_err(|e| LocalFileError::Io {
+        path: path.clone(),
+        source: e.into(),
+    })?;
     // Back to blocking reads (O_NONBLOCK means nothing for regular files, but be plain).
     let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL).map_err(|e| LocalFileError::Io {
         path: path.clone(),
@@ -260,6 +284,9 @@ mod tests {
             assert!(e.contains(want), "{rel}: {e}");
         }
         assert!(read_bounded(d.path(), "missing", 10).unwrap_err().is_not_found());
+        // The repository root itself a FIFO: refused at once, not a hang.
+        let e = read_bounded(&d.path().join("fifo"), "x", 10).unwrap_err().to_string();
+        assert!(e.contains("fifo"), "{e}");
         assert!(
             read_bounded(d.path(), "sub", 10)
                 .unwrap_err()

@@ -741,6 +741,34 @@ async fn disconnecting_does_not_free_a_running_diffs_slot() {
     assert_eq!(r.headers()["x-atom-cache"], "hit", "the orphan's answer was cached");
     let r = c.post(&url).body(signature_body(&bases[1])).send().await.unwrap();
     assert_eq!(r.status(), 200);
+    drop(s);
+
+    // The global permit too: with room for two diffs per client but one in all, the
+    // orphan's permit keeps the next diff waiting until it gives up (503).
+    let s = Server::start_env(
+        &f.repo_dir,
+        &[
+            "--max-diffs",
+            "1",
+            "--max-diffs-per-client",
+            "2",
+            "--diff-queue-wait",
+            "1s",
+        ],
+        &[("ATOM_DIST_FAILPOINT", "diff:slow=3000")],
+    );
+    let url = format!("{}/v1/delta?channel=stable", s.url);
+    assert!(
+        impatient
+            .post(&url)
+            .body(signature_body(&bases[0]))
+            .send()
+            .await
+            .is_err(),
+        "timed out"
+    );
+    let r = c.post(&url).body(signature_body(&bases[1])).send().await.unwrap();
+    assert_eq!(r.status(), 503, "the orphaned diff still holds the only permit");
 }
 
 /// A cache entry whose bytes changed (a torn write, two writers, a disk error) is never

@@ -633,10 +633,28 @@ fn setup_etc(cfg: &Config, paths: &Paths, state_ok: bool) -> Result<(), String> 
 
 /// Persistent directories bound from state. Without state they become overlays with the
 /// upper layer in RAM: writable, with the slot's content, forgotten at reboot.
+/// The first component of `rel` under `root` that is a symlink, if any.
+fn symlink_in(root: &Path, rel: &str) -> Option<String> {
+    let mut at = root.to_path_buf();
+    for part in rel.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        at.push(part);
+        if fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Some(at.strip_prefix(root).unwrap_or(&at).display().to_string());
+        }
+    }
+    None
+}
+
 fn setup_binds(cfg: &Config, paths: &Paths, state_ok: bool) -> Result<(), String> {
     for b in &cfg.binds {
         let rel = b.trim_start_matches('/');
         let target = paths.newroot.join(rel);
+        // A mount follows symlinks: on a merged-/usr slot /sbin is usr/sbin, and /var/run
+        // points into /run; a bind there would hide the OS or leave the slot.
+        if let Some(link) = symlink_in(&paths.newroot, rel) {
+            say!("warning: {b} is a symlink in the slot ({link}); not binding it");
+            continue;
+        }
         if !target.is_dir() {
             say!("warning: {b} does not exist in the slot; not binding it");
             continue;
@@ -750,5 +768,23 @@ fn emergency(why: &str, cfg: &Config) -> ! {
     loop {
         say!("reboot failed; halted");
         std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::symlink_in;
+
+    #[test]
+    fn binds_through_symlinks_are_found() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("usr/sbin")).unwrap();
+        std::fs::create_dir_all(d.path().join("var/lib")).unwrap();
+        std::os::unix::fs::symlink("usr/sbin", d.path().join("sbin")).unwrap();
+        std::os::unix::fs::symlink("/run", d.path().join("var/run")).unwrap();
+        assert_eq!(symlink_in(d.path(), "sbin").as_deref(), Some("sbin"));
+        assert_eq!(symlink_in(d.path(), "var/run/x").as_deref(), Some("var/run"));
+        assert_eq!(symlink_in(d.path(), "var/lib"), None);
+        assert_eq!(symlink_in(d.path(), "var"), None);
     }
 }

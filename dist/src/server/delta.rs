@@ -312,13 +312,18 @@ async fn lead(
             return Err(e);
         }
     };
-    let image = state.images.get(target).await.map_err(ApiError::internal)?;
-    let (state2, out, version) = (state.clone(), path.to_owned(), target.version.clone());
+    let (state2, out, target) = (state.clone(), path.to_owned(), target.clone());
+    // The image's decompression (minutes for a cold, large one) is part of the diff: it
+    // runs in the task too, under the permit and the client's slot.
     let task = tokio::spawn(async move {
         let started = Instant::now();
-        let written = {
-            let out = out.clone();
-            tokio::task::spawn_blocking(move || write_delta(&sig, &image, &out)).await
+        let version = target.version.clone();
+        let written = match state2.images.get(&target).await {
+            Ok(image) => {
+                let out = out.clone();
+                tokio::task::spawn_blocking(move || write_delta(&sig, &image, &out)).await
+            }
+            Err(e) => Ok(Err(std::io::Error::other(e))),
         };
         drop(permit);
         drop(client_slot);
@@ -348,6 +353,7 @@ fn digest_path(entry: &Path) -> PathBuf {
     entry.with_extension("zst.b3")
 }
 
+/// Hashing an entry costs about what sending it does, so a hit is checked every time.
 async fn entry_is_sound(entry: &Path) -> bool {
     let entry = entry.to_owned();
     tokio::task::spawn_blocking(move || {

@@ -7,10 +7,21 @@ use std::path::Path;
 /// Sets partition `number`'s (1-based) first and last LBA in both GPT copies, with the
 /// CRCs recomputed, bypassing every boundary check.
 pub fn set_geometry(disk: &Path, number: u32, first_lba: u64, last_lba: u64) {
+    rewrite(disk, |gpt| {
+        gpt[number].starting_lba = first_lba;
+        gpt[number].ending_lba = last_lba;
+    });
+}
+
+/// Sets the header's first usable LBA (both copies, CRCs recomputed).
+pub fn set_first_usable(disk: &Path, lba: u64) {
+    rewrite(disk, |gpt| gpt.header.first_usable_lba = lba);
+}
+
+fn rewrite(disk: &Path, change: impl FnOnce(&mut gptman::GPT)) {
     let mut f = OpenOptions::new().read(true).write(true).open(disk).unwrap();
     let mut gpt = gptman::GPT::find_from(&mut f).expect("a GPT");
-    gpt[number].starting_lba = first_lba;
-    gpt[number].ending_lba = last_lba;
+    change(&mut gpt);
     let ss = gpt.sector_size;
     let partitions: Vec<gptman::GPTPartitionEntry> = (1..=gpt.header.number_of_partition_entries)
         .map(|i| gpt[i].clone())
