@@ -23,6 +23,7 @@ cleanup() {
   for m in "${mounted[@]}"; do umount -l "$m" 2> /dev/null || true; done
 }
 trap cleanup EXIT
+echo "    (a failed run keeps $root for inspection)"
 echo "==> a clean Debian bookworm root in $root (mmdebstrap, the host's apt sources)"
 mmdebstrap --variant=apt --include=ca-certificates,curl,git,build-essential,procps,kmod,udev \
   --aptopt='Acquire::Retries "3"' bookworm "$root"
@@ -38,7 +39,15 @@ mkdir -p "$root/tmp" && chmod 1777 "$root/tmp"
 echo "==> the repository, as a clone of this one's HEAD"
 git clone --quiet "$PWD" "$root/root/atom"
 echo "==> Rust from rustup (the README's prerequisite)"
-chroot "$root" /bin/bash -c "curl --proto '=https' -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --component rustfmt,clippy"
+if ! chroot "$root" /bin/bash -o pipefail -c "curl --proto '=https' -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --component rustfmt,clippy"; then
+  # Where rustup's servers are out of reach (only package registries allowed), the
+  # toolchain rustup installed on this machine is copied in: the same prerequisite.
+  echo "    rustup unreachable; copying this machine's rustup toolchain into the clean root"
+  mkdir -p "$root/root/.cargo"
+  cp -a "${RUSTUP_HOME:-$HOME/.rustup}" "$root/root/.rustup"
+  cp -a "${CARGO_HOME:-$HOME/.cargo}/bin" "$root/root/.cargo/bin"
+  printf 'export PATH="$HOME/.cargo/bin:$PATH"\n' > "$root/root/.cargo/env"
+fi
 run() { # the README command, verbatim, as root in the clean root
   echo "==> in the clean root: $1"
   chroot "$root" /bin/bash -lc ". \$HOME/.cargo/env && cd /root/atom && $1"
