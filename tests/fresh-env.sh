@@ -31,6 +31,9 @@ if ! grep -rqs bookworm-security "$root/etc/apt/sources.list" "$root/etc/apt/sou
   echo "deb http://deb.debian.org/debian-security bookworm-security main" > "$root/etc/apt/sources.list.d/security.list"
 fi
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+# This machine's network as it is: where a TLS-inspecting proxy sits in the way, its CA is
+# in the host's bundle, and the clean root needs it to reach crates.io at all.
+cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
 for m in dev dev/pts proc sys; do
   mount --bind "/$m" "$root/$m"
   mounted=("$root/$m" "${mounted[@]}")
