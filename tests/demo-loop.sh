@@ -7,18 +7,9 @@ set -euo pipefail
 # shellcheck source=tests/as-root.sh
 source "$(dirname "$0")/as-root.sh"
 cd "$(dirname "$0")/.."
-keep_work=0 work=
-for arg in "$@"; do
-  case $arg in
-    --keep) keep_work=1 ;;
-    *) work=$arg ;;
-  esac
-done
-made_work=0
-if [[ -z $work ]]; then
-  work=$(mktemp -d /tmp/atom-demo.XXXXXX)
-  made_work=1
-fi
+# shellcheck source=tests/workdir.sh
+source "$(dirname "$0")/workdir.sh"
+work_prefix=demo work_args "$@"
 mkdir -p "$work"
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
@@ -158,9 +149,4 @@ echo "    next boot, after the tries ran out:"
 step "done"
 cleanup
 trap - EXIT
-if ((made_work && !keep_work)); then
-  rm -rf "$work"
-  echo "    work directory $work removed (--keep keeps it)"
-else
-  echo "    files are in $work"
-fi
+work_done

@@ -1,20 +1,13 @@
 # Shared by the VM tests (tests/vm.sh: busybox sample OS, the demo; tests/vm-systemd.sh:
 # a Debian systemd sample OS). Sourced, not run: sets up the kernel, the static binaries,
 # the initramfs and a signing key in $work, and defines boot/expect/refute/publish/control.
-# Expects: $work set by the caller (or a temporary directory is made).
+# Reads the caller's arguments: [--keep] [WORKDIR] (see tests/workdir.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 repo_root=$PWD
-# A work directory made here goes away after a passing run (not with --keep, not after a
-# failure: then it holds the consoles); one given on the command line is the caller's.
-keep_work=${keep_work:-0}
-made_work=0
-if [[ -z ${work:-} ]]; then
-  work=$(mktemp -d /tmp/atom-vm.XXXXXX)
-  made_work=1
-fi
-mkdir -p "$work"
-work=$(cd "$work" && pwd)
+# shellcheck source=tests/workdir.sh
+source tests/workdir.sh
+work_prefix=vm work_args "$@"
 boot_timeout=${ATOM_VM_TIMEOUT:-240}
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
@@ -218,12 +211,7 @@ boot() {
 finish() {
   step "all steps passed"
   [[ -z ${dist_pid:-} ]] || kill "$dist_pid" 2>/dev/null || true
-  if ((made_work && !keep_work)); then
-    rm -rf "$work"
-    echo "    work directory $work removed (--keep keeps it)"
-  else
-    echo "    files are in $work"
-  fi
+  work_done
 }
 expect() { # PATTERN DESCRIPTION
   grep -qE -- "$1" "$console" || fail "$2: no line matching /$1/ on boot $boot_n's console"

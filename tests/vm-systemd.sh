@@ -20,13 +20,6 @@
 set -euo pipefail
 # shellcheck source=tests/as-root.sh
 source "$(dirname "$0")/as-root.sh"
-keep_work=0 work=
-for arg in "$@"; do
-  case $arg in
-    --keep) keep_work=1 ;;
-    *) work=$arg ;;
-  esac
-done
 # shellcheck source=tests/vm-lib.sh
 source "$(dirname "$0")/vm-lib.sh"
 

@@ -40,13 +40,6 @@
 set -euo pipefail
 # shellcheck source=tests/as-root.sh
 source "$(dirname "$0")/as-root.sh"
-keep_work=0 work=
-for arg in "$@"; do
-  case $arg in
-    --keep) keep_work=1 ;;
-    *) work=$arg ;;
-  esac
-done
 # The guests update from atom-dist on the host (qemu user networking); one step uses the
 # exchange disk as a USB stick would be used.
 agent_repo=http://10.0.2.100

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Env, UPDATE, ok};
+use common::{Env, UPDATE};
 
 /// The agent with a deadline: a hang fails the test instead of CI.
 fn agent_within(env: &Env, args: &[&str], secs: u64) -> Output {
@@ -260,20 +260,7 @@ fn an_unreadable_state_file_is_never_silently_forgotten() {
 #[test]
 fn the_rsync_route_works_for_versions_with_build_metadata() {
     let env = Env::new();
-    ok(Command::new(common::sibling("atom-build"))
-        .args([
-            "image",
-            "--kernel",
-            "none",
-            "--size",
-            "32M",
-            "--version",
-            "3.0.0+b1",
-            "--rootfs",
-        ])
-        .arg(env.path("t3"))
-        .arg("--out")
-        .arg(env.path("v3b1.img")));
+    env.image_of("t3", "3.0.0+b1", "v3b1.img", None);
     env.publish("v3b1.img", &[]);
     env.write_config(&[&env.url.clone()], "routes = [\"rsync\"]\n");
     let out = env.now_ok();

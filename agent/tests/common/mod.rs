@@ -160,24 +160,31 @@ impl Env {
         c
     }
 
+    /// Builds image `out` of `version` from tree `tree` (with `base` for a stable layout).
+    pub fn image_of(&self, tree: &str, version: &str, out: &str, base: Option<&str>) {
+        let mut c = Command::new(sibling("atom-build"));
+        c.args([
+            "image",
+            "--kernel",
+            "none",
+            "--size",
+            "32M",
+            "--version",
+            version,
+            "--rootfs",
+        ])
+        .arg(self.path(tree))
+        .arg("--out")
+        .arg(self.path(out));
+        if let Some(b) = base {
+            c.arg("--base").arg(self.path(b));
+        }
+        ok(&mut c);
+    }
+
     /// Publishes 4.0.0 (the 3.0.0 tree again) so there is something newer to install.
     pub fn publish_next_version_marker(&self) {
-        ok(Command::new(sibling("atom-build"))
-            .args([
-                "image",
-                "--kernel",
-                "none",
-                "--size",
-                "32M",
-                "--version",
-                "4.0.0",
-                "--rootfs",
-            ])
-            .arg(self.path("t3"))
-            .arg("--out")
-            .arg(self.path("v4.img"))
-            .arg("--base")
-            .arg(self.path("v3.img")));
+        self.image_of("t3", "4.0.0", "v4.img", Some("v3.img"));
         self.publish("v4.img", &[]);
     }
 
