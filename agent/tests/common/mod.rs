@@ -76,40 +76,29 @@ impl Env {
     /// with v1 in slot A (booted, good) and slot B empty, and atom-dist serving the repo.
     pub fn new() -> Env {
         let dir = tempfile::tempdir().unwrap();
-        let build = sibling("atom-build");
         let p = |s: &str| dir.path().join(s);
-        ok(Command::new(&build).arg("keygen").arg("--out").arg(p("signer")));
+        ok(Command::new(sibling("atom-build"))
+            .arg("keygen")
+            .arg("--out")
+            .arg(p("signer")));
         std::fs::create_dir_all(p("keys")).unwrap();
         std::fs::copy(p("signer.pub"), p("keys/signer.pub")).unwrap();
-        let mut base: Option<PathBuf> = None;
-        for v in 1..=3u64 {
-            tree(&p(&format!("t{v}")), v);
-            let mut c = Command::new(&build);
-            c.args([
-                "image",
-                "--kernel",
-                "none",
-                "--size",
-                "32M",
-                "--version",
-                &format!("{v}.0.0"),
-                "--rootfs",
-            ])
-            .arg(p(&format!("t{v}")))
-            .arg("--out")
-            .arg(p(&format!("v{v}.img")));
-            if let Some(b) = &base {
-                c.arg("--base").arg(b);
-            }
-            ok(&mut c);
-            base = Some(p(&format!("v{v}.img")));
-        }
         let mut env = Env {
             dir,
             loopdev: String::new(),
             server: None,
             url: String::new(),
         };
+        for v in 1..=3u64 {
+            tree(&env.path(&format!("t{v}")), v);
+            let base = (v > 1).then(|| format!("v{}.img", v - 1));
+            env.image_of(
+                &format!("t{v}"),
+                &format!("{v}.0.0"),
+                &format!("v{v}.img"),
+                base.as_deref(),
+            );
+        }
         env.publish("v1.img", &[]);
         env.publish("v2.img", &[]);
 
