@@ -33,7 +33,7 @@ FILES:
 /// payload), verifies it against the signed digest, then sets it to boot next on trial.
 /// A failed boot falls back to the other slot by itself.
 #[derive(Debug, Parser)]
-#[command(name = "atom-update", version, after_help = AFTER_HELP)]
+#[command(name = "atom-update", version = crate::trust::AGENT_VERSION, after_help = AFTER_HELP)]
 pub struct Cli {
     /// Configuration file.
     #[arg(long, global = true, default_value = crate::config::DEFAULT_PATH)]

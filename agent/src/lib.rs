@@ -19,5 +19,6 @@ pub mod slotio;
 pub mod source;
 pub mod space;
 pub mod state;
+pub mod trust;
 pub mod update;
 pub mod verbs;

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use atom_dist::repo::layout;
-use atom_dist::verify::{Policy, Verified, verify_manifest};
+use atom_dist::manifest::MAX_MANIFEST_BYTES;
+use atom_dist::verify::{Policy, RoleDocs, Seen, Verified, verify_chain, verify_manifest};
 use atom_dist::{Digest, localfile};
 use reqwest::blocking::Client;
 use reqwest::{Certificate, StatusCode};
@@ -20,6 +21,38 @@ use crate::config::{Repo, Settings};
 use crate::error::Failure;
 use crate::slotio::CANCELLED;
 use crate::space;
+use crate::trust::Trust;
+
+/// What a host accepted before, by scheme: nothing older is taken again.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Watermarks {
+    /// The newest manifest `created` accepted on the channel.
+    pub manifest: Option<jiff::Timestamp>,
+    pub roles: Seen,
+}
+
+/// A manifest a mirror offered and this host accepted.
+pub struct Accepted {
+    pub verified: Verified,
+    pub from: String,
+    /// Key roles: the `keys.toml` version and the timestamp's `created`, to record.
+    pub roles: Option<(u64, jiff::Timestamp)>,
+}
+
+enum Docs {
+    Single {
+        manifest: Vec<u8>,
+        sig: Vec<u8>,
+    },
+    Roles {
+        keys: Vec<u8>,
+        keys_sig: Vec<u8>,
+        timestamp: Vec<u8>,
+        timestamp_sig: Vec<u8>,
+        manifest: Vec<u8>,
+        manifest_sig: Vec<u8>,
+    },
+}
 
 pub struct Sources {
     repos: Vec<Repo>,
@@ -93,7 +126,7 @@ impl Sources {
                 .redirect(no_downgrade())
                 .connect_timeout(s.http_timeout)
                 .timeout(s.http_timeout)
-                .user_agent(concat!("atom-update/", env!("CARGO_PKG_VERSION")));
+                .user_agent(format!("atom-update/{}", crate::trust::AGENT_VERSION));
             let any_https = s
                 .repositories
                 .iter()
@@ -189,45 +222,62 @@ impl Sources {
     }
 
     /// The channel's manifest, verified, from the first mirror that has a valid one not
-    /// older than `seen` (the newest this host accepted before).
+    /// older than what this host accepted before (`seen`).
     pub fn signed_manifest(
         &self,
         channel: &str,
+        trust: &Trust,
         policy: &Policy<'_>,
-        seen: Option<jiff::Timestamp>,
+        seen: &Watermarks,
         cancel: &AtomicBool,
-    ) -> Result<(Verified, String), Failure> {
+    ) -> Result<Accepted, Failure> {
         let mut errors = Vec::new();
         let mut refusals = Vec::new();
         for repo in &self.repos {
-            let manifest = match self.get_small(
-                repo,
-                &layout::manifest(channel),
-                atom_dist::manifest::MAX_MANIFEST_BYTES,
-                cancel,
-            ) {
-                Ok(Some(m)) => m,
-                Ok(None) => {
-                    errors.push(format!("{repo}: channel {channel:?} not found"));
-                    continue;
-                }
+            let fetched = match trust {
+                Trust::Single(_) => self.single_key_docs(repo, channel, cancel),
+                Trust::Roles(_) => self.role_docs(repo, channel, cancel),
+            };
+            let docs = match fetched {
+                Ok(d) => d,
                 Err(e) if e.ends_with(CANCELLED) => return Err(Failure::error(CANCELLED)),
                 Err(e) => {
-                    errors.push(e);
+                    errors.push(format!("{repo}: {e}"));
                     continue;
                 }
             };
-            let sig_rel = layout::signature(channel, &Digest::of(&manifest));
-            let sig = match self.get_small(repo, &sig_rel, atom_dist::signature::MAX_SIGNATURE_FILE_BYTES, cancel) {
-                Ok(s) => s.unwrap_or_default(),
-                Err(e) if e.ends_with(CANCELLED) => return Err(Failure::error(CANCELLED)),
-                Err(e) => {
-                    errors.push(e);
-                    continue;
-                }
+            let checked = match &docs {
+                Docs::Single { manifest, sig } => verify_manifest(manifest, sig, policy).map(|v| (v, None)),
+                Docs::Roles {
+                    keys,
+                    keys_sig,
+                    timestamp,
+                    timestamp_sig,
+                    manifest,
+                    manifest_sig,
+                } => verify_chain(
+                    &RoleDocs {
+                        keys,
+                        keys_sig,
+                        timestamp,
+                        timestamp_sig,
+                        manifest,
+                        manifest_sig,
+                    },
+                    policy,
+                    seen.roles,
+                )
+                .map(|c| {
+                    tracing::debug!(
+                        keys_version = c.keys.doc.version, root = %c.keys.signed_by,
+                        freshness = %c.timestamp_signed_by, timestamp_expires = %c.timestamp.expires,
+                        "verified keys.toml and timestamp"
+                    );
+                    (c.verified, Some((c.keys.doc.version, c.timestamp.created)))
+                }),
             };
-            match verify_manifest(&manifest, &sig, policy) {
-                Ok(v) => match seen.filter(|t| v.manifest.created < *t) {
+            match checked {
+                Ok((v, roles)) => match seen.manifest.filter(|t| v.manifest.created < *t) {
                     // A watermark in the future is still obeyed (ignoring it would let a
                     // replay through on a host whose clock went back), but explained.
                     Some(t) if atom_dist::verify::is_from_the_future(t, policy.now) => refusals.push(format!(
@@ -241,7 +291,13 @@ impl Sources {
                          a replay or a stale mirror",
                         v.manifest.created
                     )),
-                    None => return Ok((v, repo.to_string())),
+                    None => {
+                        return Ok(Accepted {
+                            verified: v,
+                            from: repo.to_string(),
+                            roles,
+                        });
+                    }
                 },
                 Err(e) => refusals.push(format!("{repo}: {e}")),
             }
@@ -251,6 +307,55 @@ impl Sources {
             return Err(Failure::refused(format!("no acceptable manifest: {}", join(&refusals))));
         }
         Err(Failure::error(format!("cannot fetch the manifest: {}", join(&errors))))
+    }
+
+    /// A small file that must exist (its absence is an error naming it).
+    fn get_required(&self, repo: &Repo, rel: &str, limit: usize, cancel: &AtomicBool) -> Result<Vec<u8>, String> {
+        self.get_small(repo, rel, limit, cancel)?
+            .ok_or_else(|| format!("{rel} not found"))
+    }
+
+    /// A signature file; a missing one is read as empty, which every verifier refuses
+    /// with a clear message.
+    fn get_signature(&self, repo: &Repo, rel: &str, cancel: &AtomicBool) -> Result<Vec<u8>, String> {
+        Ok(self
+            .get_small(repo, rel, atom_dist::signature::MAX_SIGNATURE_FILE_BYTES, cancel)?
+            .unwrap_or_default())
+    }
+
+    fn single_key_docs(&self, repo: &Repo, channel: &str, cancel: &AtomicBool) -> Result<Docs, String> {
+        let manifest = self
+            .get_small(repo, &layout::manifest(channel), MAX_MANIFEST_BYTES, cancel)?
+            .ok_or_else(|| format!("channel {channel:?} not found"))?;
+        let sig = self.get_signature(repo, &layout::signature(channel, &Digest::of(&manifest)), cancel)?;
+        Ok(Docs::Single { manifest, sig })
+    }
+
+    /// keys.toml, the timestamp, and the manifest the timestamp names (by digest, so a
+    /// publish in progress on the mirror cannot pair a new manifest with an old timestamp).
+    fn role_docs(&self, repo: &Repo, channel: &str, cancel: &AtomicBool) -> Result<Docs, String> {
+        let keys = self
+            .get_required(repo, layout::KEYS, atom_dist::roles::MAX_KEYS_BYTES, cancel)
+            .map_err(|e| format!("{e}: this host trusts root keys, so the repository must have key roles"))?;
+        let keys_sig = self.get_signature(repo, &layout::keys_signature(&Digest::of(&keys)), cancel)?;
+        let timestamp = self
+            .get_small(repo, &layout::timestamp(channel), atom_dist::timestamp::MAX_TIMESTAMP_BYTES, cancel)?
+            .ok_or_else(|| format!("channel {channel:?} has no timestamp ({})", layout::timestamp(channel)))?;
+        let timestamp_sig = self.get_signature(repo, &layout::signature(channel, &Digest::of(&timestamp)), cancel)?;
+        // Unverified here: only used to find the manifest; verify_chain checks it all.
+        let named = atom_dist::timestamp::TimestampDoc::parse(&timestamp)
+            .map(|t| t.manifest)
+            .map_err(|e| e.to_string())?;
+        let manifest = self.get_required(repo, &layout::manifest_by_digest(channel, &named), MAX_MANIFEST_BYTES, cancel)?;
+        let manifest_sig = self.get_signature(repo, &layout::signature(channel, &Digest::of(&manifest)), cancel)?;
+        Ok(Docs::Roles {
+            keys,
+            keys_sig,
+            timestamp,
+            timestamp_sig,
+            manifest,
+            manifest_sig,
+        })
     }
 
     /// A manifest-named file, checked against `size` and `digest`, opened for reading.

@@ -70,6 +70,13 @@ pub struct State {
     /// rollout) and is refused.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub newest_manifest: BTreeMap<String, jiff::Timestamp>,
+    /// Key roles: the highest `keys.toml` version accepted (a lower one is a replay that
+    /// could bring back a retired key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_version: Option<u64>,
+    /// Key roles, by channel: the `created` time of the newest timestamp accepted.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub newest_timestamp: BTreeMap<String, jiff::Timestamp>,
     /// Images (by digest) that failed on this host: a fallback from them or mark-bad.
     /// They are not installed again unless an operator says so.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

@@ -14,9 +14,8 @@
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-use atom_dist::TrustedKeys;
 use atom_dist::manifest::{DeltaFormat, Manifest};
-use atom_dist::verify::Policy;
+use atom_dist::verify::{Policy, Seen};
 use bootsel::SlotName;
 use bootsel::table::Slot;
 
@@ -27,7 +26,8 @@ use crate::progress::Progress;
 use crate::routes::Job;
 pub use crate::routes::Route;
 use crate::slotio::WriteStats;
-use crate::source::Sources;
+use crate::source::{Accepted, Sources, Watermarks};
+use crate::trust::Trust;
 use crate::state::{Checkpoint, LastResult, Lock, SlotContent, State};
 
 pub struct Options<'a> {
@@ -87,24 +87,33 @@ pub struct Offer {
     pub rejected: Option<String>,
 }
 
-fn trusted(s: &Settings) -> Result<TrustedKeys, Failure> {
-    crate::perms::check_keys_dir(&s.keys_dir)?;
-    TrustedKeys::load_dir(&s.keys_dir).map_err(|e| Failure::error(e.to_string()))
-}
-
-fn fetch_manifest(s: &Settings, sources: &Sources, state: &State, cancel: &AtomicBool) -> Result<Manifest, Failure> {
-    let keys = trusted(s)?;
+/// The verified manifest, and (under key roles) the keys.toml version and timestamp time
+/// to record once the manifest is taken.
+fn fetch_manifest(s: &Settings, sources: &Sources, state: &State, cancel: &AtomicBool) -> Result<Accepted, Failure> {
+    let trust = Trust::load(s)?;
     let now = jiff::Timestamp::now();
+    let agent = crate::trust::agent_version();
     let policy = Policy {
-        trusted: &keys,
+        trusted: trust.keys(),
         now,
         board: Some(&s.board),
         channel: Some(&s.channel),
+        agent: Some(&agent),
     };
-    let seen = state.newest_manifest.get(&s.channel).copied();
-    let (v, from) = sources.signed_manifest(&s.channel, &policy, seen, cancel)?;
-    tracing::info!(version = %v.manifest.version, repository = %from, signed_by = %v.signed_by, "verified manifest");
-    Ok(v.manifest)
+    let seen = Watermarks {
+        manifest: state.newest_manifest.get(&s.channel).copied(),
+        roles: Seen {
+            keys_version: state.keys_version,
+            timestamp: state.newest_timestamp.get(&s.channel).copied(),
+        },
+    };
+    let accepted = sources.signed_manifest(&s.channel, &trust, &policy, &seen, cancel)?;
+    let v = &accepted.verified;
+    tracing::info!(
+        version = %v.manifest.version, repository = %accepted.from, signed_by = %v.signed_by,
+        scheme = trust.scheme(), "verified manifest"
+    );
+    Ok(accepted)
 }
 
 pub fn check(s: &Settings) -> Result<Offer, Failure> {
@@ -112,7 +121,7 @@ pub fn check(s: &Settings) -> Result<Offer, Failure> {
     let sources = Sources::new(s)?;
     let mut state = State::load(&s.state_dir)?;
     note_fallback(s, &host, &mut state)?;
-    let m = fetch_manifest(s, &sources, &state, &AtomicBool::new(false))?;
+    let m = fetch_manifest(s, &sources, &state, &AtomicBool::new(false))?.verified.manifest;
     let running = &host.release.version;
     let rejected = state.rejected.get(&m.image.digest.to_string()).map(|r| r.why.clone());
     let mut routes = Vec::new();
@@ -225,8 +234,9 @@ fn run(s: &Settings, opts: &Options<'_>) -> Result<Outcome, Failure> {
     let mut state = State::load(&s.state_dir)?;
     note_fallback(s, &host, &mut state)?;
     // Step 1: a signed, current manifest for a version this host may take.
-    let target = fetch_manifest(s, &sources, &state, opts.cancel)?;
-    record_manifest_time(s, &mut state, &target)?;
+    let accepted = fetch_manifest(s, &sources, &state, opts.cancel)?;
+    record_watermarks(s, &mut state, &accepted)?;
+    let target = accepted.verified.manifest;
     if let Some(done) = nothing_to_do(s, &host, &target) {
         return Ok(done);
     }
@@ -309,12 +319,19 @@ fn note_fallback(s: &Settings, host: &Host, state: &mut State) -> Result<(), Fai
     Ok(())
 }
 
-/// The replay watermark: the newest `created` accepted on this channel, never later than
-/// this host's clock (a manifest within the allowed skew ahead is recorded as now).
-fn record_manifest_time(s: &Settings, state: &mut State, target: &Manifest) -> Result<(), Failure> {
-    let created = target.created.min(jiff::Timestamp::now());
-    if state.newest_manifest.get(&s.channel) != Some(&created) {
-        state.newest_manifest.insert(s.channel.clone(), created);
+/// The replay watermarks: the newest manifest `created` accepted on this channel (and under
+/// key roles the keys.toml version and timestamp `created`), never later than this host's
+/// clock (a document within the allowed skew ahead is recorded as now).
+fn record_watermarks(s: &Settings, state: &mut State, accepted: &Accepted) -> Result<(), Failure> {
+    let now = jiff::Timestamp::now();
+    let before = state.clone();
+    let created = accepted.verified.manifest.created.min(now);
+    state.newest_manifest.insert(s.channel.clone(), created);
+    if let Some((keys_version, timestamp)) = accepted.roles {
+        state.keys_version = Some(keys_version.max(state.keys_version.unwrap_or(0)));
+        state.newest_timestamp.insert(s.channel.clone(), timestamp.min(now));
+    }
+    if *state != before {
         state.save(&s.state_dir)?;
     }
     Ok(())

@@ -97,6 +97,7 @@ fn audit_channel(
         now,
         board: None,
         channel: Some(channel),
+        agent: None,
     };
     let manifest = match verify_manifest(&current.manifest, &current.signature, &policy) {
         Ok(v) => v.manifest,

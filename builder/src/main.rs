@@ -12,6 +12,7 @@ mod keygen;
 mod modules;
 mod publish;
 mod resign;
+mod signing;
 mod slot_boot;
 
 use std::process::ExitCode;

@@ -235,6 +235,7 @@ pub(crate) fn current_manifest(repo: &Repository, channel: &str, trusted: &Trust
         now: Timestamp::MIN,
         board: None,
         channel: Some(channel),
+        agent: None,
     };
     match verify_manifest(&current.manifest, &current.signature, &policy) {
         Ok(v) => Ok(Some(v.manifest)),
@@ -268,6 +269,7 @@ fn make_deltas(
             now: Timestamp::MIN,
             board: Some(&release.board),
             channel: Some(&args.signing.channel),
+            agent: None,
         };
         match verify_manifest(&signed.manifest, &signed.signature, &policy) {
             Ok(v)

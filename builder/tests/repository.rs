@@ -313,6 +313,7 @@ fn expired_and_wrong_board_are_reported() {
         now: jiff::Timestamp::MIN,
         board: Some("rpi4"),
         channel: Some("stable"),
+        agent: None,
     };
     let err = verify_manifest(&cur.manifest, &cur.signature, &policy).unwrap_err();
     assert!(err.to_string().contains("board"), "{err}");
@@ -441,6 +442,7 @@ fn readers_never_see_a_half_published_channel() {
             now: jiff::Timestamp::now(),
             board: None,
             channel: Some("stable"),
+            agent: None,
         };
         let v = verify_manifest(&cur.manifest, &cur.signature, &policy).expect("reader saw an unverifiable channel");
         // Everything the manifest names is already complete when the reader can see it.
@@ -491,6 +493,7 @@ fn signed_by_only(repo: &Path, public: &Path) -> bool {
         now: jiff::Timestamp::now(),
         board: None,
         channel: Some("stable"),
+        agent: None,
     };
     verify_manifest(&current.manifest, &current.signature, &policy).is_ok()
 }

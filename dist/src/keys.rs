@@ -124,7 +124,8 @@ fn read_small(path: &Path) -> Result<String, KeyError> {
     })
 }
 
-fn check_private(path: &Path) -> Result<(), KeyError> {
+/// Refuses a secret file others may read or write, or that another user owns.
+pub fn check_private(path: &Path) -> Result<(), KeyError> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).map_err(|source| KeyError::Read {
         path: path.to_owned(),
@@ -198,9 +199,29 @@ impl SecretKey {
     /// Loads a signing key, refusing (like ssh) a file others may read or write, or that
     /// belongs to another user: whoever can read it can sign updates for the whole fleet.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        check_private(path)?;
-        let text = read_small(path)?;
-        let file: SigningKeyFile = toml::from_str(&text).map_err(|e| KeyError::Malformed {
+        let text = Self::read_private_file(path)?;
+        Self::from_file_text(path, &text)
+    }
+
+    pub fn id(&self) -> &KeyId {
+        &self.id
+    }
+
+    /// A key from its 32 secret bytes (a decrypted key file's).
+    pub fn from_bytes(secret: &[u8; 32]) -> Self {
+        let key = SigningKey::from_bytes(secret);
+        let id = KeyId::of(&key.verifying_key());
+        SecretKey { key, id }
+    }
+
+    /// The 32 secret bytes, for a key file that encrypts them; nothing else needs them.
+    pub fn secret_bytes(&self) -> [u8; 32] {
+        self.key.to_bytes()
+    }
+
+    /// Parses a plain key file's text (the caller checked the file is private).
+    pub fn from_file_text(path: &Path, text: &str) -> Result<Self, KeyError> {
+        let file: SigningKeyFile = toml::from_str(text).map_err(|e| KeyError::Malformed {
             path: path.to_owned(),
             reason: e.message().to_owned(),
         })?;
@@ -210,8 +231,10 @@ impl SecretKey {
         Ok(SecretKey { key, id })
     }
 
-    pub fn id(&self) -> &KeyId {
-        &self.id
+    /// Reads a key file's text, refusing (like ssh) a file others may read or write.
+    pub fn read_private_file(path: &Path) -> Result<String, KeyError> {
+        check_private(path)?;
+        read_small(path)
     }
 
     pub fn public(&self) -> PublicKey {
@@ -269,6 +292,23 @@ impl PublicKey {
 
     pub fn id(&self) -> &KeyId {
         &self.id
+    }
+
+    /// A key from its 32 raw bytes (a hardware token's, or a `keys.toml` entry's).
+    pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self, String> {
+        let key = VerifyingKey::from_bytes(bytes).map_err(|_| "not a valid ed25519 public key".to_owned())?;
+        if key.is_weak() {
+            return Err("weak (small-order) public key".into());
+        }
+        Ok(PublicKey {
+            id: KeyId::of(&key),
+            key,
+        })
+    }
+
+    /// The key as 64 hex digits, as key files and `keys.toml` hold it.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.key.as_bytes())
     }
 
     pub(crate) fn verifying_key(&self) -> &VerifyingKey {
@@ -334,6 +374,20 @@ impl TrustedKeys {
 
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Like [`Self::load_dir`], but a missing directory is an empty set (a host without
+    /// root keys uses the single-key scheme).
+    pub fn load_dir_if_present(dir: &Path) -> Result<Self, KeyError> {
+        match Self::load_dir(dir) {
+            Err(KeyError::NoTrustedKeys(_)) => Ok(Self::default()),
+            Err(KeyError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            other => other,
+        }
     }
 }
 

@@ -13,9 +13,11 @@ pub mod manifest;
 pub mod parse_error;
 pub mod release;
 pub mod repo;
+pub mod roles;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod signature;
+pub mod timestamp;
 pub mod verify;
 
 pub use digest::Digest;

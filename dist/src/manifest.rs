@@ -7,6 +7,8 @@
 //! board = "x86_64-generic"             # hosts accept only their own board string
 //! created = "2026-11-22T02:00:00Z"
 //! expires = "2026-12-22T02:00:00Z"     # freeze-attack bound; re-sign to extend
+//! min_agent = "0.2.0"                  # optional: older agents refuse ("update the agent first")
+//! critical = ["payload.encryption"]    # optional: fields an agent must know to install this
 //!
 //! [image]                              # the raw slot contents
 //! size = 1073741824
@@ -33,6 +35,16 @@
 //!
 //! Every file a manifest names is covered by a digest in it, so one signature check plus
 //! digest checks cover the whole update.
+//!
+//! # Compatibility
+//!
+//! `format` stays 1 for every field added later. A field this build does not know is
+//! *optional* unless the manifest names it in `critical`: optional fields are ignored (an
+//! older agent installs the update without them), while a critical one this build does not
+//! know makes the manifest refused with "update the agent first". `min_agent` refuses the
+//! manifest on agents older than that version. Both are checked only after the signature.
+
+use std::collections::BTreeSet;
 
 use jiff::Timestamp;
 use semver::Version;
@@ -45,9 +57,40 @@ pub const FORMAT: u32 = 1;
 pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
 const MAX_DELTAS: usize = 64;
 const MAX_TEXT_FIELD: usize = 128;
+const MAX_CRITICAL: usize = 32;
+
+/// Every field this build understands, as dotted paths (array entries without their index):
+/// what a manifest may name in `critical` for this build to install it.
+pub const KNOWN_FIELDS: &[&str] = &[
+    "format",
+    "channel",
+    "version",
+    "board",
+    "created",
+    "expires",
+    "min_agent",
+    "critical",
+    "image",
+    "image.size",
+    "image.digest",
+    "payload",
+    "payload.path",
+    "payload.size",
+    "payload.digest",
+    "rollout",
+    "rollout.start",
+    "rollout.duration_secs",
+    "deltas",
+    "deltas.base_version",
+    "deltas.base_size",
+    "deltas.base_digest",
+    "deltas.format",
+    "deltas.path",
+    "deltas.size",
+    "deltas.digest",
+];
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub format: u32,
     pub channel: String,
@@ -55,6 +98,12 @@ pub struct Manifest {
     pub board: String,
     pub created: Timestamp,
     pub expires: Timestamp,
+    /// The oldest agent that may install this manifest's image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_agent: Option<Version>,
+    /// Fields (dotted paths) an agent must understand to install this; see the module docs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub critical: Vec<String>,
     pub image: Image,
     pub payload: Payload,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -68,7 +117,6 @@ pub struct Manifest {
 /// growing fraction of the fleet while the publisher can still stop it (by publishing a
 /// fixed version) instead of all hosts at once.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Rollout {
     pub start: Timestamp,
     pub duration_secs: u64,
@@ -104,14 +152,12 @@ impl Rollout {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Image {
     pub size: u64,
     pub digest: Digest,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Payload {
     pub path: String,
     pub size: u64,
@@ -134,7 +180,6 @@ pub enum DeltaFormat {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Delta {
     pub base_version: Version,
     /// Size of the base image: a host hashes that much of its running slot to check it
@@ -159,6 +204,11 @@ pub enum ManifestError {
     UnsupportedFormat(u32),
     #[error("manifest is invalid: {0}")]
     Invalid(String),
+    #[error(
+        "manifest marks field(s) {0:?} as critical and this build does not know them: update the agent \
+         first (publish an image with a newer agent, without these fields, as a stepping stone)"
+    )]
+    UnknownCritical(Vec<String>),
 }
 
 impl Manifest {
@@ -167,10 +217,47 @@ impl Manifest {
             return Err(ManifestError::TooLarge(bytes.len()));
         }
         let text = std::str::from_utf8(bytes).map_err(|_| ManifestError::NotUtf8)?;
-        let manifest: Manifest =
-            toml::from_str(text).map_err(|e| ManifestError::Syntax(crate::parse_error::describe(text, &e)))?;
+        let mut ignored = BTreeSet::new();
+        let manifest: Manifest = serde_ignored::deserialize(toml::Deserializer::parse(text).map_err(|e| ManifestError::Syntax(crate::parse_error::describe(text, &e)))?, |path| {
+            ignored.insert(field_name(&path.to_string()));
+        })
+        .map_err(|e| ManifestError::Syntax(crate::parse_error::describe(text, &e)))?;
         manifest.validate()?;
+        manifest.check_critical()?;
+        for field in &ignored {
+            tracing::debug!(field, "ignoring an optional manifest field this build does not know");
+        }
         Ok(manifest)
+    }
+
+    /// Critical fields must be known here, whether present in this manifest or not: the
+    /// publisher marks a field critical because installing without it would be wrong.
+    fn check_critical(&self) -> Result<(), ManifestError> {
+        if self.critical.len() > MAX_CRITICAL {
+            return Err(ManifestError::Invalid(format!(
+                "{} critical fields listed; at most {MAX_CRITICAL}",
+                self.critical.len()
+            )));
+        }
+        let mut unknown = Vec::new();
+        for name in &self.critical {
+            let plain = !name.is_empty()
+                && name.len() <= MAX_TEXT_FIELD
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !plain {
+                return Err(ManifestError::Invalid(format!(
+                    "critical field name {name:?} is not a dotted name of [A-Za-z0-9_-]"
+                )));
+            }
+            if !KNOWN_FIELDS.contains(&name.as_str()) {
+                unknown.push(name.clone());
+            }
+        }
+        if unknown.is_empty() {
+            Ok(())
+        } else {
+            Err(ManifestError::UnknownCritical(unknown))
+        }
     }
 
     pub fn to_toml(&self) -> String {
@@ -218,6 +305,14 @@ impl Manifest {
     }
 }
 
+/// `deltas.3.foo` → `deltas.foo`: critical names do not depend on an entry's position.
+fn field_name(path: &str) -> String {
+    path.split('.')
+        .filter(|c| !c.bytes().all(|b| b.is_ascii_digit()))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
 /// Channel and board names end up in paths and log lines: keep them plain.
 pub fn check_name(what: &str, value: &str) -> Result<(), ManifestError> {
     let ok = !value.is_empty()
@@ -262,6 +357,8 @@ pub(crate) mod tests {
             board: "x86_64-generic".into(),
             created,
             expires: "2026-12-01T00:00:00Z".parse().unwrap(),
+            min_agent: None,
+            critical: Vec::new(),
             image: Image {
                 size: 4096,
                 digest: Digest::of(b"image"),
@@ -293,12 +390,6 @@ pub(crate) mod tests {
     #[test]
     fn rejects_unknown_fields_and_bad_values() {
         let text = sample().to_toml();
-        let with_unknown = format!("surprise = 1\n{text}");
-        assert!(matches!(
-            Manifest::parse(with_unknown.as_bytes()),
-            Err(ManifestError::Syntax(_))
-        ));
-
         let bad_version = text.replace("version = \"2.0.0\"", "version = \"two\"");
         assert!(matches!(
             Manifest::parse(bad_version.as_bytes()),
@@ -329,6 +420,69 @@ pub(crate) mod tests {
             Manifest::parse(&vec![b' '; MAX_MANIFEST_BYTES + 1]),
             Err(ManifestError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn optional_fields_of_newer_publishers_are_ignored_critical_ones_refused() {
+        let text = sample().to_toml();
+        let newer = format!("surprise = 1\n{text}\n[shiny]\nthing = true\n")
+            .replace("[image]\n", "[image]\nfs = \"erofs\"\n")
+            .replace("[[deltas]]\n", "[[deltas]]\nchunked = 4\n");
+        assert_eq!(Manifest::parse(newer.as_bytes()).unwrap(), sample(), "optional fields are ignored");
+
+        let critical_known = format!("critical = [\"rollout\", \"deltas.base_digest\"]\n{text}");
+        assert!(Manifest::parse(critical_known.as_bytes()).is_ok());
+
+        let critical_new = format!("critical = [\"image.fs\", \"rollout\"]\n{newer}");
+        match Manifest::parse(critical_new.as_bytes()) {
+            Err(e @ ManifestError::UnknownCritical(_)) => {
+                assert!(e.to_string().contains("update the agent first"), "{e}");
+                assert!(e.to_string().contains("image.fs"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Critical but absent from this manifest: still refused (its absence matters too).
+        let absent = format!("critical = [\"encryption\"]\n{text}");
+        assert!(matches!(
+            Manifest::parse(absent.as_bytes()),
+            Err(ManifestError::UnknownCritical(_))
+        ));
+        let bad_name = format!("critical = [\"a b\"]\n{text}");
+        assert!(matches!(Manifest::parse(bad_name.as_bytes()), Err(ManifestError::Invalid(_))));
+    }
+
+    /// Every field a manifest of this build can carry is in KNOWN_FIELDS (so it can be
+    /// marked critical and still be installed here).
+    #[test]
+    fn known_fields_cover_the_format() {
+        let mut m = sample();
+        m.min_agent = Some(Version::new(0, 2, 0));
+        m.critical = vec!["rollout".into()];
+        m.rollout = Some(Rollout {
+            start: m.created,
+            duration_secs: 60,
+        });
+        let table: toml::Table = toml::from_str(&m.to_toml()).unwrap();
+        fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
+            let tables: Vec<&toml::Table> = match v {
+                toml::Value::Table(t) => vec![t],
+                toml::Value::Array(a) => a.iter().filter_map(|x| x.as_table()).collect(),
+                _ => vec![],
+            };
+            for t in tables {
+                for (k, v) in t {
+                    let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    out.push(path.clone());
+                    walk(&path, v, out);
+                }
+            }
+        }
+        let mut paths = Vec::new();
+        walk("", &toml::Value::Table(table), &mut paths);
+        for p in &paths {
+            assert!(KNOWN_FIELDS.contains(&p.as_str()), "{p} is missing from KNOWN_FIELDS");
+        }
+        assert_eq!(field_name("deltas.12.chunked"), "deltas.chunked");
     }
 
     #[test]

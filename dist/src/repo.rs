@@ -5,6 +5,10 @@
 //! channels/<channel>/manifest.toml       the channel's current manifest
 //! channels/<channel>/sigs/<hex>.sig      signature of the manifest whose BLAKE3 is <hex>
 //! channels/<channel>/history/<ver>.toml  every manifest ever published (signed via sigs/)
+//! channels/<channel>/manifests/<hex>.toml every manifest by its BLAKE3 (timestamps name these)
+//! channels/<channel>/timestamp.toml      key roles: the freshness key's word on the current one
+//! keys/keys.toml                         key roles: release and freshness keys, root-signed
+//! keys/sigs/<hex>.sig                    signature of the keys.toml whose BLAKE3 is <hex>
 //! objects/<image hex>.img.zst            full payloads, content-addressed
 //! deltas/<base hex>-<image hex>.rsync.zst
 //! ```
@@ -54,8 +58,8 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RepoError + '_ {
     }
 }
 
+/// Unknown fields are ignored: a newer publisher may add some and keep `format = 1`.
 #[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct MarkerFile {
     format: u32,
 }
@@ -82,6 +86,25 @@ pub mod layout {
 
     pub fn delta(base: &Digest, image: &Digest) -> String {
         format!("deltas/{}-{}.rsync.zst", base.hex(), image.hex())
+    }
+
+    pub fn manifest_by_digest(channel: &str, manifest_digest: &Digest) -> String {
+        format!("channels/{channel}/manifests/{}.toml", manifest_digest.hex())
+    }
+
+    pub fn timestamp(channel: &str) -> String {
+        format!("channels/{channel}/timestamp.toml")
+    }
+
+    pub const KEYS: &str = "keys/keys.toml";
+
+    pub fn keys_signature(keys_digest: &Digest) -> String {
+        format!("keys/sigs/{}.sig", keys_digest.hex())
+    }
+
+    /// Where a channel's publication waits for `atom-build sign` (never served as current).
+    pub fn pending(channel: &str) -> String {
+        format!("pending/{channel}/manifest.toml")
     }
 }
 
@@ -273,6 +296,81 @@ impl Repository {
         Ok(Some(SignedManifest { manifest, signature }))
     }
 
+    /// The root-signed key list, or `None` in a repository without key roles.
+    pub fn keys(&self) -> Result<Option<SignedManifest>, RepoError> {
+        let Some(doc) = self.read_bounded(layout::KEYS, crate::roles::MAX_KEYS_BYTES)? else {
+            return Ok(None);
+        };
+        let signature = self
+            .read_bounded(&layout::keys_signature(&Digest::of(&doc)), MAX_SIGNATURE_FILE_BYTES)?
+            .unwrap_or_default();
+        Ok(Some(SignedManifest { manifest: doc, signature }))
+    }
+
+    /// The channel's timestamp, or `None` if it never had one.
+    pub fn timestamp(&self, channel: &str) -> Result<Option<SignedManifest>, RepoError> {
+        manifest::check_name("channel", channel)?;
+        let Some(doc) = self.read_bounded(&layout::timestamp(channel), crate::timestamp::MAX_TIMESTAMP_BYTES)? else {
+            return Ok(None);
+        };
+        let signature = self
+            .read_bounded(&layout::signature(channel, &Digest::of(&doc)), MAX_SIGNATURE_FILE_BYTES)?
+            .unwrap_or_default();
+        Ok(Some(SignedManifest { manifest: doc, signature }))
+    }
+
+    /// Writes a signed `keys.toml`: signature first, then the document.
+    pub fn commit_keys(&self, signed: &SignedManifest) -> Result<(), RepoError> {
+        let sig = self.path(&layout::keys_signature(&Digest::of(&signed.manifest)));
+        let doc = self.path(layout::KEYS);
+        let dir = sig.parent().expect("repository paths have a parent");
+        fsutil::create_dir_synced(dir).map_err(io_at(dir))?;
+        fsutil::write_atomic_bytes(&sig, 0o644, &signed.signature).map_err(io_at(&sig))?;
+        fsutil::write_atomic_bytes(&doc, 0o644, &signed.manifest).map_err(io_at(&doc))?;
+        Ok(())
+    }
+
+    /// Writes a channel's signed timestamp: signature first, then the document.
+    pub fn commit_timestamp(&self, channel: &str, signed: &SignedManifest) -> Result<(), RepoError> {
+        manifest::check_name("channel", channel)?;
+        let sig = self.path(&layout::signature(channel, &Digest::of(&signed.manifest)));
+        let doc = self.path(&layout::timestamp(channel));
+        let dir = sig.parent().expect("repository paths have a parent");
+        fsutil::create_dir_synced(dir).map_err(io_at(dir))?;
+        fsutil::write_atomic_bytes(&sig, 0o644, &signed.signature).map_err(io_at(&sig))?;
+        fsutil::write_atomic_bytes(&doc, 0o644, &signed.manifest).map_err(io_at(&doc))?;
+        Ok(())
+    }
+
+    /// A manifest by its digest (what a timestamp names), with its signature.
+    pub fn manifest_by_digest(&self, channel: &str, digest: &Digest) -> Result<Option<SignedManifest>, RepoError> {
+        manifest::check_name("channel", channel)?;
+        self.signed_at(channel, &layout::manifest_by_digest(channel, digest))
+    }
+
+    /// The channel's pending (unsigned) publication, from `publish --sign-later`.
+    pub fn pending(&self, channel: &str) -> Result<Option<Vec<u8>>, RepoError> {
+        manifest::check_name("channel", channel)?;
+        self.read_bounded(&layout::pending(channel), manifest::MAX_MANIFEST_BYTES)
+    }
+
+    pub fn write_pending(&self, channel: &str, manifest: &[u8]) -> Result<PathBuf, RepoError> {
+        manifest::check_name("channel", channel)?;
+        let path = self.path(&layout::pending(channel));
+        let dir = path.parent().expect("repository paths have a parent");
+        fsutil::create_dir_synced(dir).map_err(io_at(dir))?;
+        fsutil::write_atomic_bytes(&path, 0o644, manifest).map_err(io_at(&path))?;
+        Ok(path)
+    }
+
+    pub fn remove_pending(&self, channel: &str) -> Result<(), RepoError> {
+        let path = self.path(&layout::pending(channel));
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(RepoError::Io { path, source: e }),
+            _ => Ok(()),
+        }
+    }
+
     /// The channel's current manifest, or `None` if it was never published.
     pub fn current(&self, channel: &str) -> Result<Option<SignedManifest>, RepoError> {
         manifest::check_name("channel", channel)?;
@@ -313,15 +411,18 @@ impl Repository {
     /// in place: this writes the signature, the history copy, then renames the manifest.
     pub fn commit_manifest(&self, channel: &str, version: &Version, signed: &SignedManifest) -> Result<(), RepoError> {
         manifest::check_name("channel", channel)?;
-        let sig = self.path(&layout::signature(channel, &Digest::of(&signed.manifest)));
+        let digest = Digest::of(&signed.manifest);
+        let sig = self.path(&layout::signature(channel, &digest));
         let history = self.path(&layout::history(channel, version));
+        let by_digest = self.path(&layout::manifest_by_digest(channel, &digest));
         let current = self.path(&layout::manifest(channel));
-        for p in [&sig, &history] {
+        for p in [&sig, &history, &by_digest] {
             let dir = p.parent().expect("repository paths have a parent");
             fsutil::create_dir_synced(dir).map_err(io_at(dir))?;
         }
         fsutil::write_atomic_bytes(&sig, 0o644, &signed.signature).map_err(io_at(&sig))?;
         fsutil::write_atomic_bytes(&history, 0o644, &signed.manifest).map_err(io_at(&history))?;
+        fsutil::write_atomic_bytes(&by_digest, 0o644, &signed.manifest).map_err(io_at(&by_digest))?;
         fsutil::write_atomic_bytes(&current, 0o644, &signed.manifest).map_err(io_at(&current))?;
         Ok(())
     }

@@ -49,6 +49,8 @@ fn publish(repo: &Repository, key: &SecretKey, version: &str, image: &[u8]) -> M
             size: payload.len() as u64,
             digest: Digest::of(&payload),
         },
+        min_agent: None,
+        critical: Vec::new(),
         rollout: None,
         deltas: vec![],
     };

@@ -1,0 +1,120 @@
+//! A channel's timestamp: the freshness key's short-lived word that a manifest is current.
+//!
+//! ```toml
+//! format = 1
+//! channel = "stable"
+//! version = "2.1.0"                    # for people; the digest is what binds
+//! manifest = "blake3:…"                # BLAKE3 of the current manifest's bytes
+//! manifest_size = 1234
+//! created = "2026-12-01T00:00:00Z"
+//! expires = "2026-12-08T00:00:00Z"     # days, renewed by `atom-build refresh` from a timer
+//! ```
+//!
+//! Stored at `channels/<channel>/timestamp.toml`, signed (domain [`Domain::Timestamp`]) in
+//! `channels/<channel>/sigs/<BLAKE3 of the timestamp>.sig`. Hosts with root keys read the
+//! timestamp first and then the manifest it names by digest
+//! (`channels/<channel>/manifests/<hex>.toml`), so a publish becomes current for them only
+//! once a freshness key vouches for it, and a mirror frozen in time is noticed within the
+//! timestamp's lifetime rather than the manifest's.
+//!
+//! [`Domain::Timestamp`]: crate::signature::Domain::Timestamp
+
+use jiff::Timestamp;
+use semver::Version;
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::manifest::{self, MAX_MANIFEST_BYTES};
+
+pub const FORMAT: u32 = 1;
+pub const MAX_TIMESTAMP_BYTES: usize = 4096;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimestampDoc {
+    pub format: u32,
+    pub channel: String,
+    pub version: Version,
+    pub manifest: Digest,
+    pub manifest_size: u64,
+    pub created: Timestamp,
+    pub expires: Timestamp,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TimestampError {
+    #[error("timestamp is {0} bytes; the limit is {MAX_TIMESTAMP_BYTES}")]
+    TooLarge(usize),
+    #[error("timestamp is malformed: {0}")]
+    Malformed(String),
+}
+
+impl TimestampDoc {
+    pub fn parse(bytes: &[u8]) -> Result<Self, TimestampError> {
+        if bytes.len() > MAX_TIMESTAMP_BYTES {
+            return Err(TimestampError::TooLarge(bytes.len()));
+        }
+        let text = std::str::from_utf8(bytes).map_err(|_| TimestampError::Malformed("not UTF-8 text".into()))?;
+        let doc: TimestampDoc =
+            toml::from_str(text).map_err(|e| TimestampError::Malformed(crate::parse_error::describe(text, &e)))?;
+        if doc.format != FORMAT {
+            return Err(TimestampError::Malformed(format!(
+                "format {} is not supported (this build reads format {FORMAT})",
+                doc.format
+            )));
+        }
+        manifest::check_name("channel", &doc.channel).map_err(|e| TimestampError::Malformed(e.to_string()))?;
+        if doc.expires <= doc.created {
+            return Err(TimestampError::Malformed(format!(
+                "expires ({}) is not after created ({})",
+                doc.expires, doc.created
+            )));
+        }
+        if doc.manifest_size == 0 || doc.manifest_size > MAX_MANIFEST_BYTES as u64 {
+            return Err(TimestampError::Malformed(format!(
+                "manifest_size {} is not 1 to {MAX_MANIFEST_BYTES}",
+                doc.manifest_size
+            )));
+        }
+        Ok(doc)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("timestamp serializes")
+    }
+
+    /// Whether `manifest` is the exact manifest this timestamp names.
+    pub fn names(&self, manifest: &[u8]) -> bool {
+        manifest.len() as u64 == self.manifest_size && Digest::of(manifest) == self.manifest
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_bounds() {
+        let t = TimestampDoc {
+            format: FORMAT,
+            channel: "stable".into(),
+            version: Version::new(2, 0, 0),
+            manifest: Digest::of(b"m"),
+            manifest_size: 1,
+            created: "2026-12-01T00:00:00Z".parse().unwrap(),
+            expires: "2026-12-08T00:00:00Z".parse().unwrap(),
+        };
+        assert_eq!(TimestampDoc::parse(t.to_toml().as_bytes()).unwrap(), t);
+        assert!(t.names(b"m"));
+        assert!(!t.names(b"n"));
+        let text = t.to_toml();
+        for bad in [
+            text.replace("manifest_size = 1", "manifest_size = 0"),
+            text.replace("2026-12-08", "2026-11-08"),
+            text.replace("\"stable\"", "\"../x\""),
+            text.replace("format = 1", "format = 2"),
+            "x".repeat(MAX_TIMESTAMP_BYTES + 1),
+        ] {
+            assert!(TimestampDoc::parse(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+}
