@@ -46,10 +46,18 @@ pub struct LastResult {
     pub bytes_resumed: u64,
 }
 
+/// The schema this agent writes. A newer agent's state (higher schema) is read tolerantly:
+/// the fields known here are used, top-level fields unknown here are kept as they were and
+/// written back, and the schema number never goes down.
+pub const SCHEMA: u32 = 1;
+
 /// Unknown fields are ignored, not errors: the state directory outlives the slots, so after
 /// a fallback an older agent reads what a newer one wrote, and must keep the rollback floor.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
+    /// 0 for files written before the schema was numbered.
+    #[serde(default)]
+    pub schema: u32,
     /// Verified contents by slot name ("A"/"B"); absent while a slot is being written.
     #[serde(default)]
     pub slots: BTreeMap<String, SlotContent>,
@@ -85,6 +93,9 @@ pub struct State {
     /// "fell back from A" all boot long, also after A was rewritten with a new version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_noted: Option<String>,
+    /// Fields of a newer agent's schema, carried through unchanged.
+    #[serde(flatten)]
+    pub newer: toml::Table,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,7 +192,20 @@ impl State {
     /// watermark and the rejected versions, and forgetting them would let a downgrade, a
     /// replay or a known-bad version through.
     pub fn load(dir: &Path) -> Result<State, Failure> {
+        let state = Self::load_any(dir)?;
+        if state.schema > SCHEMA {
+            tracing::debug!(
+                schema = state.schema,
+                known = SCHEMA,
+                "state written by a newer agent: using the fields known here, keeping the others"
+            );
+        }
+        Ok(state)
+    }
+
+    fn load_any(dir: &Path) -> Result<State, Failure> {
         let main = Self::read(&Self::path(dir));
+        let path = Self::path(dir);
         match main {
             Ok(Some(state)) => Ok(state),
             Ok(None) => match Self::read(&Self::backup_path(dir)) {
@@ -190,10 +214,12 @@ impl State {
                     Ok(state)
                 }
                 Ok(None) => Ok(State::default()),
-                Err(e) => Err(Failure::error(format!(
-                    "state.toml is missing and its backup copy is unreadable ({e}); repair it, or move it away \
-                     to start from an empty state (the rollback floor, replay watermark and rejected versions \
-                     would be forgotten)"
+                Err(e) => Err(Failure::refused(format!(
+                    "{} is missing and its backup copy is unreadable ({e}); repair it, or move it away \
+                     (mv {1} {1}.broken) to start from an empty state (the rollback floor, replay watermark \
+                     and rejected versions would be forgotten)",
+                    path.display(),
+                    Self::backup_path(dir).display()
                 ))),
             },
             Err(e) => match Self::read(&Self::backup_path(dir)) {
@@ -201,10 +227,11 @@ impl State {
                     tracing::warn!(error = %e, "state file unreadable; using its backup copy");
                     Ok(state)
                 }
-                _ => Err(Failure::error(format!(
+                _ => Err(Failure::refused(format!(
                     "the state file is unreadable ({e}) and has no usable backup copy; it holds the rollback \
                      floor, the replay watermark and the rejected versions, so nothing is done without it: \
-                     repair it, or move it away to start from an empty state"
+                     repair it, or move it away (mv {0} {0}.broken) to start from an empty state",
+                    path.display()
                 ))),
             },
         }
@@ -212,7 +239,10 @@ impl State {
 
     pub fn save(&self, dir: &Path) -> Result<(), Failure> {
         std::fs::create_dir_all(dir).map_err(|e| Failure::error(format!("cannot create {}: {e}", dir.display())))?;
-        let text = toml::to_string(self).map_err(|e| Failure::error(e.to_string()))?;
+        let mut state = self.clone();
+        state.schema = state.schema.max(SCHEMA);
+        let text = toml::to_string(&state).map_err(|e| Failure::error(e.to_string()))?;
+        // The main file first: until it is complete the backup still holds the last state.
         for path in [Self::path(dir), Self::backup_path(dir)] {
             atom_dist::fsutil::write_atomic_bytes(&path, 0o600, text.as_bytes())
                 .map_err(|e| Failure::error(format!("cannot write {}: {e}", path.display())))?;
@@ -311,6 +341,47 @@ mod tests {
         let st = State::load(dir.path()).unwrap();
         assert_eq!(st.floor(), Some(semver::Version::new(2, 0, 0)));
         assert_eq!(st.slots["B"].version, "3.0.0");
+    }
+
+    #[test]
+    fn newer_fields_survive_an_older_agents_save_and_the_schema_never_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            State::path(dir.path()),
+            "schema = 7\nrollback_floor = \"2.0.0\"\nfuture_watermark = 12\n[future_table]\nx = \"y\"\n",
+        )
+        .unwrap();
+        let mut st = State::load(dir.path()).unwrap();
+        st.rollout_place = Some(5);
+        st.save(dir.path()).unwrap();
+        let text = std::fs::read_to_string(State::path(dir.path())).unwrap();
+        for want in ["schema = 7", "future_watermark = 12", "[future_table]", "rollout_place = 5"] {
+            assert!(text.contains(want), "{want} missing from\n{text}");
+        }
+        let fresh = tempfile::tempdir().unwrap();
+        State::default().save(fresh.path()).unwrap();
+        assert!(std::fs::read_to_string(State::path(fresh.path())).unwrap().contains("schema = 1"));
+    }
+
+    #[test]
+    fn a_corrupt_state_falls_back_to_its_backup_or_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = State {
+            rollback_floor: Some("3.0.0".into()),
+            ..Default::default()
+        };
+        st.save(dir.path()).unwrap();
+        std::fs::write(State::path(dir.path()), "rollback_floor = [garbage").unwrap();
+        assert_eq!(State::load(dir.path()).unwrap().floor(), Some(semver::Version::new(3, 0, 0)));
+
+        std::fs::write(State::backup_path(dir.path()), "\u{0}\u{0}").unwrap();
+        let f = State::load(dir.path()).unwrap_err();
+        assert_eq!(f.exit_code(), crate::error::EXIT_REFUSED);
+        assert!(f.message.contains("state.toml") && f.message.contains("mv "), "{}", f.message);
+
+        std::fs::remove_file(State::path(dir.path())).unwrap();
+        let f = State::load(dir.path()).unwrap_err();
+        assert_eq!(f.exit_code(), crate::error::EXIT_REFUSED);
     }
 
     #[test]

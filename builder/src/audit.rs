@@ -27,7 +27,7 @@ fn load_keys(paths: &[std::path::PathBuf]) -> Result<TrustedKeys> {
 
 /// Returns the number of problems found (each already printed).
 pub fn run_verify(args: &VerifyArgs) -> Result<usize> {
-    let trusted = load_keys(&args.keys)?;
+    let mut trusted = load_keys(&args.keys)?;
     let repo = Repository::open(&args.repo)?;
     let channels = match &args.channel {
         Some(c) => vec![c.clone()],
@@ -35,11 +35,47 @@ pub fn run_verify(args: &VerifyArgs) -> Result<usize> {
     };
     let now = Timestamp::now();
     let mut problems = Vec::new();
+    let roots = if args.roots.is_empty() {
+        None
+    } else {
+        let roots = load_keys(&args.roots)?;
+        // History was signed by release keys that may have expired since: all listed ones.
+        if let Some(doc) = audit_keys(&repo, &roots, now, &mut problems)? {
+            let mut all: Vec<PublicKey> = trusted.ids().filter_map(|id| trusted.get(id)).cloned().collect();
+            all.extend(doc.release.iter().filter_map(|k| k.public_key().ok()));
+            trusted = TrustedKeys::new(all);
+        }
+        Some(roots)
+    };
     for channel in &channels {
         audit_channel(&repo, channel, &trusted, now, args.quick, &mut problems)?;
+        if let Some(roots) = &roots {
+            audit_chain(&repo, channel, roots, now, &mut problems)?;
+        }
     }
     for p in &problems {
         println!("PROBLEM {p}");
+    }
+    let at_least = jiff::SignedDuration::try_from(args.warn_within)?;
+    for e in atom_dist::expiry::of_repository(&repo)? {
+        if args.channel.as_ref().is_some_and(|c| e.channel.as_ref().is_some_and(|ec| ec != c)) {
+            continue;
+        }
+        if e.expires > now && e.due(now, at_least) {
+            println!(
+                "WARN {} expires at {} (in {}); {}",
+                e.describe(),
+                e.expires,
+                humantime::format_duration(std::time::Duration::from_secs(
+                    e.expires.duration_since(now).as_secs().max(0) as u64
+                )),
+                match e.document {
+                    "manifest" => "re-sign it (atom-build resign) or publish",
+                    "timestamp" => "run atom-build refresh (is its timer running?)",
+                    _ => "the root key holder must sign a new keys.toml (atom-build keys)",
+                }
+            );
+        }
     }
     report_stale_temp_files(&repo)?;
     if problems.is_empty() {
@@ -51,6 +87,92 @@ pub fn run_verify(args: &VerifyArgs) -> Result<usize> {
         );
     }
     Ok(problems.len())
+}
+
+/// keys.toml against the root keys, as a host checks it.
+fn audit_keys(
+    repo: &Repository,
+    roots: &TrustedKeys,
+    now: Timestamp,
+    problems: &mut Vec<String>,
+) -> Result<Option<atom_dist::roles::KeysDoc>> {
+    let Some(signed) = repo.keys()? else {
+        problems.push("keys/keys.toml is missing: hosts with root keys refuse every channel".into());
+        return Ok(None);
+    };
+    match atom_dist::roles::verify_keys(&signed.manifest, &signed.signature, roots, now, None) {
+        Ok(v) => {
+            println!(
+                "keys.toml version {} signed by root key {}: release {:?}, freshness {:?}",
+                v.doc.version,
+                v.signed_by,
+                v.doc.release.iter().map(|k| k.key_id.to_string()).collect::<Vec<_>>(),
+                v.doc.freshness.iter().map(|k| k.key_id.to_string()).collect::<Vec<_>>()
+            );
+            Ok(Some(v.doc))
+        }
+        Err(e) => {
+            problems.push(format!("keys/keys.toml: {e}"));
+            Ok(None)
+        }
+    }
+}
+
+/// The whole chain a host with root keys checks: keys.toml → timestamp → manifest.
+fn audit_chain(
+    repo: &Repository,
+    channel: &str,
+    roots: &TrustedKeys,
+    now: Timestamp,
+    problems: &mut Vec<String>,
+) -> Result<()> {
+    let (Some(keys), Some(ts)) = (repo.keys()?, repo.timestamp(channel)?) else {
+        problems.push(format!(
+            "channel {channel}: no timestamp.toml (run atom-build refresh): hosts with root keys refuse the channel"
+        ));
+        return Ok(());
+    };
+    let named = match atom_dist::timestamp::TimestampDoc::parse(&ts.manifest) {
+        Ok(t) => t.manifest,
+        Err(e) => {
+            problems.push(format!("channel {channel}: timestamp.toml: {e}"));
+            return Ok(());
+        }
+    };
+    let Some(manifest) = repo.manifest_by_digest(channel, &named)? else {
+        problems.push(format!("channel {channel}: the manifest the timestamp names ({named}) is missing"));
+        return Ok(());
+    };
+    let docs = atom_dist::verify::RoleDocs {
+        keys: &keys.manifest,
+        keys_sig: &keys.signature,
+        timestamp: &ts.manifest,
+        timestamp_sig: &ts.signature,
+        manifest: &manifest.manifest,
+        manifest_sig: &manifest.signature,
+    };
+    let policy = Policy {
+        trusted: roots,
+        now,
+        board: None,
+        channel: Some(channel),
+        agent: None,
+    };
+    match atom_dist::verify::verify_chain(&docs, &policy, Default::default()) {
+        Ok(c) => {
+            if let Some(current) = repo.current(channel)?
+                && current.manifest != manifest.manifest
+            {
+                println!(
+                    "NOTE channel {channel}: manifest.toml is newer than the timestamp's {}: hosts with root keys \
+                     take it after the next atom-build refresh",
+                    c.verified.manifest.version
+                );
+            }
+        }
+        Err(e) => problems.push(format!("channel {channel}: key roles: {e}")),
+    }
+    Ok(())
 }
 
 /// Leftovers of a killed publish: harmless to clients (hidden, never named by a manifest),

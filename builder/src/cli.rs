@@ -32,7 +32,10 @@ pub enum Command {
     Keygen(KeygenArgs),
     Image(ImageArgs),
     Publish(PublishArgs),
+    Sign(SignArgs),
     Resign(ResignArgs),
+    Keys(KeysArgs),
+    Refresh(RefreshArgs),
     Verify(VerifyArgs),
     History(HistoryArgs),
     InstallUnits(InstallArgs),
@@ -135,13 +138,28 @@ pub struct InstallArgs {
 
 /// Create an ed25519 signing key pair.
 ///
-/// Writes OUT.key (the secret, mode 0600) and OUT.pub (install it into /etc/atom/keys/ on
-/// every host that should trust this key) and prints the key id. Refuses to overwrite.
+/// Writes OUT.key (the secret, mode 0600) and OUT.pub and prints the key id. Refuses to
+/// overwrite. With --encrypt the secret is protected by a passphrase (argon2id); with
+/// --in-token the pair is generated inside a PKCS#11 token and only OUT.pub is written.
+///
+/// Which key goes where: a single-key repository's key (OUT.pub into /etc/atom/keys/ on
+/// hosts); with key roles, the root key's OUT.pub into /etc/atom/keys/root/ on hosts, and
+/// the release and freshness keys' OUT.pub files to `atom-build keys` only.
 #[derive(Debug, Args)]
 pub struct KeygenArgs {
     /// Path prefix of the key pair: writes PREFIX.key and PREFIX.pub.
     #[arg(long, value_name = "PREFIX")]
     pub out: PathBuf,
+    /// Encrypt the secret with a passphrase (asked twice on the terminal, or --passphrase-file).
+    #[arg(long, conflicts_with = "in_token")]
+    pub encrypt: bool,
+    /// File whose first line is the passphrase (mode 0600).
+    #[arg(long, value_name = "FILE", requires = "encrypt")]
+    pub passphrase_file: Option<PathBuf>,
+    /// Generate the pair inside a PKCS#11 token, e.g.
+    /// pkcs11:token=atom;object=release?module-path=/usr/lib/softhsm/libsofthsm2.so
+    #[arg(long, value_name = "URI")]
+    pub in_token: Option<String>,
 }
 
 /// Build a reproducible ext4 slot image from a root filesystem.
@@ -222,8 +240,9 @@ pub struct PublishArgs {
     #[arg(long, default_value_t = 2)]
     pub deltas: usize,
     /// How long the manifest stays valid; hosts refuse it afterwards (publish or resign).
-    #[arg(long, default_value = "30days", value_parser = humantime::parse_duration)]
-    pub expires_in: std::time::Duration,
+    /// Default: 30 days; 1 year with key roles, where timestamps bound freshness.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub expires_in: Option<std::time::Duration>,
     /// zstd level for payloads and deltas (1-22).
     #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(1..=22))]
     pub zstd_level: i32,
@@ -236,8 +255,122 @@ pub struct PublishArgs {
     /// When the rollout begins (RFC 3339, e.g. 2026-11-24T08:00:00Z); default: now.
     #[arg(long, value_name = "TIME", requires = "rollout")]
     pub rollout_start: Option<jiff::Timestamp>,
+    /// The oldest agent that may install this image; older agents refuse it with "update
+    /// the agent first" (publish an image with a newer agent before, as a stepping stone).
+    #[arg(long, value_name = "VERSION")]
+    pub min_agent: Option<Version>,
+    /// A manifest field hosts must understand to install this (repeat); agents that do not
+    /// know it refuse the manifest. Fields not named are optional to older agents.
+    #[arg(long = "critical", value_name = "FIELD")]
+    pub critical: Vec<String>,
+    /// Write the whole publication but leave it unsigned, in pending/CHANNEL/manifest.toml:
+    /// `atom-build sign` signs it there or on another machine. Hosts see nothing until then.
+    #[arg(long)]
+    pub sign_later: bool,
     /// The image to publish.
     pub image: PathBuf,
+}
+
+/// Sign a publication made with `publish --sign-later`, here or on another machine.
+///
+/// In place: `sign --repo R --channel C --key K` signs the pending manifest, checks every
+/// file it names and makes it the channel's current one. Air-gapped: copy
+/// pending/C/manifest.toml to the signing machine, run `sign --manifest manifest.toml --key K
+/// --output manifest.sig` there (it prints what it signs), bring manifest.sig back and run
+/// `sign --repo R --channel C --signature manifest.sig`.
+#[derive(Debug, Args)]
+pub struct SignArgs {
+    /// Repository with a pending publication (in place, or to attach --signature files).
+    #[arg(long, requires = "channel", conflicts_with = "manifest")]
+    pub repo: Option<PathBuf>,
+    #[arg(long)]
+    pub channel: Option<String>,
+    /// A manifest file to sign detached (with --output), without the repository.
+    #[arg(long, value_name = "FILE", requires_all = ["output", "keys"])]
+    pub manifest: Option<PathBuf>,
+    /// Where the detached signature goes.
+    #[arg(long, value_name = "SIG", requires = "manifest")]
+    pub output: Option<PathBuf>,
+    /// Signing key: a key file or a pkcs11: URI (repeat to sign with several).
+    #[arg(long = "key", value_name = "FILE|URI")]
+    pub keys: Vec<String>,
+    /// A detached signature made elsewhere, to attach (repeat for several).
+    #[arg(long = "signature", value_name = "SIG", requires = "repo")]
+    pub signatures: Vec<PathBuf>,
+    /// Further public keys the channel's current manifest and attached signatures may be by.
+    #[arg(long, value_name = "PUB")]
+    pub trust: Vec<PathBuf>,
+    /// File whose first line is the passphrase of an encrypted key file.
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+    /// Key roles: also vouch for the new manifest with this freshness key (as `refresh`).
+    #[arg(long, value_name = "FILE|URI", requires = "repo")]
+    pub timestamp_key: Option<String>,
+    /// Lifetime of that timestamp.
+    #[arg(long, default_value = "7days", value_parser = humantime::parse_duration)]
+    pub timestamp_expires_in: std::time::Duration,
+}
+
+/// Key roles: write keys.toml, signed by the root key(s), naming release and freshness keys.
+///
+/// Hosts that trust a root key (in /etc/atom/keys/root/) require three signatures: the
+/// root's over keys.toml, a release key's over the manifest, and a freshness key's over the
+/// channel's timestamp. Run this on the offline root machine, against the repository or an
+/// empty directory whose keys/ you then copy into the repository. A new keys.toml (higher
+/// version) rotates release and freshness keys without touching the hosts.
+///
+/// Migrating a single-key repository: name the existing key as the release key, run
+/// `refresh`, then ship the root's .pub in /etc/atom/keys/root/ with the next image. Hosts
+/// that still trust the old key directly keep working.
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    /// Repository (or an empty directory) to write keys/keys.toml into.
+    #[arg(long)]
+    pub repo: PathBuf,
+    /// Root signing key: a key file or a pkcs11: URI (repeat for several).
+    #[arg(long = "root-key", value_name = "FILE|URI", required = true)]
+    pub root_keys: Vec<String>,
+    /// A release key's public file (repeat; 1 to 8).
+    #[arg(long = "release", value_name = "PUB", required = true)]
+    pub release: Vec<PathBuf>,
+    /// A freshness key's public file (repeat; 1 to 8).
+    #[arg(long = "freshness", value_name = "PUB", required = true)]
+    pub freshness: Vec<PathBuf>,
+    /// How long this keys.toml is valid: the root must sign a new one before then.
+    #[arg(long, default_value = "2years", value_parser = humantime::parse_duration)]
+    pub expires_in: std::time::Duration,
+    /// How long the release and freshness keys named here are valid.
+    #[arg(long, default_value = "1year", value_parser = humantime::parse_duration)]
+    pub keys_expire_in: std::time::Duration,
+    /// The version of the new keys.toml (default: the repository's plus one, or 1).
+    #[arg(long)]
+    pub version: Option<u64>,
+    /// File whose first line is the passphrase of an encrypted root key file.
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// Key roles: sign a fresh timestamp for each channel's current manifest.
+///
+/// Needs only the freshness key, which may therefore live on the repository server; run it
+/// from a timer (atom-refresh.timer) well within --expires-in. Hosts refuse a channel whose
+/// timestamp expired: a frozen or stale mirror is noticed within days.
+#[derive(Debug, Args)]
+pub struct RefreshArgs {
+    #[arg(long)]
+    pub repo: PathBuf,
+    /// Only these channels (default: all).
+    #[arg(long = "channel")]
+    pub channels: Vec<String>,
+    /// Freshness key: a key file or a pkcs11: URI.
+    #[arg(long, value_name = "FILE|URI")]
+    pub key: String,
+    /// How long the timestamps stay valid.
+    #[arg(long, default_value = "7days", value_parser = humantime::parse_duration)]
+    pub expires_in: std::time::Duration,
+    /// File whose first line is the passphrase of an encrypted key file.
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
 }
 
 /// The channel a publisher signs, and with which keys.
@@ -249,9 +382,21 @@ pub struct Signing {
     /// Channel name, e.g. stable.
     #[arg(long)]
     pub channel: String,
-    /// Signing key (.key file from keygen).
-    #[arg(long)]
-    pub key: PathBuf,
+    /// Signing key: a .key file from keygen (plain or --encrypt), or a pkcs11: URI. With
+    /// key roles, a release key. Not needed with --sign-later.
+    #[arg(long, value_name = "FILE|URI")]
+    pub key: Option<String>,
+    /// File whose first line is the passphrase of an encrypted key file (else asked on the
+    /// terminal).
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+    /// Key roles: also vouch for the new manifest with this freshness key (as `refresh`).
+    /// Without it, hosts with root keys take the new manifest at the next `refresh`.
+    #[arg(long, value_name = "FILE|URI")]
+    pub timestamp_key: Option<String>,
+    /// Lifetime of that timestamp.
+    #[arg(long, default_value = "7days", value_parser = humantime::parse_duration)]
+    pub timestamp_expires_in: std::time::Duration,
     /// Further public keys accepted on the channel's current manifest (key rotation).
     #[arg(long, value_name = "PUB")]
     pub trust: Vec<PathBuf>,
@@ -274,9 +419,10 @@ pub struct Signing {
 pub struct ResignArgs {
     #[command(flatten)]
     pub signing: Signing,
-    /// How long the re-signed manifest stays valid, from now.
-    #[arg(long, default_value = "30days", value_parser = humantime::parse_duration)]
-    pub expires_in: std::time::Duration,
+    /// How long the re-signed manifest stays valid, from now. Default: 30 days; 1 year
+    /// with key roles.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub expires_in: Option<std::time::Duration>,
     /// A new rollout spread, starting at --rollout-start or now.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub rollout: Option<std::time::Duration>,
@@ -290,14 +436,23 @@ pub struct ResignArgs {
 
 /// Check a repository: signatures, expiry, and the digest of every file.
 ///
-/// Prints one line per problem and exits 3 if there is any.
+/// Prints one line per problem and exits 3 if there is any. Warns (WARN lines, exit
+/// unchanged) when a manifest, timestamp, keys.toml or a key named in it expires within
+/// --warn-within or within a third of its lifetime, whichever comes first.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
     #[arg(long)]
     pub repo: PathBuf,
-    /// Trusted public key(s): .pub files or directories of them.
-    #[arg(long = "key", value_name = "PUB", required = true)]
+    /// Trusted public key(s) that sign manifests: .pub files or directories of them.
+    #[arg(long = "key", value_name = "PUB", required_unless_present = "roots")]
     pub keys: Vec<PathBuf>,
+    /// Key roles: trusted root key(s), as hosts hold them; checks keys.toml, every
+    /// channel's timestamp and the manifests against them.
+    #[arg(long = "root", value_name = "PUB")]
+    pub roots: Vec<PathBuf>,
+    /// Warn about expiries this close.
+    #[arg(long, default_value = "7days", value_parser = humantime::parse_duration)]
+    pub warn_within: std::time::Duration,
     /// Only this channel (default: all).
     #[arg(long)]
     pub channel: Option<String>,

@@ -9,9 +9,12 @@ mod image;
 mod initramfs;
 mod install;
 mod keygen;
+mod keyring;
 mod modules;
 mod publish;
+mod refresh;
 mod resign;
+mod sign;
 mod signing;
 mod slot_boot;
 
@@ -29,7 +32,10 @@ fn main() -> ExitCode {
         Command::Keygen(a) => keygen::run(a),
         Command::Image(a) => image::run_image(a),
         Command::Publish(a) => publish::run(a),
+        Command::Sign(a) => sign::run(a),
         Command::Resign(a) => resign::run(a),
+        Command::Keys(a) => keyring::run(a),
+        Command::Refresh(a) => refresh::run(a),
         Command::History(a) => audit::run_history(a),
         Command::InstallUnits(a) => install::run(a),
         Command::Initramfs(a) => image::source_date_epoch().and_then(|t| initramfs::run(a, t)),

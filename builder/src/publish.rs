@@ -10,7 +10,9 @@ use atom_dist::manifest::{self, Delta, Image, Manifest, Payload, Rollout};
 use atom_dist::release::{RELEASE_PATH, Release};
 use atom_dist::repo::{SignedManifest, layout};
 use atom_dist::verify::{Policy, verify_manifest};
-use atom_dist::{Digest, PublicKey, Repository, SecretKey, TrustedKeys, delta, fsutil, signature};
+use atom_dist::roles::{KeysDoc, Role};
+use atom_dist::signature::{Domain, Signer};
+use atom_dist::{Digest, PublicKey, Repository, TrustedKeys, delta, fsutil, signature};
 use jiff::Timestamp;
 use memmap2::Mmap;
 use semver::Version;
@@ -63,10 +65,23 @@ fn write_object(
 }
 
 pub fn run(args: &PublishArgs) -> Result<()> {
-    let (key, trusted) = signing_keys(&args.signing)?;
+    if args.signing.key.is_none() && !args.sign_later {
+        bail!("--key is needed to sign (or --sign-later to leave the publication for `atom-build sign`)");
+    }
+    if args.sign_later && (args.signing.key.is_some() || args.signing.timestamp_key.is_some()) {
+        bail!("--sign-later signs nothing: leave out --key and --timestamp-key");
+    }
     if let Some(d) = args.rollout {
         // Before the expensive part: the manifest would refuse it at the end.
         Rollout::check_duration(d.as_secs()).context("--rollout")?;
+    }
+    for field in &args.critical {
+        if !manifest::KNOWN_FIELDS.contains(&field.as_str()) {
+            bail!(
+                "--critical {field:?} is not a manifest field (fields: {})",
+                manifest::KNOWN_FIELDS.join(", ")
+            );
+        }
     }
     let release =
         Release::parse(&ext4::read_file(&args.image, RELEASE_PATH).context("the image is not an Atom image")?)
@@ -75,10 +90,12 @@ pub fn run(args: &PublishArgs) -> Result<()> {
         Digest::of_file(&args.image).with_context(|| format!("cannot read {}", args.image.display()))?;
 
     let repo = Repository::open_or_create(&args.signing.repo)?;
+    let keys = Publisher::load(&args.signing, &repo)?;
     let lock = repo.lock()?;
     crate::publish::clean_stale_temp_files(&repo, &lock)?;
+    let trusted = &keys.trusted;
     let now = Timestamp::now().round(jiff::Unit::Second)?;
-    let previous = current_manifest(&repo, &args.signing.channel, &trusted)?;
+    let previous = current_manifest(&repo, &args.signing.channel, trusted)?;
     if let Some(prev) = &previous {
         check_clock(now, prev, args.signing.replace_future_manifest)?;
         if release.version <= prev.version {
@@ -116,7 +133,8 @@ pub fn run(args: &PublishArgs) -> Result<()> {
         Ok(())
     })?;
 
-    let deltas = make_deltas(&repo, args, &release, &image_digest, &trusted, &mut new_files)?;
+    let deltas = make_deltas(&repo, args, &release, &image_digest, trusted, &mut new_files)?;
+    let expires_in = args.expires_in.unwrap_or(keys.default_expiry());
     let manifest = Manifest {
         format: manifest::FORMAT,
         channel: args.signing.channel.clone(),
@@ -124,8 +142,10 @@ pub fn run(args: &PublishArgs) -> Result<()> {
         board: release.board.clone(),
         created: now,
         expires: now
-            .checked_add(jiff::SignedDuration::try_from(args.expires_in)?)
+            .checked_add(jiff::SignedDuration::try_from(expires_in)?)
             .context("--expires-in is too far in the future")?,
+        min_agent: args.min_agent.clone(),
+        critical: args.critical.clone(),
         image: Image {
             size: image_size,
             digest: image_digest,
@@ -141,8 +161,31 @@ pub fn run(args: &PublishArgs) -> Result<()> {
         }),
         deltas,
     };
-    sign_and_commit(&repo, &manifest, &key)?;
+    if args.sign_later {
+        let text = manifest.to_toml();
+        Manifest::parse(text.as_bytes()).context("internal error: generated manifest does not parse")?;
+        let pending = repo.write_pending(&manifest.channel, text.as_bytes())?;
+        new_files.0.clear();
+        println!(
+            "wrote the unsigned publication of {} {} on channel {}: {}\n\
+             sign it here:   atom-build sign --repo {} --channel {} --key KEY\n\
+             or elsewhere:   atom-build sign --manifest manifest.toml --key KEY --output manifest.sig\n\
+             then attach:    atom-build sign --repo {} --channel {} --signature manifest.sig",
+            release.board,
+            release.version,
+            manifest.channel,
+            pending.display(),
+            repo.root().display(),
+            manifest.channel,
+            repo.root().display(),
+            manifest.channel
+        );
+        return Ok(());
+    }
+    let key = keys.signer()?;
+    sign_and_commit(&repo, &manifest, key)?;
     new_files.0.clear();
+    keys.vouch(&repo, &args.signing, &manifest)?;
 
     if let Some(r) = &manifest.rollout {
         println!(
@@ -157,7 +200,7 @@ pub fn run(args: &PublishArgs) -> Result<()> {
         release.board,
         release.version,
         args.signing.channel,
-        key.id(),
+        key.key_id(),
         payload_size,
         manifest.deltas.len(),
         manifest
@@ -178,15 +221,98 @@ pub(crate) fn clean_stale_temp_files(repo: &Repository, lock: &atom_dist::repo::
     Ok(())
 }
 
-/// The signing key, and the keys the channel's current manifest may be signed with.
-pub(crate) fn signing_keys(s: &Signing) -> Result<(SecretKey, TrustedKeys)> {
-    let key = SecretKey::load(&s.key)?;
-    manifest::check_name("channel", &s.channel)?;
-    let mut trusted: Vec<PublicKey> = vec![key.public()];
-    for p in &s.trust {
-        trusted.push(PublicKey::load(p)?);
+/// Who signs, and which keys the channel's current manifest may already be signed by.
+pub(crate) struct Publisher {
+    signer: Option<Box<dyn Signer>>,
+    pub trusted: TrustedKeys,
+    /// The repository's keys.toml (key roles), read as the publisher's own file.
+    pub roles: Option<KeysDoc>,
+}
+
+impl Publisher {
+    /// Loads the signing key first (asking for a passphrase or PIN before any long work).
+    pub fn load(s: &Signing, repo: &Repository) -> Result<Self> {
+        manifest::check_name("channel", &s.channel)?;
+        let signer = match &s.key {
+            Some(spec) => Some(crate::signing::load(spec, s.passphrase_file.as_deref())?),
+            None => None,
+        };
+        let roles = repo_roles(repo)?;
+        let mut trusted: Vec<PublicKey> = signer.iter().map(|k| k.public_key()).collect();
+        for p in &s.trust {
+            trusted.push(PublicKey::load(p)?);
+        }
+        if let Some(doc) = &roles {
+            trusted.extend(doc.release.iter().filter_map(|k| k.public_key().ok()));
+            if let Some(k) = &signer {
+                check_role(doc, Role::Release, &k.key_id())?;
+            }
+        }
+        Ok(Publisher {
+            signer,
+            trusted: TrustedKeys::new(trusted),
+            roles,
+        })
     }
-    Ok((key, TrustedKeys::new(trusted)))
+
+    pub fn signer(&self) -> Result<&dyn Signer> {
+        self.signer.as_deref().context("--key is needed to sign")
+    }
+
+    /// 30 days; with key roles a year, since timestamps bound how stale a mirror can be.
+    pub fn default_expiry(&self) -> std::time::Duration {
+        let days = if self.roles.is_some() { 365 } else { 30 };
+        std::time::Duration::from_secs(days * 24 * 3600)
+    }
+
+    /// With `--timestamp-key`, the new manifest becomes current for hosts with root keys too.
+    pub fn vouch(&self, repo: &Repository, s: &Signing, m: &Manifest) -> Result<()> {
+        let Some(spec) = &s.timestamp_key else {
+            if self.roles.is_some() {
+                println!(
+                    "key roles: hosts with root keys take it after `atom-build refresh --repo {} --channel {}`",
+                    repo.root().display(),
+                    m.channel
+                );
+            }
+            return Ok(());
+        };
+        let doc = self
+            .roles
+            .as_ref()
+            .context("--timestamp-key: the repository has no keys.toml (see `atom-build keys`)")?;
+        let key = crate::signing::load(spec, s.passphrase_file.as_deref())?;
+        crate::refresh::stamp(repo, doc, &m.channel, key.as_ref(), s.timestamp_expires_in)?;
+        Ok(())
+    }
+}
+
+/// The repository's keys.toml, if it uses key roles.
+pub(crate) fn repo_roles(repo: &Repository) -> Result<Option<KeysDoc>> {
+    match repo.keys()? {
+        None => Ok(None),
+        Some(signed) => Ok(Some(
+            KeysDoc::parse(&signed.manifest).with_context(|| format!("{}/keys/keys.toml", repo.root().display()))?,
+        )),
+    }
+}
+
+/// A key that signs for `role` must be listed for it, or hosts with root keys refuse.
+pub(crate) fn check_role(doc: &KeysDoc, role: Role, id: &atom_dist::KeyId) -> Result<()> {
+    let listed = doc.keys(role);
+    match listed.iter().find(|k| &k.key_id == id) {
+        Some(k) if k.expires <= Timestamp::now() => bail!(
+            "key {id} is a {role} key of this repository's keys.toml, but it expired at {}; sign with a current \
+             one (the root key holder lists new keys with `atom-build keys`)",
+            k.expires
+        ),
+        Some(_) => Ok(()),
+        None => bail!(
+            "key {id} is not a {role} key in this repository's keys.toml ({:?}): hosts with root keys would \
+             refuse what it signs",
+            listed.iter().map(|k| k.key_id.to_string()).collect::<Vec<_>>()
+        ),
+    }
 }
 
 /// Hosts refuse a manifest created before one they accepted (a replay), so a new one must
@@ -212,12 +338,12 @@ pub(crate) fn check_clock(now: Timestamp, current: &Manifest, replace_future: bo
 }
 
 /// Signs `manifest` and makes it the channel's current one (the last, atomic step).
-pub(crate) fn sign_and_commit(repo: &Repository, manifest: &Manifest, key: &SecretKey) -> Result<()> {
+pub(crate) fn sign_and_commit(repo: &Repository, manifest: &Manifest, key: &dyn Signer) -> Result<()> {
     let text = manifest.to_toml();
     // Parse our own output back: the publisher never signs what a client would reject.
     Manifest::parse(text.as_bytes()).context("internal error: generated manifest does not parse")?;
     let signed = SignedManifest {
-        signature: signature::sign(text.as_bytes(), &[key]).into_bytes(),
+        signature: signature::sign_with(Domain::Manifest, text.as_bytes(), &[key])?.into_bytes(),
         manifest: text.into_bytes(),
     };
     repo.commit_manifest(&manifest.channel, &manifest.version, &signed)?;

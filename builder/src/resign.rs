@@ -7,31 +7,33 @@ use atom_dist::manifest::Rollout;
 use jiff::Timestamp;
 
 use crate::cli::ResignArgs;
-use crate::publish::{check_clock, current_manifest, sign_and_commit, signing_keys};
+use crate::publish::{Publisher, check_clock, current_manifest, sign_and_commit};
 
 pub fn run(args: &ResignArgs) -> Result<()> {
-    let (key, trusted) = signing_keys(&args.signing)?;
     let channel = &args.signing.channel;
     let repo = Repository::open(&args.signing.repo)?;
+    let keys = Publisher::load(&args.signing, &repo)?;
+    let key = keys.signer()?;
     let lock = repo.lock()?;
     crate::publish::clean_stale_temp_files(&repo, &lock)?;
-    let Some(mut m) = current_manifest(&repo, channel, &trusted)? else {
+    let Some(mut m) = current_manifest(&repo, channel, &keys.trusted)? else {
         bail!("channel {channel:?} has never been published; nothing to re-sign");
     };
     let now = Timestamp::now().round(jiff::Unit::Second)?;
     check_clock(now, &m, args.signing.replace_future_manifest)?;
     m.created = now;
     m.expires = now
-        .checked_add(jiff::SignedDuration::try_from(args.expires_in)?)
+        .checked_add(jiff::SignedDuration::try_from(args.expires_in.unwrap_or(keys.default_expiry()))?)
         .context("--expires-in is too far in the future")?;
     m.rollout = new_rollout(args, m.rollout.take(), now)?;
-    sign_and_commit(&repo, &m, &key)?;
+    sign_and_commit(&repo, &m, key)?;
+    keys.vouch(&repo, &args.signing, &m)?;
     println!(
         "re-signed {} {} on channel {} (signed by {}): valid until {}{}",
         m.board,
         m.version,
         channel,
-        key.id(),
+        key.key_id(),
         m.expires,
         match &m.rollout {
             Some(r) => format!(", rollout from {} to {}", r.start, r.end()),

@@ -96,3 +96,37 @@ impl Metrics {
         out
     }
 }
+
+/// Gauges of when each signed document expires, so an alert fires days ahead
+/// (`atom_channel_expires_timestamp_seconds - time() < 3 * 86400`).
+pub fn render_expiries(out: &mut String, expiries: &[crate::expiry::Expiry]) {
+    let _ = writeln!(
+        out,
+        "# HELP atom_channel_expires_timestamp_seconds When a channel's current manifest or timestamp expires.\n\
+         # TYPE atom_channel_expires_timestamp_seconds gauge"
+    );
+    for e in expiries {
+        if let Some(c) = &e.channel {
+            let _ = writeln!(
+                out,
+                "atom_channel_expires_timestamp_seconds{{channel=\"{c}\",document=\"{}\"}} {}",
+                e.document,
+                e.expires.as_second()
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP atom_keys_expires_timestamp_seconds When keys.toml or a key it names expires (key roles).\n\
+         # TYPE atom_keys_expires_timestamp_seconds gauge"
+    );
+    for e in expiries.iter().filter(|e| e.channel.is_none()) {
+        let _ = writeln!(
+            out,
+            "atom_keys_expires_timestamp_seconds{{document=\"{}\",key=\"{}\"}} {}",
+            e.document,
+            e.key.as_deref().unwrap_or(""),
+            e.expires.as_second()
+        );
+    }
+}

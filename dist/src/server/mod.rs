@@ -62,11 +62,15 @@ async fn healthz() -> &'static str {
 }
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
-        .into_response()
+    let mut text = state.metrics.render();
+    // Read at scrape time: a resign or refresh shows at the next scrape.
+    let st = state.clone();
+    match tokio::task::spawn_blocking(move || crate::expiry::of_repository(&st.repo)).await {
+        Ok(Ok(expiries)) => metrics::render_expiries(&mut text, &expiries),
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the repository's expiry times"),
+        Err(e) => tracing::warn!(error = %e, "expiry task failed"),
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// Counts every answer by route and status, and the bytes it announces.
