@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use atom_dist::repo::layout;
 use atom_dist::manifest::MAX_MANIFEST_BYTES;
+use atom_dist::repo::layout;
 use atom_dist::verify::{Policy, RoleDocs, Seen, Verified, verify_chain, verify_manifest};
 use atom_dist::{Digest, localfile};
 use reqwest::blocking::Client;
@@ -339,14 +339,24 @@ impl Sources {
             .map_err(|e| format!("{e}: this host trusts root keys, so the repository must have key roles"))?;
         let keys_sig = self.get_signature(repo, &layout::keys_signature(&Digest::of(&keys)), cancel)?;
         let timestamp = self
-            .get_small(repo, &layout::timestamp(channel), atom_dist::timestamp::MAX_TIMESTAMP_BYTES, cancel)?
+            .get_small(
+                repo,
+                &layout::timestamp(channel),
+                atom_dist::timestamp::MAX_TIMESTAMP_BYTES,
+                cancel,
+            )?
             .ok_or_else(|| format!("channel {channel:?} has no timestamp ({})", layout::timestamp(channel)))?;
         let timestamp_sig = self.get_signature(repo, &layout::signature(channel, &Digest::of(&timestamp)), cancel)?;
         // Unverified here: only used to find the manifest; verify_chain checks it all.
         let named = atom_dist::timestamp::TimestampDoc::parse(&timestamp)
             .map(|t| t.manifest)
             .map_err(|e| e.to_string())?;
-        let manifest = self.get_required(repo, &layout::manifest_by_digest(channel, &named), MAX_MANIFEST_BYTES, cancel)?;
+        let manifest = self.get_required(
+            repo,
+            &layout::manifest_by_digest(channel, &named),
+            MAX_MANIFEST_BYTES,
+            cancel,
+        )?;
         let manifest_sig = self.get_signature(repo, &layout::signature(channel, &Digest::of(&manifest)), cancel)?;
         Ok(Docs::Roles {
             keys,

@@ -355,12 +355,21 @@ mod tests {
         st.rollout_place = Some(5);
         st.save(dir.path()).unwrap();
         let text = std::fs::read_to_string(State::path(dir.path())).unwrap();
-        for want in ["schema = 7", "future_watermark = 12", "[future_table]", "rollout_place = 5"] {
+        for want in [
+            "schema = 7",
+            "future_watermark = 12",
+            "[future_table]",
+            "rollout_place = 5",
+        ] {
             assert!(text.contains(want), "{want} missing from\n{text}");
         }
         let fresh = tempfile::tempdir().unwrap();
         State::default().save(fresh.path()).unwrap();
-        assert!(std::fs::read_to_string(State::path(fresh.path())).unwrap().contains("schema = 1"));
+        assert!(
+            std::fs::read_to_string(State::path(fresh.path()))
+                .unwrap()
+                .contains("schema = 1")
+        );
     }
 
     #[test]
@@ -372,12 +381,19 @@ mod tests {
         };
         st.save(dir.path()).unwrap();
         std::fs::write(State::path(dir.path()), "rollback_floor = [garbage").unwrap();
-        assert_eq!(State::load(dir.path()).unwrap().floor(), Some(semver::Version::new(3, 0, 0)));
+        assert_eq!(
+            State::load(dir.path()).unwrap().floor(),
+            Some(semver::Version::new(3, 0, 0))
+        );
 
         std::fs::write(State::backup_path(dir.path()), "\u{0}\u{0}").unwrap();
         let f = State::load(dir.path()).unwrap_err();
         assert_eq!(f.exit_code(), crate::error::EXIT_REFUSED);
-        assert!(f.message.contains("state.toml") && f.message.contains("mv "), "{}", f.message);
+        assert!(
+            f.message.contains("state.toml") && f.message.contains("mv "),
+            "{}",
+            f.message
+        );
 
         std::fs::remove_file(State::path(dir.path())).unwrap();
         let f = State::load(dir.path()).unwrap_err();

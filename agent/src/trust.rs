@@ -77,6 +77,10 @@ impl Trust {
 mod tests {
     #[test]
     fn the_agent_version_is_semver() {
-        assert!(super::AGENT_VERSION.parse::<semver::Version>().is_ok(), "{}", super::AGENT_VERSION);
+        assert!(
+            super::AGENT_VERSION.parse::<semver::Version>().is_ok(),
+            "{}",
+            super::AGENT_VERSION
+        );
     }
 }

@@ -27,8 +27,8 @@ use crate::routes::Job;
 pub use crate::routes::Route;
 use crate::slotio::WriteStats;
 use crate::source::{Accepted, Sources, Watermarks};
-use crate::trust::Trust;
 use crate::state::{Checkpoint, LastResult, Lock, SlotContent, State};
+use crate::trust::Trust;
 
 pub struct Options<'a> {
     pub allow_downgrade: bool,
@@ -121,7 +121,9 @@ pub fn check(s: &Settings) -> Result<Offer, Failure> {
     let sources = Sources::new(s)?;
     let mut state = State::load(&s.state_dir)?;
     note_fallback(s, &host, &mut state)?;
-    let m = fetch_manifest(s, &sources, &state, &AtomicBool::new(false))?.verified.manifest;
+    let m = fetch_manifest(s, &sources, &state, &AtomicBool::new(false))?
+        .verified
+        .manifest;
     let running = &host.release.version;
     let rejected = state.rejected.get(&m.image.digest.to_string()).map(|r| r.why.clone());
     let mut routes = Vec::new();

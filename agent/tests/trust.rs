@@ -18,7 +18,8 @@ fn commit_manifest(env: &Env, text: &str, version: &str) {
         signature: atom_dist::signature::sign(text.as_bytes(), &[&key]).into_bytes(),
         manifest: text.as_bytes().to_vec(),
     };
-    repo.commit_manifest("stable", &version.parse().unwrap(), &signed).unwrap();
+    repo.commit_manifest("stable", &version.parse().unwrap(), &signed)
+        .unwrap();
 }
 
 fn current_text(env: &Env) -> String {
@@ -92,13 +93,21 @@ fn refresh(env: &Env) -> String {
 fn save(env: &Env, files: &[&str], to: &str) {
     std::fs::create_dir_all(env.path(to)).unwrap();
     for f in files {
-        std::fs::copy(env.path(&format!("repo/{f}")), env.path(&format!("{to}/{}", f.replace('/', "_")))).unwrap();
+        std::fs::copy(
+            env.path(&format!("repo/{f}")),
+            env.path(&format!("{to}/{}", f.replace('/', "_"))),
+        )
+        .unwrap();
     }
 }
 
 fn restore(env: &Env, files: &[&str], from: &str) {
     for f in files {
-        std::fs::copy(env.path(&format!("{from}/{}", f.replace('/', "_"))), env.path(&format!("repo/{f}"))).unwrap();
+        std::fs::copy(
+            env.path(&format!("{from}/{}", f.replace('/', "_"))),
+            env.path(&format!("repo/{f}")),
+        )
+        .unwrap();
     }
 }
 
@@ -139,7 +148,11 @@ fn key_roles_migrate_rotate_and_refuse_replays() {
     restore(&env, &ts, "ts-old");
     failed(&env.agent(&["check"]), 6, "timestamp created");
     refresh(&env);
-    env.agent(&["check"]).status.success().then_some(()).expect("fresh timestamp taken");
+    env.agent(&["check"])
+        .status
+        .success()
+        .then_some(())
+        .expect("fresh timestamp taken");
 
     // Rotation of the release key by a new keys.toml: the old key's manifest is refused,
     // the re-signed one taken.
@@ -153,8 +166,17 @@ fn key_roles_migrate_rotate_and_refuse_replays() {
     build(
         &env,
         &[
-            "resign", "--repo", "repo", "--channel", "stable", "--key", "release2.key", "--trust", "signer.pub",
-            "--timestamp-key", "fresh.key",
+            "resign",
+            "--repo",
+            "repo",
+            "--channel",
+            "stable",
+            "--key",
+            "release2.key",
+            "--trust",
+            "signer.pub",
+            "--timestamp-key",
+            "fresh.key",
         ],
     );
     let out = env.now_ok();
@@ -169,7 +191,8 @@ fn key_roles_migrate_rotate_and_refuse_replays() {
         .unwrap()
         .replace("version = 1", "version = 9");
     let fresh = atom_dist::SecretKey::load(&env.path("fresh.key")).unwrap();
-    let sig = atom_dist::signature::sign_with(atom_dist::signature::Domain::Keys, forged.as_bytes(), &[&fresh]).unwrap();
+    let sig =
+        atom_dist::signature::sign_with(atom_dist::signature::Domain::Keys, forged.as_bytes(), &[&fresh]).unwrap();
     let repo = atom_dist::Repository::open(&env.path("repo")).unwrap();
     repo.commit_keys(&atom_dist::repo::SignedManifest {
         manifest: forged.into_bytes(),
@@ -179,9 +202,18 @@ fn key_roles_migrate_rotate_and_refuse_replays() {
     failed(&env.agent(&["check"]), 6, "not signed by a trusted root key");
 
     // An expired freshness key: its timestamps are refused (and refresh says so).
-    keys(&env, "release2.pub", "fresh.pub", &["--version", "10", "--keys-expire-in", "2s"]);
+    keys(
+        &env,
+        "release2.pub",
+        "fresh.pub",
+        &["--version", "10", "--keys-expire-in", "2s"],
+    );
     refresh(&env);
-    env.agent(&["check"]).status.success().then_some(()).expect("chain good before expiry");
+    env.agent(&["check"])
+        .status
+        .success()
+        .then_some(())
+        .expect("chain good before expiry");
     std::thread::sleep(Duration::from_secs(3));
     failed(&env.agent(&["check"]), 6, "freshness key");
     let out = Command::new(sibling("atom-build"))
@@ -190,5 +222,9 @@ fn key_roles_migrate_rotate_and_refuse_replays() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("expired"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("expired"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -58,7 +58,11 @@ pub fn run_verify(args: &VerifyArgs) -> Result<usize> {
     }
     let at_least = jiff::SignedDuration::try_from(args.warn_within)?;
     for e in atom_dist::expiry::of_repository(&repo)? {
-        if args.channel.as_ref().is_some_and(|c| e.channel.as_ref().is_some_and(|ec| ec != c)) {
+        if args
+            .channel
+            .as_ref()
+            .is_some_and(|c| e.channel.as_ref().is_some_and(|ec| ec != c))
+        {
             continue;
         }
         if e.expires > now && e.due(now, at_least) {
@@ -140,7 +144,9 @@ fn audit_chain(
         }
     };
     let Some(manifest) = repo.manifest_by_digest(channel, &named)? else {
-        problems.push(format!("channel {channel}: the manifest the timestamp names ({named}) is missing"));
+        problems.push(format!(
+            "channel {channel}: the manifest the timestamp names ({named}) is missing"
+        ));
         return Ok(());
     };
     let docs = atom_dist::verify::RoleDocs {

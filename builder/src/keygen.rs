@@ -34,10 +34,17 @@ pub fn run(args: &KeygenArgs) -> Result<()> {
     let secret_path = with_suffix(&args.out, ".key");
     let public_path = with_suffix(&args.out, ".pub");
     if let Some(uri) = &args.in_token {
-        anyhow::ensure!(!public_path.exists(), "{} already exists; refusing to overwrite a key", public_path.display());
+        anyhow::ensure!(
+            !public_path.exists(),
+            "{} already exists; refusing to overwrite a key",
+            public_path.display()
+        );
         let public = crate::signing::pkcs11::Pkcs11Signer::generate(uri)?;
         write_new(&public_path, 0o644, &public.to_file_text())?;
-        println!("key id {} (generated inside the token; the secret never leaves it)", public.id());
+        println!(
+            "key id {} (generated inside the token; the secret never leaves it)",
+            public.id()
+        );
         println!("public key: {}", public_path.display());
         println!("sign with: --key '{uri}'");
         return Ok(());

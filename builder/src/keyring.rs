@@ -22,7 +22,10 @@ pub fn run(args: &KeysArgs) -> Result<()> {
     let previous = repo_roles(&repo)?;
     let version = match (args.version, &previous) {
         (Some(v), Some(p)) if v <= p.version => {
-            bail!("--version {v} is not above the repository's keys.toml version {}; hosts would refuse it", p.version)
+            bail!(
+                "--version {v} is not above the repository's keys.toml version {}; hosts would refuse it",
+                p.version
+            )
         }
         (Some(v), _) => v,
         (None, Some(p)) => p.version + 1,
@@ -31,7 +34,10 @@ pub fn run(args: &KeysArgs) -> Result<()> {
     if let Some(p) = &previous
         && p.created > now
     {
-        bail!("this machine's clock ({now}) is behind the current keys.toml (created {}): fix the clock", p.created);
+        bail!(
+            "this machine's clock ({now}) is behind the current keys.toml (created {}): fix the clock",
+            p.created
+        );
     }
     let keys_expire = now
         .checked_add(SignedDuration::try_from(args.keys_expire_in)?)

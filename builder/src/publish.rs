@@ -9,9 +9,9 @@ use atom_dist::digest::HashingWriter;
 use atom_dist::manifest::{self, Delta, Image, Manifest, Payload, Rollout};
 use atom_dist::release::{RELEASE_PATH, Release};
 use atom_dist::repo::{SignedManifest, layout};
-use atom_dist::verify::{Policy, verify_manifest};
 use atom_dist::roles::{KeysDoc, Role};
 use atom_dist::signature::{Domain, Signer};
+use atom_dist::verify::{Policy, verify_manifest};
 use atom_dist::{Digest, PublicKey, Repository, TrustedKeys, delta, fsutil, signature};
 use jiff::Timestamp;
 use memmap2::Mmap;
@@ -291,9 +291,11 @@ impl Publisher {
 pub(crate) fn repo_roles(repo: &Repository) -> Result<Option<KeysDoc>> {
     match repo.keys()? {
         None => Ok(None),
-        Some(signed) => Ok(Some(
-            KeysDoc::parse(&signed.manifest).with_context(|| format!("{}/keys/keys.toml", repo.root().display()))?,
-        )),
+        Some(signed) => {
+            Ok(Some(KeysDoc::parse(&signed.manifest).with_context(|| {
+                format!("{}/keys/keys.toml", repo.root().display())
+            })?))
+        }
     }
 }
 

@@ -55,7 +55,13 @@ pub fn stamp(
         .with_context(|| format!("channel {channel:?} has never been published"))?;
     // Vouching for a manifest no release key signed would only make hosts refuse it later.
     let release = doc
-        .verify_signed(Role::Release, Domain::Manifest, &current.manifest, &current.signature, now)
+        .verify_signed(
+            Role::Release,
+            Domain::Manifest,
+            &current.manifest,
+            &current.signature,
+            now,
+        )
         .with_context(|| format!("channel {channel:?}: the current manifest is not signed by a current release key"))?;
     let manifest = Manifest::parse(&current.manifest)?;
     if let Some(prev) = repo.timestamp(channel)?

@@ -37,7 +37,10 @@ fn summary(m: &Manifest) -> String {
         m.payload.digest,
         m.deltas.len(),
         m.expires,
-        m.min_agent.as_ref().map(|v| format!(", min_agent {v}")).unwrap_or_default()
+        m.min_agent
+            .as_ref()
+            .map(|v| format!(", min_agent {v}"))
+            .unwrap_or_default()
     )
 }
 
@@ -48,9 +51,13 @@ fn detached(args: &SignArgs, file: &Path, signers: &[Box<dyn Signer>]) -> Result
     let refs: Vec<&dyn Signer> = signers.iter().map(|k| k.as_ref()).collect();
     let sig = signature::sign_with(Domain::Manifest, &bytes, &refs)?;
     let out = args.output.as_deref().expect("clap requires --output with --manifest");
-    fsutil::write_atomic_bytes(out, 0o644, sig.as_bytes()).with_context(|| format!("cannot write {}", out.display()))?;
+    fsutil::write_atomic_bytes(out, 0o644, sig.as_bytes())
+        .with_context(|| format!("cannot write {}", out.display()))?;
     println!("signed {}", summary(&m));
-    println!("signature: {} (attach it with `atom-build sign --repo R --channel C --signature FILE`)", out.display());
+    println!(
+        "signature: {} (attach it with `atom-build sign --repo R --channel C --signature FILE`)",
+        out.display()
+    );
     Ok(())
 }
 
@@ -59,7 +66,10 @@ fn read_manifest(file: &Path) -> Result<Vec<u8>> {
         .with_context(|| format!("cannot read {}", file.display()))?
         .len();
     if size > MAX_MANIFEST_BYTES as u64 {
-        bail!("{} is {size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}", file.display());
+        bail!(
+            "{} is {size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}",
+            file.display()
+        );
     }
     std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))
 }
@@ -144,7 +154,9 @@ fn in_place(args: &SignArgs, root: &Path, signers: &[Box<dyn Signer>]) -> Result
     repo.remove_pending(channel)?;
     println!("signed and published {} (signed by {})", summary(&m), v.signed_by);
     if let Some(spec) = &args.timestamp_key {
-        let doc = roles.as_ref().context("--timestamp-key: the repository has no keys.toml")?;
+        let doc = roles
+            .as_ref()
+            .context("--timestamp-key: the repository has no keys.toml")?;
         let key = crate::signing::load(spec, args.passphrase_file.as_deref())?;
         crate::refresh::stamp(&repo, doc, channel, key.as_ref(), args.timestamp_expires_in)?;
     } else if roles.is_some() {

@@ -118,13 +118,22 @@ mod tests {
     fn warnings_come_ahead_by_the_lifetime() {
         let week = SignedDuration::from_hours(7 * 24);
         let ts = e("2026-12-01T00:00:00Z", "2026-12-08T00:00:00Z");
-        assert!(!ts.due("2026-12-02T00:00:00Z".parse().unwrap(), week), "renewed daily: quiet");
-        assert!(ts.due("2026-12-06T00:00:00Z".parse().unwrap(), week), "5 days without refresh");
+        assert!(
+            !ts.due("2026-12-02T00:00:00Z".parse().unwrap(), week),
+            "renewed daily: quiet"
+        );
+        assert!(
+            ts.due("2026-12-06T00:00:00Z".parse().unwrap(), week),
+            "5 days without refresh"
+        );
         let month = e("2026-12-01T00:00:00Z", "2026-12-31T00:00:00Z");
         assert!(!month.due("2026-12-20T00:00:00Z".parse().unwrap(), week));
         assert!(month.due("2026-12-25T00:00:00Z".parse().unwrap(), week));
         let year = e("2026-01-01T00:00:00Z", "2027-01-01T00:00:00Z");
-        assert!(year.due("2026-12-01T00:00:00Z".parse().unwrap(), week), "a month ahead for a year");
+        assert!(
+            year.due("2026-12-01T00:00:00Z".parse().unwrap(), week),
+            "a month ahead for a year"
+        );
         assert!(!year.due("2026-11-01T00:00:00Z".parse().unwrap(), week));
     }
 }

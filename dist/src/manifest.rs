@@ -218,9 +218,13 @@ impl Manifest {
         }
         let text = std::str::from_utf8(bytes).map_err(|_| ManifestError::NotUtf8)?;
         let mut ignored = BTreeSet::new();
-        let manifest: Manifest = serde_ignored::deserialize(toml::Deserializer::parse(text).map_err(|e| ManifestError::Syntax(crate::parse_error::describe(text, &e)))?, |path| {
-            ignored.insert(field_name(&path.to_string()));
-        })
+        let manifest: Manifest = serde_ignored::deserialize(
+            toml::Deserializer::parse(text)
+                .map_err(|e| ManifestError::Syntax(crate::parse_error::describe(text, &e)))?,
+            |path| {
+                ignored.insert(field_name(&path.to_string()));
+            },
+        )
         .map_err(|e| ManifestError::Syntax(crate::parse_error::describe(text, &e)))?;
         manifest.validate()?;
         manifest.check_critical()?;
@@ -428,7 +432,11 @@ pub(crate) mod tests {
         let newer = format!("surprise = 1\n{text}\n[shiny]\nthing = true\n")
             .replace("[image]\n", "[image]\nfs = \"erofs\"\n")
             .replace("[[deltas]]\n", "[[deltas]]\nchunked = 4\n");
-        assert_eq!(Manifest::parse(newer.as_bytes()).unwrap(), sample(), "optional fields are ignored");
+        assert_eq!(
+            Manifest::parse(newer.as_bytes()).unwrap(),
+            sample(),
+            "optional fields are ignored"
+        );
 
         let critical_known = format!("critical = [\"rollout\", \"deltas.base_digest\"]\n{text}");
         assert!(Manifest::parse(critical_known.as_bytes()).is_ok());
@@ -448,7 +456,10 @@ pub(crate) mod tests {
             Err(ManifestError::UnknownCritical(_))
         ));
         let bad_name = format!("critical = [\"a b\"]\n{text}");
-        assert!(matches!(Manifest::parse(bad_name.as_bytes()), Err(ManifestError::Invalid(_))));
+        assert!(matches!(
+            Manifest::parse(bad_name.as_bytes()),
+            Err(ManifestError::Invalid(_))
+        ));
     }
 
     /// Every field a manifest of this build can carry is in KNOWN_FIELDS (so it can be
@@ -471,7 +482,11 @@ pub(crate) mod tests {
             };
             for t in tables {
                 for (k, v) in t {
-                    let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
                     out.push(path.clone());
                     walk(&path, v, out);
                 }

@@ -304,7 +304,10 @@ impl Repository {
         let signature = self
             .read_bounded(&layout::keys_signature(&Digest::of(&doc)), MAX_SIGNATURE_FILE_BYTES)?
             .unwrap_or_default();
-        Ok(Some(SignedManifest { manifest: doc, signature }))
+        Ok(Some(SignedManifest {
+            manifest: doc,
+            signature,
+        }))
     }
 
     /// The channel's timestamp, or `None` if it never had one.
@@ -316,7 +319,10 @@ impl Repository {
         let signature = self
             .read_bounded(&layout::signature(channel, &Digest::of(&doc)), MAX_SIGNATURE_FILE_BYTES)?
             .unwrap_or_default();
-        Ok(Some(SignedManifest { manifest: doc, signature }))
+        Ok(Some(SignedManifest {
+            manifest: doc,
+            signature,
+        }))
     }
 
     /// Writes a signed `keys.toml`: signature first, then the document.

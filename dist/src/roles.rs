@@ -129,14 +129,14 @@ impl KeysDoc {
             ));
         }
         if self.expires <= self.created {
-            return bad(format!("expires ({}) is not after created ({})", self.expires, self.created));
+            return bad(format!(
+                "expires ({}) is not after created ({})",
+                self.expires, self.created
+            ));
         }
         for (role, keys) in [(Role::Release, &self.release), (Role::Freshness, &self.freshness)] {
             if keys.is_empty() || keys.len() > MAX_KEYS_PER_ROLE {
-                return bad(format!(
-                    "{} {role} keys; 1 to {MAX_KEYS_PER_ROLE} expected",
-                    keys.len()
-                ));
+                return bad(format!("{} {role} keys; 1 to {MAX_KEYS_PER_ROLE} expected", keys.len()));
             }
             for k in keys {
                 let public = k.public_key().map_err(RolesError::Malformed)?;
@@ -305,7 +305,10 @@ pub(crate) mod tests {
             created,
             expires,
             release: vec![RoleKey::new(&release.public(), expires)],
-            freshness: vec![RoleKey::new(&freshness.public(), "2027-01-01T00:00:00Z".parse().unwrap())],
+            freshness: vec![RoleKey::new(
+                &freshness.public(),
+                "2027-01-01T00:00:00Z".parse().unwrap(),
+            )],
         }
     }
 
@@ -357,7 +360,9 @@ pub(crate) mod tests {
         assert!(matches!(check(&both), Err(RolesError::Malformed(m)) if m.contains("both")));
 
         let mut root_listed = doc(&release, &fresh, 1);
-        root_listed.release.push(RoleKey::new(&root.public(), root_listed.expires));
+        root_listed
+            .release
+            .push(RoleKey::new(&root.public(), root_listed.expires));
         assert!(matches!(check(&root_listed), Err(RolesError::Malformed(m)) if m.contains("root key")));
 
         let mut forged_id = doc(&release, &fresh, 1);
@@ -401,13 +406,19 @@ pub(crate) mod tests {
         let after: Timestamp = "2027-02-01T00:00:00Z".parse().unwrap();
         assert!(matches!(
             d.verify_signed(Role::Freshness, Domain::Timestamp, b"t", ts.as_bytes(), after),
-            Err(RolesError::KeyExpired { role: Role::Freshness, .. })
+            Err(RolesError::KeyExpired {
+                role: Role::Freshness,
+                ..
+            })
         ));
         // The freshness key cannot sign a manifest.
         let m = signature::sign_with(Domain::Manifest, b"m", &[&fresh]).unwrap();
         assert!(matches!(
             d.verify_signed(Role::Release, Domain::Manifest, b"m", m.as_bytes(), now()),
-            Err(RolesError::NotInRole { role: Role::Release, .. })
+            Err(RolesError::NotInRole {
+                role: Role::Release,
+                ..
+            })
         ));
         assert_eq!(d.soonest_expiry().to_string(), "2027-01-01T00:00:00Z");
     }

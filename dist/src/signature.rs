@@ -147,7 +147,10 @@ pub fn merge(files: &[&[u8]]) -> Result<String, SignatureError> {
     let mut signatures: Vec<Entry> = Vec::new();
     for f in files {
         for e in parse(f)?.signatures {
-            if !signatures.iter().any(|s| s.key_id == e.key_id && s.algorithm == e.algorithm) {
+            if !signatures
+                .iter()
+                .any(|s| s.key_id == e.key_id && s.algorithm == e.algorithm)
+            {
                 signatures.push(e);
             }
         }
@@ -268,7 +271,10 @@ mod tests {
 
         let other = SecretKey::generate();
         let merged = merge(&[sig.as_bytes(), sign(b"doc", &[&other]).as_bytes(), sig.as_bytes()]).unwrap();
-        assert_eq!(signers(merged.as_bytes()).unwrap(), [key.id().clone(), other.id().clone()]);
+        assert_eq!(
+            signers(merged.as_bytes()).unwrap(),
+            [key.id().clone(), other.id().clone()]
+        );
     }
 
     #[test]

@@ -56,9 +56,13 @@ pub enum VerifyError {
     Roles(#[from] RolesError),
     #[error(transparent)]
     Timestamp(#[from] TimestampError),
-    #[error("timestamp expired at {expires} (now {now}): the mirror is stale or the freshness timer stopped (atom-build refresh)")]
+    #[error(
+        "timestamp expired at {expires} (now {now}): the mirror is stale or the freshness timer stopped (atom-build refresh)"
+    )]
     TimestampExpired { expires: Timestamp, now: Timestamp },
-    #[error("timestamp created {created} is older than one this host already accepted ({seen}): a replay or a stale mirror")]
+    #[error(
+        "timestamp created {created} is older than one this host already accepted ({seen}): a replay or a stale mirror"
+    )]
     StaleTimestamp { created: Timestamp, seen: Timestamp },
     #[error("the manifest is not the one the timestamp names ({0}): a mirror in the middle of an update, or tampering")]
     TimestampMismatch(String),
@@ -124,9 +128,13 @@ pub fn verify_chain(docs: &RoleDocs<'_>, policy: &Policy<'_>, seen: Seen) -> Res
     if docs.timestamp.len() > crate::timestamp::MAX_TIMESTAMP_BYTES {
         return Err(TimestampError::TooLarge(docs.timestamp.len()).into());
     }
-    let timestamp_signed_by =
-        keys.doc
-            .verify_signed(Role::Freshness, Domain::Timestamp, docs.timestamp, docs.timestamp_sig, now)?;
+    let timestamp_signed_by = keys.doc.verify_signed(
+        Role::Freshness,
+        Domain::Timestamp,
+        docs.timestamp,
+        docs.timestamp_sig,
+        now,
+    )?;
     let timestamp = TimestampDoc::parse(docs.timestamp)?;
     if let Some(channel) = policy.channel.filter(|c| *c != timestamp.channel) {
         return Err(VerifyError::WrongChannel {
@@ -372,15 +380,25 @@ mod tests {
         by_root.manifest_sig = signature::sign(by_root.manifest.as_bytes(), &[&by_root.root]);
         assert!(matches!(
             by_root.verify(Seen::default()),
-            Err(VerifyError::Roles(RolesError::NotInRole { role: Role::Release, .. }))
+            Err(VerifyError::Roles(RolesError::NotInRole {
+                role: Role::Release,
+                ..
+            }))
         ));
         // A timestamp signed by the release key is not enough either.
         let mut ts_by_release = Chain::new();
-        ts_by_release.ts_sig =
-            signature::sign_with(Domain::Timestamp, ts_by_release.ts.as_bytes(), &[&ts_by_release.release]).unwrap();
+        ts_by_release.ts_sig = signature::sign_with(
+            Domain::Timestamp,
+            ts_by_release.ts.as_bytes(),
+            &[&ts_by_release.release],
+        )
+        .unwrap();
         assert!(matches!(
             ts_by_release.verify(Seen::default()),
-            Err(VerifyError::Roles(RolesError::NotInRole { role: Role::Freshness, .. }))
+            Err(VerifyError::Roles(RolesError::NotInRole {
+                role: Role::Freshness,
+                ..
+            }))
         ));
         // Another root.
         let roots = TrustedKeys::new([SecretKey::generate().public()]);
@@ -433,7 +451,10 @@ mod tests {
         expired.set_keys(doc);
         assert!(matches!(
             expired.verify(Seen::default()),
-            Err(VerifyError::Roles(RolesError::KeyExpired { role: Role::Freshness, .. }))
+            Err(VerifyError::Roles(RolesError::KeyExpired {
+                role: Role::Freshness,
+                ..
+            }))
         ));
     }
 

@@ -100,7 +100,11 @@ pub fn decrypt(path: &Path, text: &str, passphrase: &[u8]) -> Result<SecretKey> 
     let f: EncryptedFile =
         toml::from_str(text).with_context(|| format!("{} is not a valid encrypted key file", path.display()))?;
     if f.kdf != KDF {
-        bail!("{}: key derivation {:?} is not supported (only {KDF})", path.display(), f.kdf);
+        bail!(
+            "{}: key derivation {:?} is not supported (only {KDF})",
+            path.display(),
+            f.kdf
+        );
     }
     if f.m_cost_kib > MAX_M_COST_KIB || f.t_cost > MAX_T_COST || f.p_cost == 0 || f.p_cost > 16 {
         bail!("{}: argon2 parameters out of range", path.display());

@@ -20,7 +20,10 @@ pub fn check_secret_file(path: &Path, what: &str) -> Result<()> {
 /// Asks on the terminal, without echo; without a terminal, says how to give it instead.
 pub fn ask_secret(prompt: &str) -> Result<String> {
     if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
-        bail!("{}needs a secret and there is no terminal to ask on (see --passphrase-file, or ATOM_PKCS11_PIN / pin-source= for tokens)", prompt.trim_end_matches(": "));
+        bail!(
+            "{}needs a secret and there is no terminal to ask on (see --passphrase-file, or ATOM_PKCS11_PIN / pin-source= for tokens)",
+            prompt.trim_end_matches(": ")
+        );
     }
     rpassword::prompt_password(prompt).context("cannot read from the terminal")
 }

@@ -40,7 +40,9 @@ pub fn is_uri(spec: &str) -> bool {
 
 impl Uri {
     pub fn parse(spec: &str) -> Result<Uri> {
-        let rest = spec.strip_prefix("pkcs11:").context("a PKCS#11 URI starts with pkcs11:")?;
+        let rest = spec
+            .strip_prefix("pkcs11:")
+            .context("a PKCS#11 URI starts with pkcs11:")?;
         let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
         let decode = |v: &str| -> Result<Vec<u8>> { Ok(percent_decode_str(v).collect()) };
         let text = |v: &str| -> Result<String> {
@@ -48,19 +50,31 @@ impl Uri {
         };
         let mut uri = Uri::default();
         for attr in path.split(';').filter(|a| !a.is_empty()) {
-            let (k, v) = attr.split_once('=').with_context(|| format!("{attr:?}: expected name=value"))?;
+            let (k, v) = attr
+                .split_once('=')
+                .with_context(|| format!("{attr:?}: expected name=value"))?;
             match k {
                 "token" => uri.token = Some(text(v)?),
                 "object" => uri.object = Some(text(v)?),
                 "id" => uri.id = Some(decode(v)?),
                 // Narrowing attributes we need not act on.
-                "type" | "manufacturer" | "model" | "serial" | "library-manufacturer" | "library-description"
-                | "library-version" | "slot-description" | "slot-manufacturer" | "slot-id" => {}
+                "type"
+                | "manufacturer"
+                | "model"
+                | "serial"
+                | "library-manufacturer"
+                | "library-description"
+                | "library-version"
+                | "slot-description"
+                | "slot-manufacturer"
+                | "slot-id" => {}
                 other => bail!("PKCS#11 URI attribute {other:?} is not understood"),
             }
         }
         for attr in query.split('&').filter(|a| !a.is_empty()) {
-            let (k, v) = attr.split_once('=').with_context(|| format!("{attr:?}: expected name=value"))?;
+            let (k, v) = attr
+                .split_once('=')
+                .with_context(|| format!("{attr:?}: expected name=value"))?;
             match k {
                 "module-path" => uri.module = Some(PathBuf::from(text(v)?)),
                 "pin-value" => uri.pin_value = Some(text(v)?),
