@@ -6,11 +6,14 @@
 # Debian's own initramfs made by update-initramfs with the Atom initramfs-tools hook: the
 # first stage kexecs it, and `bootsel attach` in its local-bottom adds state and /etc.
 #
-#   boot 1: 1.0.0 from A; atom-health.service passes, atom-mark-good.service runs;
-#           `systemctl start atom-update.service` stages 2.0.0 (sandboxed unit, journald
-#           fields ATOM_VERSION/ATOM_ROUTE checked with journalctl -o json)
-#   boot 2: 2.0.0 from B on trial; health passes before boot-complete.target; marked good
-#           by atom-mark-good.service; the unit stages 3.0.0
+#   boot 1: 1.0.0 from A, whose agent is an older build (ATOM_AGENT_VERSION=0.0.1);
+#           atom-health.service passes, atom-mark-good.service runs; that agent refuses a
+#           3.0.0 that needs a newer agent (channel next, min_agent) with "update the agent
+#           first"; `systemctl start atom-update.service` stages 2.0.0 (sandboxed unit,
+#           journald fields ATOM_VERSION/ATOM_ROUTE checked with journalctl -o json)
+#   boot 2: 2.0.0 from B on trial, with the current agent it brought; health passes
+#           before boot-complete.target; marked good by atom-mark-good.service; the new
+#           agent takes the 3.0.0 the old one refused and the unit stages it
 #   boot 3: 3.0.0: its health check fails -> atom-mark-bad.service marks the slot bad and
 #           reboots
 #   boot 4: back on 2.0.0; the previous boot's journal shows what the units did
@@ -37,11 +40,12 @@ du -sh "$base" | sed 's/^/    /'
 
 # The slot's kernel with the modules it needs, and Debian's own initramfs for it, made by
 # update-initramfs in the slot's tree with the Atom hook (install-units --bootsel).
-sample_root() { # DIR VERSION KERNEL_DIR RELEASE
-  local root=$1 version=$2 from=$3 release=$4
+sample_root() { # DIR VERSION KERNEL_DIR RELEASE [AGENT]
+  local root=$1 version=$2 from=$3 release=$4 agent=${5:-}
   rm -rf "$root"
   cp -a "$base" "$root"
   install_agent "$root" --bootsel "$bootsel_static"
+  [[ -z $agent ]] || install -m 755 "$agent" "$root/usr/bin/atom-update"
   slot_kernel "$root" "$from" "$release"
   cp "$from/boot/config-$release" "$root/boot/"
   chroot "$root" update-initramfs -c -k "$release" 2>&1 | grep -v "^W: Possible missing firmware" | sed 's/^/    /' || true
@@ -83,8 +87,17 @@ EOF
     atom-vm-banner.service atom-vm-control.service 2>&1 | sed 's/^/    /' >/dev/null
 }
 
+step "an older agent for 1.0.0 (the same tree built as version 0.0.1), the current one for 2.0.0 and 3.0.0"
+current_agent=$("$update_static" --version | awk '{print $2}')
+old_agent=$(ATOM_AGENT_VERSION=0.0.1 bash bootsel/build-static.sh atom-update)
+cp "$old_agent" "$work/atom-update-0.0.1"
+bash bootsel/build-static.sh atom-update >/dev/null
+"$work/atom-update-0.0.1" --version | grep -qx "atom-update 0.0.1" || fail "the old agent does not say 0.0.1"
+"$update_static" --version | grep -qx "atom-update $current_agent" || fail "the current agent was not rebuilt"
+echo "    old agent 0.0.1, current agent $current_agent"
+
 step "the sample OS (Debian + systemd + Atom units) in three versions"
-sample_root "$work/root-v1" 1.0.0 "$kdir_old" "$kver_old"
+sample_root "$work/root-v1" 1.0.0 "$kdir_old" "$kver_old" "$work/atom-update-0.0.1"
 "$build" image --initramfs tree --rootfs "$work/root-v1" --version 1.0.0 --size 400M --out "$work/v1.img"
 sample_root "$work/root-v2" 2.0.0 "$kdir_new" "$kver_new"
 echo "new in 2.0.0" > "$work/root-v2/etc/feature"
@@ -101,11 +114,17 @@ step "the host's disk: atom-build disk (root-a = 1.0.0)"
 
 journal_fields='journalctl -u atom-update.service -o json --no-pager | grep -oE "\"ATOM_(VERSION|ROUTE|SLOT)\":\"[^\"]*\"" | sort -u | sed "s/^/JOURNAL: /"'
 
-step "boot 1: 1.0.0 from A under systemd; the update unit stages 2.0.0"
+step "boot 1: 1.0.0 from A under systemd; its old agent refuses what needs a newer one and stages 2.0.0"
 publish "$work/v1.img"
 publish "$work/v2.img"
+# 3.0.0 for agents >= the current one, on a channel of its own until boot 2.
+"$build" publish --repo "$work/exchange/repo" --channel next --key "$work/signer.key" --zstd-level 3 \
+  --min-agent "$current_agent" "$work/v3.img" | sed 's/^/    /'
+next_check='sed "s/^channel = .*/channel = \"next\"/" /etc/atom/update.toml > /run/next.toml; atom-update --config /run/next.toml check; echo "NEXT-EXIT: $?"'
 control <<EOF
 systemctl is-active atom-health.service atom-mark-good.service | tr '\n' ' ' | sed 's/^/UNITS: /'; echo
+atom-update --version | sed 's/^/AGENT: /'
+$next_check
 systemctl start atom-update.service
 systemctl show -p Result atom-update.service
 $journal_fields
@@ -117,15 +136,21 @@ expect "Loading, please wait|Begin: Loading essential drivers" "Debian's own ini
 expect "bootsel: second stage: slot A chosen by the first stage" "its Atom hook (bootsel attach) took the hand-over"
 expect "ATOM-SAMPLE: running 1.0.0 from slot A on kernel $kver_old" "1.0.0 runs from slot A under systemd on $kver_old"
 expect "UNITS: active active" "atom-health.service and atom-mark-good.service ran"
+expect "AGENT: atom-update 0.0.1" "1.0.0 carries the old agent"
+expect "needs agent $current_agent or newer, this agent is 0.0.1: update the agent first" "the old agent refuses 3.0.0 (min_agent $current_agent)"
+expect "NEXT-EXIT: 6" "with exit 6"
 expect "Result=success" "atom-update.service (sandboxed) succeeded"
 expect 'JOURNAL: "ATOM_VERSION":"2.0.0"' "the journal has ATOM_VERSION=2.0.0 (journalctl -o json)"
 expect 'JOURNAL: "ATOM_ROUTE":"precomputed-delta"' "and ATOM_ROUTE=precomputed-delta"
 expect "\]: B +root-b +2\.0\.0 .*boots next" "2.0.0 staged in slot B"
 
-step "boot 2: 2.0.0 on trial; health checks before boot-complete.target; marked good; stage 3.0.0"
-publish "$work/v3.img"
+step "boot 2: 2.0.0 on trial with the agent it brought; marked good; it takes the 3.0.0 the old agent refused"
+"$build" publish --repo "$work/exchange/repo" --channel stable --key "$work/signer.key" --zstd-level 3 \
+  --min-agent "$current_agent" "$work/v3.img" | sed 's/^/    /'
 control <<EOF
 systemctl is-active boot-complete.target atom-mark-good.service | tr '\n' ' ' | sed 's/^/UNITS: /'; echo
+atom-update --version | sed 's/^/AGENT: /'
+$next_check
 atom-update status
 echo 'reboot = "immediate"' >> /etc/atom/update.toml
 systemctl start atom-update.service
@@ -134,6 +159,8 @@ EOF
 boot
 expect "ATOM-SAMPLE: running 2.0.0 from slot B on kernel $kver_new" "2.0.0 runs from slot B on its kernel $kver_new"
 expect "UNITS: active active" "boot-complete.target reached, atom-mark-good.service ran"
+expect "AGENT: atom-update $current_agent" "the agent upgraded itself with the slot: 2.0.0 runs agent $current_agent"
+expect "NEXT-EXIT: 0" "the new agent takes the 3.0.0 (min_agent $current_agent) the old one refused"
 expect "\]: B +root-b +2\.0\.0 +[^ ]+ +[0-9]+ +0 +yes +booted" "slot B marked successful"
 expect "reboot: Restarting system" "the sandboxed unit staged 3.0.0 and rebooted (reboot = immediate; CAP_SYS_BOOT is its only capability)"
 

@@ -98,8 +98,11 @@ fn installed_units_verify() {
 fn every_service_is_sandboxed() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
     let mut seen = 0;
-    for e in std::fs::read_dir(&dir).unwrap() {
-        let path = e.unwrap().path();
+    let paths = std::fs::read_dir(&dir)
+        .unwrap()
+        .chain(std::fs::read_dir(dir.join("server")).unwrap())
+        .map(|e| e.unwrap().path());
+    for path in paths {
         if path.extension().is_none_or(|x| x != "service") {
             continue;
         }
@@ -125,5 +128,24 @@ fn every_service_is_sandboxed() {
         assert!(out.status.success(), "{}: {text}", path.display());
         seen += 1;
     }
-    assert_eq!(seen, 5, "every service was scored");
+    assert_eq!(seen, 6, "every service was scored");
+}
+
+/// The repository server's refresh timer and service (key roles) verify as an instance.
+#[test]
+fn refresh_units_verify() {
+    let f = Fixture::new();
+    let root = f.path("root");
+    let units = root.join("usr/lib/systemd/system");
+    fs::create_dir_all(&units).unwrap();
+    copy_dir(Path::new("/usr/lib/systemd/system"), &units);
+    fs::create_dir_all(root.join("usr/bin")).unwrap();
+    fs::copy(BIN, root.join("usr/bin/atom-build")).unwrap();
+    let server = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/server");
+    for u in ["atom-refresh@.service", "atom-refresh@.timer"] {
+        fs::copy(server.join(u), units.join(u)).unwrap();
+    }
+    fs::create_dir_all(root.join("srv/atom")).unwrap();
+    let (good, err) = verify(&root, &["atom-refresh@srv-atom.timer", "atom-refresh@srv-atom.service"]);
+    assert!(good, "systemd-analyze verify: {err}");
 }
