@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fuzzes every parser of outside input with cargo-fuzz (libFuzzer + AddressSanitizer):
 # manifest + release file, signature file, delta (zstd + apply), the rsync signature body
-# atom-dist accepts, the GPT as bootsel reads it, bootsel's config and kernel command line.
+# atom-dist accepts, the GPT as bootsel reads it, bootsel's config and kernel command line,
+# keys.toml and channel timestamps (key roles).
 #
 #   bash tests/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   (default 60 s, every target)
 #

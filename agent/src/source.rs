@@ -40,18 +40,31 @@ pub struct Accepted {
 }
 
 enum Docs {
-    Single {
-        manifest: Vec<u8>,
-        sig: Vec<u8>,
-    },
-    Roles {
-        keys: Vec<u8>,
-        keys_sig: Vec<u8>,
-        timestamp: Vec<u8>,
-        timestamp_sig: Vec<u8>,
-        manifest: Vec<u8>,
-        manifest_sig: Vec<u8>,
-    },
+    Single { manifest: Vec<u8>, sig: Vec<u8> },
+    Roles(FetchedRoleDocs),
+}
+
+/// What [`RoleDocs`] views, as fetched from one mirror.
+struct FetchedRoleDocs {
+    keys: Vec<u8>,
+    keys_sig: Vec<u8>,
+    timestamp: Vec<u8>,
+    timestamp_sig: Vec<u8>,
+    manifest: Vec<u8>,
+    manifest_sig: Vec<u8>,
+}
+
+impl FetchedRoleDocs {
+    fn view(&self) -> RoleDocs<'_> {
+        RoleDocs {
+            keys: &self.keys,
+            keys_sig: &self.keys_sig,
+            timestamp: &self.timestamp,
+            timestamp_sig: &self.timestamp_sig,
+            manifest: &self.manifest,
+            manifest_sig: &self.manifest_sig,
+        }
+    }
 }
 
 pub struct Sources {
@@ -248,26 +261,7 @@ impl Sources {
             };
             let checked = match &docs {
                 Docs::Single { manifest, sig } => verify_manifest(manifest, sig, policy).map(|v| (v, None)),
-                Docs::Roles {
-                    keys,
-                    keys_sig,
-                    timestamp,
-                    timestamp_sig,
-                    manifest,
-                    manifest_sig,
-                } => verify_chain(
-                    &RoleDocs {
-                        keys,
-                        keys_sig,
-                        timestamp,
-                        timestamp_sig,
-                        manifest,
-                        manifest_sig,
-                    },
-                    policy,
-                    seen.roles,
-                )
-                .map(|c| {
+                Docs::Roles(docs) => verify_chain(&docs.view(), policy, seen.roles).map(|c| {
                     tracing::debug!(
                         keys_version = c.keys.doc.version, root = %c.keys.signed_by,
                         freshness = %c.timestamp_signed_by, timestamp_expires = %c.timestamp.expires,
@@ -358,14 +352,14 @@ impl Sources {
             cancel,
         )?;
         let manifest_sig = self.get_signature(repo, &layout::signature(channel, &Digest::of(&manifest)), cancel)?;
-        Ok(Docs::Roles {
+        Ok(Docs::Roles(FetchedRoleDocs {
             keys,
             keys_sig,
             timestamp,
             timestamp_sig,
             manifest,
             manifest_sig,
-        })
+        }))
     }
 
     /// A manifest-named file, checked against `size` and `digest`, opened for reading.

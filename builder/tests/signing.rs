@@ -42,6 +42,24 @@ fn verify_ok(dir: &Path, extra: &[&str]) -> String {
     ok(run(dir, &a))
 }
 
+/// `sign` attaching a detached signature to the pending publication of channel stable.
+fn attach(d: &Path, sig: &str) -> Output {
+    run(
+        d,
+        &[
+            "sign",
+            "--repo",
+            "repo",
+            "--channel",
+            "stable",
+            "--signature",
+            sig,
+            "--trust",
+            "signer.pub",
+        ],
+    )
+}
+
 #[test]
 fn sign_later_in_place_and_air_gapped() {
     let f = Fixture::new();
@@ -139,68 +157,17 @@ fn sign_later_in_place_and_air_gapped() {
     ));
 
     // A signature by a key nobody trusts, or over other bytes, is refused before commit.
-    fails_with(
-        run(
-            d,
-            &[
-                "sign",
-                "--repo",
-                "repo",
-                "--channel",
-                "stable",
-                "--signature",
-                "airgap/other.sig",
-                "--trust",
-                "signer.pub",
-            ],
-        ),
-        1,
-        "does not verify",
-    );
+    fails_with(attach(d, "airgap/other.sig"), 1, "does not verify");
     let pending = d.join("repo/pending/stable/manifest.toml");
     let original = fs::read_to_string(&pending).unwrap();
     fs::write(&pending, original.replace("board = ", "#\nboard = ")).unwrap();
-    fails_with(
-        run(
-            d,
-            &[
-                "sign",
-                "--repo",
-                "repo",
-                "--channel",
-                "stable",
-                "--signature",
-                "airgap/manifest.sig",
-                "--trust",
-                "signer.pub",
-            ],
-        ),
-        1,
-        "does not verify",
-    );
+    fails_with(attach(d, "airgap/manifest.sig"), 1, "does not verify");
     fs::write(&pending, &original).unwrap();
     // A payload missing from the repository: the signer vouches for the files too.
     let m = atom_dist::Manifest::parse(original.as_bytes()).unwrap();
     let payload = d.join("repo").join(&m.payload.path);
     fs::rename(&payload, d.join("payload.bak")).unwrap();
-    fails_with(
-        run(
-            d,
-            &[
-                "sign",
-                "--repo",
-                "repo",
-                "--channel",
-                "stable",
-                "--signature",
-                "airgap/manifest.sig",
-                "--trust",
-                "signer.pub",
-            ],
-        ),
-        1,
-        "payload",
-    );
+    fails_with(attach(d, "airgap/manifest.sig"), 1, "payload");
     fs::rename(d.join("payload.bak"), &payload).unwrap();
     assert!(
         String::from_utf8_lossy(&fs::read(d.join("repo/channels/stable/manifest.toml")).unwrap()).contains("1.0.0")

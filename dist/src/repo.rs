@@ -325,24 +325,27 @@ impl Repository {
         }))
     }
 
-    /// Writes a signed `keys.toml`: signature first, then the document.
+    /// Writes a signed `keys.toml`.
     pub fn commit_keys(&self, signed: &SignedManifest) -> Result<(), RepoError> {
-        let sig = self.path(&layout::keys_signature(&Digest::of(&signed.manifest)));
-        let doc = self.path(layout::KEYS);
-        let dir = sig.parent().expect("repository paths have a parent");
-        fsutil::create_dir_synced(dir).map_err(io_at(dir))?;
-        fsutil::write_atomic_bytes(&sig, 0o644, &signed.signature).map_err(io_at(&sig))?;
-        fsutil::write_atomic_bytes(&doc, 0o644, &signed.manifest).map_err(io_at(&doc))?;
-        Ok(())
+        let sig = layout::keys_signature(&Digest::of(&signed.manifest));
+        self.write_signed(&sig, layout::KEYS, signed)
     }
 
-    /// Writes a channel's signed timestamp: signature first, then the document.
+    /// Writes a channel's signed timestamp.
     pub fn commit_timestamp(&self, channel: &str, signed: &SignedManifest) -> Result<(), RepoError> {
         manifest::check_name("channel", channel)?;
-        let sig = self.path(&layout::signature(channel, &Digest::of(&signed.manifest)));
-        let doc = self.path(&layout::timestamp(channel));
-        let dir = sig.parent().expect("repository paths have a parent");
-        fsutil::create_dir_synced(dir).map_err(io_at(dir))?;
+        let sig = layout::signature(channel, &Digest::of(&signed.manifest));
+        self.write_signed(&sig, &layout::timestamp(channel), signed)
+    }
+
+    /// The signature (found by the document's digest) first, then the document: a reader
+    /// never sees a document whose signature is not in place.
+    fn write_signed(&self, sig_rel: &str, doc_rel: &str, signed: &SignedManifest) -> Result<(), RepoError> {
+        let (sig, doc) = (self.path(sig_rel), self.path(doc_rel));
+        for p in [&sig, &doc] {
+            let dir = p.parent().expect("repository paths have a parent");
+            fsutil::create_dir_synced(dir).map_err(io_at(dir))?;
+        }
         fsutil::write_atomic_bytes(&sig, 0o644, &signed.signature).map_err(io_at(&sig))?;
         fsutil::write_atomic_bytes(&doc, 0o644, &signed.manifest).map_err(io_at(&doc))?;
         Ok(())
