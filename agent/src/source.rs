@@ -35,8 +35,16 @@ pub struct Watermarks {
 pub struct Accepted {
     pub verified: Verified,
     pub from: String,
-    /// Key roles: the `keys.toml` version and the timestamp's `created`, to record.
-    pub roles: Option<(u64, jiff::Timestamp)>,
+    /// Key roles: what to record for the replay checks.
+    pub roles: Option<RoleMarks>,
+}
+
+/// Key roles: the accepted keys.toml (version and digest) and the timestamp's `created`.
+#[derive(Clone, Copy, Debug)]
+pub struct RoleMarks {
+    pub keys_version: u64,
+    pub keys_digest: Digest,
+    pub timestamp: jiff::Timestamp,
 }
 
 enum Docs {
@@ -267,7 +275,12 @@ impl Sources {
                         freshness = %c.timestamp_signed_by, timestamp_expires = %c.timestamp.expires,
                         "verified keys.toml and timestamp"
                     );
-                    (c.verified, Some((c.keys.doc.version, c.timestamp.created)))
+                    let marks = RoleMarks {
+                        keys_version: c.keys.doc.version,
+                        keys_digest: Digest::of(&docs.keys),
+                        timestamp: c.timestamp.created,
+                    };
+                    (c.verified, Some(marks))
                 }),
             };
             match checked {

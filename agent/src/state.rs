@@ -82,6 +82,9 @@ pub struct State {
     /// could bring back a retired key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys_version: Option<u64>,
+    /// The digest of that keys.toml: another list under the same version is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_digest: Option<String>,
     /// Key roles, by channel: the `created` time of the newest timestamp accepted.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub newest_timestamp: BTreeMap<String, jiff::Timestamp>,

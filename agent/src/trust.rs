@@ -42,11 +42,17 @@ impl Trust {
     pub fn load(s: &Settings) -> Result<Trust, Failure> {
         crate::perms::check_keys_dir(&s.keys_dir)?;
         let root_dir = root_keys_dir(s);
+        // The directory's presence decides: one emptied by mistake (a key renamed during a
+        // root rotation) must not drop the host back to trusting a release key alone.
         if root_dir.exists() {
             crate::perms::check_keys_dir(&root_dir)?;
-        }
-        let root = TrustedKeys::load_dir_if_present(&root_dir).map_err(|e| Failure::error(e.to_string()))?;
-        if !root.is_empty() {
+            let root = TrustedKeys::load_dir(&root_dir).map_err(|e| {
+                Failure::refused(format!(
+                    "{e}: a host with {} uses key roles and needs its root key(s) there; remove the \
+                     directory only to go back to the single-key scheme",
+                    root_dir.display()
+                ))
+            })?;
             return Ok(Trust::Roles(root));
         }
         let keys = TrustedKeys::load_dir(&s.keys_dir).map_err(|e| {

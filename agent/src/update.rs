@@ -103,7 +103,9 @@ fn fetch_manifest(s: &Settings, sources: &Sources, state: &State, cancel: &Atomi
     let seen = Watermarks {
         manifest: state.newest_manifest.get(&s.channel).copied(),
         roles: Seen {
-            keys_version: state.keys_version,
+            keys: state
+                .keys_version
+                .zip(state.keys_digest.as_deref().and_then(|d| d.parse().ok())),
             timestamp: state.newest_timestamp.get(&s.channel).copied(),
         },
     };
@@ -328,10 +330,18 @@ fn record_watermarks(s: &Settings, state: &mut State, accepted: &Accepted) -> Re
     let now = jiff::Timestamp::now();
     let before = state.clone();
     let created = accepted.verified.manifest.created.min(now);
-    state.newest_manifest.insert(s.channel.clone(), created);
-    if let Some((keys_version, timestamp)) = accepted.roles {
-        state.keys_version = Some(keys_version.max(state.keys_version.unwrap_or(0)));
-        state.newest_timestamp.insert(s.channel.clone(), timestamp.min(now));
+    let slot = state.newest_manifest.entry(s.channel.clone()).or_insert(created);
+    *slot = (*slot).max(created);
+    if let Some(marks) = accepted.roles {
+        // verify_chain refused anything below what is recorded; never lower it here either
+        // (a clock that went back).
+        if state.keys_version.is_none_or(|v| marks.keys_version > v) {
+            state.keys_version = Some(marks.keys_version);
+            state.keys_digest = Some(marks.keys_digest.to_string());
+        }
+        let t = marks.timestamp.min(now);
+        let slot = state.newest_timestamp.entry(s.channel.clone()).or_insert(t);
+        *slot = (*slot).max(t);
     }
     if *state != before {
         state.save(&s.state_dir)?;

@@ -125,7 +125,7 @@ fn key_roles_migrate_rotate_and_refuse_replays() {
     for k in ["root", "fresh", "release2"] {
         keygen(&env, k);
     }
-    keys(&env, "signer.pub", "fresh.pub", &[]);
+    keys(&env, "signer.pub", "fresh.pub", &["--version", "1"]);
     let legacy = env.agent(&["check"]);
     assert!(legacy.status.success(), "{}", String::from_utf8_lossy(&legacy.stderr));
 

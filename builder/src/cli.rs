@@ -240,9 +240,11 @@ pub struct PublishArgs {
     #[arg(long, default_value_t = 2)]
     pub deltas: usize,
     /// How long the manifest stays valid; hosts refuse it afterwards (publish or resign).
-    /// Default: 30 days; 1 year with key roles, where timestamps bound freshness.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub expires_in: Option<std::time::Duration>,
+    /// Once every host uses key roles (timestamps bound freshness), a year (365days) keeps
+    /// the release key offline between releases; hosts that trust the key directly are
+    /// bound by this expiry alone.
+    #[arg(long, default_value = "30days", value_parser = humantime::parse_duration)]
+    pub expires_in: std::time::Duration,
     /// zstd level for payloads and deltas (1-22).
     #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(1..=22))]
     pub zstd_level: i32,
@@ -342,7 +344,9 @@ pub struct KeysArgs {
     /// How long the release and freshness keys named here are valid.
     #[arg(long, default_value = "1year", value_parser = humantime::parse_duration)]
     pub keys_expire_in: std::time::Duration,
-    /// The version of the new keys.toml (default: the repository's plus one, or 1).
+    /// The version of the new keys.toml: default the directory's keys.toml plus one; needed
+    /// on a directory without one (1 for the first list). Hosts refuse a lower version, and
+    /// another list under a version they accepted.
     #[arg(long)]
     pub version: Option<u64>,
     /// File whose first line is the passphrase of an encrypted root key file.
@@ -419,10 +423,9 @@ pub struct Signing {
 pub struct ResignArgs {
     #[command(flatten)]
     pub signing: Signing,
-    /// How long the re-signed manifest stays valid, from now. Default: 30 days; 1 year
-    /// with key roles.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub expires_in: Option<std::time::Duration>,
+    /// How long the re-signed manifest stays valid, from now (see publish --expires-in).
+    #[arg(long, default_value = "30days", value_parser = humantime::parse_duration)]
+    pub expires_in: std::time::Duration,
     /// A new rollout spread, starting at --rollout-start or now.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub rollout: Option<std::time::Duration>,

@@ -46,7 +46,7 @@ pub fn run(args: &KeygenArgs) -> Result<()> {
             public.id()
         );
         println!("public key: {}", public_path.display());
-        println!("sign with: --key '{uri}'");
+        println!("sign with: --key '{}'", crate::signing::pkcs11::redact(uri));
         return Ok(());
     }
     for p in [&secret_path, &public_path] {

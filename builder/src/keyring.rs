@@ -28,8 +28,17 @@ pub fn run(args: &KeysArgs) -> Result<()> {
             )
         }
         (Some(v), _) => v,
-        (None, Some(p)) => p.version + 1,
-        (None, None) => 1,
+        (None, Some(p)) => p
+            .version
+            .checked_add(1)
+            .context("the repository's keys.toml version is at its maximum; give a valid --version")?,
+        // On an empty directory (the offline root machine) the version cannot be guessed,
+        // and a guess of 1 every time would let an old list be replayed as a new one.
+        (None, None) => bail!(
+            "{} has no keys.toml to count from: give --version (1 for the first list, else one above the \
+             version the hosts have: `atom-build verify --root` prints it)",
+            repo.root().display()
+        ),
     };
     if let Some(p) = &previous
         && p.created > now

@@ -56,7 +56,7 @@ fn main() -> ExitCode {
 }
 
 /// The error and its causes, each said once: many errors already quote their cause.
-fn said_once(e: &anyhow::Error) -> String {
+pub(crate) fn said_once(e: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in e.chain().map(|c| c.to_string()) {
         if text.contains(&cause) {

@@ -134,7 +134,7 @@ pub fn run(args: &PublishArgs) -> Result<()> {
     })?;
 
     let deltas = make_deltas(&repo, args, &release, &image_digest, trusted, &mut new_files)?;
-    let expires_in = args.expires_in.unwrap_or(keys.default_expiry());
+    let expires_in = args.expires_in;
     let manifest = Manifest {
         format: manifest::FORMAT,
         channel: args.signing.channel.clone(),
@@ -257,12 +257,6 @@ impl Publisher {
 
     pub fn signer(&self) -> Result<&dyn Signer> {
         self.signer.as_deref().context("--key is needed to sign")
-    }
-
-    /// 30 days; with key roles a year, since timestamps bound how stale a mirror can be.
-    pub fn default_expiry(&self) -> std::time::Duration {
-        let days = if self.roles.is_some() { 365 } else { 30 };
-        std::time::Duration::from_secs(days * 24 * 3600)
     }
 
     /// With `--timestamp-key`, the new manifest becomes current for hosts with root keys too.

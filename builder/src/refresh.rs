@@ -28,13 +28,25 @@ pub fn run(args: &RefreshArgs) -> Result<()> {
     if channels.is_empty() {
         bail!("the repository has no channels yet");
     }
+    // Each channel on its own: one that cannot be renewed must not let the others expire.
+    let mut failed = Vec::new();
     for channel in &channels {
-        let t = stamp(&repo, &doc, channel, key.as_ref(), args.expires_in)?;
-        println!(
-            "timestamp of channel {channel}: {} until {} (signed by {})",
-            t.version,
-            t.expires,
-            key.key_id()
+        match stamp(&repo, &doc, channel, key.as_ref(), args.expires_in) {
+            Ok(t) => println!(
+                "timestamp of channel {channel}: {} until {} (signed by {})",
+                t.version,
+                t.expires,
+                key.key_id()
+            ),
+            Err(e) => failed.push(format!("channel {channel}: {}", crate::said_once(&e))),
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} channel(s) not renewed (the others were): {}",
+            failed.len(),
+            channels.len(),
+            failed.join("; ")
         );
     }
     Ok(())
@@ -64,15 +76,50 @@ pub fn stamp(
         )
         .with_context(|| format!("channel {channel:?}: the current manifest is not signed by a current release key"))?;
     let manifest = Manifest::parse(&current.manifest)?;
+    if manifest.channel != channel {
+        bail!(
+            "manifest.toml of channel {channel:?} is for channel {:?}",
+            manifest.channel
+        );
+    }
+    if manifest.expires <= now {
+        bail!(
+            "the current manifest expired at {}: re-sign it (atom-build resign) first",
+            manifest.expires
+        );
+    }
+    let lifetime = jiff::SignedDuration::try_from(lifetime)?;
+    if lifetime > timestamp::MAX_LIFETIME {
+        bail!(
+            "--expires-in is longer than the {} days hosts accept for a timestamp",
+            timestamp::MAX_LIFETIME.as_hours() / 24
+        );
+    }
     if let Some(prev) = repo.timestamp(channel)?
         && let Ok(prev) = TimestampDoc::parse(&prev.manifest)
-        && prev.created > now
     {
-        bail!(
-            "this machine's clock ({now}) is behind the channel's timestamp (created {}): fix the clock; hosts \
-             would refuse the new timestamp as a replay",
-            prev.created
-        );
+        if prev.created > now {
+            bail!(
+                "this machine's clock ({now}) is behind the channel's timestamp (created {}): fix the clock; \
+                 hosts would refuse the new timestamp as a replay",
+                prev.created
+            );
+        }
+        // Someone who can write the tree but holds no key must not get an old manifest
+        // vouched for by the timer: never go back from what the last timestamp named.
+        if let Some(named) = repo.manifest_by_digest(channel, &prev.manifest)?
+            && let Ok(named) = Manifest::parse(&named.manifest)
+            && (manifest.version < named.version || manifest.created < named.created)
+        {
+            bail!(
+                "manifest.toml ({} created {}) is older than the manifest the current timestamp names ({} \
+                 created {}): refusing to vouch for it (was an old manifest copied into place?)",
+                manifest.version,
+                manifest.created,
+                named.version,
+                named.created
+            );
+        }
     }
     // Repositories published before timestamps lack the by-digest copy hosts fetch.
     let digest = Digest::of(&current.manifest);
@@ -89,9 +136,10 @@ pub fn stamp(
         version: manifest.version,
         manifest: digest,
         manifest_size: current.manifest.len() as u64,
+        keys_version: doc.version,
         created: now,
         expires: now
-            .checked_add(jiff::SignedDuration::try_from(lifetime)?)
+            .checked_add(lifetime)
             .context("--expires-in is too far in the future")?,
     };
     let text = t.to_toml();

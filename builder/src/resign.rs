@@ -23,9 +23,7 @@ pub fn run(args: &ResignArgs) -> Result<()> {
     check_clock(now, &m, args.signing.replace_future_manifest)?;
     m.created = now;
     m.expires = now
-        .checked_add(jiff::SignedDuration::try_from(
-            args.expires_in.unwrap_or(keys.default_expiry()),
-        )?)
+        .checked_add(jiff::SignedDuration::try_from(args.expires_in)?)
         .context("--expires-in is too far in the future")?;
     m.rollout = new_rollout(args, m.rollout.take(), now)?;
     sign_and_commit(&repo, &m, key)?;

@@ -27,8 +27,24 @@ pub fn run(args: &SignArgs) -> Result<()> {
 }
 
 fn summary(m: &Manifest) -> String {
+    let rollout = m
+        .rollout
+        .as_ref()
+        .map(|r| format!("rollout from {} to {}", r.start, r.end()))
+        .unwrap_or_else(|| "no rollout".into());
+    let min_agent = m
+        .min_agent
+        .as_ref()
+        .map(|v| format!(", min_agent {v}"))
+        .unwrap_or_default();
+    let critical = if m.critical.is_empty() {
+        String::new()
+    } else {
+        format!(", critical {:?}", m.critical)
+    };
     format!(
-        "channel {} board {} version {}: image {} ({} bytes), payload {}, {} delta(s), expires {}{}",
+        "channel {} board {} version {}: image {} ({} bytes), payload {}, {} delta(s), created {}, expires {}, \
+         {rollout}{min_agent}{critical}",
         m.channel,
         m.board,
         m.version,
@@ -36,18 +52,28 @@ fn summary(m: &Manifest) -> String {
         m.image.size,
         m.payload.digest,
         m.deltas.len(),
+        m.created,
         m.expires,
-        m.min_agent
-            .as_ref()
-            .map(|v| format!(", min_agent {v}"))
-            .unwrap_or_default()
     )
+}
+
+/// The manifest exactly as this build writes it: nothing in the signed bytes that the
+/// summary above did not show (a field this build does not know would be signed unseen).
+fn parse_canonical(bytes: &[u8], what: &str) -> Result<Manifest> {
+    let m = Manifest::parse(bytes).with_context(|| format!("{what} is not a manifest"))?;
+    if m.to_toml().as_bytes() != bytes {
+        bail!(
+            "{what} is not in the form this atom-build writes (fields it does not know, or edited by hand): \
+             refusing to sign what it cannot show; sign with the atom-build that published it, or a newer one"
+        );
+    }
+    Ok(m)
 }
 
 /// Signs a manifest file alone: the machine holding the key needs nothing else.
 fn detached(args: &SignArgs, file: &Path, signers: &[Box<dyn Signer>]) -> Result<()> {
     let bytes = read_manifest(file)?;
-    let m = Manifest::parse(&bytes).with_context(|| format!("{} is not a manifest", file.display()))?;
+    let m = parse_canonical(&bytes, &file.display().to_string())?;
     let refs: Vec<&dyn Signer> = signers.iter().map(|k| k.as_ref()).collect();
     let sig = signature::sign_with(Domain::Manifest, &bytes, &refs)?;
     let out = args.output.as_deref().expect("clap requires --output with --manifest");
@@ -86,7 +112,7 @@ fn in_place(args: &SignArgs, root: &Path, signers: &[Box<dyn Signer>]) -> Result
     let bytes = repo
         .pending(channel)?
         .with_context(|| format!("channel {channel:?} has no pending publication (publish --sign-later)"))?;
-    let m = Manifest::parse(&bytes).context("the pending manifest")?;
+    let m = parse_canonical(&bytes, "the pending manifest")?;
     if m.channel != channel {
         bail!("the pending manifest is for channel {:?}", m.channel);
     }
@@ -139,6 +165,22 @@ fn in_place(args: &SignArgs, root: &Path, signers: &[Box<dyn Signer>]) -> Result
                 "the pending {} is not newer than {} now current on channel {channel:?}; publish it again",
                 m.version,
                 prev.version
+            );
+        }
+        // Hosts refuse a manifest created before one they accepted (a resign in between).
+        if m.created < prev.created {
+            bail!(
+                "the pending manifest was created at {}, before the current one ({}, a resign since?): hosts \
+                 would refuse it as a replay; publish it again",
+                m.created,
+                prev.created
+            );
+        }
+        if m.board != prev.board {
+            bail!(
+                "channel {channel:?} carries board {:?}, the pending manifest {:?}",
+                prev.board,
+                m.board
             );
         }
     }

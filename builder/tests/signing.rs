@@ -160,7 +160,13 @@ fn sign_later_in_place_and_air_gapped() {
     fails_with(attach(d, "airgap/other.sig"), 1, "does not verify");
     let pending = d.join("repo/pending/stable/manifest.toml");
     let original = fs::read_to_string(&pending).unwrap();
-    fs::write(&pending, original.replace("board = ", "#\nboard = ")).unwrap();
+    fs::write(&pending, format!("surprise = 1\n{original}")).unwrap();
+    fails_with(
+        attach(d, "airgap/manifest.sig"),
+        1,
+        "not in the form this atom-build writes",
+    );
+    fs::write(&pending, original.replace("x86_64-generic", "x86_64-other")).unwrap();
     fails_with(attach(d, "airgap/manifest.sig"), 1, "does not verify");
     fs::write(&pending, &original).unwrap();
     // A payload missing from the repository: the signer vouches for the files too.
@@ -323,9 +329,10 @@ fn a_pkcs11_token_signs_through_softhsm2() {
     ok(publish(&uri, &v1));
     verify_ok(d, &["--key", "hsm.pub"]);
 
-    // Key roles with the token as release key.
+    // Key roles with release and freshness keys both on the token, used in one publish.
+    let fresh_uri = uri.replace("object=release", "object=fresh");
+    ok(hsm(&["keygen", "--in-token", &fresh_uri, "--out", "fresh"]));
     f.keygen("root");
-    f.keygen("fresh");
     ok(hsm(&[
         "keys",
         "--repo",
@@ -336,11 +343,47 @@ fn a_pkcs11_token_signs_through_softhsm2() {
         "hsm.pub",
         "--freshness",
         "fresh.pub",
+        "--version",
+        "1",
     ]));
-    ok(hsm(&["refresh", "--repo", "repo", "--key", "fresh.key"]));
-    ok(publish(&uri, &v2));
-    fails_with(publish("fresh.key", &v2), 1, "not a release key");
-    ok(hsm(&["refresh", "--repo", "repo", "--key", "fresh.key"]));
+    ok(hsm(&["refresh", "--repo", "repo", "--key", &fresh_uri]));
+    fails_with(
+        hsm(&[
+            "publish",
+            "--repo",
+            "repo",
+            "--channel",
+            "stable",
+            "--key",
+            &fresh_uri,
+            "--zstd-level",
+            "3",
+            v2.to_str().unwrap(),
+        ]),
+        1,
+        "not a release key",
+    );
+    ok(hsm(&[
+        "publish",
+        "--repo",
+        "repo",
+        "--channel",
+        "stable",
+        "--key",
+        &uri,
+        "--timestamp-key",
+        &fresh_uri,
+        "--zstd-level",
+        "3",
+        v2.to_str().unwrap(),
+    ]));
+    let leaky = format!("pkcs11:token=atom;object=nope?module-path={SOFTHSM}&pin-value=123456");
+    let err = fails_with(
+        hsm(&["refresh", "--repo", "repo", "--key", &leaky]),
+        1,
+        "pin-value=(hidden)",
+    );
+    assert!(!err.contains("123456"), "the PIN is never printed: {err}");
     let out = verify_ok(d, &["--root", "root.pub"]);
     assert!(out.contains("keys.toml version 1"), "{out}");
 }
@@ -367,6 +410,8 @@ fn verify_checks_the_chain_and_warns_before_expiry() {
             "signer.pub",
             "--freshness",
             "fresh.pub",
+            "--version",
+            "1",
         ],
     ));
     // Roles without a timestamp: a problem for hosts with the root key.

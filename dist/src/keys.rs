@@ -379,16 +379,6 @@ impl TrustedKeys {
     pub fn len(&self) -> usize {
         self.keys.len()
     }
-
-    /// Like [`Self::load_dir`], but a missing directory is an empty set (a host without
-    /// root keys uses the single-key scheme).
-    pub fn load_dir_if_present(dir: &Path) -> Result<Self, KeyError> {
-        match Self::load_dir(dir) {
-            Err(KeyError::NoTrustedKeys(_)) => Ok(Self::default()),
-            Err(KeyError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            other => other,
-        }
-    }
 }
 
 #[cfg(test)]

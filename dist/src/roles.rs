@@ -26,6 +26,7 @@
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::digest::Digest;
 use crate::keys::{KeyId, PublicKey, TrustedKeys};
 use crate::signature::{self, Domain, SignatureError};
 use crate::verify::is_from_the_future;
@@ -83,6 +84,11 @@ pub enum RolesError {
          an old key list (it could bring back a retired key)"
     )]
     Rollback { seen: u64, found: u64 },
+    #[error(
+        "keys.toml version {0} differs from the version {0} this host already accepted: every new key list \
+         needs a higher version (atom-build keys --version), or this is a replay of an old one"
+    )]
+    SameVersionChanged(u64),
     #[error("keys.toml was created at {created}, after this host's clock ({now}): fix the clock")]
     FromTheFuture { created: Timestamp, now: Timestamp },
     #[error("{role} key {key} expired at {expires} (now {now}); sign with a current {role} key")]
@@ -245,13 +251,14 @@ pub struct VerifiedKeys {
 }
 
 /// Signature first (by a root key), then the contents. `seen` is the highest version this
-/// host accepted before: a lower one is a rollback to an old key list.
+/// host accepted before, with the digest of that document: a lower version is a rollback
+/// to an old key list, and so is another document under the same version.
 pub fn verify_keys(
     document: &[u8],
     sig_file: &[u8],
     root: &TrustedKeys,
     now: Timestamp,
-    seen: Option<u64>,
+    seen: Option<(u64, Digest)>,
 ) -> Result<VerifiedKeys, RolesError> {
     if document.len() > MAX_KEYS_BYTES {
         return Err(RolesError::TooLarge(document.len()));
@@ -270,11 +277,16 @@ pub fn verify_keys(
             now,
         });
     }
-    if let Some(seen) = seen.filter(|s| doc.version < *s) {
-        return Err(RolesError::Rollback {
-            seen,
-            found: doc.version,
-        });
+    if let Some((version, digest)) = seen {
+        if doc.version < version {
+            return Err(RolesError::Rollback {
+                seen: version,
+                found: doc.version,
+            });
+        }
+        if doc.version == version && Digest::of(document) != digest {
+            return Err(RolesError::SameVersionChanged(version));
+        }
     }
     if let Some(k) = doc
         .release
@@ -322,13 +334,25 @@ pub(crate) mod tests {
         let roots = TrustedKeys::new([root.public()]);
         let text = doc(&release, &fresh, 2).to_toml();
         let sig = signature::sign_with(Domain::Keys, text.as_bytes(), &[&root]).unwrap();
-        let v = verify_keys(text.as_bytes(), sig.as_bytes(), &roots, now(), Some(2)).unwrap();
+        let digest = Digest::of(text.as_bytes());
+        let v = verify_keys(text.as_bytes(), sig.as_bytes(), &roots, now(), Some((2, digest))).unwrap();
         assert_eq!(&v.signed_by, root.id());
         assert_eq!(KeysDoc::parse(text.as_bytes()).unwrap(), v.doc);
 
         assert!(matches!(
-            verify_keys(text.as_bytes(), sig.as_bytes(), &roots, now(), Some(3)),
+            verify_keys(text.as_bytes(), sig.as_bytes(), &roots, now(), Some((3, digest))),
             Err(RolesError::Rollback { seen: 3, found: 2 })
+        ));
+        // Another list under the version already seen: refused too.
+        assert!(matches!(
+            verify_keys(
+                text.as_bytes(),
+                sig.as_bytes(),
+                &roots,
+                now(),
+                Some((2, Digest::of(b"other")))
+            ),
+            Err(RolesError::SameVersionChanged(2))
         ));
         // Signed by the release key instead of the root: refused.
         let by_release = signature::sign_with(Domain::Keys, text.as_bytes(), &[&release]).unwrap();

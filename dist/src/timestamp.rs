@@ -6,6 +6,7 @@
 //! version = "2.1.0"                    # for people; the digest is what binds
 //! manifest = "blake3:…"                # BLAKE3 of the current manifest's bytes
 //! manifest_size = 1234
+//! keys_version = 3                     # the keys.toml it was signed under; hosts need >= that
 //! created = "2026-12-01T00:00:00Z"
 //! expires = "2026-12-08T00:00:00Z"     # days, renewed by `atom-build refresh` from a timer
 //! ```
@@ -28,6 +29,9 @@ use crate::manifest::{self, MAX_MANIFEST_BYTES};
 
 pub const FORMAT: u32 = 1;
 pub const MAX_TIMESTAMP_BYTES: usize = 4096;
+/// Hosts refuse a timestamp valid for longer: whoever held a freshness key once could
+/// otherwise freeze hosts on a current manifest long after that key was retired.
+pub const MAX_LIFETIME: jiff::SignedDuration = jiff::SignedDuration::from_hours(31 * 24);
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TimestampDoc {
@@ -36,6 +40,9 @@ pub struct TimestampDoc {
     pub version: Version,
     pub manifest: Digest,
     pub manifest_size: u64,
+    /// The `keys.toml` version in force when it was signed: a mirror cannot pair it with an
+    /// older list.
+    pub keys_version: u64,
     pub created: Timestamp,
     pub expires: Timestamp,
 }
@@ -69,6 +76,14 @@ impl TimestampDoc {
                 doc.expires, doc.created
             )));
         }
+        if doc.expires.duration_since(doc.created) > MAX_LIFETIME {
+            return Err(TimestampError::Malformed(format!(
+                "valid from {} to {}: longer than the {} days a timestamp may last",
+                doc.created,
+                doc.expires,
+                MAX_LIFETIME.as_hours() / 24
+            )));
+        }
         if doc.manifest_size == 0 || doc.manifest_size > MAX_MANIFEST_BYTES as u64 {
             return Err(TimestampError::Malformed(format!(
                 "manifest_size {} is not 1 to {MAX_MANIFEST_BYTES}",
@@ -100,6 +115,7 @@ mod tests {
             version: Version::new(2, 0, 0),
             manifest: Digest::of(b"m"),
             manifest_size: 1,
+            keys_version: 1,
             created: "2026-12-01T00:00:00Z".parse().unwrap(),
             expires: "2026-12-08T00:00:00Z".parse().unwrap(),
         };
@@ -110,6 +126,7 @@ mod tests {
         for bad in [
             text.replace("manifest_size = 1", "manifest_size = 0"),
             text.replace("2026-12-08", "2026-11-08"),
+            text.replace("2026-12-08", "2027-12-08"),
             text.replace("\"stable\"", "\"../x\""),
             text.replace("format = 1", "format = 2"),
             "x".repeat(MAX_TIMESTAMP_BYTES + 1),

@@ -64,6 +64,11 @@ pub enum VerifyError {
         "timestamp created {created} is older than one this host already accepted ({seen}): a replay or a stale mirror"
     )]
     StaleTimestamp { created: Timestamp, seen: Timestamp },
+    #[error(
+        "keys.toml version {keys} is older than the version {timestamp} the timestamp was signed under: a \
+         stale or mixed-up mirror"
+    )]
+    KeysOlderThanTimestamp { keys: u64, timestamp: u64 },
     #[error("the manifest is not the one the timestamp names ({0}): a mirror in the middle of an update, or tampering")]
     TimestampMismatch(String),
 }
@@ -106,7 +111,8 @@ pub struct RoleDocs<'a> {
 /// What a host accepted before: nothing older is taken again.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Seen {
-    pub keys_version: Option<u64>,
+    /// The highest keys.toml version accepted, and that document's digest.
+    pub keys: Option<(u64, crate::Digest)>,
     pub timestamp: Option<Timestamp>,
 }
 
@@ -124,7 +130,7 @@ pub struct VerifiedChain {
 /// required: each document is authenticated before anything in it is used.
 pub fn verify_chain(docs: &RoleDocs<'_>, policy: &Policy<'_>, seen: Seen) -> Result<VerifiedChain, VerifyError> {
     let now = policy.now;
-    let keys = roles::verify_keys(docs.keys, docs.keys_sig, policy.trusted, now, seen.keys_version)?;
+    let keys = roles::verify_keys(docs.keys, docs.keys_sig, policy.trusted, now, seen.keys)?;
     if docs.timestamp.len() > crate::timestamp::MAX_TIMESTAMP_BYTES {
         return Err(TimestampError::TooLarge(docs.timestamp.len()).into());
     }
@@ -140,6 +146,12 @@ pub fn verify_chain(docs: &RoleDocs<'_>, policy: &Policy<'_>, seen: Seen) -> Res
         return Err(VerifyError::WrongChannel {
             expected: channel.into(),
             found: timestamp.channel,
+        });
+    }
+    if keys.doc.version < timestamp.keys_version {
+        return Err(VerifyError::KeysOlderThanTimestamp {
+            keys: keys.doc.version,
+            timestamp: timestamp.keys_version,
         });
     }
     if is_from_the_future(timestamp.created, now) {
@@ -343,6 +355,7 @@ mod tests {
                 version: Version::new(2, 0, 0),
                 manifest: crate::Digest::of(self.manifest.as_bytes()),
                 manifest_size: self.manifest.len() as u64,
+                keys_version: 1,
                 created: created.parse().unwrap(),
                 expires: expires.parse().unwrap(),
             }
@@ -409,7 +422,7 @@ mod tests {
     fn stale_expired_and_mismatched_timestamps_are_refused() {
         let mut c = Chain::new();
         let seen = Seen {
-            keys_version: Some(1),
+            keys: Some((1, crate::Digest::of(c.keys.as_bytes()))),
             timestamp: Some("2026-11-14T12:00:00Z".parse().unwrap()),
         };
         assert!(matches!(c.verify(seen), Err(VerifyError::StaleTimestamp { .. })));
@@ -426,6 +439,14 @@ mod tests {
         assert!(matches!(
             other.verify(Seen::default()),
             Err(VerifyError::TimestampMismatch(_))
+        ));
+        // A timestamp signed under keys.toml version 2, served with version 1.
+        let mut mixed = Chain::new();
+        mixed.ts = mixed.ts.replace("keys_version = 1", "keys_version = 2");
+        mixed.ts_sig = signature::sign_with(Domain::Timestamp, mixed.ts.as_bytes(), &[&mixed.fresh]).unwrap();
+        assert!(matches!(
+            mixed.verify(Seen::default()),
+            Err(VerifyError::KeysOlderThanTimestamp { keys: 1, timestamp: 2 })
         ));
     }
 

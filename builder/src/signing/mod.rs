@@ -48,7 +48,8 @@ pub fn passphrase(file: Option<&Path>, prompt: &str) -> Result<Vec<u8>> {
 /// is encrypted).
 pub fn load(spec: &str, passphrase_file: Option<&Path>) -> Result<Box<dyn Signer>> {
     if pkcs11::is_uri(spec) {
-        let signer = pkcs11::Pkcs11Signer::open(spec).with_context(|| format!("PKCS#11 key {spec}"))?;
+        let signer =
+            pkcs11::Pkcs11Signer::open(spec).with_context(|| format!("PKCS#11 key {}", pkcs11::redact(spec)))?;
         return Ok(Box::new(signer));
     }
     let path = Path::new(spec);

@@ -8,7 +8,8 @@
 //! asked on the terminal. The token must support CKM_EDDSA over Ed25519 (SoftHSM 2.5+,
 //! YubiHSM 2, Nitrokey HSM 2, most cloud HSMs).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 use atom_dist::signature::{SignError, Signer};
@@ -36,6 +37,41 @@ pub struct Uri {
 
 pub fn is_uri(spec: &str) -> bool {
     spec.starts_with("pkcs11:")
+}
+
+/// The URI without a `pin-value`, for messages: a PIN is never printed.
+pub fn redact(spec: &str) -> String {
+    let Some((path, query)) = spec.split_once('?') else {
+        return spec.to_owned();
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .map(|a| {
+            if a.starts_with("pin-value=") {
+                "pin-value=(hidden)"
+            } else {
+                a
+            }
+        })
+        .collect();
+    format!("{path}?{}", kept.join("&"))
+}
+
+/// One initialized module per library for the whole process: a second C_Initialize of the
+/// same library fails (CKR_CRYPTOKI_ALREADY_INITIALIZED), and a publish may open a release
+/// and a freshness key on one token.
+fn module(path: &Path) -> Result<Pkcs11> {
+    static MODULES: Mutex<Vec<(PathBuf, Pkcs11)>> = Mutex::new(Vec::new());
+    let mut modules = MODULES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, m)) = modules.iter().find(|(p, _)| p == path) {
+        return Ok(m.clone());
+    }
+    let pkcs11 = Pkcs11::new(path).with_context(|| format!("cannot load PKCS#11 module {}", path.display()))?;
+    pkcs11
+        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .context("C_Initialize")?;
+    modules.push((path.to_owned(), pkcs11.clone()));
+    Ok(pkcs11)
 }
 
 impl Uri {
@@ -104,6 +140,7 @@ impl Uri {
 
     fn pin(&self) -> Result<AuthPin> {
         if let Some(v) = &self.pin_value {
+            tracing::warn!("pin-value= puts the PIN on command lines others can read (ps); prefer pin-source=file:");
             return Ok(AuthPin::from(v.clone()));
         }
         if let Some(p) = &self.pin_source {
@@ -132,11 +169,8 @@ impl Uri {
 
 /// A logged-in session on the token the URI names.
 fn open(uri: &Uri) -> Result<Session> {
-    let module = uri.module()?;
-    let pkcs11 = Pkcs11::new(&module).with_context(|| format!("cannot load PKCS#11 module {}", module.display()))?;
-    pkcs11
-        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-        .context("C_Initialize")?;
+    let module_path = uri.module()?;
+    let pkcs11 = module(&module_path)?;
     let mut found = None;
     let mut labels = Vec::new();
     for slot in pkcs11.get_slots_with_initialized_token().context("listing tokens")? {
@@ -152,14 +186,15 @@ fn open(uri: &Uri) -> Result<Session> {
         format!(
             "no token {:?} in {} (tokens: {labels:?})",
             uri.token.as_deref().unwrap_or("(any)"),
-            module.display()
+            module_path.display()
         )
     })?;
     let session = pkcs11.open_rw_session(slot).context("C_OpenSession")?;
-    session
-        .login(UserType::User, Some(&uri.pin()?))
-        .context("cannot log in to the token (wrong PIN?)")?;
-    Ok(session)
+    match session.login(UserType::User, Some(&uri.pin()?)) {
+        // Login is per token and application: a second key on the same token is in already.
+        Ok(()) | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+        Err(e) => Err(e).context("cannot log in to the token (wrong PIN?)"),
+    }
 }
 
 fn find_one(session: &Session, template: &[Attribute], what: &str) -> Result<ObjectHandle> {
@@ -301,5 +336,9 @@ mod tests {
             assert!(Uri::parse(bad).is_err(), "{bad}");
         }
         assert!(public_from_point(&[0x04, 0x20]).is_err());
+        assert_eq!(
+            redact("pkcs11:object=k?module-path=/m.so&pin-value=1234"),
+            "pkcs11:object=k?module-path=/m.so&pin-value=(hidden)"
+        );
     }
 }
