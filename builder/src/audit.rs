@@ -65,7 +65,20 @@ pub fn run_verify(args: &VerifyArgs) -> Result<usize> {
         {
             continue;
         }
-        if e.expires > now && e.due(now, at_least) {
+        // An expired manifest is a PROBLEM above; expired role documents are checked as
+        // problems only with --root, so say it here too.
+        if e.expires <= now && e.document != "manifest" {
+            println!(
+                "WARN {} expired at {}: hosts with root keys refuse the repository{}",
+                e.describe(),
+                e.expires,
+                if e.document == "timestamp" {
+                    " (run atom-build refresh; is its timer running?)"
+                } else {
+                    ""
+                }
+            );
+        } else if e.expires > now && e.due(now, at_least) {
             println!(
                 "WARN {} expires at {} (in {}); {}",
                 e.describe(),
@@ -170,8 +183,8 @@ fn audit_chain(
                 && current.manifest != manifest.manifest
             {
                 println!(
-                    "NOTE channel {channel}: manifest.toml is newer than the timestamp's {}: hosts with root keys \
-                     take it after the next atom-build refresh",
+                    "NOTE channel {channel}: manifest.toml differs from the manifest the timestamp names ({}): \
+                     hosts with root keys keep that one until the next atom-build refresh",
                     c.verified.manifest.version
                 );
             }

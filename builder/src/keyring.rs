@@ -64,6 +64,7 @@ pub fn run(args: &KeysArgs) -> Result<()> {
         expires: now
             .checked_add(SignedDuration::try_from(args.expires_in)?)
             .context("--expires-in is too far in the future")?,
+        critical: Vec::new(),
         release: load(&args.release)?,
         freshness: load(&args.freshness)?,
     };

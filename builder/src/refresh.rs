@@ -141,6 +141,7 @@ pub fn stamp(
         expires: now
             .checked_add(lifetime)
             .context("--expires-in is too far in the future")?,
+        critical: Vec::new(),
     };
     let text = t.to_toml();
     TimestampDoc::parse(text.as_bytes()).context("internal error: generated timestamp does not parse")?;

@@ -427,15 +427,17 @@ fn verify_checks_the_chain_and_warns_before_expiry() {
 
     ok(run(
         d,
-        &["refresh", "--repo", "repo", "--key", "fresh.key", "--expires-in", "3s"],
+        &["refresh", "--repo", "repo", "--key", "fresh.key", "--expires-in", "6s"],
     ));
     let out = verify_ok(d, &["--root", "root.pub"]);
     assert!(!out.contains("WARN"), "{out}");
-    std::thread::sleep(std::time::Duration::from_millis(2200));
+    // Times are whole seconds (rounded): after 4.6 s between 0.9 and 1.9 s are left,
+    // under a third of the 6-second lifetime.
+    std::thread::sleep(std::time::Duration::from_millis(4600));
     let out = verify_ok(d, &["--root", "root.pub"]);
     assert!(out.contains("WARN channel stable: timestamp expires"), "{out}");
     assert!(out.contains("atom-build refresh"), "{out}");
-    std::thread::sleep(std::time::Duration::from_millis(1000));
+    std::thread::sleep(std::time::Duration::from_millis(2500));
     let out = run(d, &["verify", "--repo", "repo", "--quick", "--root", "root.pub"]);
     assert_eq!(out.status.code(), Some(3));
     assert!(

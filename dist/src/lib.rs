@@ -6,6 +6,7 @@
 
 pub mod delta;
 pub mod digest;
+pub mod evolve;
 pub mod expiry;
 pub mod fsutil;
 pub mod keys;

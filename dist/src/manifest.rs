@@ -44,20 +44,18 @@
 //! know makes the manifest refused with "update the agent first". `min_agent` refuses the
 //! manifest on agents older than that version. Both are checked only after the signature.
 
-use std::collections::BTreeSet;
-
 use jiff::Timestamp;
 use semver::Version;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
+use crate::evolve::{self, EvolveError};
 
 pub const FORMAT: u32 = 1;
 /// A manifest lists a handful of deltas; 1 MiB is far beyond any legitimate one.
 pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
 const MAX_DELTAS: usize = 64;
 const MAX_TEXT_FIELD: usize = 128;
-const MAX_CRITICAL: usize = 32;
 
 /// Every field this build understands, as dotted paths (array entries without their index):
 /// what a manifest may name in `critical` for this build to install it.
@@ -211,57 +209,27 @@ pub enum ManifestError {
     UnknownCritical(Vec<String>),
 }
 
+impl From<EvolveError> for ManifestError {
+    fn from(e: EvolveError) -> Self {
+        match e {
+            EvolveError::Syntax(m) => ManifestError::Syntax(m),
+            EvolveError::Invalid(m) => ManifestError::Invalid(m),
+            EvolveError::UnknownCritical(f) => ManifestError::UnknownCritical(f),
+        }
+    }
+}
+
 impl Manifest {
     pub fn parse(bytes: &[u8]) -> Result<Self, ManifestError> {
         if bytes.len() > MAX_MANIFEST_BYTES {
             return Err(ManifestError::TooLarge(bytes.len()));
         }
         let text = std::str::from_utf8(bytes).map_err(|_| ManifestError::NotUtf8)?;
-        let mut ignored = BTreeSet::new();
-        let manifest: Manifest = serde_ignored::deserialize(
-            toml::Deserializer::parse(text)
-                .map_err(|e| ManifestError::Syntax(crate::parse_error::describe(text, &e)))?,
-            |path| {
-                ignored.insert(field_name(&path.to_string()));
-            },
-        )
-        .map_err(|e| ManifestError::Syntax(crate::parse_error::describe(text, &e)))?;
+        let (manifest, ignored): (Manifest, _) = evolve::parse_tolerant(text).map_err(ManifestError::from)?;
         manifest.validate()?;
-        manifest.check_critical()?;
-        for field in &ignored {
-            tracing::debug!(field, "ignoring an optional manifest field this build does not know");
-        }
+        evolve::check_critical(&manifest.critical, KNOWN_FIELDS)?;
+        evolve::log_ignored("manifest", &ignored);
         Ok(manifest)
-    }
-
-    /// Critical fields must be known here, whether present in this manifest or not: the
-    /// publisher marks a field critical because installing without it would be wrong.
-    fn check_critical(&self) -> Result<(), ManifestError> {
-        if self.critical.len() > MAX_CRITICAL {
-            return Err(ManifestError::Invalid(format!(
-                "{} critical fields listed; at most {MAX_CRITICAL}",
-                self.critical.len()
-            )));
-        }
-        let mut unknown = Vec::new();
-        for name in &self.critical {
-            let plain = !name.is_empty()
-                && name.len() <= MAX_TEXT_FIELD
-                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-            if !plain {
-                return Err(ManifestError::Invalid(format!(
-                    "critical field name {name:?} is not a dotted name of [A-Za-z0-9_-]"
-                )));
-            }
-            if !KNOWN_FIELDS.contains(&name.as_str()) {
-                unknown.push(name.clone());
-            }
-        }
-        if unknown.is_empty() {
-            Ok(())
-        } else {
-            Err(ManifestError::UnknownCritical(unknown))
-        }
     }
 
     pub fn to_toml(&self) -> String {
@@ -307,14 +275,6 @@ impl Manifest {
     pub fn delta_from(&self, base: &Digest) -> Option<&Delta> {
         self.deltas.iter().find(|d| &d.base_digest == base)
     }
-}
-
-/// `deltas.3.foo` → `deltas.foo`: critical names do not depend on an entry's position.
-fn field_name(path: &str) -> String {
-    path.split('.')
-        .filter(|c| !c.bytes().all(|b| b.is_ascii_digit()))
-        .collect::<Vec<_>>()
-        .join(".")
 }
 
 /// Channel and board names end up in paths and log lines: keep them plain.
@@ -473,31 +433,11 @@ pub(crate) mod tests {
             start: m.created,
             duration_secs: 60,
         });
-        let table: toml::Table = toml::from_str(&m.to_toml()).unwrap();
-        fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
-            let tables: Vec<&toml::Table> = match v {
-                toml::Value::Table(t) => vec![t],
-                toml::Value::Array(a) => a.iter().filter_map(|x| x.as_table()).collect(),
-                _ => vec![],
-            };
-            for t in tables {
-                for (k, v) in t {
-                    let path = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
-                    out.push(path.clone());
-                    walk(&path, v, out);
-                }
-            }
-        }
-        let mut paths = Vec::new();
-        walk("", &toml::Value::Table(table), &mut paths);
+        let paths = evolve::paths_of(&m.to_toml());
+        assert!(paths.len() > 20, "{paths:?}");
         for p in &paths {
             assert!(KNOWN_FIELDS.contains(&p.as_str()), "{p} is missing from KNOWN_FIELDS");
         }
-        assert_eq!(field_name("deltas.12.chunked"), "deltas.chunked");
     }
 
     #[test]

@@ -27,6 +27,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
+use crate::evolve::{self, EvolveError};
 use crate::keys::{KeyId, PublicKey, TrustedKeys};
 use crate::signature::{self, Domain, SignatureError};
 use crate::verify::is_from_the_future;
@@ -35,12 +36,32 @@ pub const FORMAT: u32 = 1;
 pub const MAX_KEYS_BYTES: usize = 64 * 1024;
 const MAX_KEYS_PER_ROLE: usize = 8;
 
+/// Every field of `keys.toml` this build understands (see `evolve`).
+pub const KNOWN_FIELDS: &[&str] = &[
+    "format",
+    "version",
+    "created",
+    "expires",
+    "critical",
+    "release",
+    "release.key_id",
+    "release.public",
+    "release.expires",
+    "freshness",
+    "freshness.key_id",
+    "freshness.public",
+    "freshness.expires",
+];
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeysDoc {
     pub format: u32,
     pub version: u64,
     pub created: Timestamp,
     pub expires: Timestamp,
+    /// Fields a reader must understand (see `evolve`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub critical: Vec<String>,
     #[serde(default)]
     pub release: Vec<RoleKey>,
     #[serde(default)]
@@ -75,6 +96,8 @@ pub enum RolesError {
     TooLarge(usize),
     #[error("keys.toml is malformed: {0}")]
     Malformed(String),
+    #[error("keys.toml marks field(s) {0:?} as critical and this build does not know them: update the agent first")]
+    UnknownCritical(Vec<String>),
     #[error("keys.toml is not signed by a trusted root key: {0}")]
     Signature(#[from] SignatureError),
     #[error("keys.toml expired at {expires} (now {now}); the root key holder must sign a new one")]
@@ -106,15 +129,25 @@ pub enum RolesError {
     },
 }
 
+impl From<EvolveError> for RolesError {
+    fn from(e: EvolveError) -> Self {
+        match e {
+            EvolveError::Syntax(m) | EvolveError::Invalid(m) => RolesError::Malformed(m),
+            EvolveError::UnknownCritical(f) => RolesError::UnknownCritical(f),
+        }
+    }
+}
+
 impl KeysDoc {
     pub fn parse(bytes: &[u8]) -> Result<Self, RolesError> {
         if bytes.len() > MAX_KEYS_BYTES {
             return Err(RolesError::TooLarge(bytes.len()));
         }
         let text = std::str::from_utf8(bytes).map_err(|_| RolesError::Malformed("not UTF-8 text".into()))?;
-        let doc: KeysDoc =
-            toml::from_str(text).map_err(|e| RolesError::Malformed(crate::parse_error::describe(text, &e)))?;
+        let (doc, ignored): (KeysDoc, _) = evolve::parse_tolerant(text).map_err(RolesError::from)?;
         doc.validate()?;
+        evolve::check_critical(&doc.critical, KNOWN_FIELDS)?;
+        evolve::log_ignored("keys.toml", &ignored);
         Ok(doc)
     }
 
@@ -316,6 +349,7 @@ pub(crate) mod tests {
             version,
             created,
             expires,
+            critical: Vec::new(),
             release: vec![RoleKey::new(&release.public(), expires)],
             freshness: vec![RoleKey::new(
                 &freshness.public(),
@@ -415,6 +449,21 @@ pub(crate) mod tests {
         for garbage in ["", "format = 1", "format = 2\nversion = 1", "\u{0}"] {
             assert!(KeysDoc::parse(garbage.as_bytes()).is_err(), "{garbage:?}");
         }
+        // A newer root's fields: optional ones ignored, a critical one refused.
+        let text = doc(&release, &fresh, 1).to_toml();
+        let newer = format!("threshold = 2\n{text}").replace("[[release]]\n", "[[release]]\nscope = \"stable\"\n");
+        assert_eq!(KeysDoc::parse(newer.as_bytes()).unwrap(), doc(&release, &fresh, 1));
+        let critical = format!("critical = [\"threshold\"]\n{newer}");
+        assert!(matches!(
+            KeysDoc::parse(critical.as_bytes()),
+            Err(RolesError::UnknownCritical(f)) if f == ["threshold"]
+        ));
+        let mut full = doc(&release, &fresh, 1);
+        full.critical = vec!["release.expires".into()];
+        for p in evolve::paths_of(&full.to_toml()) {
+            assert!(KNOWN_FIELDS.contains(&p.as_str()), "{p} is missing from KNOWN_FIELDS");
+        }
+        assert!(KeysDoc::parse(full.to_toml().as_bytes()).is_ok());
     }
 
     #[test]

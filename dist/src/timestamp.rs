@@ -25,6 +25,7 @@ use semver::Version;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
+use crate::evolve::{self, EvolveError};
 use crate::manifest::{self, MAX_MANIFEST_BYTES};
 
 pub const FORMAT: u32 = 1;
@@ -32,6 +33,19 @@ pub const MAX_TIMESTAMP_BYTES: usize = 4096;
 /// Hosts refuse a timestamp valid for longer: whoever held a freshness key once could
 /// otherwise freeze hosts on a current manifest long after that key was retired.
 pub const MAX_LIFETIME: jiff::SignedDuration = jiff::SignedDuration::from_hours(31 * 24);
+
+/// Every field of a timestamp this build understands (see `evolve`).
+pub const KNOWN_FIELDS: &[&str] = &[
+    "format",
+    "channel",
+    "version",
+    "manifest",
+    "manifest_size",
+    "keys_version",
+    "created",
+    "expires",
+    "critical",
+];
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TimestampDoc {
@@ -45,6 +59,9 @@ pub struct TimestampDoc {
     pub keys_version: u64,
     pub created: Timestamp,
     pub expires: Timestamp,
+    /// Fields a reader must understand (see `evolve`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub critical: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +70,17 @@ pub enum TimestampError {
     TooLarge(usize),
     #[error("timestamp is malformed: {0}")]
     Malformed(String),
+    #[error("timestamp marks field(s) {0:?} as critical and this build does not know them: update the agent first")]
+    UnknownCritical(Vec<String>),
+}
+
+impl From<EvolveError> for TimestampError {
+    fn from(e: EvolveError) -> Self {
+        match e {
+            EvolveError::Syntax(m) | EvolveError::Invalid(m) => TimestampError::Malformed(m),
+            EvolveError::UnknownCritical(f) => TimestampError::UnknownCritical(f),
+        }
+    }
 }
 
 impl TimestampDoc {
@@ -61,8 +89,9 @@ impl TimestampDoc {
             return Err(TimestampError::TooLarge(bytes.len()));
         }
         let text = std::str::from_utf8(bytes).map_err(|_| TimestampError::Malformed("not UTF-8 text".into()))?;
-        let doc: TimestampDoc =
-            toml::from_str(text).map_err(|e| TimestampError::Malformed(crate::parse_error::describe(text, &e)))?;
+        let (doc, ignored): (TimestampDoc, _) = evolve::parse_tolerant(text).map_err(TimestampError::from)?;
+        evolve::check_critical(&doc.critical, KNOWN_FIELDS)?;
+        evolve::log_ignored("timestamp", &ignored);
         if doc.format != FORMAT {
             return Err(TimestampError::Malformed(format!(
                 "format {} is not supported (this build reads format {FORMAT})",
@@ -118,9 +147,19 @@ mod tests {
             keys_version: 1,
             created: "2026-12-01T00:00:00Z".parse().unwrap(),
             expires: "2026-12-08T00:00:00Z".parse().unwrap(),
+            critical: Vec::new(),
         };
         assert_eq!(TimestampDoc::parse(t.to_toml().as_bytes()).unwrap(), t);
         assert!(t.names(b"m"));
+        let newer = format!("snapshot = \"x\"\n{}", t.to_toml());
+        assert_eq!(TimestampDoc::parse(newer.as_bytes()).unwrap(), t);
+        assert!(matches!(
+            TimestampDoc::parse(format!("critical = [\"snapshot\"]\n{newer}").as_bytes()),
+            Err(TimestampError::UnknownCritical(_))
+        ));
+        for p in evolve::paths_of(&t.to_toml()) {
+            assert!(KNOWN_FIELDS.contains(&p.as_str()), "{p}");
+        }
         assert!(!t.names(b"n"));
         let text = t.to_toml();
         for bad in [

@@ -358,6 +358,7 @@ mod tests {
                 keys_version: 1,
                 created: created.parse().unwrap(),
                 expires: expires.parse().unwrap(),
+                critical: Vec::new(),
             }
             .to_toml();
             self.ts_sig = signature::sign_with(Domain::Timestamp, self.ts.as_bytes(), &[&self.fresh]).unwrap();

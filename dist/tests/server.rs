@@ -858,32 +858,21 @@ async fn the_decompressed_image_cache_is_bounded() {
     }
 }
 
-/// Expiry gauges, read from the repository at scrape time: an alert can fire days ahead.
+/// Expiry gauges, read from the repository (at most every 10 s): an alert can fire days ahead.
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_say_when_each_channel_expires() {
     let f = fixture();
     let m = Manifest::parse(&f.repo.current("stable").unwrap().unwrap().manifest).unwrap();
     let s = Server::start(&f.repo_dir, &[]);
-    let scrape = || async {
-        reqwest::get(format!("{}/metrics", s.url))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
-    let text = scrape().await;
+    let text = reqwest::get(format!("{}/metrics", s.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let want = format!(
         "atom_channel_expires_timestamp_seconds{{channel=\"stable\",document=\"manifest\"}} {}",
         m.expires.as_second()
     );
     assert!(text.lines().any(|l| l == want), "{want} missing:\n{text}");
-    // A re-signed channel shows its new expiry at the next scrape.
-    publish(&f.repo, &f.key, "3.0.0", &f.v2);
-    let m3 = Manifest::parse(&f.repo.current("stable").unwrap().unwrap().manifest).unwrap();
-    let text = scrape().await;
-    assert!(
-        text.contains(&format!("document=\"manifest\"}} {}", m3.expires.as_second())),
-        "{text}"
-    );
 }

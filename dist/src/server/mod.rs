@@ -31,9 +31,13 @@ use tokio::sync::Semaphore;
 use crate::repo::Repository;
 pub use delta::DeltaLimits;
 
+/// How long /metrics reuses the expiry times it read from the repository.
+const EXPIRY_CACHE: Duration = Duration::from_secs(10);
+
 pub struct AppState {
     repo: Repository,
     metrics: metrics::Metrics,
+    expiries: std::sync::Mutex<Option<(std::time::Instant, Vec<crate::expiry::Expiry>)>>,
     images: images::ImageStore,
     delta: delta::DeltaService,
 }
@@ -63,12 +67,32 @@ async fn healthz() -> &'static str {
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
     let mut text = state.metrics.render();
-    // Read at scrape time: a resign or refresh shows at the next scrape.
-    let st = state.clone();
-    match tokio::task::spawn_blocking(move || crate::expiry::of_repository(&st.repo)).await {
-        Ok(Ok(expiries)) => metrics::render_expiries(&mut text, &expiries),
-        Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the repository's expiry times"),
-        Err(e) => tracing::warn!(error = %e, "expiry task failed"),
+    // Read from the repository at most every EXPIRY_CACHE: fresh enough for alerts days
+    // ahead, and a flood of scrapes does not re-read the tree each time.
+    let cached = state.expiries.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let expiries = match cached {
+        Some((at, e)) if at.elapsed() < EXPIRY_CACHE => Some(e),
+        _ => {
+            let st = state.clone();
+            match tokio::task::spawn_blocking(move || crate::expiry::of_repository(&st.repo)).await {
+                Ok(Ok(e)) => {
+                    *state.expiries.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((std::time::Instant::now(), e.clone()));
+                    Some(e)
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot read the repository's expiry times");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "expiry task failed");
+                    None
+                }
+            }
+        }
+    };
+    if let Some(e) = expiries {
+        metrics::render_expiries(&mut text, &e);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
@@ -144,6 +168,7 @@ pub async fn serve(
             .with_context(|| format!("cannot create cache directory {}", cfg.cache_dir.display()))?,
         repo,
         metrics: metrics::Metrics::default(),
+        expiries: std::sync::Mutex::new(None),
     });
     let tls = match &cfg.tls {
         Some((cert, key)) => Some(tls_acceptor(cert, key)?),
