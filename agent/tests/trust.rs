@@ -227,4 +227,9 @@ fn key_roles_migrate_rotate_and_refuse_replays() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // The root key moved away (a rotation gone wrong): an error, never a silent fallback
+    // to trusting the single key still in keys/.
+    std::fs::rename(env.path("keys/root/root.pub"), env.path("root.pub.moved")).unwrap();
+    failed(&env.agent(&["check"]), 6, "uses key roles");
 }
