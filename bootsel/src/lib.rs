@@ -6,6 +6,7 @@
 //! both the initramfs `/init` and a debugging tool.
 
 pub mod attrs;
+pub mod etcmerge;
 pub mod handover;
 pub mod initconfig;
 pub mod ops;
