@@ -105,7 +105,7 @@ const PROBE: &str = r#"
 findmnt -rn -o TARGET,FSTYPE,OPTIONS -R "$R/sysroot" | sed "s|$R|R|"
 echo "hostname: $(cat "$R/sysroot/etc/hostname")"
 echo persisted > "$R/sysroot/etc/written"
-echo "upper: $(cat "$R/run/atom/state/etc/upper/written" 2>/dev/null || echo none)"
+echo "upper: $(cat "$R/run/atom/state/etc/slots/B/upper/written" 2>/dev/null || echo none)"
 echo data > "$R/sysroot/var/lib/x" || echo "var: read-only"
 echo "var on state: $(cat "$R/run/atom/state/var/lib/x" 2>/dev/null || echo none)"
 if touch "$R/sysroot/newfile" 2>/dev/null; then echo "root: writable"; else echo "root: read-only"; fi
@@ -627,4 +627,106 @@ fn attach_adds_state_to_a_root_the_distribution_initramfs_mounted() {
     assert!(err.contains("is not slot B's partition"), "{err}");
     assert!(err.contains("marked failed"), "{err}");
     assert_eq!(cgpt_field(Path::new(&disk.dev), 3, "-T"), 0);
+}
+
+/// Per-slot /etc layers: a host of an earlier bootsel (one shared layer) boots a new image
+/// in B; the shared layer becomes A's, and is merged for B's image (host edits kept, the
+/// image's new system user and defaults arrive, a conflict with `.atom-new` beside it).
+/// Edits under B stay B's: a boot of A returns to A's /etc, and B boots again without
+/// merging twice.
+#[test]
+fn each_slot_has_its_own_etc_merged_at_its_images_first_boot() {
+    let disk = LoopDisk::new();
+    let slot = |n: u32, name: &str, passwd: &'static str, motd: &'static str, sshd: &'static str| {
+        disk.fill_slot_with(n, name, move |t: &Path| {
+            fs::write(t.join("etc/passwd"), passwd).unwrap();
+            fs::write(t.join("etc/motd"), motd).unwrap();
+            fs::create_dir_all(t.join("etc/ssh")).unwrap();
+            fs::write(t.join("etc/ssh/sshd_config"), sshd).unwrap();
+        })
+    };
+    slot(2, "slot-a", "root:x:0:0::/root:/bin/sh\n", "v1\n", "Port 22\n");
+    slot(
+        3,
+        "slot-b",
+        "root:x:0:0::/root:/bin/sh\n_chrony:x:101:101::/:/usr/sbin/nologin\n",
+        "v2\n",
+        "Port 22\nKexAlgorithms sntrup761x25519-sha512\n",
+    );
+    // The shared layer of an earlier bootsel, made while A ran.
+    let mnt = disk.dir_path.join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    ok(Command::new("mount").arg(disk.part(4)).arg(&mnt));
+    for (rel, text) in [
+        (
+            "etc/upper/passwd",
+            "root:x:0:0::/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n",
+        ),
+        ("etc/upper/ssh/sshd_config", "Port 2222\n"),
+        ("etc/upper/local.conf", "mine\n"),
+    ] {
+        fs::create_dir_all(mnt.join(rel).parent().unwrap()).unwrap();
+        fs::write(mnt.join(rel), text).unwrap();
+    }
+    fs::create_dir_all(mnt.join("etc/work")).unwrap();
+    ok(Command::new("umount").arg(&mnt));
+
+    let cfg = disk.config("");
+    let show = r#"
+E="$R/sysroot/etc"
+echo "passwd: $(cut -d: -f1 "$E/passwd" | tr '\n' ' ')"
+echo "motd: $(cat "$E/motd")"
+echo "sshd: $(head -1 "$E/ssh/sshd_config")"
+echo "sshd new: $(cat "$E/ssh/sshd_config.atom-new" 2>/dev/null | tail -1 || true)"
+echo "local: $(cat "$E/local.conf" 2>/dev/null || echo none)"
+echo "written: $(cat "$E/written" 2>/dev/null || echo none)"
+"#;
+    // First boot of B's image (B on trial).
+    cgpt_set(Path::new(&disk.dev), 2, 1, 0, 1);
+    cgpt_set(Path::new(&disk.dev), 3, 2, 2, 0);
+    let probe = format!(
+        "{show}echo in-b > \"$R/sysroot/etc/written\"\necho '--- merge'\ncat \"$R/run/atom/state/etc/slots/B/merge.toml\""
+    );
+    let (ok_, out, err) = disk.boot(&cfg, &probe);
+    println!("{out}\n{err}");
+    assert!(ok_, "{err}");
+    assert!(err.contains("booting slot B"), "{err}");
+    assert!(
+        err.contains("the shared layer of earlier bootsel versions is now slot A's"),
+        "{err}"
+    );
+    assert!(err.contains("merged slot A's changes for this image"), "{err}");
+    assert!(
+        out.contains("passwd: root alice _chrony "),
+        "local user kept, system user arrived: {out}"
+    );
+    assert!(out.contains("motd: v2"), "the image's change arrives: {out}");
+    assert!(out.contains("sshd: Port 2222"), "the host's change kept: {out}");
+    assert!(
+        out.contains("sshd new: KexAlgorithms"),
+        "the image's version beside it: {out}"
+    );
+    assert!(out.contains("local: mine"), "{out}");
+    assert!(
+        out.contains("path = \"ssh/sshd_config\""),
+        "the conflict recorded: {out}"
+    );
+
+    // A boots (a rollback): A's /etc as A last had it, nothing of what B wrote.
+    cgpt_set(Path::new(&disk.dev), 3, 0, 0, 0);
+    let (ok_, out, err) = disk.boot(&cfg, show);
+    assert!(ok_, "{err}");
+    assert!(err.contains("booting slot A"), "{err}");
+    assert!(!err.contains("merged"), "A's layer is A's own: no merge: {err}");
+    assert!(out.contains("passwd: root alice "), "{out}");
+    assert!(out.contains("motd: v1"), "{out}");
+    assert!(out.contains("written: none"), "B's edits stay B's: {out}");
+
+    // B again: its layer is kept, not merged a second time.
+    cgpt_set(Path::new(&disk.dev), 3, 2, 0, 1);
+    let (ok_, out, err) = disk.boot(&cfg, show);
+    assert!(ok_, "{err}");
+    assert!(err.contains("booting slot B"), "{err}");
+    assert!(!err.contains("merged"), "{err}");
+    assert!(out.contains("written: in-b"), "{out}");
 }

@@ -52,6 +52,8 @@ macro_rules! say {
     ($($arg:tt)*) => { eprintln!("bootsel: {}", format!($($arg)*)) };
 }
 
+mod etc;
+
 pub fn run_as_pid1() -> ! {
     run(None)
 }
@@ -352,7 +354,7 @@ fn finish_slot(cfg: &Config, paths: &Paths, found: &disk::FoundDisk, chosen: &Ch
     if !state_ok {
         say!("state: {state}");
     }
-    setup_etc(cfg, paths, state_ok)?;
+    setup_etc(cfg, paths, state_ok, found, chosen.name)?;
     setup_binds(cfg, paths, state_ok)?;
     let (trial, tries_left) = trial_and_tries(chosen.reason);
     let record = BootRecord {
@@ -616,17 +618,39 @@ fn overlay(paths: &Paths, target: &Path, upper_base: Option<PathBuf>, ram_name: 
     )
 }
 
-/// /etc as an overlay: the slot's /etc below, a writable upper on state (or in RAM).
-fn setup_etc(cfg: &Config, paths: &Paths, state_ok: bool) -> Result<(), String> {
+/// /etc as an overlay: the slot's /etc below, a writable upper on state (the slot's own
+/// layer, merged at the first boot of a new image: see `etc`), or in RAM.
+fn setup_etc(
+    cfg: &Config,
+    paths: &Paths,
+    state_ok: bool,
+    found: &disk::FoundDisk,
+    slot: SlotName,
+) -> Result<(), String> {
     let etc = paths.newroot.join("etc");
     match cfg.etc {
         EtcMode::None => Ok(()),
-        EtcMode::Overlay if state_ok => overlay(paths, &etc, Some(paths.state().join("etc")), "etc").or_else(|e| {
-            // A full or damaged state partition must not stop the boot: the same RAM
-            // fallback as a state partition that does not mount.
-            say!("state: /etc overlay on the state partition failed ({e}); /etc changes stay in RAM this boot");
-            overlay(paths, &etc, None, "etc")
-        }),
+        EtcMode::Overlay if state_ok => {
+            let wait = Duration::from_secs(u64::from(cfg.wait_seconds));
+            let layers = etc::slot_nodes(found, slot, wait).and_then(|(mine, other)| {
+                let s = etc::SlotEtc {
+                    paths,
+                    slot,
+                    mine,
+                    other,
+                };
+                let dir = s.prepare()?;
+                overlay(paths, &etc, Some(dir.clone()), "etc")?;
+                s.record_last(&dir);
+                Ok(())
+            });
+            layers.or_else(|e| {
+                // A full or damaged state partition must not stop the boot: the same RAM
+                // fallback as a state partition that does not mount.
+                say!("state: /etc overlay on the state partition failed ({e}); /etc changes stay in RAM this boot");
+                overlay(paths, &etc, None, "etc")
+            })
+        }
         EtcMode::Overlay | EtcMode::Tmpfs => overlay(paths, &etc, None, "etc"),
     }
 }
