@@ -109,6 +109,10 @@ pub enum Command {
     /// correctly dated manifest is refused as a replay. Replays of older manifests are
     /// possible again until the next accepted one, so check the mirrors first.
     ForgetWatermark,
+    /// This host's /etc against its image's, and the conflicts of the last merge (at the
+    /// first boot of an update, bootsel merges the host's /etc changes for the new image).
+    #[command(subcommand)]
+    Etc(EtcVerb),
     /// Check periodically (with jitter); SIGHUP reloads the configuration.
     Daemon,
     /// Run the boot health checks (every executable in the health directories).
@@ -119,6 +123,29 @@ pub enum Command {
         /// Directories of checks; later ones override same-named checks of earlier ones.
         #[arg(long = "dir", value_name = "DIR")]
         dirs: Vec<std::path::PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EtcVerb {
+    /// What this host changed against the image: modified, added, deleted (like
+    /// `ostree admin config-diff`).
+    Diff {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Files both this host and the new image changed at the last update: the host's
+    /// version was kept, the image's written beside it as NAME.atom-new. Remove the
+    /// .atom-new (or `reset`) once looked at.
+    Conflicts {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Back to the image's version of each PATH (under /etc), dropping PATH.atom-new; it
+    /// then follows future updates again.
+    Reset {
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<String>,
     },
 }
 

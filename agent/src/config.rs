@@ -18,6 +18,7 @@
 //! state_dir = "/var/lib/atom"          # downloads, checkpoints, last result
 //! boot_record = "/run/atom/boot.toml"  # written by bootsel
 //! release_file = "/usr/lib/atom/release"
+//! etc_dir = "/etc"                     # the live /etc (`atom-update etc`)
 //! check_interval = "6h"                # daemon mode; a random jitter of up to 10% is added
 //! routes = ["precomputed", "rsync", "full"]  # allowed routes, tried in this order
 //! ```
@@ -64,6 +65,8 @@ struct Raw {
     boot_record: PathBuf,
     #[serde(default = "default_release")]
     release_file: PathBuf,
+    #[serde(default = "default_etc_dir")]
+    etc_dir: PathBuf,
     #[serde(default = "default_interval")]
     check_interval: String,
     #[serde(default = "default_routes")]
@@ -109,6 +112,9 @@ fn default_record() -> PathBuf {
 }
 fn default_release() -> PathBuf {
     "/usr/lib/atom/release".into()
+}
+fn default_etc_dir() -> PathBuf {
+    "/etc".into()
 }
 fn default_interval() -> String {
     "6h".into()
@@ -166,6 +172,7 @@ pub struct Settings {
     pub state_dir: PathBuf,
     pub boot_record: PathBuf,
     pub release_file: PathBuf,
+    pub etc_dir: PathBuf,
     pub check_interval: Duration,
     pub routes: Vec<RouteName>,
 }
@@ -302,6 +309,7 @@ impl Settings {
             state_dir: raw.state_dir,
             boot_record: raw.boot_record,
             release_file: raw.release_file,
+            etc_dir: raw.etc_dir,
             check_interval,
         })
     }

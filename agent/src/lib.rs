@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod etc;
 pub mod failpoint;
 pub mod health;
 pub mod host;

@@ -160,6 +160,7 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
         Command::Rollback => verbs::rollback(&s).map(|()| 0),
         Command::ForgetRejected { version } => verbs::forget_rejected(&s, version).map(|()| 0),
         Command::ForgetWatermark => verbs::forget_watermark(&s).map(|()| 0),
+        Command::Etc(verb) => etc_verb(&s, verb),
         Command::Daemon | Command::HealthCheck { .. } => unreachable!("handled above"),
     }
 }
@@ -194,4 +195,54 @@ fn init_logging(verbose: u8) {
     } else {
         fmt.init();
     }
+}
+
+fn etc_verb(s: &atom_update::config::Settings, verb: &atom_update::cli::EtcVerb) -> Result<u8, Failure> {
+    use atom_update::cli::EtcVerb;
+    use atom_update::etc;
+    let p = etc::EtcPaths::of(s)?;
+    match verb {
+        EtcVerb::Diff { json } => {
+            let changes = etc::diff(&p)?;
+            if *json {
+                println!("{:#}", serde_json::json!({"slot": p.slot, "changes": changes}));
+            } else if changes.is_empty() {
+                println!("/etc is the image's (slot {})", p.slot);
+            } else {
+                for c in &changes {
+                    println!("{:<9} /etc/{}", c.change, c.path);
+                }
+            }
+        }
+        EtcVerb::Conflicts { json } => {
+            let (from, list) = etc::conflicts(&p);
+            if *json {
+                println!(
+                    "{:#}",
+                    serde_json::json!({"slot": p.slot, "merged_from": from, "conflicts": list})
+                );
+            } else if list.is_empty() {
+                println!("no conflicts from the last /etc merge");
+            } else {
+                for c in &list {
+                    println!(
+                        "{} /etc/{}: {}{}",
+                        if c.unresolved { "UNRESOLVED" } else { "resolved  " },
+                        c.path,
+                        c.what,
+                        c.image_version
+                            .as_ref()
+                            .map(|v| format!("; the image's version: /etc/{v}"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+        }
+        EtcVerb::Reset { paths } => {
+            for path in paths {
+                println!("{}", etc::reset(&p, path)?);
+            }
+        }
+    }
+    Ok(0)
 }

@@ -67,6 +67,7 @@ pub fn status(s: &Settings, as_json: bool) -> Result<(), Failure> {
             "slots": slots,
             "last_update": state.last,
             "rollback_floor": state.rollback_floor,
+            "etc_unresolved_conflicts": crate::etc::unresolved(s),
         });
         println!("{doc:#}");
         return Ok(());
@@ -114,6 +115,10 @@ pub fn status(s: &Settings, as_json: bool) -> Result<(), Failure> {
     }
     for r in state.rejected.values() {
         println!("rejected: {} ({}, {}); not installed again", r.version, r.why, r.time);
+    }
+    let conflicts = crate::etc::unresolved(s);
+    if conflicts > 0 {
+        println!("/etc: {conflicts} unresolved conflict(s) from the last merge (atom-update etc conflicts)");
     }
     match &state.last {
         Some(l) => println!("last update: {} at {}: {}", l.outcome, l.time, l.message),

@@ -684,8 +684,35 @@ echo "written: $(cat "$E/written" 2>/dev/null || echo none)"
     // First boot of B's image (B on trial).
     cgpt_set(Path::new(&disk.dev), 2, 1, 0, 1);
     cgpt_set(Path::new(&disk.dev), 3, 2, 2, 0);
+    // atom-update's `etc` verbs on the booted system (its /run and /etc are under $R).
+    let agent = Path::new(BIN).with_file_name("atom-update");
+    assert!(
+        agent.exists(),
+        "{} is missing: cargo build --workspace first",
+        agent.display()
+    );
+    let verbs = format!(
+        r#"
+cat > "$R/update.toml" <<EOF
+repositories = ["/nonexistent"]
+channel = "stable"
+board = "x86_64-generic"
+boot_record = "$R/run/atom/boot.toml"
+etc_dir = "$R/sysroot/etc"
+state_dir = "$R/agent-state"
+EOF
+U="{agent} --config $R/update.toml"
+echo '--- diff'; $U etc diff
+echo '--- conflicts'; $U etc conflicts
+echo '--- json'; $U etc conflicts --json | tr -d ' \n'; echo
+echo '--- reset'; $U etc reset /etc/ssh/sshd_config
+echo "sshd after reset: $(head -1 "$R/sysroot/etc/ssh/sshd_config")"
+echo '--- conflicts after'; $U etc conflicts
+"#,
+        agent = agent.display()
+    );
     let probe = format!(
-        "{show}echo in-b > \"$R/sysroot/etc/written\"\necho '--- merge'\ncat \"$R/run/atom/state/etc/slots/B/merge.toml\""
+        "{show}echo in-b > \"$R/sysroot/etc/written\"\necho '--- merge'\ncat \"$R/run/atom/state/etc/slots/B/merge.toml\"\n{verbs}"
     );
     let (ok_, out, err) = disk.boot(&cfg, &probe);
     println!("{out}\n{err}");
@@ -710,6 +737,36 @@ echo "written: $(cat "$E/written" 2>/dev/null || echo none)"
     assert!(
         out.contains("path = \"ssh/sshd_config\""),
         "the conflict recorded: {out}"
+    );
+    let section = |name: &str| -> String {
+        out.split(&format!("--- {name}\n"))
+            .nth(1)
+            .and_then(|rest| rest.split("\n---").next())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let diff = section("diff");
+    for want in [
+        "modified  /etc/passwd",
+        "modified  /etc/ssh/sshd_config",
+        "added     /etc/local.conf",
+        "added     /etc/written",
+    ] {
+        assert!(diff.contains(want), "diff lacks {want:?}:\n{diff}");
+    }
+    assert!(!diff.contains("motd"), "{diff}");
+    assert!(
+        section("conflicts").contains(
+            "UNRESOLVED /etc/ssh/sshd_config: changed on this host and in the new image; the image's version: \
+             /etc/ssh/sshd_config.atom-new"
+        ),
+        "{out}"
+    );
+    assert!(section("json").contains("\"unresolved\":true"), "{out}");
+    assert!(out.contains("sshd after reset: Port 22"), "{out}");
+    assert!(
+        section("conflicts after").contains("resolved   /etc/ssh/sshd_config"),
+        "{out}"
     );
 
     // A boots (a rollback): A's /etc as A last had it, nothing of what B wrote.

@@ -37,6 +37,19 @@ use policy::{Policy, Rule};
 /// Suffix of the image's version of a file both sides changed.
 pub const NEW_SUFFIX: &str = ".atom-new";
 
+/// Under the run directory (`/run`): the running image's own `/etc`, read-only, as it is
+/// below the overlay (what `atom-update etc diff` compares with).
+pub const IMAGE_ETC: &str = "atom/image-etc";
+/// Under the run directory: the state partition's per-slot layers (`slots/<A|B>/…`).
+pub const LAYERS: &str = "atom/state/etc";
+
+/// What the merge that made a slot's layer did: `slots/<slot>/merge.toml`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MergeRecord {
+    pub from_slot: String,
+    pub report: Report,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Report {
     /// Kept as the host has them (changed or added only by the host, or never merged).

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bootsel::SlotName;
-use bootsel::etcmerge::{self, Report, layer, policy::Policy};
+use bootsel::etcmerge::{self, MergeRecord, Report, layer, policy::Policy};
 use nix::mount::MsFlags;
 use serde::{Deserialize, Serialize};
 
@@ -37,13 +37,6 @@ struct Origin {
 #[derive(Serialize, Deserialize)]
 struct Last {
     slot: String,
-}
-
-/// The merge record `atom-update etc conflicts` reads.
-#[derive(Serialize, Deserialize)]
-pub struct MergeRecord {
-    pub from_slot: String,
-    pub report: Report,
 }
 
 fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {

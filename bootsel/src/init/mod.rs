@@ -378,6 +378,7 @@ fn finish_slot(cfg: &Config, paths: &Paths, found: &disk::FoundDisk, chosen: &Ch
 
 /// Undoes what a failed attempt mounted, so the next slot starts clean.
 fn unmount_all(paths: &Paths) {
+    mount::detach(&paths.run.join(bootsel::etcmerge::IMAGE_ETC));
     mount::detach(&paths.newroot);
     if let Ok(rd) = fs::read_dir(paths.run.join("atom/ram")) {
         for e in rd.flatten() {
@@ -463,7 +464,11 @@ fn second_stage_in(
             RootMount::Mount => unmount_all(paths),
             // The root is the distribution initramfs's mount: only undo what we added.
             RootMount::AlreadyMounted => {
-                for d in [paths.newroot.join("etc"), paths.newroot.join("var")] {
+                for d in [
+                    paths.newroot.join("etc"),
+                    paths.newroot.join("var"),
+                    paths.run.join(bootsel::etcmerge::IMAGE_ETC),
+                ] {
                     mount::detach(&d);
                 }
                 mount::detach(&paths.state());
@@ -640,6 +645,14 @@ fn setup_etc(
                     other,
                 };
                 let dir = s.prepare()?;
+                // The image's own /etc stays visible (read-only) for `atom-update etc diff`.
+                let image_etc = paths.run.join(bootsel::etcmerge::IMAGE_ETC);
+                if let Err(e) = fs::create_dir_all(&image_etc)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| mount::bind_restricted(&etc, &image_etc))
+                {
+                    say!("/etc: cannot show the image's /etc at {} ({e})", image_etc.display());
+                }
                 overlay(paths, &etc, Some(dir.clone()), "etc")?;
                 s.record_last(&dir);
                 Ok(())

@@ -1,0 +1,220 @@
+//! `atom-update etc`: this host's `/etc` against its image's, and the last merge's conflicts.
+//!
+//! bootsel keeps each slot's `/etc` changes in a layer on the state partition
+//! (`/run/atom/state/etc/slots/<slot>/upper`), shows the image's own `/etc` read-only at
+//! `/run/atom/image-etc`, and records what the merge at an image's first boot did in
+//! `slots/<slot>/merge.toml`. These verbs read them; `reset` writes through `/etc` itself
+//! (never into the layer under a mounted overlay).
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use bootsel::etcmerge::entry::{self, Kind, Meta};
+use bootsel::etcmerge::{IMAGE_ETC, LAYERS, MergeRecord, NEW_SUFFIX};
+use bootsel::record::BootRecord;
+use serde::Serialize;
+
+use crate::config::Settings;
+use crate::error::Failure;
+
+/// Where the pieces are, from the boot record's directory (`/run/atom` on a host).
+pub struct EtcPaths {
+    pub slot: String,
+    pub layer: PathBuf,
+    pub image: PathBuf,
+    pub live: PathBuf,
+}
+
+impl EtcPaths {
+    pub fn of(s: &Settings) -> Result<EtcPaths, Failure> {
+        let record = BootRecord::load(&s.boot_record).map_err(|e| {
+            Failure::not_allowed(format!(
+                "{e}: `etc` needs a host booted by bootsel with /etc as an overlay on the state partition"
+            ))
+        })?;
+        // boot_record is <run>/atom/boot.toml
+        let run = s
+            .boot_record
+            .parent()
+            .and_then(Path::parent)
+            .ok_or_else(|| Failure::error("the boot record path has no run directory"))?;
+        let dir = run.join(LAYERS).join("slots").join(&record.slot);
+        Ok(EtcPaths {
+            layer: dir.join("upper"),
+            image: run.join(IMAGE_ETC),
+            live: s.etc_dir.clone(),
+            slot: record.slot,
+        })
+    }
+
+    fn record(&self) -> Option<MergeRecord> {
+        let path = self.layer.parent()?.join("merge.toml");
+        toml::from_str(&fs::read_to_string(path).ok()?).ok()
+    }
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Change {
+    pub path: String,
+    /// modified | added | deleted | replaced (a directory replaced whole)
+    pub change: &'static str,
+}
+
+/// What this host changed against its image: the entries of its layer.
+pub fn diff(p: &EtcPaths) -> Result<Vec<Change>, Failure> {
+    if !p.layer.is_dir() {
+        return Err(Failure::not_allowed(format!(
+            "no /etc layer at {} (a stateless host, or /etc is not an overlay)",
+            p.layer.display()
+        )));
+    }
+    let mut out = Vec::new();
+    walk(p, "", &mut out).map_err(|e| Failure::error(format!("cannot read {}: {e}", p.layer.display())))?;
+    Ok(out)
+}
+
+fn walk(p: &EtcPaths, rel: &str, out: &mut Vec<Change>) -> std::io::Result<()> {
+    let dir = if rel.is_empty() {
+        p.layer.clone()
+    } else {
+        p.layer.join(rel)
+    };
+    let mut names: Vec<_> = fs::read_dir(&dir)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()?;
+    names.sort();
+    for name in names {
+        let name = name.to_string_lossy().into_owned();
+        let child = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+        let (l, i) = (p.layer.join(&child), p.image.join(&child));
+        let Some(m) = Meta::of(&l)? else { continue };
+        let in_image = Meta::of(&i)?.is_some();
+        match m.kind {
+            Kind::Whiteout => out.push(Change {
+                path: child,
+                change: "deleted",
+            }),
+            Kind::Dir if entry::is_opaque(&l) => out.push(Change {
+                path: child,
+                change: "replaced",
+            }),
+            Kind::Dir if in_image && entry::same(&l, &i)? => walk(p, &child, out)?,
+            Kind::Dir if in_image => {
+                out.push(Change {
+                    path: child.clone(),
+                    change: "modified",
+                });
+                walk(p, &child, out)?;
+            }
+            Kind::Dir => {
+                out.push(Change {
+                    path: child.clone(),
+                    change: "added",
+                });
+                walk(p, &child, out)?;
+            }
+            _ if !in_image => out.push(Change {
+                path: child,
+                change: "added",
+            }),
+            _ if entry::same(&l, &i)? => {}
+            _ => out.push(Change {
+                path: child,
+                change: "modified",
+            }),
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConflictView {
+    pub path: String,
+    pub what: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_version: Option<String>,
+    /// Still to be looked at: the image's version is still beside the file.
+    pub unresolved: bool,
+}
+
+/// The conflicts of the merge that made this slot's layer.
+pub fn conflicts(p: &EtcPaths) -> (Option<String>, Vec<ConflictView>) {
+    let Some(r) = p.record() else {
+        return (None, Vec::new());
+    };
+    let views = r
+        .report
+        .conflicts
+        .into_iter()
+        .map(|c| ConflictView {
+            unresolved: c
+                .image_version
+                .as_ref()
+                .is_none_or(|v| fs::symlink_metadata(p.live.join(v)).is_ok()),
+            path: c.path,
+            what: c.what,
+            image_version: c.image_version,
+        })
+        .collect();
+    (Some(r.from_slot), views)
+}
+
+/// How many conflicts still need a look (for `status`).
+pub fn unresolved(s: &Settings) -> usize {
+    EtcPaths::of(s).map_or(0, |p| conflicts(&p).1.iter().filter(|c| c.unresolved).count())
+}
+
+/// Puts the image's version of `rel` back in `/etc` (or removes a file the image does not
+/// have), and drops a `.atom-new` beside it. The next merge then prunes it from the layer.
+pub fn reset(p: &EtcPaths, rel: &str) -> Result<String, Failure> {
+    let rel = rel.trim_start_matches("/etc/").trim_start_matches('/');
+    if rel.is_empty() || rel.split('/').any(|c| c == ".." || c.is_empty()) {
+        return Err(Failure::error(format!("{rel:?} is not a path below /etc")));
+    }
+    let (live, image) = (p.live.join(rel), p.image.join(rel));
+    let io = |e: std::io::Error| Failure::error(format!("cannot reset /etc/{rel}: {e}"));
+    let image_meta = Meta::of(&image).map_err(io)?;
+    let what = match image_meta.as_ref().map(|m| &m.kind) {
+        Some(Kind::Dir) => {
+            return Err(Failure::error(format!(
+                "/etc/{rel} is a directory in the image; reset the files in it"
+            )));
+        }
+        Some(kind) => {
+            if let Ok(m) = fs::symlink_metadata(&live) {
+                if m.is_dir() {
+                    fs::remove_dir_all(&live).map_err(io)?;
+                } else {
+                    fs::remove_file(&live).map_err(io)?;
+                }
+            }
+            if let Some(parent) = live.parent() {
+                fs::create_dir_all(parent).map_err(io)?;
+            }
+            match kind {
+                Kind::Symlink(target) => std::os::unix::fs::symlink(target, &live).map_err(io)?,
+                _ => {
+                    fs::copy(&image, &live).map_err(io)?;
+                    let md = fs::symlink_metadata(&image).map_err(io)?;
+                    std::os::unix::fs::lchown(&live, Some(md.uid()), Some(md.gid())).map_err(io)?;
+                    fs::set_permissions(&live, fs::Permissions::from_mode(md.mode() & 0o7777)).map_err(io)?;
+                }
+            }
+            "the image's version restored"
+        }
+        None => {
+            match fs::symlink_metadata(&live) {
+                Ok(m) if m.is_dir() => fs::remove_dir_all(&live).map_err(io)?,
+                Ok(_) => fs::remove_file(&live).map_err(io)?,
+                Err(_) => {}
+            }
+            "removed (the image has no such file)"
+        }
+    };
+    let beside = p.live.join(format!("{rel}{NEW_SUFFIX}"));
+    if fs::symlink_metadata(&beside).is_ok() {
+        fs::remove_file(&beside).map_err(io)?;
+    }
+    Ok(format!("/etc/{rel}: {what}"))
+}
