@@ -205,7 +205,7 @@ boot() {
   echo "    (took $((SECONDS - started)) s)"
   # Carriage returns and colour codes out, so patterns match what a reader sees.
   sed 's/\r//g; s/\x1b\[[0-9;]*[A-Za-z]//g' "$console" > "$console.txt" && mv "$console.txt" "$console"
-  grep -E "^(bootsel|ATOM-SAMPLE|staged|up to date|booted:|last boot|SLOT|[AB] |UNITS|JOURNAL|PREVIOUS|Result=|AGENT|NEXT-EXIT)|Kernel panic|health|update the agent" "$console" | grep -v "^bootsel: loaded" | sed 's/^/    | /' || true
+  grep -E "^(bootsel|ATOM-SAMPLE|staged|up to date|booted:|last boot|SLOT|[AB] |UNITS|JOURNAL|PREVIOUS|Result=|AGENT|NEXT-EXIT|ETC)|Kernel panic|health|update the agent" "$console" | grep -v "^bootsel: loaded" | sed 's/^/    | /' || true
 }
 # The last step of a passing run.
 finish() {

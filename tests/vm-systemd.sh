@@ -14,9 +14,14 @@
 #   boot 2: 2.0.0 from B on trial, with the current agent it brought; health passes
 #           before boot-complete.target; marked good by atom-mark-good.service; the new
 #           agent takes the 3.0.0 the old one refused and the unit stages it
-#   boot 3: 3.0.0: its health check fails -> atom-mark-bad.service marks the slot bad and
+#   boot 3: 3.0.0's health check fails -> atom-mark-bad.service marks the slot bad and
 #           reboots
 #   boot 4: back on 2.0.0; the previous boot's journal shows what the units did
+#
+# /etc across the updates: an edit made on 1.0.0 after 2.0.0 was staged survives into
+# 2.0.0, a system user new in 2.0.0's image arrives next to the host's, a file changed on
+# both sides is reported by `atom-update etc conflicts`, and the fallback from 3.0.0 to
+# 2.0.0 returns to 2.0.0's /etc (without what 3.0.0 wrote).
 #
 # Usage (root, Debian): bash tests/vm-systemd.sh [--keep] [WORKDIR] (a temporary work directory
 # is removed after a passing run unless --keep; a WORKDIR given is kept and reused)
@@ -98,14 +103,27 @@ echo "    old agent 0.0.1, current agent $current_agent"
 
 step "the sample OS (Debian + systemd + Atom units) in three versions"
 sample_root "$work/root-v1" 1.0.0 "$kdir_old" "$kver_old" "$work/atom-update-0.0.1"
+echo "setting = 1" > "$work/root-v1/etc/atom-vm.conf"
 "$build" image --initramfs tree --rootfs "$work/root-v1" --version 1.0.0 --size 400M --out "$work/v1.img"
 sample_root "$work/root-v2" 2.0.0 "$kdir_new" "$kver_new"
 echo "new in 2.0.0" > "$work/root-v2/etc/feature"
+echo "setting = 2" > "$work/root-v2/etc/atom-vm.conf"
+chroot "$work/root-v2" useradd --system --no-create-home --shell /usr/sbin/nologin atomsvc
 "$build" image --initramfs tree --rootfs "$work/root-v2" --version 2.0.0 --size 400M --out "$work/v2.img" --base "$work/v1.img"
 sample_root "$work/root-v3" 3.0.0 "$kdir_new" "$kver_new"
 printf '#!/bin/sh\necho "the sample service of 3.0.0 does not start" >&2\nexit 1\n' \
   > "$work/root-v3/usr/lib/atom/health.d/50-broken-service"
 chmod 755 "$work/root-v3/usr/lib/atom/health.d/50-broken-service"
+cat > "$work/root-v3/etc/systemd/system/atom-vm-etc3.service" <<'EOF'
+[Unit]
+Description=Atom VM test: 3.0.0 writes to /etc
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c 'echo 3 > /etc/written-by-3'
+[Install]
+WantedBy=multi-user.target
+EOF
+systemctl --root="$work/root-v3" enable atom-vm-etc3.service 2>/dev/null
 "$build" image --initramfs tree --rootfs "$work/root-v3" --version 3.0.0 --size 400M --out "$work/v3.img" --base "$work/v2.img"
 
 step "the host's disk: atom-build disk (root-a = 1.0.0)"
@@ -127,6 +145,8 @@ atom-update --version | sed 's/^/AGENT: /'
 $next_check
 systemctl start atom-update.service
 systemctl show -p Result atom-update.service
+echo "setting = host" > /etc/atom-vm.conf
+echo "edited after staging" > /etc/host-note
 $journal_fields
 atom-update status
 EOF
@@ -151,6 +171,11 @@ control <<EOF
 systemctl is-active boot-complete.target atom-mark-good.service | tr '\n' ' ' | sed 's/^/UNITS: /'; echo
 atom-update --version | sed 's/^/AGENT: /'
 $next_check
+echo "ETC: host-note: \$(cat /etc/host-note)"
+echo "ETC: atom-vm.conf: \$(cat /etc/atom-vm.conf)"
+getent passwd atomsvc >/dev/null && echo "ETC: system user atomsvc arrived"
+atom-update etc conflicts | sed 's/^/ETC: /'
+echo "in 2.0.0" > /etc/written-in-2
 atom-update status
 echo 'reboot = "immediate"' >> /etc/atom/update.toml
 systemctl start atom-update.service
@@ -161,6 +186,11 @@ expect "ATOM-SAMPLE: running 2.0.0 from slot B on kernel $kver_new" "2.0.0 runs 
 expect "UNITS: active active" "boot-complete.target reached, atom-mark-good.service ran"
 expect "AGENT: atom-update $current_agent" "the agent upgraded itself with the slot: 2.0.0 runs agent $current_agent"
 expect "NEXT-EXIT: 0" "the new agent takes the 3.0.0 (min_agent $current_agent) the old one refused"
+expect "bootsel: /etc: merged slot A's changes for this image" "bootsel merged 1.0.0's /etc changes for 2.0.0 at its first boot"
+expect "ETC: host-note: edited after staging" "an /etc edit made after 2.0.0 was staged survived the update"
+expect "ETC: system user atomsvc arrived" "the system user new in 2.0.0's image arrived (account files merged by name)"
+expect "ETC: atom-vm.conf: setting = host" "a file changed on both sides keeps the host's version"
+expect "ETC: UNRESOLVED /etc/atom-vm.conf: changed on this host and in the new image; the image's version: /etc/atom-vm.conf.atom-new" "and atom-update etc conflicts reports it"
 expect "\]: B +root-b +2\.0\.0 +[^ ]+ +[0-9]+ +0 +yes +booted" "slot B marked successful"
 expect "reboot: Restarting system" "the sandboxed unit staged 3.0.0 and rebooted (reboot = immediate; CAP_SYS_BOOT is its only capability)"
 
@@ -177,12 +207,16 @@ expect "reboot: Restarting system" "atom-mark-bad.service rebooted the host"
 step "boot 4: back on 2.0.0; the journal of boot 3 shows the units' work"
 control <<'EOF'
 journalctl -b -1 -o cat --no-pager -u atom-health.service -u atom-mark-bad.service | sed 's/^/PREVIOUS: /'
+echo "ETC: written-in-2: $(cat /etc/written-in-2)"
+if test -e /etc/written-by-3; then echo "ETC: 3.0.0's write is here"; else echo "ETC: 3.0.0's write is not here"; fi
 atom-update status
 EOF
 boot
 expect "ATOM-SAMPLE: running 2.0.0 from slot B on kernel $kver_new" "back on 2.0.0 from slot B, on $kver_new"
 expect "PREVIOUS: .*50-broken-service" "boot 3's journal: the failing check by name"
 expect "PREVIOUS: .*marked bad" "boot 3's journal: atom-mark-bad.service marked the slot bad"
+expect "ETC: written-in-2: in 2.0.0" "the fallback returned to 2.0.0's /etc"
+expect "ETC: 3.0.0's write is not here" "without what 3.0.0 wrote to its own /etc"
 expect "\]: A +root-a +3\.0\.0 .*not bootable" "slot A (3.0.0) is not bootable"
 
 finish
