@@ -144,6 +144,8 @@ pub enum EtcVerb {
     /// Back to the image's version of each PATH (under /etc), dropping PATH.atom-new; it
     /// then follows future updates again.
     Reset {
+        #[arg(long)]
+        json: bool,
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<String>,
     },

@@ -238,9 +238,17 @@ fn etc_verb(s: &atom_update::config::Settings, verb: &atom_update::cli::EtcVerb)
                 }
             }
         }
-        EtcVerb::Reset { paths } => {
+        EtcVerb::Reset { json, paths } => {
+            let mut done = Vec::new();
             for path in paths {
-                println!("{}", etc::reset(&p, path)?);
+                let result = etc::reset(&p, path)?;
+                if !*json {
+                    println!("{result}");
+                }
+                done.push(result);
+            }
+            if *json {
+                println!("{:#}", serde_json::json!({"slot": p.slot, "reset": done}));
             }
         }
     }
