@@ -597,7 +597,17 @@ fn sigterm_lets_in_flight_requests_finish() {
         let _ = sock.read_to_end(&mut resp);
         resp
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // SIGTERM only once the request is in flight (its diff started): on a loaded machine
+    // a fixed wait can end before the server has even read it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = raw_http(&s.addr, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        if metrics.lines().any(|l| l == "atom_dist_delta_cache_misses_total 1") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the delta request never started:\n{metrics}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let pid = s.pid().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let resp = client.join().unwrap();
