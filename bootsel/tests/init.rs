@@ -712,15 +712,19 @@ echo '--- conflicts after'; $U etc conflicts
         agent = agent.display()
     );
     let probe = format!(
-        "{show}echo in-b > \"$R/sysroot/etc/written\"\necho '--- merge'\ncat \"$R/run/atom/state/etc/slots/B/merge.toml\"\n{verbs}"
+        "{show}echo \"shared kept: $(cat \"$R/run/atom/state/etc/upper/local.conf\")\"\necho in-b > \"$R/sysroot/etc/written\"\necho '--- merge'\ncat \"$R/run/atom/state/etc/slots/B/merge.toml\"\n{verbs}"
     );
     let (ok_, out, err) = disk.boot(&cfg, &probe);
     println!("{out}\n{err}");
     assert!(ok_, "{err}");
     assert!(err.contains("booting slot B"), "{err}");
     assert!(
-        err.contains("the shared layer of earlier bootsel versions is now slot A's"),
+        err.contains("the shared layer of an earlier bootsel is now also slot A's"),
         "{err}"
+    );
+    assert!(
+        out.contains("shared kept: mine"),
+        "A's older bootsel still finds its layer: {out}"
     );
     assert!(err.contains("merged slot A's changes for this image"), "{err}");
     assert!(

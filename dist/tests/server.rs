@@ -605,7 +605,10 @@ fn sigterm_lets_in_flight_requests_finish() {
         if metrics.lines().any(|l| l == "atom_dist_delta_cache_misses_total 1") {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the delta request never started:\n{metrics}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the delta request never started:\n{metrics}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let pid = s.pid().to_string();

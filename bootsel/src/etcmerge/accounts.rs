@@ -6,36 +6,65 @@
 use std::collections::HashSet;
 
 pub const FILES: &[&str] = &["passwd", "group", "shadow", "gshadow", "subuid", "subgid"];
+/// Account files are kilobytes; anything this large is not merged line by line.
+pub const MAX_BYTES: u64 = 4 << 20;
 
-fn name(line: &str) -> Option<&str> {
-    let n = line.split(':').next()?;
-    (!n.is_empty() && !line.starts_with('#')).then_some(n)
+fn name(line: &[u8]) -> Option<&[u8]> {
+    let n = line.split(|&b| b == b':').next()?;
+    (!n.is_empty() && !line.starts_with(b"#")).then_some(n)
 }
 
-fn names(text: &str) -> HashSet<&str> {
-    text.lines().filter_map(name).collect()
+/// The numeric id of a passwd or group entry (third field), which must stay unique.
+fn id<'a>(file: &str, line: &'a [u8]) -> Option<&'a [u8]> {
+    matches!(file, "passwd" | "group").then(|| line.split(|&b| b == b':').nth(2))?
 }
 
-/// The host's file with the entries the image added since `base` appended, in the image's
-/// order. Returns the merged text and the names added.
-pub fn merge(base: &str, local: &str, new: &str) -> (String, Vec<String>) {
-    let (in_base, in_local) = (names(base), names(local));
-    let mut out = local.to_owned();
-    if !out.is_empty() && !out.ends_with('\n') {
-        out.push('\n');
+fn lines(text: &[u8]) -> impl Iterator<Item = &[u8]> {
+    text.split(|&b| b == b'\n').filter(|l| !l.is_empty())
+}
+
+pub struct Merged {
+    pub text: Vec<u8>,
+    /// Names that arrived from the image.
+    pub added: Vec<String>,
+    /// (name, id) of image entries not added because the host uses their id.
+    pub collisions: Vec<(String, String)>,
+}
+
+/// The host's file (bytes as they are) with the entries the image added since `base`
+/// appended, in the image's order; `file` is the file's name (for the id check).
+pub fn merge(base: &[u8], local: &[u8], new: &[u8], file: &str) -> Merged {
+    let in_base: HashSet<&[u8]> = lines(base).filter_map(name).collect();
+    let in_local: HashSet<&[u8]> = lines(local).filter_map(name).collect();
+    let mut ids: HashSet<&[u8]> = lines(local).filter_map(|l| id(file, l)).collect();
+    let mut text = local.to_vec();
+    if !text.is_empty() && !text.ends_with(b"\n") {
+        text.push(b'\n');
     }
-    let mut added = Vec::new();
-    for line in new.lines() {
+    let (mut added, mut collisions) = (Vec::new(), Vec::new());
+    for line in lines(new) {
         let Some(n) = name(line) else { continue };
         // In base but not local: the host removed it, and it stays removed.
         if in_local.contains(n) || in_base.contains(n) {
             continue;
         }
-        out.push_str(line);
-        out.push('\n');
-        added.push(n.to_owned());
+        let shown = String::from_utf8_lossy(n).into_owned();
+        if let Some(i) = id(file, line) {
+            if ids.contains(i) {
+                collisions.push((shown, String::from_utf8_lossy(i).into_owned()));
+                continue;
+            }
+            ids.insert(i);
+        }
+        text.extend_from_slice(line);
+        text.push(b'\n');
+        added.push(shown);
     }
-    (out, added)
+    Merged {
+        text,
+        added,
+        collisions,
+    }
 }
 
 #[cfg(test)]
@@ -48,15 +77,26 @@ mod tests {
         let local = "root:x:0:0::/root:/bin/bash\nold:x:5:5::/:/bin/false\nalice:x:1000:1000::/home/alice:/bin/sh\n";
         let new = "root:x:0:0::/root:/bin/sh\nold:x:5:5::/:/bin/false\ngone:x:6:6::/:/bin/false\n\
                    systemd-network:x:998:998::/:/usr/sbin/nologin\n";
-        let (merged, added) = merge(base, local, new);
-        assert_eq!(added, ["systemd-network"]);
+        let m = merge(base.as_bytes(), local.as_bytes(), new.as_bytes(), "passwd");
+        assert_eq!(m.added, ["systemd-network"]);
+        let merged = String::from_utf8(m.text).unwrap();
         assert_eq!(
             merged,
             "root:x:0:0::/root:/bin/bash\nold:x:5:5::/:/bin/false\nalice:x:1000:1000::/home/alice:/bin/sh\n\
              systemd-network:x:998:998::/:/usr/sbin/nologin\n"
         );
         assert!(!merged.contains("gone:"), "deleted by the host: stays deleted");
-        let (merged, _) = merge("", "no-newline:x", "b:x\n# comment\n\n");
-        assert_eq!(merged, "no-newline:x\nb:x\n");
+        let m = merge(b"", b"no-newline:x", b"b:x\n# comment\n\n", "shadow");
+        assert_eq!(m.text, b"no-newline:x\nb:x\n");
+    }
+
+    #[test]
+    fn ids_stay_unique_and_bytes_stay_as_they_are() {
+        let local = b"root:x:0:0::/root:/bin/sh\nalice:x:999:999:J\xf6rg:/home/a:/bin/sh\n";
+        let new = b"root:x:0:0::/root:/bin/sh\nsystemd-network:x:999:999::/:/usr/sbin/nologin\nsvc:x:998:998::/:/x\n";
+        let m = merge(b"root:x:0:0::/root:/bin/sh\n", local, new, "passwd");
+        assert_eq!(m.added, ["svc"]);
+        assert_eq!(m.collisions, [("systemd-network".to_string(), "999".to_string())]);
+        assert!(m.text.starts_with(local), "the host's Latin-1 bytes untouched");
     }
 }

@@ -56,7 +56,7 @@ pub fn entry(src: &Path, dst: &Path) -> io::Result<()> {
         Kind::Dir => fs::create_dir(dst)?,
         Kind::Symlink(target) => std::os::unix::fs::symlink(target, dst)?,
         Kind::Whiteout => return whiteout(dst, &m),
-        Kind::Special => {
+        Kind::Special(..) => {
             let md = fs::symlink_metadata(src)?;
             let kind = SFlag::from_bits_truncate(md.mode() & libc::S_IFMT);
             mknod(dst, kind, Mode::from_bits_truncate(m.mode), md.rdev()).map_err(io_err)?;

@@ -17,8 +17,8 @@ pub enum Kind {
     Symlink(PathBuf),
     /// An overlayfs whiteout: a character device 0:0 in the upper layer (deleted locally).
     Whiteout,
-    /// Sockets, FIFOs, device nodes: kept as they are, never compared by content.
-    Special,
+    /// Sockets, FIFOs, device nodes (file type bits and device number): kept as they are.
+    Special(u32, u64),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,7 +50,7 @@ impl Meta {
         } else if t.is_char_device() && m.rdev() == 0 {
             Kind::Whiteout
         } else {
-            Kind::Special
+            Kind::Special(m.mode() & libc::S_IFMT, m.rdev())
         };
         Ok(Some(Meta {
             kind,
@@ -117,7 +117,7 @@ pub fn same(a: &Path, b: &Path) -> io::Result<bool> {
         _ => return Ok(false),
     }
     let m = ma.expect("both present");
-    if m.kind == Kind::Whiteout || m.kind == Kind::Special {
+    if matches!(m.kind, Kind::Whiteout | Kind::Special(..)) {
         return Ok(true);
     }
     if xattrs(a)? != xattrs(b)? {

@@ -150,9 +150,11 @@ impl Merge<'_> {
             self.at(self.base, rel),
             self.at(self.new, rel),
         );
-        // The image's copy from an earlier conflict: made again below if still needed.
-        if rel.ends_with(NEW_SUFFIX) && Meta::of(&n)?.is_none() {
-            return Ok(());
+        if let Some(name) = rel.strip_suffix(NEW_SUFFIX)
+            && Meta::of(&n)?.is_none()
+            && Meta::of(&self.at(self.local, name))?.is_some()
+        {
+            return self.earlier_conflict(rel, name);
         }
         match self.policy.rule(rel) {
             Rule::NeverMerge => return self.keep(rel),
@@ -182,7 +184,13 @@ impl Merge<'_> {
                 self.keep(rel)
             }
             Kind::Dir if new.as_ref().is_none_or(|m| m.kind == Kind::Dir) => {
-                copy::entry(&l, &self.at(self.out, rel))?;
+                let out = self.at(self.out, rel);
+                // Copied up unchanged: the image's new mode, owner and xattrs apply.
+                if new.is_some() && same(&l, &b)? && image_changed {
+                    copy::entry(&n, &out)?;
+                } else {
+                    copy::entry(&l, &out)?;
+                }
                 self.dir(rel)?;
                 // A directory the overlay only copied up to hold changed children, now
                 // empty and the same as the image's: nothing left to keep.
@@ -198,6 +206,12 @@ impl Merge<'_> {
             }
             // The image did not change it (or neither had it): the host's version stands.
             _ if !image_changed => self.keep(rel),
+            // Copied up but never changed (a touch, a chmod back, an edit undone, a reset):
+            // the image's change, such as a security fix, arrives.
+            _ if local.kind != Kind::Dir && base.is_some() && same(&l, &b)? => {
+                self.report.follows_image.push(rel.to_owned());
+                Ok(())
+            }
             Kind::File
                 if accounts::FILES.contains(&rel)
                     && new.as_ref().is_some_and(|m| m.kind == Kind::File)
@@ -229,19 +243,49 @@ impl Merge<'_> {
         }
     }
 
+    /// `NAME.atom-new` beside a host file, from an earlier merge, whose image has no new
+    /// version this time: the conflict is still open, so its copy and record stay.
+    fn earlier_conflict(&mut self, rel: &str, name: &str) -> io::Result<()> {
+        if Meta::of(&self.at(self.out, rel))?.is_some() {
+            return Ok(());
+        }
+        copy::entry(&self.at(self.local, rel), &self.at(self.out, rel))?;
+        self.conflict(name, "unresolved from an earlier update", Some(rel.to_owned()));
+        Ok(())
+    }
+
     fn accounts(&mut self, rel: &str, l: &Path, b: &Path, n: &Path) -> io::Result<()> {
-        let read = |p: &Path| -> io::Result<String> {
-            match fs::read(p) {
-                Ok(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(String::new()),
-                Err(e) => Err(e),
+        let read = |p: &Path| -> io::Result<Option<Vec<u8>>> {
+            let len = match fs::symlink_metadata(p) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Some(Vec::new())),
+                Err(e) => return Err(e),
+            };
+            if len > accounts::MAX_BYTES {
+                return Ok(None);
             }
+            fs::read(p).map(Some)
         };
-        let (text, added) = accounts::merge(&read(b)?, &read(l)?, &read(n)?);
+        let (Some(base), Some(local), Some(new)) = (read(b)?, read(l)?, read(n)?) else {
+            // Far beyond any real account file: not merged, the host's kept.
+            self.keep(rel)?;
+            let beside = format!("{rel}{NEW_SUFFIX}");
+            copy::entry(n, &self.at(self.out, &beside))?;
+            self.conflict(rel, "too large to merge by entry", Some(beside));
+            return Ok(());
+        };
+        let merged = accounts::merge(&base, &local, &new, rel);
         let out = self.at(self.out, rel);
         copy::entry(l, &out)?;
-        fs::write(&out, text)?;
-        self.report.merged.push((rel.to_owned(), added));
+        fs::write(&out, &merged.text)?;
+        for (name, id) in &merged.collisions {
+            self.conflict(
+                rel,
+                &format!("the image's new entry {name} has id {id}, which an entry of this host has: not added"),
+                None,
+            );
+        }
+        self.report.merged.push((rel.to_owned(), merged.added));
         Ok(())
     }
 }

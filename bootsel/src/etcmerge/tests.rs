@@ -93,8 +93,22 @@ fn every_rule_of_the_merge() {
     // Changed here, removed from the image: kept, recorded.
     write(&t.base, "legacy.conf", "a\n");
     write(&t.local, "legacy.conf", "b\n");
-    // A stale copy from an earlier conflict: dropped, made again only if still needed.
-    write(&t.local, "old.conf.atom-new", "stale\n");
+    // A host file that happens to end in .atom-new: the host's, kept.
+    write(&t.local, "old.conf.atom-new", "mine\n");
+    // An earlier conflict still open (the .atom-new is there) and the image did not change
+    // the file again: still a conflict, its copy kept.
+    write(&t.base, "ntp.conf", "server b\n");
+    write(&t.new, "ntp.conf", "server b\n");
+    write(&t.local, "ntp.conf", "server local\n");
+    write(&t.local, "ntp.conf.atom-new", "server b\n");
+    // Copied up but unchanged (a touch, an edit undone): the image's security fix arrives.
+    write(&t.base, "sudo.conf", "Set disable_coredump true\n");
+    write(
+        &t.new,
+        "sudo.conf",
+        "Set disable_coredump true\nSet group_source static\n",
+    );
+    write(&t.local, "sudo.conf", "Set disable_coredump true\n");
 
     let r = run(&t, &Policy::default());
     let out = &t.out;
@@ -111,18 +125,22 @@ fn every_rule_of_the_merge() {
     assert_eq!(Meta::of(&out.join("cron.d/job")).unwrap().unwrap().kind, Kind::Whiteout);
     assert_eq!(Meta::of(&out.join("issue")).unwrap().unwrap().kind, Kind::Whiteout);
     assert_eq!(read(out, "legacy.conf").as_deref(), Some("b\n"));
-    assert!(Meta::of(&out.join("old.conf.atom-new")).unwrap().is_none());
+    assert_eq!(read(out, "old.conf.atom-new").as_deref(), Some("mine\n"));
+    assert_eq!(read(out, "ntp.conf").as_deref(), Some("server local\n"));
+    assert_eq!(read(out, "ntp.conf.atom-new").as_deref(), Some("server b\n"));
+    assert_eq!(read(out, "sudo.conf"), None, "follows the image again");
     let conflicts: Vec<(&str, &str)> = r.conflicts.iter().map(|c| (c.path.as_str(), c.what.as_str())).collect();
     assert_eq!(
         conflicts,
         [
             ("cron.d/job", "deleted on this host, changed in the new image"),
             ("legacy.conf", "changed on this host, removed from the new image"),
+            ("ntp.conf", "unresolved from an earlier update"),
             ("ssh/sshd_config", "changed on this host and in the new image"),
         ]
     );
     assert_eq!(
-        r.conflicts[2].image_version.as_deref(),
+        r.conflicts[3].image_version.as_deref(),
         Some("ssh/sshd_config.atom-new")
     );
 }
@@ -244,6 +262,21 @@ fn policy_follows_the_image_or_keeps_the_host() {
     assert_eq!(read(&t.out, "ssh/ssh_host_ed25519_key").as_deref(), Some("host key\n"));
     assert!(read(&t.out, "ssh/ssh_host_ed25519_key.atom-new").is_none());
     assert!(r.conflicts.is_empty(), "{r:?}");
+}
+
+#[test]
+fn a_directory_copied_up_unchanged_takes_the_images_new_mode() {
+    let t = trees();
+    write(&t.base, "private/key", "k\n");
+    write(&t.new, "private/key", "k\n");
+    write(&t.local, "private/local", "l\n");
+    for root in [&t.base, &t.local] {
+        fs::set_permissions(root.join("private"), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    fs::set_permissions(t.new.join("private"), fs::Permissions::from_mode(0o700)).unwrap();
+    run(&t, &Policy::default());
+    assert_eq!(fs::metadata(t.out.join("private")).unwrap().mode() & 0o777, 0o700);
+    assert_eq!(read(&t.out, "private/local").as_deref(), Some("l\n"));
 }
 
 #[test]

@@ -39,6 +39,45 @@ struct Last {
     slot: String,
 }
 
+/// The shared layer of an earlier bootsel, as it was when last adopted.
+#[derive(Serialize, Deserialize)]
+struct Shared {
+    fingerprint: String,
+}
+
+/// Names, sizes, modes and change times of everything in a tree: any write changes it.
+fn tree_fingerprint(root: &Path) -> std::io::Result<String> {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::MetadataExt;
+    fn walk(p: &Path, h: &mut std::collections::hash_map::DefaultHasher, depth: u32) -> std::io::Result<()> {
+        let m = fs::symlink_metadata(p)?;
+        (
+            m.len(),
+            m.mode(),
+            m.ctime(),
+            m.ctime_nsec(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ino(),
+        )
+            .hash(h);
+        if m.is_dir() && depth < 64 {
+            let mut names: Vec<_> = fs::read_dir(p)?
+                .map(|e| e.map(|e| e.file_name()))
+                .collect::<Result<_, _>>()?;
+            names.sort();
+            for n in names {
+                n.hash(h);
+                walk(&p.join(&n), h, depth + 1)?;
+            }
+        }
+        Ok(())
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    walk(root, &mut h, 0)?;
+    Ok(format!("{:016x}", h.finish()))
+}
+
 fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
     let text = fs::read_to_string(path).ok()?;
     toml::from_str(&text).ok()
@@ -80,26 +119,66 @@ impl SlotEtc<'_> {
         self.root().join("slots").join(slot.as_str())
     }
 
+    /// This slot's image: its file system's UUID and its release file (a UUID that cannot
+    /// be read never matches, so the layer is merged again rather than trusted blindly).
+    fn identity(&self) -> String {
+        let release = fs::read_to_string(self.paths.newroot.join("usr/lib/atom/release")).unwrap_or_default();
+        let version = release
+            .lines()
+            .find_map(|l| l.strip_prefix("version = "))
+            .unwrap_or("")
+            .trim_matches('"')
+            .to_owned();
+        match ext4_uuid(&self.mine) {
+            Some(uuid) => format!("{uuid}:{version}"),
+            None => format!("unreadable-{}:{version}", std::process::id()),
+        }
+    }
+
+    /// The state partition is less trusted than the slot: none of the paths this uses may
+    /// be a symlink (it would make PID 1 write, delete or mount wherever it points).
+    fn check_no_symlinks(&self) -> Result<(), String> {
+        let root = self.paths.state();
+        for rel in [
+            "etc".to_owned(),
+            "etc/slots".to_owned(),
+            format!("etc/slots/{}", self.slot),
+            format!("etc/slots/{}", self.slot.other()),
+            "etc/upper".to_owned(),
+        ] {
+            for sub in ["", "/upper", "/work", "/upper.merging"] {
+                let p = root.join(format!("{rel}{sub}"));
+                if fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+                    return Err(format!("{} on the state partition is a symlink", p.display()));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The directory holding the `upper` and `work` the overlay of this boot uses.
     pub fn prepare(&self) -> Result<PathBuf, String> {
+        self.check_no_symlinks()?;
         let mine = self.dir(self.slot);
         fs::create_dir_all(&mine).map_err(|e| format!("cannot create {}: {e}", mine.display()))?;
-        layer::recover(&mine.join("upper")).map_err(|e| format!("cannot clean up {}: {e}", mine.display()))?;
-        let image = ext4_uuid(&self.mine).unwrap_or_else(|| "unknown".into());
+        if let Err(e) = layer::recover(&mine.join("upper")) {
+            say!("/etc: cannot remove what a cut merge left in {} ({e})", mine.display());
+        }
+        let image = self.identity();
         let origin = mine.join("origin.toml");
-        if read_toml::<Origin>(&origin).is_some_and(|o| o.image == image) {
+        let last = self.adopt_shared_layer()?;
+        if read_toml::<Origin>(&origin).is_some_and(|o| o.image == image) && mine.join("upper").is_dir() {
             return Ok(mine);
         }
-        let last = self.migrate_shared_layer()?;
-        let from = match last {
+        let from = match last.or_else(|| self.any_layer()) {
             Some(slot) if self.dir(slot).join("upper").is_dir() => slot,
             // A host without any layer yet: this image's layer starts empty.
             _ => {
-                write_toml(&origin, &Origin { image })?;
+                self.note(&origin, &Origin { image });
                 return Ok(mine);
             }
         };
-        match self.merge_from(from) {
+        let record = match self.merge_from(from) {
             Ok(report) => {
                 say!(
                     "/etc: merged slot {from}'s changes for this image: {} kept, {} follow the image now, {} account \
@@ -114,51 +193,98 @@ impl SlotEtc<'_> {
                         " (atom-update etc conflicts)"
                     }
                 );
-                write_toml(
-                    &mine.join("merge.toml"),
-                    &MergeRecord {
-                        from_slot: from.to_string(),
-                        report,
-                    },
-                )?;
-                write_toml(&origin, &Origin { image })?;
-                Ok(mine)
+                MergeRecord {
+                    from_slot: from.to_string(),
+                    report,
+                }
             }
-            Err(e) if from != self.slot => {
-                say!(
-                    "/etc: the merge of slot {from}'s changes failed ({e}); booting with slot {from}'s /etc unchanged"
-                );
-                Ok(self.dir(from))
+            Err(e) => {
+                // A merge failure must not cost the boot, nor touch the other slot's layer:
+                // this slot gets a plain copy of it, and the failure is on record.
+                say!("/etc: the merge of slot {from}'s changes failed ({e}); this slot gets them unmerged");
+                self.copy_from(from)
+                    .map_err(|e2| format!("the merge failed ({e}), and so did a plain copy ({e2})"))?;
+                let mut report = Report::default();
+                report.conflicts.push(etcmerge::Conflict {
+                    path: String::new(),
+                    what: format!("the /etc merge failed ({e}): slot {from}'s changes were copied unmerged"),
+                    image_version: None,
+                });
+                MergeRecord {
+                    from_slot: from.to_string(),
+                    report,
+                }
             }
-            Err(e) => Err(e),
+        };
+        self.note(&mine.join("merge.toml"), &record);
+        self.note(&origin, &Origin { image });
+        Ok(mine)
+    }
+
+    /// Records written after the layer is in place: failing to write them (a full state
+    /// partition) is said, not fatal; the next boot merges again.
+    fn note<T: Serialize>(&self, path: &Path, value: &T) {
+        if let Err(e) = write_toml(path, value) {
+            say!("/etc: {e}");
         }
     }
 
-    /// A shared `state/etc/upper` (bootsel before per-slot layers) becomes the layer of the
-    /// slot that ran last. Returns the slot whose layer the host used last.
-    fn migrate_shared_layer(&self) -> Result<Option<SlotName>, String> {
+    /// With no record of the last slot: the other slot's layer if there is one, else ours.
+    fn any_layer(&self) -> Option<SlotName> {
+        [self.slot.other(), self.slot]
+            .into_iter()
+            .find(|s| self.dir(*s).join("upper").is_dir())
+    }
+
+    fn copy_from(&self, from: SlotName) -> Result<(), String> {
+        let upper = self.dir(self.slot).join("upper");
+        let staged = layer::staging(&upper);
+        let _ = fs::remove_dir_all(&staged);
+        etcmerge::copy::tree(&self.dir(from).join("upper"), &staged)
+            .and_then(|()| layer::replace(&upper))
+            .map_err(|e| e.to_string())?;
+        let _ = fs::remove_dir_all(self.dir(self.slot).join("work"));
+        Ok(())
+    }
+
+    /// The shared `state/etc/upper` of bootsel before per-slot layers. It stays where it is,
+    /// for a slot whose (older) bootsel still uses it; when it changed since it was last
+    /// adopted (that older bootsel ran), a copy becomes the other slot's layer and the
+    /// slot the host ran last. Returns the slot whose layer the host used last.
+    fn adopt_shared_layer(&self) -> Result<Option<SlotName>, String> {
         let recorded = read_toml::<Last>(&self.root().join("last.toml")).and_then(|l| l.slot.parse().ok());
         let shared = self.root().join("upper");
         if !shared.is_dir() {
             return Ok(recorded);
         }
-        // Before per-slot layers nothing recorded the last slot: the first boot with this
-        // bootsel is the first boot of a new image, so the other slot ran last.
-        let last = recorded.unwrap_or(self.slot.other());
-        let dest = self.dir(last);
-        fs::create_dir_all(&dest).map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
-        for part in ["upper", "work"] {
-            let from = self.root().join(part);
-            if from.exists() && !dest.join(part).exists() {
-                fs::rename(&from, dest.join(part)).map_err(|e| format!("cannot move {}: {e}", from.display()))?;
-            }
+        let fingerprint = tree_fingerprint(&shared).map_err(|e| format!("cannot read {}: {e}", shared.display()))?;
+        let adopted = self.root().join("shared.toml");
+        if read_toml::<Shared>(&adopted).is_some_and(|a| a.fingerprint == fingerprint) {
+            return Ok(recorded);
         }
-        let node = if last == self.slot { &self.mine } else { &self.other };
-        if let Some(image) = ext4_uuid(node) {
-            write_toml(&dest.join("origin.toml"), &Origin { image })?;
+        // Only an older bootsel writes the shared layer, and this slot runs the new one:
+        // the other slot ran last with it.
+        let owner = self.slot.other();
+        let dest = self.dir(owner).join("upper");
+        fs::create_dir_all(self.dir(owner)).map_err(|e| format!("cannot create {}: {e}", self.dir(owner).display()))?;
+        let staged = layer::staging(&dest);
+        let _ = fs::remove_dir_all(&staged);
+        etcmerge::copy::tree(&shared, &staged)
+            .and_then(|()| layer::replace(&dest))
+            .map_err(|e| format!("cannot copy {}: {e}", shared.display()))?;
+        let _ = fs::remove_dir_all(self.dir(owner).join("work"));
+        if let Some(uuid) = ext4_uuid(&self.other) {
+            // The other slot's release is not mounted here: its UUID alone identifies it.
+            self.note(
+                &self.dir(owner).join("origin.toml"),
+                &Origin {
+                    image: format!("{uuid}:"),
+                },
+            );
         }
-        say!("/etc: the shared layer of earlier bootsel versions is now slot {last}'s");
-        Ok(Some(last))
+        self.note(&adopted, &Shared { fingerprint });
+        say!("/etc: the shared layer of an earlier bootsel is now also slot {owner}'s (and stays for that bootsel)");
+        Ok(Some(owner))
     }
 
     fn merge_from(&self, from: SlotName) -> Result<Report, String> {

@@ -614,13 +614,17 @@ fn overlay(paths: &Paths, target: &Path, upper_base: Option<PathBuf>, ram_name: 
     );
     // nosuid,nodev: the upper layer lives on the state partition, where nothing may plant
     // a setuid binary or a device node that the overlay would then honour.
+    // redirect_dir and metacopy off: the /etc merge copies layers file by file and needs
+    // every upper entry complete in itself (kernels before 4.19 lack the options).
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     mount::mount_fs(
         "overlay",
         target,
         "overlay",
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(&data),
+        flags,
+        Some(&format!("{data},redirect_dir=off,metacopy=off")),
     )
+    .or_else(|_| mount::mount_fs("overlay", target, "overlay", flags, Some(&data)))
 }
 
 /// /etc as an overlay: the slot's /etc below, a writable upper on state (the slot's own
@@ -649,7 +653,7 @@ fn setup_etc(
                 let image_etc = paths.run.join(bootsel::etcmerge::IMAGE_ETC);
                 if let Err(e) = fs::create_dir_all(&image_etc)
                     .map_err(|e| e.to_string())
-                    .and_then(|()| mount::bind_restricted(&etc, &image_etc))
+                    .and_then(|()| mount::bind_readonly(&etc, &image_etc))
                 {
                     say!("/etc: cannot show the image's /etc at {} ({e})", image_etc.display());
                 }

@@ -38,3 +38,22 @@ pub fn bind_restricted(source: &Path, target: &Path) -> Result<(), String> {
     )
     .map_err(|e| format!("cannot make {} nosuid,nodev: {e}", target.display()))
 }
+
+/// A read-only bind of `source` on `target` (also nosuid, nodev, noexec): the remount that
+/// sets the flags must name MS_RDONLY, or the bind is writable even over a read-only mount.
+pub fn bind_readonly(source: &Path, target: &Path) -> Result<(), String> {
+    bind(source, target)?;
+    mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("cannot make {} read-only: {e}", target.display()))
+}
