@@ -7,7 +7,7 @@
 //! (never into the layer under a mounted overlay).
 
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use bootsel::etcmerge::entry::{self, Kind, Meta};
@@ -165,49 +165,89 @@ pub fn unresolved(s: &Settings) -> usize {
     EtcPaths::of(s).map_or(0, |p| conflicts(&p).1.iter().filter(|c| c.unresolved).count())
 }
 
+/// The first component of `rel` below `root` that is a symlink: following it could reach
+/// anywhere outside /etc.
+fn symlink_on_the_way(root: &Path, rel: &str) -> Option<PathBuf> {
+    let mut at = root.to_path_buf();
+    let parts: Vec<&str> = rel.split('/').collect();
+    for part in &parts[..parts.len().saturating_sub(1)] {
+        at.push(part);
+        if fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Some(at);
+        }
+    }
+    None
+}
+
+/// `dir` is a mount of its own (the image's /etc bound by bootsel), not an empty
+/// directory: without it, "the image has no such file" would delete the host's.
+fn is_mounted(dir: &Path) -> bool {
+    match (fs::metadata(dir), dir.parent().map(fs::metadata)) {
+        (Ok(d), Some(Ok(parent))) => d.dev() != parent.dev(),
+        _ => false,
+    }
+}
+
 /// Puts the image's version of `rel` back in `/etc` (or removes a file the image does not
 /// have), and drops a `.atom-new` beside it. The next merge then prunes it from the layer.
+/// The new version is written beside and renamed over the old: a power cut leaves one or
+/// the other, never neither (this may be `shadow` or `fstab`).
 pub fn reset(p: &EtcPaths, rel: &str) -> Result<String, Failure> {
     let rel = rel.trim_start_matches("/etc/").trim_start_matches('/');
-    if rel.is_empty() || rel.split('/').any(|c| c == ".." || c.is_empty()) {
+    if rel.is_empty() || rel.split('/').any(|c| c == ".." || c == "." || c.is_empty()) {
         return Err(Failure::error(format!("{rel:?} is not a path below /etc")));
+    }
+    if !is_mounted(&p.image) {
+        return Err(Failure::not_allowed(format!(
+            "the image's /etc is not at {} (bootsel binds it there at boot): nothing to reset from",
+            p.image.display()
+        )));
+    }
+    for root in [&p.live, &p.image] {
+        if let Some(link) = symlink_on_the_way(root, rel) {
+            return Err(Failure::error(format!(
+                "{} is a symlink: not resetting through it",
+                link.display()
+            )));
+        }
     }
     let (live, image) = (p.live.join(rel), p.image.join(rel));
     let io = |e: std::io::Error| Failure::error(format!("cannot reset /etc/{rel}: {e}"));
     let image_meta = Meta::of(&image).map_err(io)?;
+    let live_meta = fs::symlink_metadata(&live).ok();
+    if live_meta.as_ref().is_some_and(|m| m.is_dir()) {
+        return Err(Failure::error(format!(
+            "/etc/{rel} is a directory here; reset the files in it"
+        )));
+    }
     let what = match image_meta.as_ref().map(|m| &m.kind) {
         Some(Kind::Dir) => {
             return Err(Failure::error(format!(
                 "/etc/{rel} is a directory in the image; reset the files in it"
             )));
         }
-        Some(kind) => {
-            if let Ok(m) = fs::symlink_metadata(&live) {
-                if m.is_dir() {
-                    fs::remove_dir_all(&live).map_err(io)?;
-                } else {
-                    fs::remove_file(&live).map_err(io)?;
-                }
-            }
+        Some(_) => {
             if let Some(parent) = live.parent() {
                 fs::create_dir_all(parent).map_err(io)?;
             }
-            match kind {
-                Kind::Symlink(target) => std::os::unix::fs::symlink(target, &live).map_err(io)?,
-                _ => {
-                    fs::copy(&image, &live).map_err(io)?;
-                    let md = fs::symlink_metadata(&image).map_err(io)?;
-                    std::os::unix::fs::lchown(&live, Some(md.uid()), Some(md.gid())).map_err(io)?;
-                    fs::set_permissions(&live, fs::Permissions::from_mode(md.mode() & 0o7777)).map_err(io)?;
-                }
-            }
+            let tmp = live.with_file_name(format!(
+                ".{}.atom-reset",
+                live.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+            ));
+            let _ = fs::remove_file(&tmp);
+            // Type, bytes, mode, owner and xattrs, as bootsel's merge copies them.
+            bootsel::etcmerge::copy::entry(&image, &tmp)
+                .and_then(|()| fs::File::open(&tmp).and_then(|f| f.sync_all()).or(Ok(())))
+                .and_then(|()| fs::rename(&tmp, &live))
+                .map_err(|e| {
+                    let _ = fs::remove_file(&tmp);
+                    io(e)
+                })?;
             "the image's version restored"
         }
         None => {
-            match fs::symlink_metadata(&live) {
-                Ok(m) if m.is_dir() => fs::remove_dir_all(&live).map_err(io)?,
-                Ok(_) => fs::remove_file(&live).map_err(io)?,
-                Err(_) => {}
+            if live_meta.is_some() {
+                fs::remove_file(&live).map_err(io)?;
             }
             "removed (the image has no such file)"
         }
