@@ -791,3 +791,34 @@ echo '--- conflicts after'; $U etc conflicts
     assert!(!err.contains("merged"), "{err}");
     assert!(out.contains("written: in-b"), "{out}");
 }
+
+/// A symlink planted on the state partition where a slot's /etc layer should be: never
+/// followed (PID 1 would write, delete and mount wherever it points); /etc stays in RAM.
+#[test]
+fn a_symlinked_etc_layer_on_state_is_refused() {
+    let disk = LoopDisk::new();
+    let target = disk.dir_path.join("elsewhere");
+    fs::create_dir_all(target.join("upper")).unwrap();
+    fs::write(target.join("upper/keep"), "untouched\n").unwrap();
+    let mnt = disk.dir_path.join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    ok(Command::new("mount").arg(disk.part(4)).arg(&mnt));
+    fs::create_dir_all(mnt.join("etc/slots")).unwrap();
+    std::os::unix::fs::symlink(&target, mnt.join("etc/slots/B")).unwrap();
+    ok(Command::new("umount").arg(&mnt));
+    cgpt_set(Path::new(&disk.dev), 2, 1, 0, 1);
+    cgpt_set(Path::new(&disk.dev), 3, 2, 2, 0);
+    let (ok_, out, err) = disk.boot(
+        &disk.config(""),
+        r#"echo x > "$R/sysroot/etc/probe"; findmnt -rn -o TARGET,OPTIONS "$R/sysroot/etc" | sed "s|$R|R|""#,
+    );
+    assert!(ok_, "{out}\n{err}");
+    assert!(err.contains("is a symlink"), "{err}");
+    assert!(err.contains("stay in RAM"), "{err}");
+    assert_eq!(
+        fs::read_dir(target.join("upper")).unwrap().count(),
+        1,
+        "nothing written through the link"
+    );
+    assert_eq!(fs::read_to_string(target.join("upper/keep")).unwrap(), "untouched\n");
+}

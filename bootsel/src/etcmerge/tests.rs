@@ -1,7 +1,7 @@
 //! The merge on real directory trees (root: owners, whiteouts and trusted xattrs).
 
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt, symlink};
 use std::path::Path;
 
 use super::*;
@@ -309,4 +309,24 @@ fn a_merge_cut_halfway_leaves_the_old_layer() {
     write(&layer::staging(&fresh), "a", "1\n");
     layer::replace(&fresh).unwrap();
     assert_eq!(read(&fresh, "a").as_deref(), Some("1\n"));
+}
+
+#[test]
+fn hostile_layers_are_copied_not_followed() {
+    use std::os::unix::ffi::OsStrExt;
+    let t = trees();
+    // A symlink pointing out of /etc, a FIFO, a name that is not UTF-8.
+    symlink("/etc/shadow", t.local.join("leak")).unwrap();
+    nix::unistd::mkfifo(&t.local.join("pipe"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let odd = std::ffi::OsStr::from_bytes(b"caf\xe9.conf");
+    fs::write(t.local.join(odd), "x\n").unwrap();
+    let r = run(&t, &Policy::default());
+    assert_eq!(
+        fs::read_link(t.out.join("leak")).unwrap(),
+        Path::new("/etc/shadow"),
+        "a link, not the file"
+    );
+    assert!(fs::symlink_metadata(t.out.join("pipe")).unwrap().file_type().is_fifo());
+    assert_eq!(fs::read_to_string(t.out.join(odd)).unwrap(), "x\n");
+    assert!(r.conflicts.is_empty(), "{r:?}");
 }
