@@ -640,6 +640,7 @@ fn each_slot_has_its_own_etc_merged_at_its_images_first_boot() {
     let slot = |n: u32, name: &str, passwd: &'static str, motd: &'static str, sshd: &'static str| {
         disk.fill_slot_with(n, name, move |t: &Path| {
             fs::write(t.join("etc/passwd"), passwd).unwrap();
+            fs::write(t.join("etc/shadow"), "root:IMAGE:1::::::\n").unwrap();
             fs::write(t.join("etc/motd"), motd).unwrap();
             fs::create_dir_all(t.join("etc/ssh")).unwrap();
             fs::write(t.join("etc/ssh/sshd_config"), sshd).unwrap();
@@ -680,6 +681,7 @@ echo "sshd: $(head -1 "$E/ssh/sshd_config")"
 echo "sshd new: $(cat "$E/ssh/sshd_config.atom-new" 2>/dev/null | tail -1 || true)"
 echo "local: $(cat "$E/local.conf" 2>/dev/null || echo none)"
 echo "written: $(cat "$E/written" 2>/dev/null || echo none)"
+echo "shadow: $(grep ^root: "$E/shadow")"
 "#;
     // First boot of B's image (B on trial).
     cgpt_set(Path::new(&disk.dev), 2, 1, 0, 1);
@@ -712,7 +714,7 @@ echo '--- conflicts after'; $U etc conflicts
         agent = agent.display()
     );
     let probe = format!(
-        "{show}echo \"shared kept: $(cat \"$R/run/atom/state/etc/upper/local.conf\")\"\necho in-b > \"$R/sysroot/etc/written\"\necho '--- merge'\ncat \"$R/run/atom/state/etc/slots/B/merge.toml\"\n{verbs}"
+        "{show}sed -i 's/^root:[^:]*:/root:ROTATED:/' \"$R/sysroot/etc/shadow\"\necho \"shared kept: $(cat \"$R/run/atom/state/etc/upper/local.conf\")\"\necho in-b > \"$R/sysroot/etc/written\"\necho '--- merge'\ncat \"$R/run/atom/state/etc/slots/B/merge.toml\"\n{verbs}"
     );
     let (ok_, out, err) = disk.boot(&cfg, &probe);
     println!("{out}\n{err}");
@@ -782,6 +784,11 @@ echo '--- conflicts after'; $U etc conflicts
     assert!(out.contains("passwd: root alice "), "{out}");
     assert!(out.contains("motd: v1"), "{out}");
     assert!(out.contains("written: none"), "B's edits stay B's: {out}");
+    assert!(err.contains("carried shadow changed under slot B for root"), "{err}");
+    assert!(
+        out.contains("shadow: root:ROTATED:"),
+        "the password rotated under B is not undone: {out}"
+    );
 
     // B again: its layer is kept, not merged a second time.
     cgpt_set(Path::new(&disk.dev), 3, 2, 0, 1);

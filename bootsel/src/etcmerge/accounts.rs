@@ -67,6 +67,31 @@ pub fn merge(base: &[u8], local: &[u8], new: &[u8], file: &str) -> Merged {
     }
 }
 
+/// Account files whose entries carry secrets the host changes on its own (passwords).
+pub const PASSWORD_FILES: &[&str] = &["shadow", "gshadow"];
+
+/// For a slot the host returns to (a rollback or fallback): its entries replaced by the
+/// other slot's where both have the entry and they differ, so a password rotated after
+/// an update is not undone by going back. Returns the new text and the names carried.
+pub fn carry_back(mine: &[u8], theirs: &[u8]) -> (Vec<u8>, Vec<String>) {
+    let theirs: std::collections::HashMap<&[u8], &[u8]> = lines(theirs).filter_map(|l| Some((name(l)?, l))).collect();
+    let mut out = Vec::with_capacity(mine.len());
+    let mut carried = Vec::new();
+    for line in mine.split(|&b| b == b'\n') {
+        let replacement = name(line).and_then(|n| theirs.get(n).filter(|t| **t != line).map(|t| (n, *t)));
+        match replacement {
+            Some((n, t)) => {
+                out.extend_from_slice(t);
+                carried.push(String::from_utf8_lossy(n).into_owned());
+            }
+            None => out.extend_from_slice(line),
+        }
+        out.push(b'\n');
+    }
+    out.pop();
+    (out, carried)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,6 +113,15 @@ mod tests {
         assert!(!merged.contains("gone:"), "deleted by the host: stays deleted");
         let m = merge(b"", b"no-newline:x", b"b:x\n# comment\n\n", "shadow");
         assert_eq!(m.text, b"no-newline:x\nb:x\n");
+    }
+
+    #[test]
+    fn a_returning_slot_gets_the_passwords_rotated_since() {
+        let mine = b"root:$6$old:1::::::\nbob:$6$b:1::::::\n";
+        let theirs = b"root:$6$rotated:2::::::\nbob:$6$b:1::::::\nnewsvc:!:1::::::\n";
+        let (text, carried) = carry_back(mine, theirs);
+        assert_eq!(text, b"root:$6$rotated:2::::::\nbob:$6$b:1::::::\n");
+        assert_eq!(carried, ["root"], "only entries both have; nobody added");
     }
 
     #[test]

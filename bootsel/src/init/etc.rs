@@ -168,6 +168,9 @@ impl SlotEtc<'_> {
         let origin = mine.join("origin.toml");
         let last = self.adopt_shared_layer()?;
         if read_toml::<Origin>(&origin).is_some_and(|o| o.image == image) && mine.join("upper").is_dir() {
+            if last == Some(self.slot.other()) {
+                self.carry_back();
+            }
             return Ok(mine);
         }
         let from = match last.or_else(|| self.any_layer()) {
@@ -287,6 +290,56 @@ impl SlotEtc<'_> {
         Ok(Some(owner))
     }
 
+    /// Back on this slot after the other ran: its passwords changed since come along.
+    fn carry_back(&self) {
+        let other = self.slot.other();
+        let base_mount = self.paths.run.join("atom/etc-base");
+        let mounted = mount::mount_fs(
+            &self.other.to_string_lossy(),
+            &base_mount,
+            "ext4",
+            MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("noload"),
+        )
+        .is_ok();
+        let mine_upper = self.dir(self.slot).join("upper");
+        for file in etcmerge::accounts::PASSWORD_FILES {
+            let theirs_layer = self.dir(other).join("upper").join(file);
+            let theirs = view(&theirs_layer, mounted.then(|| base_mount.join("etc").join(file)));
+            let lower = self.paths.newroot.join("etc").join(file);
+            let mine = view(&mine_upper.join(file), Some(lower.clone()));
+            let (Some(theirs), Some((mine, mine_src))) = (theirs, mine) else {
+                continue;
+            };
+            let (text, carried) = etcmerge::accounts::carry_back(&mine, &theirs.0);
+            if carried.is_empty() {
+                continue;
+            }
+            let dest = mine_upper.join(file);
+            let tmp = mine_upper.join(format!(".{file}.atom-carry"));
+            let _ = fs::remove_file(&tmp);
+            let written = etcmerge::copy::entry(&mine_src, &tmp)
+                .and_then(|()| fs::write(&tmp, &text))
+                .and_then(|()| fs::File::open(&tmp)?.sync_all())
+                .and_then(|()| fs::rename(&tmp, &dest));
+            match written {
+                Ok(()) => say!(
+                    "/etc: back on slot {}: carried {} changed under slot {other} for {}",
+                    self.slot,
+                    file,
+                    carried.join(", ")
+                ),
+                Err(e) => {
+                    let _ = fs::remove_file(&tmp);
+                    say!("/etc: cannot carry {file} from slot {other} ({e})");
+                }
+            }
+        }
+        if mounted {
+            mount::detach(&base_mount);
+        }
+    }
+
     fn merge_from(&self, from: SlotName) -> Result<Report, String> {
         let new_etc = self.paths.newroot.join("etc");
         let mine_upper = self.dir(self.slot).join("upper");
@@ -340,6 +393,20 @@ impl SlotEtc<'_> {
         if let Err(e) = write_toml(&self.root().join("last.toml"), &Last { slot: slot.to_owned() }) {
             say!("/etc: {e}");
         }
+    }
+}
+
+/// What a slot sees at `layer_file` (its layer's copy, a whiteout meaning none) or else at
+/// `image_file`: the bytes and the file they came from. Account files only: bounded.
+fn view(layer_file: &Path, image_file: Option<PathBuf>) -> Option<(Vec<u8>, PathBuf)> {
+    let read = |p: &Path| -> Option<(Vec<u8>, PathBuf)> {
+        let m = fs::symlink_metadata(p).ok()?;
+        (m.is_file() && m.len() <= etcmerge::accounts::MAX_BYTES).then(|| Some((fs::read(p).ok()?, p.to_owned())))?
+    };
+    match fs::symlink_metadata(layer_file) {
+        Ok(m) if m.is_file() => read(layer_file),
+        Ok(_) => None,
+        Err(_) => read(&image_file?),
     }
 }
 
