@@ -141,6 +141,12 @@ pub enum EtcVerb {
         #[arg(long)]
         json: bool,
     },
+    /// Mark conflicts of the last merge as looked at (for one without an .atom-new, such as
+    /// a file the image removed); `status` no longer counts them.
+    Resolve {
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<String>,
+    },
     /// Back to the image's version of each PATH (under /etc), dropping PATH.atom-new; it
     /// then follows future updates again.
     Reset {

@@ -52,6 +52,30 @@ impl EtcPaths {
         let path = self.layer.parent()?.join("merge.toml");
         toml::from_str(&fs::read_to_string(path).ok()?).ok()
     }
+
+    fn resolved_path(&self) -> PathBuf {
+        self.layer.with_file_name(bootsel::etcmerge::RESOLVED)
+    }
+
+    /// Conflicts of the last merge an operator marked as looked at (`resolve`, `reset`).
+    fn resolved(&self) -> Vec<String> {
+        fs::read_to_string(self.resolved_path())
+            .ok()
+            .and_then(|t| toml::from_str::<Resolved>(&t).ok())
+            .map(|r| r.paths)
+            .unwrap_or_default()
+    }
+
+    fn mark_resolved(&self, rel: &str) -> Result<(), Failure> {
+        let mut r = Resolved { paths: self.resolved() };
+        if !r.paths.iter().any(|p| p == rel) {
+            r.paths.push(rel.to_owned());
+        }
+        let path = self.resolved_path();
+        let text = toml::to_string(&r).map_err(|e| Failure::error(e.to_string()))?;
+        atom_dist::fsutil::write_atomic_bytes(&path, 0o644, text.as_bytes())
+            .map_err(|e| Failure::error(format!("cannot write {}: {e}", path.display())))
+    }
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -143,21 +167,40 @@ pub fn conflicts(p: &EtcPaths) -> (Option<String>, Vec<ConflictView>) {
     let Some(r) = p.record() else {
         return (None, Vec::new());
     };
+    let resolved = p.resolved();
     let views = r
         .report
         .conflicts
         .into_iter()
         .map(|c| ConflictView {
-            unresolved: c
-                .image_version
-                .as_ref()
-                .is_none_or(|v| fs::symlink_metadata(p.live.join(v)).is_ok()),
+            unresolved: !resolved.contains(&c.path)
+                && c.image_version
+                    .as_ref()
+                    .is_none_or(|v| fs::symlink_metadata(p.live.join(v)).is_ok()),
             path: c.path,
             what: c.what,
             image_version: c.image_version,
         })
         .collect();
     (Some(r.from_slot), views)
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Resolved {
+    paths: Vec<String>,
+}
+
+/// Marks conflicts of the last merge as looked at (until the next merge starts a new list).
+pub fn resolve(p: &EtcPaths, rel: &str) -> Result<String, Failure> {
+    let rel = rel.trim_start_matches("/etc/").trim_start_matches('/');
+    let (_, list) = conflicts(p);
+    if !list.iter().any(|c| c.path == rel) {
+        return Err(Failure::not_allowed(format!(
+            "/etc/{rel} is not a conflict of the last merge"
+        )));
+    }
+    p.mark_resolved(rel)?;
+    Ok(format!("/etc/{rel}: marked resolved"))
 }
 
 /// How many conflicts still need a look (for `status`).
@@ -252,6 +295,9 @@ pub fn reset(p: &EtcPaths, rel: &str) -> Result<String, Failure> {
             "removed (the image has no such file)"
         }
     };
+    if conflicts(p).1.iter().any(|c| c.path == rel) {
+        p.mark_resolved(rel)?;
+    }
     let beside = p.live.join(format!("{rel}{NEW_SUFFIX}"));
     if fs::symlink_metadata(&beside).is_ok() {
         fs::remove_file(&beside).map_err(io)?;

@@ -238,6 +238,11 @@ fn etc_verb(s: &atom_update::config::Settings, verb: &atom_update::cli::EtcVerb)
                 }
             }
         }
+        EtcVerb::Resolve { paths } => {
+            for path in paths {
+                println!("{}", etc::resolve(&p, path)?);
+            }
+        }
         EtcVerb::Reset { json, paths } => {
             let mut done = Vec::new();
             for path in paths {

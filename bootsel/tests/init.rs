@@ -710,6 +710,7 @@ echo '--- json'; $U etc conflicts --json | tr -d ' \n'; echo
 echo '--- reset'; $U etc reset /etc/ssh/sshd_config
 echo "sshd after reset: $(head -1 "$R/sysroot/etc/ssh/sshd_config")"
 echo '--- conflicts after'; $U etc conflicts
+echo '--- resolve'; $U etc resolve /etc/passwd 2>&1 || echo "exit $?"
 "#,
         agent = agent.display()
     );
@@ -772,6 +773,11 @@ echo '--- conflicts after'; $U etc conflicts
     assert!(out.contains("sshd after reset: Port 22"), "{out}");
     assert!(
         section("conflicts after").contains("resolved   /etc/ssh/sshd_config"),
+        "{out}"
+    );
+    let resolve = section("resolve");
+    assert!(
+        resolve.contains("is not a conflict of the last merge") && resolve.contains("exit 7"),
         "{out}"
     );
 

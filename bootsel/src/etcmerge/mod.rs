@@ -43,6 +43,10 @@ pub const IMAGE_ETC: &str = "atom/image-etc";
 /// Under the run directory: the state partition's per-slot layers (`slots/<A|B>/…`).
 pub const LAYERS: &str = "atom/state/etc";
 
+/// Beside `merge.toml`: conflicts an operator marked as looked at (`atom-update etc
+/// resolve`); a new merge starts a new list.
+pub const RESOLVED: &str = "resolved.toml";
+
 /// What the merge that made a slot's layer did: `slots/<slot>/merge.toml`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MergeRecord {

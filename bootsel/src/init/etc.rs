@@ -220,6 +220,7 @@ impl SlotEtc<'_> {
             }
         };
         self.note(&mine.join("merge.toml"), &record);
+        let _ = fs::remove_file(mine.join(etcmerge::RESOLVED));
         self.note(&origin, &Origin { image });
         Ok(mine)
     }
