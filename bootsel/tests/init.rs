@@ -835,3 +835,43 @@ fn a_symlinked_etc_layer_on_state_is_refused() {
     );
     assert_eq!(fs::read_to_string(target.join("upper/keep")).unwrap(), "untouched\n");
 }
+
+/// A merge that cannot complete (here: a conflict on a file whose name leaves no room for
+/// `.atom-new`) still boots, with this slot given an unmerged copy of the old slot's layer,
+/// the failure on record, and the old slot's layer untouched.
+#[test]
+fn a_failed_merge_boots_with_an_unmerged_copy() {
+    let disk = LoopDisk::new();
+    let long = "n".repeat(250);
+    let (l1, l2) = (long.clone(), long.clone());
+    disk.fill_slot_with(2, "slot-a", move |t: &Path| {
+        fs::write(t.join("etc").join(&l1), "a\n").unwrap()
+    });
+    disk.fill_slot_with(3, "slot-b", move |t: &Path| {
+        fs::write(t.join("etc").join(&l2), "b\n").unwrap()
+    });
+    let cfg = disk.config("");
+    // A boots and the host changes the file; then B's image, which changed it too.
+    cgpt_set(Path::new(&disk.dev), 2, 1, 0, 1);
+    cgpt_set(Path::new(&disk.dev), 3, 0, 0, 0);
+    let (ok_, _, err) = disk.boot(
+        &cfg,
+        &format!("echo host > \"$R/sysroot/etc/{long}\"\necho mine > \"$R/sysroot/etc/mine\""),
+    );
+    assert!(ok_, "{err}");
+    cgpt_set(Path::new(&disk.dev), 3, 2, 2, 0);
+    let (ok_, out, err) = disk.boot(
+        &cfg,
+        &format!(
+            "echo \"long: $(cat \"$R/sysroot/etc/{long}\")\"\necho \"mine: $(cat \"$R/sysroot/etc/mine\")\"\n\
+             grep -c 'the /etc merge failed' \"$R/run/atom/state/etc/slots/B/merge.toml\"\n\
+             echo \"A's: $(cat \"$R/run/atom/state/etc/slots/A/upper/mine\")\""
+        ),
+    );
+    assert!(ok_, "the boot goes on: {out}\n{err}");
+    assert!(err.contains("booting slot B"), "{err}");
+    assert!(err.contains("this slot gets them unmerged"), "{err}");
+    assert!(out.contains("long: host") && out.contains("mine: mine"), "{out}");
+    assert!(out.contains("\n1\n"), "the failure is on record: {out}");
+    assert!(out.contains("A's: mine"), "A's layer untouched: {out}");
+}
