@@ -237,9 +237,9 @@ fn an_unreadable_state_file_is_never_silently_forgotten() {
     for verb in ["check", "now"] {
         let out = agent_within(&env, &[verb], 60);
         let t = text(&out);
-        assert_eq!(out.status.code(), Some(1), "{verb}: {t}");
+        assert_eq!(out.status.code(), Some(6), "{verb}: refused, with the fix: {t}");
         assert!(
-            t.contains("the state file is unreadable") && t.contains("no usable backup copy"),
+            t.contains("the state file is unreadable") && t.contains("no usable backup copy") && t.contains("mv "),
             "{t}"
         );
     }
