@@ -291,18 +291,23 @@ impl SlotEtc<'_> {
         Ok(Some(owner))
     }
 
-    /// Back on this slot after the other ran: its passwords changed since come along.
-    fn carry_back(&self) {
-        let other = self.slot.other();
-        let base_mount = self.paths.run.join("atom/etc-base");
-        let mounted = mount::mount_fs(
+    /// The other slot's image, read-only and without replaying its journal (`noload`):
+    /// the base of a merge and the source of carried passwords.
+    fn mount_other_image(&self, at: &Path) -> Result<(), String> {
+        mount::mount_fs(
             &self.other.to_string_lossy(),
-            &base_mount,
+            at,
             "ext4",
             MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
             Some("noload"),
         )
-        .is_ok();
+    }
+
+    /// Back on this slot after the other ran: its passwords changed since come along.
+    fn carry_back(&self) {
+        let other = self.slot.other();
+        let base_mount = self.paths.run.join("atom/etc-base");
+        let mounted = self.mount_other_image(&base_mount).is_ok();
         let mine_upper = self.dir(self.slot).join("upper");
         for file in etcmerge::accounts::PASSWORD_FILES {
             let theirs_layer = self.dir(other).join("upper").join(file);
@@ -351,13 +356,7 @@ impl SlotEtc<'_> {
         let base = if from == self.slot {
             new_etc.clone()
         } else {
-            match mount::mount_fs(
-                &self.other.to_string_lossy(),
-                &base_mount,
-                "ext4",
-                MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-                Some("noload"),
-            ) {
+            match self.mount_other_image(&base_mount) {
                 Ok(()) => base_mount.join("etc"),
                 Err(e) => {
                     say!("/etc: slot {from}'s image cannot be read ({e}); keeping its changes as they are");
