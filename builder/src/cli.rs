@@ -14,7 +14,8 @@ EXIT STATUS:
 
 /// Build, sign and publish Atom OS images.
 ///
-/// atom-build turns a root filesystem into a reproducible ext4 slot image, publishes it
+/// atom-build builds an OS from a recipe (`build`), turns a root filesystem into a
+/// reproducible ext4 slot image, publishes it
 /// into a signed repository that any static web server can host, and audits such a
 /// repository. Run each subcommand with --help for details.
 #[derive(Debug, Parser)]
@@ -29,6 +30,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    Build(BuildArgs),
+    Cache(CacheArgs),
     Keygen(KeygenArgs),
     Image(ImageArgs),
     Publish(PublishArgs),
@@ -41,6 +44,80 @@ pub enum Command {
     InstallUnits(InstallArgs),
     Initramfs(InitramfsArgs),
     Disk(DiskArgs),
+}
+
+/// Build an OS image from a recipe, stage by stage, with a stage cache.
+///
+/// Stages, in order: bootstrap, packages, files, configure, scripts, atom, kernel, clean,
+/// image, outputs, publish (docs/RECIPES.md says what each does and every recipe key).
+/// Hooks run before and after any stage (`[hooks.STAGE] before/after`). Each stage's
+/// result is cached under a hash of its inputs and the previous stage's key: a rerun
+/// restarts at the first stage whose inputs changed and says which did. Every build
+/// writes out/build.lock.toml (package versions, mirrors, digests); `--locked` rebuilds
+/// exactly that. Runs as root, in its own mount namespace.
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The recipe (TOML). Its drop-ins, NAME.d/*.toml beside NAME.toml, are merged after it.
+    pub recipe: PathBuf,
+    /// Override a recipe key: KEY=VALUE with a dotted key and a TOML value (a bare word is
+    /// a string), e.g. --set os.version=1.2.0 --set 'packages.install=["curl"]'. Repeatable;
+    /// replaces (arrays too).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Build directory: tree/, logs/NN-STAGE.log, out/ (image, outputs, lock). One build
+    /// at a time per directory.
+    #[arg(long, value_name = "DIR", default_value = "atom-build.d")]
+    pub build_dir: PathBuf,
+    /// The stage cache, shared by any number of builds.
+    #[arg(long, value_name = "DIR", default_value = "/var/cache/atom-build")]
+    pub cache: PathBuf,
+    /// Run every stage (their results still replace what the cache holds).
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Leave a stage out (its hooks too); repeatable. Later stages get other cache keys.
+    #[arg(long = "skip", value_name = "STAGE")]
+    pub skip: Vec<String>,
+    /// Run only this stage, on the cached result of the stages before it.
+    #[arg(long, value_name = "STAGE", conflicts_with = "from")]
+    pub only: Option<String>,
+    /// Run this stage and all after it even when cached.
+    #[arg(long, value_name = "STAGE")]
+    pub from: Option<String>,
+    /// Rebuild exactly what this lock file records (the recipe, hooks, base, package
+    /// versions, SOURCE_DATE_EPOCH), or refuse saying what differs.
+    #[arg(long, value_name = "LOCK")]
+    pub locked: Option<PathBuf>,
+    /// Keep the tree of a failed stage in the build directory for inspection.
+    #[arg(long)]
+    pub keep_failed: bool,
+    /// No stage lines (errors still go to stderr).
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// List or prune the stage cache of `atom-build build`.
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    /// The stage cache.
+    #[arg(long, value_name = "DIR", default_value = "/var/cache/atom-build", global = true)]
+    pub cache: PathBuf,
+    #[command(subcommand)]
+    pub action: CacheAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheAction {
+    /// Each entry: key, stage, recipe name, size, when last used (newest first).
+    List,
+    /// Remove entries not used for a while (and leftovers of crashed builds).
+    Prune {
+        /// Remove what was not used within this long, e.g. 30days.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        older_than: Option<std::time::Duration>,
+        /// Remove every entry.
+        #[arg(long, conflicts_with = "older_than")]
+        all: bool,
+    },
 }
 
 /// Build the initramfs: the static bootsel as /init, kernel modules, bootsel's config.
@@ -473,7 +550,7 @@ pub struct HistoryArgs {
     pub channel: String,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, String> {
     parse_size::Config::new()
         .with_binary()
         .parse_size(s)

@@ -73,6 +73,26 @@ pub fn run(args: &InstallArgs) -> Result<()> {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from(".")),
     };
+    install_into(root, &bin_dir, args.bootsel.as_deref())?;
+    if args.bootsel.is_some() {
+        println!(
+            "installed bootsel and the initramfs-tools hook (run update-initramfs in the tree, then \
+             atom-build image --initramfs tree)"
+        );
+    }
+    println!(
+        "installed {} units, the preset and {} into {} (enable with: systemctl --root={} preset-all)",
+        UNITS.len(),
+        BINARIES.join(", "),
+        root.display(),
+        root.display()
+    );
+    Ok(())
+}
+
+/// The units, the preset, the binaries of `bin_dir`, Atom's directories and, with
+/// `bootsel`, the initramfs-tools hook, into the tree at `root`.
+pub fn install_into(root: &Path, bin_dir: &Path, bootsel: Option<&Path>) -> Result<()> {
     let unit_dir = root.join("usr/lib/systemd/system");
     for (name, text) in UNITS {
         write(&unit_dir.join(name), text, 0o644)?;
@@ -97,7 +117,7 @@ pub fn run(args: &InstallArgs) -> Result<()> {
     ] {
         fs::create_dir_all(root.join(dir)).with_context(|| format!("cannot create {dir}"))?;
     }
-    if let Some(bootsel) = &args.bootsel {
+    if let Some(bootsel) = bootsel {
         let dst = root.join(BOOTSEL_IN_ROOT);
         fs::create_dir_all(dst.parent().expect("has parent"))?;
         fs::copy(bootsel, &dst).with_context(|| format!("cannot copy {}", bootsel.display()))?;
@@ -105,19 +125,7 @@ pub fn run(args: &InstallArgs) -> Result<()> {
         for (path, text) in INITRAMFS_TOOLS {
             write(&root.join(path), text, 0o755)?;
         }
-        println!(
-            "installed bootsel and the initramfs-tools hook (run update-initramfs in the tree, then \
-             atom-build image --initramfs tree)"
-        );
     }
     let example = root.join("etc/atom/update.toml.example");
-    write(&example, CONFIG_EXAMPLE, 0o644)?;
-    println!(
-        "installed {} units, the preset and {} into {} (enable with: systemctl --root={} preset-all)",
-        UNITS.len(),
-        BINARIES.join(", "),
-        root.display(),
-        root.display()
-    );
-    Ok(())
+    write(&example, CONFIG_EXAMPLE, 0o644)
 }

@@ -1,27 +1,12 @@
 //! `atom-build`: keys, OS images and repositories.
 
-mod audit;
-mod cli;
-mod cmd;
-mod disk;
-mod ext4;
-mod image;
-mod initramfs;
-mod install;
-mod keygen;
-mod keyring;
-mod modules;
-mod publish;
-mod refresh;
-mod resign;
-mod sign;
-mod signing;
-mod slot_boot;
-
 use std::process::ExitCode;
 
+use atom_build::cli::{Cli, Command};
+use atom_build::{
+    audit, build, disk, image, initramfs, install, keygen, keyring, publish, refresh, resign, said_once, sign,
+};
 use clap::Parser;
-use cli::{Cli, Command};
 
 const EXIT_PROBLEMS: u8 = 3;
 
@@ -29,6 +14,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result = match &cli.command {
+        Command::Build(a) => build::run(a),
+        Command::Cache(a) => build::cache::run(a),
         Command::Keygen(a) => keygen::run(a),
         Command::Image(a) => image::run_image(a),
         Command::Publish(a) => publish::run(a),
@@ -53,21 +40,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// The error and its causes, each said once: many errors already quote their cause.
-pub(crate) fn said_once(e: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in e.chain().map(|c| c.to_string()) {
-        if text.contains(&cause) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&cause);
-    }
-    text
 }
 
 fn init_logging(verbose: u8) {
