@@ -143,7 +143,7 @@ impl Cache {
                 .unwrap_or(SystemTime::UNIX_EPOCH);
             out.push((meta, dir, used));
         }
-        out.sort_by(|a, b| b.2.cmp(&a.2));
+        out.sort_by_key(|e| std::cmp::Reverse(e.2));
         Ok(out)
     }
 

@@ -435,7 +435,7 @@ impl Runner<'_> {
         };
         let image = self.dir.out.join(format!("{}.img", stages::stem(r)));
         let image = if image.is_file() {
-            Some(atom_dist::Digest::of_file(&image)?.0.hex())
+            Some(atom_dist::Digest::of_file(&image)?.0.to_string())
         } else {
             None
         };
@@ -449,7 +449,7 @@ impl Runner<'_> {
             suite: r.base.debian.as_ref().map(|d| d.suite.clone()),
             mirrors: r.base.debian.as_ref().map(|d| d.mirrors.clone()).unwrap_or_default(),
             base_source,
-            base_image: self.base_image.digest().map(|d| d.hex()),
+            base_image: self.base_image.digest().map(|d| d.to_string()),
             hooks: hooks.clone(),
             stages: plan.iter().map(|s| (s.name.to_string(), s.key.clone())).collect(),
             image,

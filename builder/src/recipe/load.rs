@@ -82,7 +82,9 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Loaded> {
     let digest = blake3::hash(canonical.as_bytes()).to_hex().to_string();
     let recipe: Recipe = serde_path_to_error::deserialize(Value::Table(merged.clone())).map_err(|e| {
         let at = e.path().to_string();
-        let inner = e.into_inner();
+        // toml's messages carry a "in `table`" line of their own; one line is enough.
+        let inner = e.into_inner().to_string();
+        let inner = inner.lines().next().unwrap_or_default().to_string();
         if at == "." {
             anyhow::anyhow!("recipe {}: {inner}", path.display())
         } else {
@@ -184,10 +186,10 @@ fn walk(value: &mut Value, parts: &[&str], dir: &Path) {
 
 fn resolve_value(value: &mut Value, dir: &Path) {
     match value {
-        Value::String(s) => {
-            if !NOT_PATHS.contains(&s.as_str()) && !s.starts_with("pkcs11:") && Path::new(s.as_str()).is_relative() {
-                *s = dir.join(&*s).to_string_lossy().into_owned();
-            }
+        Value::String(s)
+            if !NOT_PATHS.contains(&s.as_str()) && !s.starts_with("pkcs11:") && Path::new(s.as_str()).is_relative() =>
+        {
+            *s = dir.join(&*s).to_string_lossy().into_owned();
         }
         Value::Table(t) => {
             if let Some(run) = t.get_mut("run") {

@@ -138,7 +138,7 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Packages {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -147,6 +147,16 @@ pub struct Packages {
     pub remove: Vec<String>,
     #[serde(default = "yes")]
     pub no_recommends: bool,
+}
+
+impl Default for Packages {
+    fn default() -> Self {
+        Packages {
+            install: Vec::new(),
+            remove: Vec::new(),
+            no_recommends: true,
+        }
+    }
 }
 
 /// A file or a directory tree copied from the build host into the image.
@@ -516,8 +526,10 @@ impl Recipe {
                 bail!("kernel.initramfs = \"bootsel\" needs kernel.bootsel (the static bootsel)");
             }
         }
-        if !self.packages.install.is_empty() && self.base.debian.is_none() {
-            bail!("packages.install needs a Debian base (base.debian); other trees bring their packages");
+        if !(self.packages.install.is_empty() && self.packages.remove.is_empty()) && self.base.debian.is_none() {
+            bail!(
+                "packages.install and packages.remove need a Debian base (base.debian); other trees bring their packages"
+            );
         }
         self.image_size()?;
         humantime::parse_duration(&self.build.hook_timeout)
@@ -537,4 +549,30 @@ pub fn absolute_in_image(what: &str, p: &str) -> Result<()> {
         bail!("{what} = {p:?}: give an absolute path inside the image, without \"..\"");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A missing table must mean the same as an empty one: `#[serde(default)]` on a
+    /// table uses the Rust `Default`, an empty table the per-field defaults.
+    #[test]
+    fn rust_defaults_are_the_recipe_defaults() {
+        fn same<T: Default + Serialize + serde::de::DeserializeOwned>(name: &str) {
+            let from_empty: T = toml::from_str("").unwrap();
+            assert_eq!(
+                serde_json::to_value(&from_empty).unwrap(),
+                serde_json::to_value(T::default()).unwrap(),
+                "{name}"
+            );
+        }
+        same::<Packages>("packages");
+        same::<Units>("units");
+        same::<Configure>("configure");
+        same::<Clean>("clean");
+        same::<Outputs>("outputs");
+        same::<BuildOptions>("build");
+        same::<Base>("base");
+    }
 }

@@ -102,7 +102,7 @@ fn lines(tree: &Path, name: &str) -> Result<Vec<String>> {
     }
 }
 
-fn field<'a>(line: &'a str, n: usize) -> Option<&'a str> {
+fn field(line: &str, n: usize) -> Option<&str> {
     line.split(':').nth(n)
 }
 
