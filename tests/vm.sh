@@ -46,87 +46,34 @@ agent_repo=http://10.0.2.100
 # shellcheck source=tests/vm-lib.sh
 source "$(dirname "$0")/vm-lib.sh"
 
-step "the sample OS (busybox, static atom-update, Atom units) in four versions"
-sample_root() { # DIR VERSION KERNEL_DIR RELEASE
-  local root=$1 version=$2
-  rm -rf "$root"
-  mkdir -p "$root"/{bin,sbin,etc/init.d,etc/atom/keys,proc,sys,dev,run,tmp,var,mnt/exchange,usr/share/doc/sample}
-  cp /bin/busybox "$root/bin/busybox"
-  for tool in $(/bin/busybox --list); do
-    [[ $tool == busybox ]] || ln -sf busybox "$root/bin/$tool"
-  done
-  ln -s ../bin/busybox "$root/sbin/init"
-  install_agent "$root"
-  printf '::sysinit:/etc/init.d/rcS\n::shutdown:/bin/sync\n' > "$root/etc/inittab"
-  # What systemd does with atom-health.service and atom-mark-good/-bad.service, in sh:
-  # health checks first; failed -> mark the slot bad and reboot; passed -> mark good.
-  cat > "$root/etc/init.d/rcS" <<'EOF'
-#!/bin/sh
-export PATH=/usr/bin:/bin:/sbin
-mount -t tmpfs tmpfs /tmp
-version=$(sed -n 's/^version = "\(.*\)"/\1/p' /usr/lib/atom/release)
-slot=$(sed -n 's/^slot = "\(.*\)"/\1/p' /run/atom/boot.toml)
-echo "ATOM-SAMPLE: running $version from slot $slot on kernel $(uname -r)"
-mount -o ro /dev/vdb /mnt/exchange || echo "ATOM-SAMPLE: no exchange disk"
-# The network to atom-dist: qemu's user network, where 10.0.2.100 forwards to the host.
-if modprobe virtio_net && ip link set lo up && ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0; then
-  echo "ATOM-SAMPLE: network up: eth0 10.0.2.15, the repository at http://10.0.2.100"
-else
-  echo "ATOM-SAMPLE: no network"
-fi
-if atom-update health-check; then
-  atom-update mark-good && echo "ATOM-SAMPLE: marked good"
-else
-  echo "ATOM-SAMPLE: health check failed; marking this slot bad and rebooting"
-  atom-update mark-bad
-  sync
-  reboot -f
-fi
-if [ -r /mnt/exchange/control.sh ]; then
-  echo "ATOM-SAMPLE: control script begins"
-  sh /mnt/exchange/control.sh 2>&1
-  echo "ATOM-SAMPLE: control script exited $?"
-fi
-sync
-poweroff -f
-EOF
-  chmod 755 "$root/etc/init.d/rcS"
-  printf 'Welcome to the Atom sample OS %s\n' "$version" > "$root/etc/motd"
-  # Bulk that stays the same between versions, like most of a real OS.
-  for i in $(seq 1 20); do head -c 200000 /bin/busybox | tail -c $((1000 * i)) > "$root/usr/share/doc/sample/blob$i"; done
-  slot_kernel "$root" "$3" "$4" "${initramfs_modules[@]}" virtio_net
+step "the sample OS in five versions, built by atom-build build from examples/busybox/recipe.toml"
+# This machine's paths go in with --set; versions 2.0.0-4.0.0 are the recipes of
+# tests/recipes (the example plus one file each); 5.0.0's initramfs lacks ext4. All share
+# one stage cache: what two versions have in common is built once.
+build_os() { # VERSION RECIPE KERNEL_DIR BASE_IMAGE|none [--set KEY=VALUE...]
+  local version=$1 recipe=$2 from=$3 base=$4
+  shift 4
+  local started=$SECONDS
+  "$build" build "$recipe" --quiet --build-dir "$work/build-$version" --cache "$work/build-cache" \
+    --set "os.version=$version" --set "atom.agent=$update_static" --set "atom.keys=[\"$work/signer.pub\"]" \
+    --set "atom.repositories=[\"$agent_repo\"]" --set "kernel.from=$from" --set "kernel.bootsel=$bootsel_static" \
+    --set "image.base=$base" "$@" || fail "atom-build build of $version failed"
+  cp "$work/build-$version/out/atom-sample-$version.img" "$work/v${version%%.*}.img"
+  echo "    $version: $(stat -c %s "$work/v${version%%.*}.img") bytes in $((SECONDS - started)) s ($recipe)"
 }
-mapfile -t slot_args < <(slot_image_args)
-
-sample_root "$work/root-v1" 1.0.0 "$kdir_old" "$kver_old"
-"$build" image "${slot_args[@]}" --rootfs "$work/root-v1" --version 1.0.0 --size 64M --out "$work/v1.img"
-sample_root "$work/root-v2" 2.0.0 "$kdir_new" "$kver_new"
-echo "new in 2.0.0" > "$work/root-v2/etc/feature"
-"$build" image "${slot_args[@]}" --rootfs "$work/root-v2" --version 2.0.0 --size 64M --out "$work/v2.img" --base "$work/v1.img"
-sample_root "$work/root-v3" 3.0.0 "$kdir_new" "$kver_new"
-cat > "$work/root-v3/usr/lib/atom/health.d/50-broken-service" <<'EOF'
-#!/bin/sh
-echo "the sample service of 3.0.0 does not start" >&2
-exit 1
-EOF
-chmod 755 "$work/root-v3/usr/lib/atom/health.d/50-broken-service"
-"$build" image "${slot_args[@]}" --rootfs "$work/root-v3" --version 3.0.0 --size 64M --out "$work/v3.img" --base "$work/v2.img"
-sample_root "$work/root-v4" 4.0.0 "$kdir_new" "$kver_new"
-rm "$work/root-v4/sbin/init"
-# The pause lets the serial console drain: the kernel panics the moment init exits, and
-# a line still in the tty buffer would be lost.
-printf '#!/bin/sh\necho "ATOM-SAMPLE: 4.0.0 init crashes before userspace is up"\n/bin/busybox sleep 1\nexit 1\n' > "$work/root-v4/sbin/init"
-chmod 755 "$work/root-v4/sbin/init"
-"$build" image "${slot_args[@]}" --rootfs "$work/root-v4" --version 4.0.0 --size 64M --out "$work/v4.img" --base "$work/v2.img"
-# 5.0.0's initramfs lacks ext4: its second stage cannot mount the slot's root.
-sample_root "$work/root-v5" 5.0.0 "$kdir_new" "$kver_new"
-mapfile -t no_ext4_args < <(slot_image_args virtio_pci virtio_blk overlay)
-"$build" image "${no_ext4_args[@]}" --rootfs "$work/root-v5" --version 5.0.0 --size 64M --out "$work/v5.img" --base "$work/v2.img"
-
-step "the host's disk: atom-build disk (ESP with systemd-boot, root-a = 1.0.0, root-b, state)"
-"$build" disk --image "$work/v1.img" --kernel "$vmlinuz" --initramfs "$work/initrd.img" \
-  --cmdline "ro console=ttyS0 panic=1" --slot-size 80M --out "$work/disk.img"
-
+example=examples/busybox/recipe.toml
+# 1.0.0 also makes the host's disk (outputs.disk): ESP with systemd-boot and the first
+# stage, root-a = 1.0.0, root-b, state.
+build_os 1.0.0 "$example" "$kdir_old" none --set "outputs.disk.kernel=$vmlinuz" \
+  --set "outputs.disk.initramfs=$work/initrd.img" --set "outputs.disk.cmdline=ro console=ttyS0 panic=1" \
+  --set outputs.disk.slot_size=80M
+cp "$work/build-1.0.0/out/atom-sample-1.0.0.disk.img" "$work/disk.img"
+build_os 2.0.0 tests/recipes/sample-2.toml "$kdir_new" "$work/v1.img"
+build_os 3.0.0 tests/recipes/sample-3.toml "$kdir_new" "$work/v2.img"
+build_os 4.0.0 tests/recipes/sample-4.toml "$kdir_new" "$work/v2.img"
+build_os 5.0.0 "$example" "$kdir_new" "$work/v2.img" --set 'kernel.initramfs_modules=["virtio_pci", "virtio_blk", "overlay"]'
+grep -q '^image = ' "$work/build-5.0.0/out/build.lock.toml" || fail "the build wrote no lock"
+ok "each build wrote its build.lock.toml (recipe digest, hooks, stage keys, image digest)"
 
 step "publishing 1.0.0 and 2.0.0 to the repository on the exchange disk"
 publish "$work/v1.img"

@@ -279,27 +279,14 @@ fn build_on_base(
     let mnt = work.join("mnt");
     fs::create_dir(&mnt).context("cannot create mount point")?;
     run(Command::new("mount")
-        .args(["-t", "ext4", "-o", "loop,noatime"])
+        // nodelalloc: blocks are allocated as tree_sync writes, in its order.
+        .args(["-t", "ext4", "-o", "loop,noatime,nodelalloc"])
         .arg(image)
         .arg(&mnt))
     .context("cannot mount the base image (building with --base needs root and loop devices)")?;
     let guard = Mounted(Some(mnt.clone()));
-    let mut src = staging.as_os_str().to_owned();
-    src.push("/");
-    // --inplace rewrites a changed file inside its existing blocks; --checksum because
-    // clamped timestamps make size+mtime useless for spotting changes.
-    run(Command::new("rsync")
-        .args([
-            "-aHAX",
-            "--numeric-ids",
-            "--delete",
-            "--checksum",
-            "--inplace",
-            "--exclude=/lost+found",
-        ])
-        .arg(src)
-        .arg(&mnt))
-    .context("cannot sync the new tree into the base image")?;
+    let stats = crate::tree_sync::sync(staging, &mnt).context("cannot sync the new tree into the base image")?;
+    tracing::debug!(?stats, "synced into the base image");
     guard.unmount()?;
 
     ext4::normalize(image, conf, epoch, &fs_paths(staging)?, work, ext4::Origin::Mounted)

@@ -22,6 +22,7 @@ pub mod resign;
 pub mod sign;
 pub mod signing;
 pub mod slot_boot;
+pub mod tree_sync;
 
 /// The error and its causes, each said once: many errors already quote their cause.
 pub fn said_once(e: &anyhow::Error) -> String {
