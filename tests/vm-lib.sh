@@ -69,33 +69,6 @@ echo "    first stage and 1.0.0: $old_pkg; later versions: $new_pkg"
 # dependency modules.dep does not list) and overlay for /etc.
 initramfs_modules=(virtio_pci virtio_blk crc32c_generic ext4 overlay)
 
-# slot_kernel ROOT KERNEL_DIR RELEASE [MODULE...]: the kernel and the named modules (with
-# what they depend on) into a sample root, as a distribution package would put them;
-# `atom-build image` finds them there and builds the slot's initramfs.
-slot_kernel() {
-  local root=$1 from=$2 release=$3
-  shift 3
-  (($#)) || set -- "${initramfs_modules[@]}"
-  local mods=$root/lib/modules/$release
-  mkdir -p "$root/boot" "$mods"
-  cp "$from/boot/vmlinuz-$release" "$root/boot/"
-  cp "$from/lib/modules/$release"/modules.{order,builtin,builtin.modinfo} "$mods/"
-  modprobe -d "$from" -S "$release" --show-depends -a "$@" |
-    awk '$1 == "insmod" {print $2}' | sort -u | while read -r ko; do
-    rel=${ko#"$from/lib/modules/$release/"}
-    mkdir -p "$mods/$(dirname "$rel")"
-    cp "$ko" "$mods/$rel"
-  done
-  depmod -b "$root" "$release"
-}
-# image_args: what `atom-build image` needs to build a slot's bootsel initramfs.
-slot_image_args() { # [MODULE...]
-  local m
-  (($#)) || set -- "${initramfs_modules[@]}"
-  printf '%s\n' --bootsel "$bootsel_static" --initramfs-config "$work/bootsel.toml" --shell /bin/busybox
-  for m in "$@"; do printf '%s\n' --module "$m"; done
-}
-
 step "building atom-build and atom-dist, and static bootsel and atom-update"
 cargo build --locked -p atom-build -p atom-dist
 build=$repo_root/target/debug/atom-build
@@ -153,22 +126,9 @@ dist_metric() {
   curl -fsS "$dist_url/metrics" | awk -v m="$1" '$1 == m {print $2; found=1} END {if (!found) print 0}'
 }
 
-# The guests' repository: atom-dist over HTTP (tests/vm.sh sets it), or the exchange disk.
+# The guests' repository: atom-dist over HTTP (tests/vm.sh sets it), or the exchange disk;
+# the recipes' atom.repositories.
 agent_repo=${agent_repo:-file:///mnt/exchange/repo}
-# install_agent ROOT [OPTIONS]: the static agent, the units and presets (atom-build install-units),
-# the signing key, and an update.toml reading $agent_repo.
-install_agent() { # ROOT [install-units options...]
-  local root=$1
-  shift
-  "$build" install-units --root "$root" --bin-dir "$(dirname "$update_static")" "$@" >/dev/null
-  cp "$work/signer.pub" "$root/etc/atom/keys/"
-  cat > "$root/etc/atom/update.toml" <<EOF
-repositories = ["$agent_repo"]
-channel = "stable"
-board = "x86_64-generic"
-tries = 2
-EOF
-}
 
 # TCG by default: KVM in nested sandboxes has failed here on OVMF (emulation failure).
 vm_accel=${ATOM_VM_ACCEL:-tcg}

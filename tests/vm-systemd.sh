@@ -5,6 +5,7 @@
 # its Debian kernel (1.0.0 the main suite's, later versions the security suite's) and
 # Debian's own initramfs made by update-initramfs with the Atom initramfs-tools hook: the
 # first stage kexecs it, and `bootsel attach` in its local-bottom adds state and /etc.
+# Every version is built by `atom-build build` from examples/debian-server/recipe.toml.
 #
 #   boot 1: 1.0.0 from A, whose agent is an older build (ATOM_AGENT_VERSION=0.0.1);
 #           atom-health.service passes, atom-mark-good.service runs; that agent refuses a
@@ -32,65 +33,6 @@ source "$(dirname "$0")/as-root.sh"
 source "$(dirname "$0")/vm-lib.sh"
 
 suite=$(. /etc/os-release && echo "$VERSION_CODENAME")
-base=$work/sysbase
-step "a Debian $suite root with systemd (mmdebstrap --variant=minbase, the host's apt sources)"
-if [[ ! -x $base/usr/lib/systemd/systemd || ! -x $base/usr/sbin/mkinitramfs ]]; then
-  rm -rf "$base"
-  mmdebstrap --variant=minbase --include=systemd-sysv,udev,initramfs-tools,kmod \
-    --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
-    --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
-    "$suite" "$base"
-fi
-du -sh "$base" | sed 's/^/    /'
-
-# The slot's kernel with the modules it needs, and Debian's own initramfs for it, made by
-# update-initramfs in the slot's tree with the Atom hook (install-units --bootsel).
-sample_root() { # DIR VERSION KERNEL_DIR RELEASE [AGENT]
-  local root=$1 version=$2 from=$3 release=$4 agent=${5:-}
-  rm -rf "$root"
-  cp -a "$base" "$root"
-  install_agent "$root" --bootsel "$bootsel_static"
-  [[ -z $agent ]] || install -m 755 "$agent" "$root/usr/bin/atom-update"
-  slot_kernel "$root" "$from" "$release"
-  cp "$from/boot/config-$release" "$root/boot/"
-  chroot "$root" update-initramfs -c -k "$release" 2>&1 | grep -v "^W: Possible missing firmware" | sed 's/^/    /' || true
-  [[ -s $root/boot/initrd.img-$release ]] || fail "update-initramfs made no initramfs for $release"
-  echo atom-vm > "$root/etc/hostname"
-  mkdir -p "$root/mnt/exchange"
-  echo '/dev/vdb /mnt/exchange ext4 ro,nofail,x-systemd.device-timeout=30s 0 0' > "$root/etc/fstab"
-  # Test-only units: a banner with the version and slot, and the control script from the
-  # exchange disk, run once the slot was marked good, then power off.
-  cat > "$root/etc/systemd/system/atom-vm-banner.service" <<'EOF'
-[Unit]
-Description=Atom VM test banner
-After=local-fs.target
-[Service]
-Type=oneshot
-StandardOutput=journal+console
-ExecStart=/bin/sh -c 'echo "ATOM-SAMPLE: running $(sed -n "s/^version = \\"\\(.*\\)\\"/\\1/p" /usr/lib/atom/release) from slot $(sed -n "s/^slot = \\"\\(.*\\)\\"/\\1/p" /run/atom/boot.toml) on kernel $(uname -r)"'
-[Install]
-WantedBy=multi-user.target
-EOF
-  cat > "$root/etc/systemd/system/atom-vm-control.service" <<'EOF'
-[Unit]
-Description=Atom VM test control script
-Requires=atom-mark-good.service mnt-exchange.mount
-After=atom-mark-good.service mnt-exchange.mount multi-user.target sysinit.target
-DefaultDependencies=no
-Conflicts=shutdown.target
-Before=shutdown.target
-[Service]
-Type=oneshot
-StandardOutput=journal+console
-StandardError=journal+console
-ExecStart=/bin/sh -c 'echo "ATOM-SAMPLE: control script begins"; sh /mnt/exchange/control.sh; echo "ATOM-SAMPLE: control script exited $?"'
-ExecStartPost=/usr/bin/systemctl --no-block poweroff
-[Install]
-WantedBy=multi-user.target
-EOF
-  systemctl --root="$root" enable atom-health.service atom-mark-good.service \
-    atom-vm-banner.service atom-vm-control.service 2>&1 | sed 's/^/    /' >/dev/null
-}
 
 step "an older agent for 1.0.0 (the same tree built as version 0.0.1), the current one for 2.0.0 and 3.0.0"
 current_agent=$("$update_static" --version | awk '{print $2}')
@@ -101,34 +43,32 @@ bash bootsel/build-static.sh atom-update >/dev/null
 "$update_static" --version | grep -qx "atom-update $current_agent" || fail "the current agent was not rebuilt"
 echo "    old agent 0.0.1, current agent $current_agent"
 
-step "the sample OS (Debian + systemd + Atom units) in three versions"
-sample_root "$work/root-v1" 1.0.0 "$kdir_old" "$kver_old" "$work/atom-update-0.0.1"
-echo "setting = 1" > "$work/root-v1/etc/atom-vm.conf"
-"$build" image --initramfs tree --rootfs "$work/root-v1" --version 1.0.0 --size 400M --out "$work/v1.img"
-sample_root "$work/root-v2" 2.0.0 "$kdir_new" "$kver_new"
-echo "new in 2.0.0" > "$work/root-v2/etc/feature"
-echo "setting = 2" > "$work/root-v2/etc/atom-vm.conf"
-chroot "$work/root-v2" useradd --system --no-create-home --shell /usr/sbin/nologin atomsvc
-"$build" image --initramfs tree --rootfs "$work/root-v2" --version 2.0.0 --size 400M --out "$work/v2.img" --base "$work/v1.img"
-sample_root "$work/root-v3" 3.0.0 "$kdir_new" "$kver_new"
-printf '#!/bin/sh\necho "the sample service of 3.0.0 does not start" >&2\nexit 1\n' \
-  > "$work/root-v3/usr/lib/atom/health.d/50-broken-service"
-chmod 755 "$work/root-v3/usr/lib/atom/health.d/50-broken-service"
-cat > "$work/root-v3/etc/systemd/system/atom-vm-etc3.service" <<'EOF'
-[Unit]
-Description=Atom VM test: 3.0.0 writes to /etc
-[Service]
-Type=oneshot
-ExecStart=/bin/sh -c 'echo 3 > /etc/written-by-3'
-[Install]
-WantedBy=multi-user.target
-EOF
-systemctl --root="$work/root-v3" enable atom-vm-etc3.service 2>/dev/null
-"$build" image --initramfs tree --rootfs "$work/root-v3" --version 3.0.0 --size 400M --out "$work/v3.img" --base "$work/v2.img"
-
-step "the host's disk: atom-build disk (root-a = 1.0.0)"
-"$build" disk --image "$work/v1.img" --kernel "$vmlinuz" --initramfs "$work/initrd.img" \
-  --cmdline "ro console=ttyS0 panic=1" --slot-size 400M --out "$work/disk.img"
+step "the sample OS (Debian $suite + systemd + Atom units) in three versions, built by atom-build build"
+# examples/debian-server/recipe.toml through tests/recipes/debian-*.toml: mmdebstrap, apt,
+# users, units, the Atom stage, the slot's kernel with Debian's initramfs (update-initramfs
+# with the Atom hook), clean, image. One stage cache: the base is bootstrapped once.
+build_os() { # VERSION RECIPE KERNEL_DIR AGENT BASE_IMAGE|none [--set KEY=VALUE...]
+  local version=$1 recipe=$2 from=$3 agent=$4 base=$5
+  shift 5
+  local started=$SECONDS
+  "$build" build "$recipe" --quiet --build-dir "$work/build-$version" --cache "$work/build-cache" \
+    --set "os.version=$version" --set "base.debian.suite=$suite" --set "atom.agent=$agent" \
+    --set "atom.bootsel=$bootsel_static" --set "atom.keys=[\"$work/signer.pub\"]" \
+    --set "atom.repositories=[\"$agent_repo\"]" --set "kernel.from=$from" --set "image.base=$base" "$@" ||
+    fail "atom-build build of $version failed (logs in $work/build-$version/logs)"
+  cp "$work/build-$version/out/debian-server-$version.img" "$work/v${version%%.*}.img"
+  echo "    $version: $(stat -c %s "$work/v${version%%.*}.img") bytes in $((SECONDS - started)) s ($recipe)"
+}
+build_os 1.0.0 tests/recipes/debian-1.toml "$kdir_old" "$work/atom-update-0.0.1" none \
+  --set "outputs.disk.kernel=$vmlinuz" --set "outputs.disk.initramfs=$work/initrd.img" \
+  --set "outputs.disk.cmdline=ro console=ttyS0 panic=1" --set outputs.disk.slot_size=400M
+# The host's disk (outputs.disk of 1.0.0): ESP with the first stage, root-a = 1.0.0.
+cp "$work/build-1.0.0/out/debian-server-1.0.0.disk.img" "$work/disk.img"
+build_os 2.0.0 tests/recipes/debian-2.toml "$kdir_new" "$update_static" "$work/v1.img"
+build_os 3.0.0 tests/recipes/debian-3.toml "$kdir_new" "$update_static" "$work/v2.img"
+grep -q 'name = "openssh-server"' "$work/build-1.0.0/out/build.lock.toml" ||
+  fail "the lock lists no openssh-server (the packages stage)"
+ok "the lock lists $(grep -c '^\[\[package\]\]' "$work/build-1.0.0/out/build.lock.toml") packages with their versions"
 
 journal_fields='journalctl -u atom-update.service -o json --no-pager | grep -oE "\"ATOM_(VERSION|ROUTE|SLOT)\":\"[^\"]*\"" | sort -u | sed "s/^/JOURNAL: /"'
 

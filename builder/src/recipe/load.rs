@@ -80,7 +80,7 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Loaded> {
     }
     let canonical = toml::to_string(&merged).context("cannot serialize the merged recipe")?;
     let digest = blake3::hash(canonical.as_bytes()).to_hex().to_string();
-    let recipe: Recipe = serde_path_to_error::deserialize(Value::Table(merged.clone())).map_err(|e| {
+    let mut recipe: Recipe = serde_path_to_error::deserialize(Value::Table(merged.clone())).map_err(|e| {
         let at = e.path().to_string();
         // toml's messages carry a "in `table`" line of their own; one line is enough.
         let inner = e.into_inner().to_string();
@@ -91,6 +91,7 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Loaded> {
             anyhow::anyhow!("recipe {}: {at}: {inner}", path.display())
         }
     })?;
+    recipe.normalize();
     recipe.check().with_context(|| format!("recipe {}", path.display()))?;
     Ok(Loaded {
         recipe,

@@ -315,6 +315,10 @@ pub struct Atom {
     pub root_keys: Vec<PathBuf>,
     /// The mirrors hosts update from (`repositories` of update.toml).
     pub repositories: Vec<String>,
+    /// Enable atom-update.timer (updates in the background); atom-health.service and
+    /// atom-mark-good.service are always enabled in a tree with systemd.
+    #[serde(default = "yes")]
+    pub timer: bool,
     /// Further keys of update.toml, verbatim (tries, routes, …).
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub update: toml::Table,
@@ -323,7 +327,8 @@ pub struct Atom {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Kernel {
-    /// A kernel package installed in the tree with apt (Debian bases).
+    /// A kernel package installed in the tree with apt (Debian bases); "" for none (to
+    /// override an included recipe).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub package: Option<String>,
     /// An unpacked kernel on the build host: boot/vmlinuz-RELEASE and lib/modules/RELEASE.
@@ -484,6 +489,15 @@ fn default_hook_timeout() -> String {
 }
 
 impl Recipe {
+    /// Empty strings that mean "not set" (so a drop-in or --set can unset a value).
+    pub fn normalize(&mut self) {
+        if let Some(k) = &mut self.kernel
+            && k.package.as_deref() == Some("")
+        {
+            k.package = None;
+        }
+    }
+
     /// Checks what serde cannot: one base, known stage names, sane paths.
     pub fn check(&self) -> Result<()> {
         atom_dist::manifest::check_name("board", &self.os.board)?;

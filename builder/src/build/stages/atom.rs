@@ -7,8 +7,11 @@ use std::os::unix::fs::PermissionsExt;
 
 use anyhow::{Context as _, Result, bail};
 
+use std::process::Command;
+
 use super::{Context, Plan, host_path, options};
 use crate::build::cache::Inputs;
+use crate::build::hooks::run_logged;
 use crate::install;
 
 pub fn inputs(p: &Plan<'_>) -> Result<Inputs> {
@@ -67,7 +70,25 @@ pub fn run(cx: &Context<'_>) -> Result<()> {
     let path = cx.tree.join("etc/atom/update.toml");
     fs::write(&path, toml::to_string(&config)?).context("cannot write /etc/atom/update.toml")?;
     fs::set_permissions(&path, fs::Permissions::from_mode(0o644))?;
+    if has_systemd(cx.tree) {
+        let mut units = vec!["atom-health.service", "atom-mark-good.service"];
+        if a.timer {
+            units.push("atom-update.timer");
+        }
+        cx.progress.step(&format!("systemctl enable {}", units.join(" ")));
+        let mut cmd = Command::new("systemctl");
+        cmd.arg(format!("--root={}", cx.tree.display()))
+            .arg("enable")
+            .args(&units);
+        run_logged(&mut cmd, cx.log, cx.command_timeout).context("cannot enable the Atom units")?;
+    }
     Ok(())
+}
+
+fn has_systemd(tree: &std::path::Path) -> bool {
+    ["usr/lib/systemd/systemd", "lib/systemd/systemd"]
+        .iter()
+        .any(|p| tree.join(p).is_file())
 }
 
 fn copy_key(key: &std::path::Path, dir: &std::path::Path) -> Result<()> {
