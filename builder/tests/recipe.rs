@@ -153,6 +153,25 @@ fn a_changed_hook_rebuilds_from_its_stage_and_reuses_every_earlier_one() {
     );
     assert_eq!(image_file(&s.image("b", "1.0.0"), "/etc/mark"), "two\n");
 
+    // A change in a stage whose predecessors keep no tree: they are replayed from the
+    // nearest kept tree (packages), so their work is in the image.
+    let atom = built(s.build(&r, "b", &["--skip", "publish", "--set", "atom.update={ tries = 3 }"]));
+    for stage in ["files", "configure", "scripts"] {
+        assert_eq!(atom[stage], "cached", "{stage}: {atom:?}");
+    }
+    assert_eq!(atom["atom"], "built", "{atom:?}");
+    let img = s.image("b", "1.0.0");
+    assert!(image_file(&img, "/etc/atom/update.toml").contains("tries = 3"));
+    assert!(
+        image_file(&img, "/etc/motd").contains("1.0.0"),
+        "the scripts stage was replayed"
+    );
+    assert_eq!(image_file(&img, "/etc/mark"), "two\n");
+    assert!(
+        !image_file(&img, "/bin/busybox").is_empty(),
+        "the files stage was replayed"
+    );
+
     // --from forces a stage and those after it; --only runs one on the cached rest.
     let from = built(s.build(&r, "b", &["--from", "image", "--skip", "publish"]));
     assert_eq!((from["clean"].as_str(), from["image"].as_str()), ("cached", "built"));

@@ -34,6 +34,11 @@ use crate::recipe::{self, Loaded, STAGES};
 
 /// Limit of one command a stage runs (mmdebstrap, apt, update-initramfs).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3 * 3600);
+/// Tree stages whose tree is kept in the cache: the slow ones (network, initramfs) and the
+/// last (what image and outputs start from). The others are cheap: on a hit their key is
+/// reused and, when a later stage needs the tree, they are replayed on the nearest kept
+/// tree. Keeping every stage's tree took 7 GB for three Debian versions.
+const KEPT_TREES: [&str; 4] = ["bootstrap", "packages", "kernel", "clean"];
 /// Lines of a failed stage's log shown with the error.
 const TAIL_LINES: usize = 20;
 
@@ -83,6 +88,7 @@ pub fn run(args: &BuildArgs) -> Result<()> {
         progress: Progress::new(args.quiet, STAGES.len()),
         live: false,
         pending: None,
+        replay: Vec::new(),
         last_tree_entry: None,
         lock_written: false,
     };
@@ -229,6 +235,8 @@ struct Runner<'a> {
     live: bool,
     /// Else this cache entry's `tree/` does.
     pending: Option<PathBuf>,
+    /// Cached stages without a kept tree since then: replayed before the tree is used.
+    replay: Vec<(usize, &'static str)>,
     last_tree_entry: Option<PathBuf>,
     lock_written: bool,
 }
@@ -265,7 +273,7 @@ impl Runner<'_> {
                 && !forced
                 && let Some(hit) = self.cache.lookup(&s.key)
             {
-                self.take_hit(kind, &hit.dir)?;
+                self.take_hit(s, kind, &hit.dir)?;
                 self.progress.done(s.index, s.name, "cached");
                 continue;
             }
@@ -290,8 +298,11 @@ impl Runner<'_> {
                 Kind::Tree => {
                     let packages = lock::packages_tsv(&lock::dpkg_packages(&self.dir.tree)?);
                     let tree = &self.dir.tree;
+                    let keep = KEPT_TREES.contains(&s.name);
                     let entry = self.store(s, &recipe_name, previous_key(plan, s.index), |d| {
-                        tree::copy(tree, &d.join("tree"))?;
+                        if keep {
+                            tree::copy(tree, &d.join("tree"))?;
+                        }
                         fs::write(d.join("packages.tsv"), &packages)?;
                         Ok(())
                     })?;
@@ -337,12 +348,17 @@ impl Runner<'_> {
             .with_context(|| format!("stage {}: cannot store its result in the cache", s.name))
     }
 
-    fn take_hit(&mut self, kind: Kind, entry: &Path) -> Result<()> {
+    fn take_hit(&mut self, s: &Planned, kind: Kind, entry: &Path) -> Result<()> {
         match kind {
             Kind::Tree => {
-                self.pending = Some(entry.to_path_buf());
                 self.last_tree_entry = Some(entry.to_path_buf());
-                self.live = false;
+                if entry.join("tree").is_dir() {
+                    self.pending = Some(entry.to_path_buf());
+                    self.replay.clear();
+                    self.live = false;
+                } else {
+                    self.replay.push((s.index, s.name));
+                }
             }
             Kind::Artifacts => {
                 for f in fs::read_dir(entry.join("artifacts"))? {
@@ -357,23 +373,32 @@ impl Runner<'_> {
 
     /// The tree as the stage before left it, in `dir.tree`.
     fn materialize(&mut self, stage: &str) -> Result<()> {
-        if self.live {
-            return Ok(());
-        }
-        tree::remove(&self.dir.tree)?;
-        match self.pending.take() {
-            Some(entry) if stage != "bootstrap" => {
-                self.progress.step("restoring the tree from the cache");
-                tree::copy(&entry.join("tree"), &self.dir.tree)?;
+        if !self.live {
+            tree::remove(&self.dir.tree)?;
+            match self.pending.take() {
+                Some(entry) if stage != "bootstrap" => {
+                    self.progress.step("restoring the tree from the cache");
+                    tree::copy(&entry.join("tree"), &self.dir.tree)?;
+                }
+                _ => fs::create_dir_all(&self.dir.tree)?,
             }
-            _ => fs::create_dir_all(&self.dir.tree)?,
+            self.live = true;
         }
-        self.live = true;
+        for (index, name) in std::mem::take(&mut self.replay) {
+            self.progress
+                .step(&format!("replaying the cached stage {name} (its tree is not kept)"));
+            self.run_in_tree(index, name)?;
+        }
         Ok(())
     }
 
     fn run_stage(&mut self, s: &Planned) -> Result<Vec<PathBuf>> {
         self.materialize(s.name)?;
+        self.run_in_tree(s.index, s.name)
+    }
+
+    fn run_in_tree(&mut self, index: usize, name: &str) -> Result<Vec<PathBuf>> {
+        let s = Named { index, name };
         let log = StageLog::create(&self.dir.logs, s.index, s.name)?;
         let r = &self.loaded.recipe;
         let cx = stages::Context {
@@ -489,6 +514,11 @@ impl Runner<'_> {
             );
         }
     }
+}
+
+struct Named<'a> {
+    index: usize,
+    name: &'a str,
 }
 
 fn previous_key(plan: &[Planned], index: usize) -> &str {
