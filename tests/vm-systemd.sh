@@ -47,21 +47,24 @@ step "the sample OS (Debian $suite + systemd + Atom units) in three versions, bu
 # examples/debian-server/recipe.toml through tests/recipes/debian-*.toml: mmdebstrap, apt,
 # users, units, the Atom stage, the slot's kernel with Debian's initramfs (update-initramfs
 # with the Atom hook), clean, image. One stage cache: the base is bootstrapped once.
-build_os() { # VERSION RECIPE KERNEL_DIR AGENT BASE_IMAGE|none [--set KEY=VALUE...]
-  local version=$1 recipe=$2 from=$3 agent=$4 base=$5
-  shift 5
-  local started=$SECONDS
-  "$build" build "$recipe" --quiet --build-dir "$work/build-$version" --cache "$work/build-cache" \
-    --set "os.version=$version" --set "base.debian.suite=$suite" --set "atom.agent=$agent" \
+# os_args VERSION KERNEL_DIR AGENT BASE_IMAGE|none: this machine's paths for the recipes.
+os_args() {
+  printf '%s\n' --set "os.version=$1" --set "base.debian.suite=$suite" --set "atom.agent=$3" \
     --set "atom.bootsel=$bootsel_static" --set "atom.keys=[\"$work/signer.pub\"]" \
-    --set "atom.repositories=[\"$agent_repo\"]" --set "kernel.from=$from" --set "image.base=$base" "$@" ||
-    fail "atom-build build of $version failed (logs in $work/build-$version/logs)"
+    --set "atom.repositories=[\"$agent_repo\"]" --set "kernel.from=$2" --set "image.base=$4"
+}
+build_os() { # VERSION RECIPE KERNEL_DIR AGENT BASE_IMAGE|none [--set KEY=VALUE...]
+  local version=$1 recipe=$2 started=$SECONDS args
+  mapfile -t args < <(os_args "$1" "$3" "$4" "$5")
+  shift 5
+  "$build" build "$recipe" --quiet --build-dir "$work/build-$version" --cache "$work/build-cache" \
+    "${args[@]}" "$@" || fail "atom-build build of $version failed (logs in $work/build-$version/logs)"
   cp "$work/build-$version/out/debian-server-$version.img" "$work/v${version%%.*}.img"
   echo "    $version: $(stat -c %s "$work/v${version%%.*}.img") bytes in $((SECONDS - started)) s ($recipe)"
 }
-build_os 1.0.0 tests/recipes/debian-1.toml "$kdir_old" "$work/atom-update-0.0.1" none \
-  --set "outputs.disk.kernel=$vmlinuz" --set "outputs.disk.initramfs=$work/initrd.img" \
-  --set "outputs.disk.cmdline=ro console=ttyS0 panic=1" --set outputs.disk.slot_size=400M
+disk_args=(--set "outputs.disk.kernel=$vmlinuz" --set "outputs.disk.initramfs=$work/initrd.img"
+  --set "outputs.disk.cmdline=ro console=ttyS0 panic=1" --set outputs.disk.slot_size=400M)
+build_os 1.0.0 tests/recipes/debian-1.toml "$kdir_old" "$work/atom-update-0.0.1" none "${disk_args[@]}"
 # The host's disk (outputs.disk of 1.0.0): ESP with the first stage, root-a = 1.0.0.
 cp "$work/build-1.0.0/out/debian-server-1.0.0.disk.img" "$work/disk.img"
 build_os 2.0.0 tests/recipes/debian-2.toml "$kdir_new" "$update_static" "$work/v1.img"
@@ -69,6 +72,23 @@ build_os 3.0.0 tests/recipes/debian-3.toml "$kdir_new" "$update_static" "$work/v
 grep -q 'name = "openssh-server"' "$work/build-1.0.0/out/build.lock.toml" ||
   fail "the lock lists no openssh-server (the packages stage)"
 ok "the lock lists $(grep -c '^\[\[package\]\]' "$work/build-1.0.0/out/build.lock.toml") packages with their versions"
+
+step "--locked: a locked package version the mirrors no longer have stops the build by name"
+python3 - "$work/build-1.0.0/out/build.lock.toml" "$work/stale.lock.toml" <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read()
+text, n = re.subn(r'(name = "openssh-server"\nversion = ")[^"]*"', r'\g<1>1:0.1-gone"', text)
+assert n == 1, "no openssh-server in the lock"
+open(sys.argv[2], "w").write(text)
+EOF
+mapfile -t args < <(os_args 1.0.0 "$kdir_old" "$work/atom-update-0.0.1" none)
+if "$build" build tests/recipes/debian-1.toml --quiet --build-dir "$work/build-locked" --cache "$work/build-cache" \
+  "${args[@]}" "${disk_args[@]}" --locked "$work/stale.lock.toml" --only packages 2> "$work/locked.err"; then
+  fail "a lock naming a version no mirror has was built"
+fi
+grep -q "package openssh-server 1:0.1-gone is no longer available" "$work/locked.err" ||
+  fail "the locked build did not name the missing package: $(tail -3 "$work/locked.err")"
+ok "refused: $(grep -o 'package openssh-server 1:0.1-gone is no longer available[^;]*' "$work/locked.err")"
 
 journal_fields='journalctl -u atom-update.service -o json --no-pager | grep -oE "\"ATOM_(VERSION|ROUTE|SLOT)\":\"[^\"]*\"" | sort -u | sed "s/^/JOURNAL: /"'
 
