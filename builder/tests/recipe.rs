@@ -342,3 +342,50 @@ fn bad_recipes_are_refused_with_the_key_named() {
     let _held = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
     fails_with(s.build(&stage, "busy", &[]), 1, "another build is running");
 }
+
+#[test]
+fn links_in_the_tree_never_lead_a_build_to_the_host() {
+    let s = Setup::new();
+    // The host directory an absolute link in the tree names.
+    let victim = s.path("victim");
+    fs::create_dir_all(victim.join("keep")).unwrap();
+    fs::set_permissions(&victim, fs::Permissions::from_mode(0o755)).unwrap();
+    let base = s.path("base");
+    for d in ["etc", "usr/bin", "var", "run"] {
+        fs::create_dir_all(base.join(d)).unwrap();
+    }
+    std::os::unix::fs::symlink(&victim, base.join("var/lock")).unwrap();
+    std::os::unix::fs::symlink(victim.join("hostname"), base.join("etc/hostname")).unwrap();
+    fs::write(victim.join("hostname"), "host\n").unwrap();
+    let r = s.path("links.toml");
+    fs::write(
+        &r,
+        format!(
+            "[os]\nversion = \"1.0.0\"\n[base]\ntree = {base:?}\n[[directories]]\npath = \"/var/lock\"\nmode = \"0700\"\nowner = \"4242:4242\"\n\
+             [configure]\nhostname = \"image\"\n[clean]\ncaches = false\npaths = [\"/var/lock/keep\"]\n[image]\nsize = \"32M\"\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("build")
+        .arg(&r)
+        .arg("--build-dir")
+        .arg(s.path("b"))
+        .arg("--cache")
+        .arg(s.path("cache"))
+        .output()
+        .unwrap();
+    ok(out);
+    let m = fs::metadata(&victim).unwrap();
+    assert_eq!(
+        m.permissions().mode() & 0o7777,
+        0o755,
+        "the host directory kept its mode"
+    );
+    assert_ne!(std::os::unix::fs::MetadataExt::uid(&m), 4242, "and its owner");
+    assert!(victim.join("keep").is_dir(), "clean.paths removed nothing on the host");
+    assert_eq!(fs::read_to_string(victim.join("hostname")).unwrap(), "host\n");
+    // Inside the image the link means what it means on a booted host.
+    let img = s.path("b/out/atom-os-1.0.0.img");
+    assert_eq!(image_file(&img, &format!("{}/hostname", victim.display())), "image\n");
+}

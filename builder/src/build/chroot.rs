@@ -81,8 +81,9 @@ pub struct Resolver {
 
 impl Resolver {
     pub fn borrow_host(tree: &Path) -> Result<Resolver> {
-        let path = tree.join("etc/resolv.conf");
-        let saved = tree.join("etc/.resolv.conf.atom-build");
+        let etc = super::rootpath::create_dirs(tree, "/etc")?;
+        let path = etc.join("resolv.conf");
+        let saved = etc.join(".resolv.conf.atom-build");
         let had = fs::symlink_metadata(&path).is_ok();
         if had {
             fs::rename(&path, &saved).with_context(|| format!("cannot move {} aside", path.display()))?;

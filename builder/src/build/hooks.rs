@@ -68,6 +68,9 @@ pub fn run(hook: &Hook, default_chroot: bool, when: &str, stage: &str, env: &Hoo
     let copied;
     if chroot {
         let dir = env.tree.join(IN_TREE_DIR);
+        if fs::symlink_metadata(&dir).is_ok_and(|m| !m.is_dir()) {
+            fs::remove_file(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+        }
         fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let inside = dir.join(&name);
         fs::copy(path, &inside).with_context(|| format!("cannot copy hook {} into the tree", path.display()))?;

@@ -13,6 +13,7 @@ pub mod chroot;
 pub mod hooks;
 pub mod lock;
 pub mod progress;
+pub mod rootpath;
 pub mod stages;
 pub mod tree;
 

@@ -38,6 +38,20 @@ pub fn run(cx: &Context<'_>) -> Result<()> {
     if a.repositories.is_empty() {
         bail!("atom.repositories: name at least one mirror hosts update from");
     }
+    crate::build::rootpath::check_inside(
+        cx.tree,
+        &[
+            "usr",
+            "usr/lib",
+            "usr/bin",
+            "usr/share",
+            "etc",
+            "etc/atom",
+            "etc/initramfs-tools",
+            "var",
+            "var/lib",
+        ],
+    )?;
     // install-units takes the agent from a directory, under its installed name.
     let bin = tempfile::tempdir_in(cx.work_dir)?;
     fs::copy(&a.agent, bin.path().join("atom-update"))

@@ -9,6 +9,7 @@ use anyhow::{Context as _, Result};
 
 use super::{Context, Plan, options};
 use crate::build::cache::Inputs;
+use crate::build::rootpath;
 
 pub fn inputs(p: &Plan<'_>) -> Result<Inputs> {
     let mut i = Inputs::new();
@@ -19,40 +20,43 @@ pub fn inputs(p: &Plan<'_>) -> Result<Inputs> {
 pub fn run(cx: &Context<'_>) -> Result<()> {
     let c = &cx.recipe.clean;
     let t = cx.tree;
+    let at = |p: &str| rootpath::resolve(t, p, true);
     let mut removed = 0usize;
     if c.docs {
-        for dir in ["usr/share/man", "usr/share/info"] {
-            removed += empty_dir(&t.join(dir), &|_| true)?;
+        for dir in ["/usr/share/man", "/usr/share/info"] {
+            removed += empty_dir(&at(dir)?, &|_| true)?;
         }
-        removed += empty_dir(&t.join("usr/share/doc"), &|p| {
+        // Licences stay: they are what a distributor must ship.
+        removed += empty_dir(&at("/usr/share/doc")?, &|p| {
             p.file_name().is_none_or(|n| n != "copyright")
         })?;
     }
     if c.caches {
         for dir in [
-            "var/cache/apt",
-            "var/lib/apt/lists",
-            "var/cache/debconf",
-            "var/cache/ldconfig",
+            "/var/cache/apt",
+            "/var/lib/apt/lists",
+            "/var/cache/debconf",
+            "/var/cache/ldconfig",
         ] {
-            removed += empty_dir(&t.join(dir), &|p| {
-                // apt needs the lists/partial and archives/partial directories to exist.
+            // apt needs the lists/partial and archives/partial directories to exist.
+            removed += empty_dir(&at(dir)?, &|p| {
                 p.file_name().is_none_or(|n| n != "partial" && n != "lock")
             })?;
         }
-        for dir in ["tmp", "var/tmp"] {
-            removed += empty_dir(&t.join(dir), &|_| true)?;
+        for dir in ["/tmp", "/var/tmp"] {
+            removed += empty_dir(&at(dir)?, &|_| true)?;
         }
     }
     if c.logs {
-        removed += empty_dir(&t.join("var/log"), &|p| p.is_file() || p.is_symlink())?;
+        removed += empty_dir(&at("/var/log")?, &|p| p.is_file() || p.is_symlink())?;
     }
     if c.machine_id {
-        if t.join("etc/machine-id").exists() {
-            fs::write(t.join("etc/machine-id"), "").context("cannot empty /etc/machine-id")?;
+        let id = at("/etc/machine-id")?;
+        if id.is_file() {
+            fs::write(&id, "").context("cannot empty /etc/machine-id")?;
         }
-        let _ = fs::remove_file(t.join("var/lib/dbus/machine-id"));
-        if let Ok(rd) = fs::read_dir(t.join("etc/ssh")) {
+        let _ = fs::remove_file(rootpath::resolve(t, "/var/lib/dbus/machine-id", false)?);
+        if let Ok(rd) = fs::read_dir(at("/etc/ssh")?) {
             for e in rd.flatten() {
                 if e.file_name().to_string_lossy().starts_with("ssh_host_") {
                     fs::remove_file(e.path())?;
@@ -62,7 +66,8 @@ pub fn run(cx: &Context<'_>) -> Result<()> {
         }
     }
     for p in &c.paths {
-        let path = t.join(p.trim_start_matches('/'));
+        // The last component itself: a link named here is removed, not what it points to.
+        let path = rootpath::resolve(t, p, false)?;
         match fs::symlink_metadata(&path) {
             Ok(m) if m.is_dir() => fs::remove_dir_all(&path)?,
             Ok(_) => fs::remove_file(&path)?,

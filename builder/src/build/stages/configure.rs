@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result, bail};
 use super::{Context, Plan, options};
 use crate::build::cache::Inputs;
 use crate::build::hooks::run_logged;
-use crate::image::create_dirs_in_tree;
+use crate::build::rootpath;
 use crate::recipe::{Group, User};
 
 pub fn inputs(p: &Plan<'_>) -> Result<Inputs> {
@@ -28,7 +28,7 @@ pub fn inputs(p: &Plan<'_>) -> Result<Inputs> {
 pub fn run(cx: &Context<'_>) -> Result<()> {
     let r = cx.recipe;
     if !r.groups.is_empty() || !r.users.is_empty() {
-        create_dirs_in_tree(cx.tree, Path::new("etc"))?;
+        rootpath::create_dirs(cx.tree, "/etc")?;
         let mut db = Accounts::read(cx.tree)?;
         for g in &r.groups {
             db.add_group(g)?;
@@ -61,27 +61,28 @@ pub fn run(cx: &Context<'_>) -> Result<()> {
             {
                 bail!("configure.hostname {h:?} is not a host name");
             }
-            create_dirs_in_tree(cx.tree, Path::new("etc"))?;
-            fs::write(cx.tree.join("etc/hostname"), format!("{h}\n"))?;
+            rootpath::create_dirs(cx.tree, "/etc")?;
+            fs::write(at(cx.tree, "/etc/hostname")?, format!("{h}\n"))?;
         }
         None => {
             // Each host names itself (kept across updates by the /etc merge).
-            let _ = fs::remove_file(cx.tree.join("etc/hostname"));
+            let _ = fs::remove_file(rootpath::resolve(cx.tree, "/etc/hostname", false)?);
         }
     }
     if let Some(lang) = &c.locale {
-        create_dirs_in_tree(cx.tree, Path::new("etc/default"))?;
-        fs::write(cx.tree.join("etc/default/locale"), format!("LANG={lang}\n"))?;
-        fs::write(cx.tree.join("etc/locale.conf"), format!("LANG={lang}\n"))?;
+        rootpath::create_dirs(cx.tree, "/etc/default")?;
+        fs::write(at(cx.tree, "/etc/default/locale")?, format!("LANG={lang}\n"))?;
+        fs::write(at(cx.tree, "/etc/locale.conf")?, format!("LANG={lang}\n"))?;
     }
     if let Some(zone) = &c.timezone {
-        if zone.contains("..") || !cx.tree.join("usr/share/zoneinfo").join(zone).is_file() {
-            bail!("configure.timezone {zone:?}: the tree has no /usr/share/zoneinfo/{zone} (install tzdata)");
+        let file = format!("/usr/share/zoneinfo/{zone}");
+        if zone.starts_with('/') || zone.contains("..") || !at(cx.tree, &file)?.is_file() {
+            bail!("configure.timezone {zone:?}: the tree has no {file} (install tzdata)");
         }
-        let link = cx.tree.join("etc/localtime");
+        let link = rootpath::resolve(cx.tree, "/etc/localtime", false)?;
         let _ = fs::remove_file(&link);
-        symlink(format!("/usr/share/zoneinfo/{zone}"), &link)?;
-        fs::write(cx.tree.join("etc/timezone"), format!("{zone}\n"))?;
+        symlink(&file, &link)?;
+        fs::write(at(cx.tree, "/etc/timezone")?, format!("{zone}\n"))?;
     }
     Ok(())
 }
@@ -94,8 +95,12 @@ struct Accounts {
     gshadow: Vec<String>,
 }
 
+fn at(tree: &Path, image_path: &str) -> Result<std::path::PathBuf> {
+    rootpath::resolve(tree, image_path, true)
+}
+
 fn lines(tree: &Path, name: &str) -> Result<Vec<String>> {
-    match fs::read_to_string(tree.join("etc").join(name)) {
+    match fs::read_to_string(at(tree, &format!("/etc/{name}"))?) {
         Ok(t) => Ok(t.lines().map(str::to_string).collect()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(e).with_context(|| format!("cannot read /etc/{name}")),
@@ -123,7 +128,7 @@ impl Accounts {
             ("shadow", &self.shadow, 0o640),
             ("gshadow", &self.gshadow, 0o640),
         ] {
-            let path = tree.join("etc").join(name);
+            let path = at(tree, &format!("/etc/{name}"))?;
             let mut text = list.join("\n");
             text.push('\n');
             fs::write(&path, text).with_context(|| format!("cannot write /etc/{name}"))?;
@@ -243,15 +248,12 @@ fn home(tree: &Path, db: &Accounts, u: &User) -> Result<()> {
     if home == "/nonexistent" && u.authorized_keys.is_empty() {
         return Ok(());
     }
-    let rel = Path::new(home.trim_start_matches('/'));
-    create_dirs_in_tree(tree, rel)?;
-    let dir = tree.join(rel);
+    let dir = rootpath::create_dirs(tree, &home)?;
     nix::unistd::chown(&dir, Some(uid.into()), Some(gid.into()))?;
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o750))?;
     if !u.authorized_keys.is_empty() {
-        let ssh = dir.join(".ssh");
-        fs::create_dir_all(&ssh)?;
-        let keys = ssh.join("authorized_keys");
+        let ssh = rootpath::create_dirs(tree, &format!("{home}/.ssh"))?;
+        let keys = at(tree, &format!("{home}/.ssh/authorized_keys"))?;
         fs::write(&keys, u.authorized_keys.join("\n") + "\n")?;
         for (p, mode) in [(&ssh, 0o700), (&keys, 0o600)] {
             nix::unistd::chown(p, Some(uid.into()), Some(gid.into()))?;

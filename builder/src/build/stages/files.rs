@@ -10,8 +10,8 @@ use anyhow::{Context as _, Result, bail};
 
 use super::{Context, Plan, host_path, options};
 use crate::build::cache::Inputs;
+use crate::build::rootpath;
 use crate::build::tree;
-use crate::image::create_dirs_in_tree;
 
 pub fn inputs(p: &Plan<'_>) -> Result<Inputs> {
     let mut i = Inputs::new();
@@ -51,23 +51,25 @@ pub fn run(cx: &Context<'_>) -> Result<()> {
     }
     for d in &cx.recipe.directories {
         let (uid, gid) = owner(d.owner.as_deref())?;
-        let target = in_tree(cx.tree, &d.path)?;
-        if !target.is_dir() {
-            fs::create_dir(&target).with_context(|| format!("directories: cannot create {}", d.path))?;
-        }
+        let target = rootpath::create_dirs(cx.tree, &d.path).with_context(|| format!("directories: {}", d.path))?;
         nix::unistd::chown(&target, Some(uid.into()), Some(gid.into()))?;
         fs::set_permissions(&target, fs::Permissions::from_mode(octal(&d.mode)?))?;
     }
     Ok(())
 }
 
-/// The host path of `image_path` inside the tree, its parents created (not through links).
+/// The host path of `image_path` inside the tree: its parents created and resolved in the
+/// tree, the last component itself (a symlink there is not followed).
 fn in_tree(tree: &Path, image_path: &str) -> Result<PathBuf> {
-    let rel = Path::new(image_path.trim_start_matches('/'));
-    if let Some(parent) = rel.parent() {
-        create_dirs_in_tree(tree, parent)?;
-    }
-    Ok(tree.join(rel))
+    let path = Path::new(image_path);
+    let Some(name) = path.file_name() else {
+        return rootpath::create_dirs(tree, "/");
+    };
+    let parent = path
+        .parent()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(rootpath::create_dirs(tree, &parent)?.join(name))
 }
 
 fn owner(spec: Option<&str>) -> Result<(u32, u32)> {

@@ -49,6 +49,7 @@ pub fn run(cx: &Context<'_>) -> Result<()> {
     if let Some(from) = &k.from {
         copy_kernel(cx, from, &k.release, &k.modules)?;
     }
+    crate::build::rootpath::check_inside(cx.tree, &["boot", "usr", "usr/lib", "lib"])?;
     let found = slot_boot::choose(cx.tree, &k.release)?;
     if k.initramfs == "tree" && !cx.tree.join(format!("boot/initrd.img-{}", found.release)).is_file() {
         cx.progress.step(&format!("update-initramfs -c -k {}", found.release));
@@ -90,15 +91,13 @@ fn copy_kernel(cx: &Context<'_>, from: &Path, release: &str, modules: &[String])
     let found = slot_boot::choose(from, release).with_context(|| format!("kernel.from {}", from.display()))?;
     let r = &found.release;
     cx.progress.step(&format!("kernel {r} from {}", from.display()));
-    let boot = cx.tree.join("boot");
-    fs::create_dir_all(&boot)?;
+    let boot = crate::build::rootpath::create_dirs(cx.tree, "/boot")?;
     fs::copy(&found.image, boot.join(format!("vmlinuz-{r}")))?;
     let config = from.join(format!("boot/config-{r}"));
     if config.is_file() {
         fs::copy(&config, boot.join(format!("config-{r}")))?;
     }
-    let dst = cx.tree.join("lib/modules").join(r);
-    fs::create_dir_all(&dst)?;
+    let dst = crate::build::rootpath::create_dirs(cx.tree, &format!("/lib/modules/{r}"))?;
     if modules.is_empty() {
         crate::build::tree::copy(&found.modules, &dst)?;
     } else {

@@ -146,9 +146,9 @@ impl Apt {
     pub fn enter(tree: &Path) -> Result<Apt> {
         let mounts = Mounts::prepare(tree)?;
         let resolver = Resolver::borrow_host(tree)?;
-        let path = tree.join("usr/sbin/policy-rc.d");
+        let path = crate::build::rootpath::resolve(tree, "/usr/sbin/policy-rc.d", false)?;
         let mut policy = None;
-        if fs::symlink_metadata(&path).is_err() && tree.join("usr/sbin").is_dir() {
+        if fs::symlink_metadata(&path).is_err() && path.parent().is_some_and(Path::is_dir) {
             fs::write(&path, "#!/bin/sh\nexit 101\n")?;
             fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
             policy = Some(path);
