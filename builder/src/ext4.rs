@@ -161,6 +161,20 @@ pub fn normalize(
 ) -> Result<()> {
     let mut script = String::new();
     if origin == Origin::Mounted {
+        // The kernel's mount path, time, count and write counter out of the primary
+        // superblock first: the journal's recreation below copies the primary into every
+        // backup superblock.
+        zero_last_mounted(image)?;
+        let pre = workdir.join("mount-fields.debugfs");
+        std::fs::write(
+            &pre,
+            format!("ssv mtime @{epoch}\nssv mnt_count 0\nssv kbytes_written 0\n"),
+        )
+        .context("cannot write debugfs script")?;
+        run(e2fs_tool("debugfs", conf, epoch)
+            .args(["-w", "-n", "-f"])
+            .arg(&pre)
+            .arg(image))?;
         run(e2fs_tool("tune2fs", conf, epoch)
             .args(["-O", "^has_journal"])
             .arg(image))?;

@@ -1,7 +1,10 @@
-//! The staged tree into the mounted base image, for a layout-stable build: what is gone
-//! is removed first (its inodes and blocks are free for what is new), then every entry
-//! is created or updated in one fixed order (depth first, by name), a changed file only
-//! in the 4 KiB blocks that changed.
+//! The staged tree into the mounted base image, for a layout-stable build: everything
+//! that frees space happens first (removed entries, replaced links and hard links, files
+//! that shrink), then the filesystem is synced, so the journal has committed those frees
+//! before anything is allocated (ext4 reuses a freed block only after the commit, whose
+//! timing would otherwise decide where new data lands); then every entry is created or
+//! updated in one fixed order (depth first, by name), a changed file only in the 4 KiB
+//! blocks that changed.
 //!
 //! Why not rsync: its generator (directories, links) and receiver (files) are separate
 //! processes creating entries concurrently, so new inodes got their numbers in an order
@@ -59,6 +62,8 @@ pub fn sync(src: &Path, dst: &Path) -> Result<Stats> {
         links: HashMap::new(),
     };
     s.prune(src, dst, true)?;
+    let dir = File::open(dst).with_context(|| format!("cannot open {}", dst.display()))?;
+    nix::unistd::syncfs(&dir).context("cannot sync the image after the removals")?;
     s.update_dir(src, dst, true)?;
     meta(src, &fs::symlink_metadata(src)?, dst)?;
     drop(pinned);
@@ -90,11 +95,13 @@ impl Syncer {
             let d = dst.join(&name);
             let dm = fs::symlink_metadata(&d)?;
             match fs::symlink_metadata(src.join(&name)) {
-                Ok(sm) if kind(&sm) == kind(&dm) => {
-                    if kind(&dm) == Kind::Dir {
-                        self.prune(&src.join(&name), &d, false)?;
+                Ok(sm) if kind(&sm) == kind(&dm) && !replaced(&src.join(&name), &sm, &d, &dm)? => match kind(&dm) {
+                    Kind::Dir => self.prune(&src.join(&name), &d, false)?,
+                    Kind::File if dm.len() > sm.len() => {
+                        OpenOptions::new().write(true).open(&d)?.set_len(sm.len())?;
                     }
-                }
+                    _ => {}
+                },
                 _ => {
                     if dm.is_dir() {
                         fs::remove_dir_all(&d)
@@ -127,24 +134,14 @@ impl Syncer {
                 }
                 Kind::File => self.update_file(&s, &sm, &d, exists)?,
                 Kind::Link => {
-                    let target = fs::read_link(&s)?;
-                    if !exists || fs::read_link(&d).ok().as_ref() != Some(&target) {
-                        if exists {
-                            fs::remove_file(&d)?;
-                        }
-                        symlink(&target, &d).with_context(|| format!("cannot create link {}", d.display()))?;
+                    if !exists {
+                        symlink(fs::read_link(&s)?, &d)
+                            .with_context(|| format!("cannot create link {}", d.display()))?;
                         self.stats.created += 1;
                     }
                 }
                 Kind::Special => {
-                    let dm = fs::symlink_metadata(&d).ok();
-                    if dm
-                        .as_ref()
-                        .is_none_or(|m| m.rdev() != sm.rdev() || m.mode() != sm.mode())
-                    {
-                        if exists {
-                            fs::remove_file(&d)?;
-                        }
+                    if !exists {
                         let ft = sm.file_type();
                         let flag = if ft.is_char_device() {
                             SFlag::S_IFCHR
@@ -166,32 +163,16 @@ impl Syncer {
         Ok(())
     }
 
+    /// Only creates or grows: `prune` removed what must be replaced and shrank the rest.
     fn update_file(&mut self, s: &Path, sm: &fs::Metadata, d: &Path, exists: bool) -> Result<()> {
         if sm.nlink() > 1 {
             let id = (sm.dev(), sm.ino());
             if let Some(first) = self.links.get(&id) {
-                let same = fs::symlink_metadata(first)
-                    .ok()
-                    .zip(fs::symlink_metadata(d).ok())
-                    .is_some_and(|(a, b)| a.ino() == b.ino());
-                if !same {
-                    if exists {
-                        fs::remove_file(d)?;
-                    }
-                    fs::hard_link(first, d).with_context(|| format!("cannot link {}", d.display()))?;
-                    self.stats.created += 1;
-                }
+                fs::hard_link(first, d).with_context(|| format!("cannot link {}", d.display()))?;
+                self.stats.created += 1;
                 return Ok(());
             }
-            // A path of the image that is a link of something else must become its own.
-            if exists && fs::symlink_metadata(d)?.nlink() > 1 {
-                fs::remove_file(d)?;
-                return self.update_file(s, sm, d, false);
-            }
             self.links.insert(id, d.to_path_buf());
-        } else if exists && fs::symlink_metadata(d)?.nlink() > 1 {
-            fs::remove_file(d)?;
-            return self.update_file(s, sm, d, false);
         }
         if exists {
             self.stats.rewritten_blocks += rewrite_changed_blocks(s, d)?;
@@ -204,6 +185,17 @@ impl Syncer {
         }
         Ok(())
     }
+}
+
+/// Whether the image's entry must be removed and made again: a link with another target,
+/// a special file of another kind, or a hard-linked file (links are made afresh, in order).
+fn replaced(s: &Path, sm: &fs::Metadata, d: &Path, dm: &fs::Metadata) -> Result<bool> {
+    Ok(match kind(sm) {
+        Kind::Link => fs::read_link(s)? != fs::read_link(d)?,
+        Kind::Special => sm.rdev() != dm.rdev() || sm.mode() != dm.mode(),
+        Kind::File => sm.nlink() > 1 || dm.nlink() > 1,
+        Kind::Dir => false,
+    })
 }
 
 /// Writes the blocks of `d` that differ from `s`, then sets its length; returns how many.

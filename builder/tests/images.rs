@@ -143,7 +143,8 @@ fn base_build_with_many_added_files_is_reproducible() {
     let f = Fixture::new();
     let v1_tree = f.path("v1");
     make_tree(&v1_tree, 120, 3);
-    let v1 = f.image("v1", "1.0.0", &v1_tree, None);
+    // 512 MiB: several block groups, so backup superblocks too.
+    let v1 = f.image_of_size("v1", "1.0.0", &v1_tree, None, "512M");
     let v2_tree = f.path("v2");
     make_tree(&v2_tree, 120, 3);
     for d in 0..40u64 {
@@ -160,9 +161,25 @@ fn base_build_with_many_added_files_is_reproducible() {
         fs::hard_link(dir.join("f01"), dir.join("f01.link")).unwrap();
     }
     fs::remove_dir_all(v2_tree.join("usr/share/pkg5")).unwrap();
-    let a = f.image("v2-a", "2.0.0", &v2_tree, Some(&v1));
-    let b = f.image("v2-b", "2.0.0", &v2_tree, Some(&v1));
-    let c = f.image("v2-c", "2.0.0", &v2_tree, Some(&v1));
+    // Other work on the machine syncs filesystems at any moment; and the builds are
+    // seconds apart (the wall clock must not reach the image).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let syncing = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                nix::unistd::sync();
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        })
+    };
+    let a = f.image_of_size("v2-a", "2.0.0", &v2_tree, Some(&v1), "512M");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let b = f.image_of_size("v2-b", "2.0.0", &v2_tree, Some(&v1), "512M");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let c = f.image_of_size("v2-c", "2.0.0", &v2_tree, Some(&v1), "512M");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    syncing.join().unwrap();
     let differ = |x: &Path, y: &Path| 1.0 - same_offset_block_share(x, y);
     assert_eq!(
         digest(&a),

@@ -112,6 +112,11 @@ impl Fixture {
 
     /// Builds image `name`.img of `version` from a tree made with `seed`.
     pub fn image(&self, name: &str, version: &str, tree: &Path, base: Option<&Path>) -> PathBuf {
+        self.image_of_size(name, version, tree, base, "64M")
+    }
+
+    /// An image of `size`: from 256M on, ext4 keeps backup superblocks.
+    pub fn image_of_size(&self, name: &str, version: &str, tree: &Path, base: Option<&Path>, size: &str) -> PathBuf {
         let out = self.path(&format!("{name}.img"));
         let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
             &"image",
@@ -122,7 +127,7 @@ impl Fixture {
             &"--version",
             &version,
             &"--size",
-            &"64M",
+            &size,
             &"--out",
             &out,
         ];
