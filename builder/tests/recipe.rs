@@ -172,6 +172,10 @@ fn a_changed_hook_rebuilds_from_its_stage_and_reuses_every_earlier_one() {
         "the files stage was replayed"
     );
 
+    let lock = fs::read_to_string(s.path("b/out/build.lock.toml")).unwrap();
+    assert!(lock.contains("\"hooks.clean.after[0]\""), "{lock}");
+    assert!(lock.contains("\"atom.agent\""), "the lock records host files: {lock}");
+
     // --from forces a stage and those after it; --only runs one on the cached rest.
     let from = built(s.build(&r, "b", &["--from", "image", "--skip", "publish"]));
     assert_eq!((from["clean"].as_str(), from["image"].as_str()), ("cached", "built"));
@@ -184,11 +188,6 @@ fn a_changed_hook_rebuilds_from_its_stage_and_reuses_every_earlier_one() {
         &["--only", "files", "--set", "packages.no_recommends=false"],
     );
     fails_with(fresh, 1, "not in the cache");
-
-    // The image is what `atom-build image` makes of the tree: the lock records it.
-    let lock = fs::read_to_string(s.path("b/out/build.lock.toml")).unwrap();
-    assert!(lock.contains("\"hooks.clean.after[0]\""), "{lock}");
-    assert!(lock.contains("recipe_digest"), "{lock}");
 }
 
 #[test]
@@ -309,6 +308,11 @@ fn bad_recipes_are_refused_with_the_key_named() {
     let s = Setup::new();
     let typo = s.recipe("typo.toml", "[packages]\ninstal = [\"curl\"]\n");
     fails_with(s.build(&typo, "b", &[]), 1, "unknown field `instal`");
+    let hook_typo = s.recipe(
+        "hook-typo.toml",
+        "[[hooks.files.after]]\nrun = \"x.sh\"\nchrot = true\n",
+    );
+    fails_with(s.build(&hook_typo, "b", &[]), 1, "unknown field `chrot`");
     let no_root = s.path("not-a-root");
     fs::create_dir_all(no_root.join("docs")).unwrap();
     let r = s.path("tree.toml");
@@ -388,4 +392,29 @@ fn links_in_the_tree_never_lead_a_build_to_the_host() {
     // Inside the image the link means what it means on a booted host.
     let img = s.path("b/out/atom-os-1.0.0.img");
     assert_eq!(image_file(&img, &format!("{}/hostname", victim.display())), "image\n");
+}
+
+#[test]
+fn a_source_file_with_another_mode_or_time_is_not_taken_from_the_cache() {
+    let s = Setup::new();
+    let f = s.path("tool");
+    fs::write(&f, "#!/bin/sh\n").unwrap();
+    let r = s.recipe("r.toml", "[[files]]\nsource = \"tool\"\ntarget = \"/usr/bin/tool\"\n");
+    ok(s.build(&r, "b", &["--skip", "publish"]));
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o755)).unwrap();
+    let v = built(s.build(&r, "b", &["--skip", "publish"]));
+    assert_eq!(v["files"], "built", "a mode change is an input: {v:?}");
+    let m = Command::new("debugfs")
+        .args(["-R", "stat /usr/bin/tool"])
+        .arg(s.image("b", "1.0.0"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&m.stdout).contains("Mode:  0755"),
+        "{}",
+        String::from_utf8_lossy(&m.stdout)
+    );
+    filetime::set_file_mtime(&f, filetime::FileTime::from_unix_time(1_500_000_000, 0)).unwrap();
+    let v = built(s.build(&r, "b", &["--skip", "publish"]));
+    assert_eq!(v["files"], "built", "a time change is an input (cp -a keeps it): {v:?}");
 }

@@ -20,11 +20,21 @@ const KEY_SCHEME: &str = "atom-build stage cache 1";
 /// The named inputs of a stage: option digests, file digests, hook digests.
 pub type Inputs = BTreeMap<String, String>;
 
+/// The running atom-build's own digest: a changed builder (units, initramfs code, mke2fs
+/// settings) must not reuse what an older one made.
+fn builder_digest() -> &'static str {
+    static DIGEST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DIGEST.get_or_init(|| match fs::read("/proc/self/exe") {
+        Ok(bytes) => blake3::hash(&bytes).to_hex().to_string(),
+        Err(_) => env!("CARGO_PKG_VERSION").to_string(),
+    })
+}
+
 pub fn key(stage: &str, inputs: &Inputs, previous: &str) -> String {
     let mut h = blake3::Hasher::new();
     h.update(KEY_SCHEME.as_bytes());
     h.update(&[0]);
-    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update(builder_digest().as_bytes());
     h.update(&[0]);
     h.update(stage.as_bytes());
     h.update(&[0]);

@@ -72,6 +72,31 @@ impl Drop for Mounts {
     }
 }
 
+/// A `policy-rc.d` that forbids starting services while package scripts or hooks run in
+/// the tree (they would start on the build host), removed again unless the tree had one.
+pub struct NoServices(Option<PathBuf>);
+
+impl NoServices {
+    pub fn install(tree: &Path) -> Result<NoServices> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = super::rootpath::resolve(tree, "/usr/sbin/policy-rc.d", false)?;
+        if fs::symlink_metadata(&path).is_ok() || !path.parent().is_some_and(Path::is_dir) {
+            return Ok(NoServices(None));
+        }
+        fs::write(&path, "#!/bin/sh\nexit 101\n").with_context(|| format!("cannot write {}", path.display()))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
+        Ok(NoServices(Some(path)))
+    }
+}
+
+impl Drop for NoServices {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
 /// The build host's /etc/resolv.conf inside the tree while apt runs there, and the
 /// tree's own entry (file, link or nothing) put back afterwards.
 pub struct Resolver {

@@ -65,6 +65,7 @@ pub fn run(hook: &Hook, default_chroot: bool, when: &str, stage: &str, env: &Hoo
     ));
     let mut cmd;
     let _mounts;
+    let _no_services;
     let copied;
     if chroot {
         let dir = env.tree.join(IN_TREE_DIR);
@@ -76,6 +77,7 @@ pub fn run(hook: &Hook, default_chroot: bool, when: &str, stage: &str, env: &Hoo
         fs::copy(path, &inside).with_context(|| format!("cannot copy hook {} into the tree", path.display()))?;
         copied = Some(dir);
         _mounts = Some(Mounts::prepare(&env.tree)?);
+        _no_services = Some(super::chroot::NoServices::install(&env.tree)?);
         cmd = Command::new("chroot");
         cmd.arg(&env.tree).arg(format!("/{IN_TREE_DIR}/{name}"));
         cmd.env("ATOM_ROOT", "/");
@@ -83,6 +85,7 @@ pub fn run(hook: &Hook, default_chroot: bool, when: &str, stage: &str, env: &Hoo
     } else {
         copied = None;
         _mounts = None;
+        _no_services = None;
         cmd = Command::new(path);
         cmd.env("ATOM_ROOT", &env.tree);
         cmd.current_dir(&env.build_dir);

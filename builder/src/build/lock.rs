@@ -41,6 +41,10 @@ pub struct Lock {
     /// Digest of every hook and script, by where the recipe names it.
     #[serde(default)]
     pub hooks: BTreeMap<String, String>,
+    /// Digest of every file from the build host the build read (sources, agent, keys,
+    /// kernel, bootsel…), by the input's name.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
     /// Each stage's cache key.
     #[serde(default)]
     pub stages: BTreeMap<String, String>,
@@ -79,6 +83,7 @@ impl Lock {
         &self,
         recipe_digest: &str,
         hooks: &BTreeMap<String, String>,
+        files: &BTreeMap<String, String>,
         base_source: Option<&str>,
     ) -> Result<()> {
         if self.recipe_digest != recipe_digest {
@@ -96,6 +101,11 @@ impl Lock {
         }
         if let Some(k) = self.hooks.keys().find(|k| !hooks.contains_key(*k)) {
             bail!("--locked: {k} was part of the locked build and is gone");
+        }
+        for (k, v) in files {
+            if self.files.get(k).is_some_and(|locked| locked != v) {
+                bail!("--locked: {k} is not the locked file (its contents or attributes changed)");
+            }
         }
         if self.base_source.as_deref() != base_source {
             bail!("--locked: the base tree or tarball is not the locked one (its contents changed)");

@@ -40,6 +40,16 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(3 * 3600);
 /// reused and, when a later stage needs the tree, they are replayed on the nearest kept
 /// tree. Keeping every stage's tree took 7 GB for three Debian versions.
 const KEPT_TREES: [&str; 4] = ["bootstrap", "packages", "kernel", "clean"];
+/// Inputs that are files of the build host (recorded in the lock, checked by --locked).
+const HOST_FILE_INPUTS: [&str; 7] = [
+    "files[",
+    "atom.agent",
+    "atom.bootsel",
+    "atom.keys[",
+    "kernel.",
+    "outputs.disk.",
+    "base.",
+];
 /// Lines of a failed stage's log shown with the error.
 const TAIL_LINES: usize = 20;
 
@@ -64,9 +74,15 @@ pub fn run(args: &BuildArgs) -> Result<()> {
         .filter(|(k, _)| k.starts_with("hooks.") || k.starts_with("scripts["))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    let files: BTreeMap<String, String> = plan
+        .iter()
+        .flat_map(|s| s.inputs.iter())
+        .filter(|(k, _)| HOST_FILE_INPUTS.iter().any(|p| k.starts_with(p)))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let base_source = stages::base_source_digest(r)?;
     if let Some(l) = &locked {
-        l.check_inputs(&loaded.digest, &hooks, base_source.as_deref())?;
+        l.check_inputs(&loaded.digest, &hooks, &files, base_source.as_deref())?;
     }
     if selection.will_run("publish") && r.publish.is_some() {
         stages::check_version_grows(r)?;
@@ -91,9 +107,25 @@ pub fn run(args: &BuildArgs) -> Result<()> {
         pending: None,
         replay: Vec::new(),
         last_tree_entry: None,
-        lock_written: false,
+        // A lock of a build that ran one stage would be a partial record.
+        lock_written: selection.only.is_some(),
     };
-    run.execute(&plan, &selection, &hooks, base_source)
+    run.execute(
+        &plan,
+        &selection,
+        &Recorded {
+            hooks,
+            files,
+            base_source,
+        },
+    )
+}
+
+/// What the lock records besides the build's own results.
+struct Recorded {
+    hooks: BTreeMap<String, String>,
+    files: BTreeMap<String, String>,
+    base_source: Option<String>,
 }
 
 struct Planned {
@@ -213,8 +245,11 @@ impl BuildDir {
             root,
             _lock: lock,
         };
+        // Nothing of an earlier build may pass for this one's (a stale image published, a
+        // tarball listed).
         tree::remove(&d.work)?;
         tree::remove(&d.logs)?;
+        tree::remove(&d.out)?;
         for p in [&d.out, &d.logs, &d.work] {
             fs::create_dir_all(p)?;
         }
@@ -243,13 +278,7 @@ struct Runner<'a> {
 }
 
 impl Runner<'_> {
-    fn execute(
-        &mut self,
-        plan: &[Planned],
-        selection: &Selection,
-        hooks: &BTreeMap<String, String>,
-        base_source: Option<String>,
-    ) -> Result<()> {
+    fn execute(&mut self, plan: &[Planned], selection: &Selection, recorded: &Recorded) -> Result<()> {
         let r = &self.loaded.recipe;
         let recipe_name = r.os.name.clone();
         for s in plan {
@@ -257,7 +286,7 @@ impl Runner<'_> {
                 break;
             }
             if s.name == "publish" {
-                self.write_lock(plan, hooks, base_source.clone())?;
+                self.write_lock(plan, recorded)?;
             }
             if s.skipped {
                 self.progress.done(s.index, s.name, "skipped (--skip)");
@@ -323,7 +352,7 @@ impl Runner<'_> {
             }
             self.progress.done(s.index, s.name, &format!("built ({why})"));
         }
-        self.write_lock(plan, hooks, base_source)?;
+        self.write_lock(plan, recorded)?;
         self.summary();
         Ok(())
     }
@@ -445,12 +474,7 @@ impl Runner<'_> {
         }
     }
 
-    fn write_lock(
-        &mut self,
-        plan: &[Planned],
-        hooks: &BTreeMap<String, String>,
-        base_source: Option<String>,
-    ) -> Result<()> {
+    fn write_lock(&mut self, plan: &[Planned], recorded: &Recorded) -> Result<()> {
         if self.lock_written {
             return Ok(());
         }
@@ -474,13 +498,23 @@ impl Runner<'_> {
             source_date_epoch: self.epoch,
             suite: r.base.debian.as_ref().map(|d| d.suite.clone()),
             mirrors: r.base.debian.as_ref().map(|d| d.mirrors.clone()).unwrap_or_default(),
-            base_source,
+            base_source: recorded.base_source.clone(),
             base_image: self.base_image.digest().map(|d| d.to_string()),
-            hooks: hooks.clone(),
+            hooks: recorded.hooks.clone(),
+            files: recorded.files.clone(),
             stages: plan.iter().map(|s| (s.name.to_string(), s.key.clone())).collect(),
             image,
             packages: packages.clone(),
         };
+        if let Some(locked) = self.locked
+            && let (Some(want), Some(got)) = (&locked.image, &l.image)
+            && want != got
+        {
+            bail!(
+                "--locked: the rebuilt image {got} is not the locked {want}: this machine does not reproduce \
+                 the build (nothing was published)"
+            );
+        }
         l.write(&self.dir.out.join(lock::FILE_NAME))?;
         if !packages.is_empty() {
             fs::write(

@@ -11,15 +11,14 @@ use anyhow::{Context, Result};
 
 use crate::cmd::run;
 
-/// blake3 over every entry's relative path, type, mode, owner and contents (files) or
-/// target (symlinks), in name order: equal digests mean equal trees for a build.
+/// blake3 over every entry's relative path, type, mode, owner, modification time,
+/// extended attributes, hard-link identity and contents (files) or target (symlinks), in
+/// name order: everything `cp -a` carries into the tree, so equal digests mean equal
+/// results. A single file is digested the same way.
 pub fn digest(root: &Path) -> Result<String> {
     let mut h = blake3::Hasher::new();
-    let meta = fs::symlink_metadata(root).with_context(|| format!("cannot read {}", root.display()))?;
-    if !meta.is_dir() {
-        return file_digest(root);
-    }
-    for entry in walkdir::WalkDir::new(root).sort_by_file_name() {
+    let mut links: std::collections::HashMap<(u64, u64), usize> = std::collections::HashMap::new();
+    for (n, entry) in walkdir::WalkDir::new(root).sort_by_file_name().into_iter().enumerate() {
         let entry = entry.with_context(|| format!("cannot walk {}", root.display()))?;
         let m = entry
             .metadata()
@@ -27,7 +26,29 @@ pub fn digest(root: &Path) -> Result<String> {
         let rel = entry.path().strip_prefix(root)?;
         h.update(rel.as_os_str().as_encoded_bytes());
         h.update(&[0]);
-        h.update(format!("{:o} {}:{}", m.mode(), m.uid(), m.gid()).as_bytes());
+        h.update(
+            format!(
+                "{:o} {}:{} {}.{}",
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                m.mtime(),
+                m.mtime_nsec()
+            )
+            .as_bytes(),
+        );
+        if m.nlink() > 1 && !m.is_dir() {
+            let first = *links.entry((m.dev(), m.ino())).or_insert(n);
+            h.update(format!(" link{first}").as_bytes());
+        }
+        if let Ok(names) = xattr::list(entry.path()) {
+            let mut names: Vec<_> = names.collect();
+            names.sort();
+            for name in names {
+                h.update(name.as_encoded_bytes());
+                h.update(&xattr::get(entry.path(), &name).ok().flatten().unwrap_or_default());
+            }
+        }
         let ft = m.file_type();
         if ft.is_file() {
             h.update(format!(" f{}", m.len()).as_bytes());
@@ -49,13 +70,6 @@ pub fn digest(root: &Path) -> Result<String> {
         }
         h.update(&[0]);
     }
-    Ok(h.finalize().to_hex().to_string())
-}
-
-pub fn file_digest(path: &Path) -> Result<String> {
-    let mut f = fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut h = blake3::Hasher::new();
-    std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(h.finalize().to_hex().to_string())
 }
 

@@ -78,6 +78,7 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Loaded> {
     for s in sets {
         apply_set(&mut merged, s, &cwd)?;
     }
+    hooks_as_tables(&mut merged);
     let canonical = toml::to_string(&merged).context("cannot serialize the merged recipe")?;
     let digest = blake3::hash(canonical.as_bytes()).to_hex().to_string();
     let mut recipe: Recipe = serde_path_to_error::deserialize(Value::Table(merged.clone())).map_err(|e| {
@@ -228,6 +229,32 @@ fn apply_set(into: &mut Table, set: &str, cwd: &Path) -> Result<()> {
     resolve_paths(&mut nested, cwd);
     replace(into, nested);
     Ok(())
+}
+
+/// A hook given as a plain path becomes `{ run = PATH }`, so one table type with its
+/// own field names (and errors naming them) describes every hook.
+fn hooks_as_tables(recipe: &mut Table) {
+    let to_table = |v: &mut Value| {
+        if let Value::String(s) = v {
+            let mut t = Table::new();
+            t.insert("run".into(), Value::String(std::mem::take(s)));
+            *v = Value::Table(t);
+        }
+    };
+    if let Some(Value::Array(list)) = recipe.get_mut("scripts") {
+        list.iter_mut().for_each(to_table);
+    }
+    if let Some(Value::Table(stages)) = recipe.get_mut("hooks") {
+        for (_, hooks) in stages.iter_mut() {
+            if let Value::Table(h) = hooks {
+                for when in ["before", "after"] {
+                    if let Some(Value::Array(list)) = h.get_mut(when) {
+                        list.iter_mut().for_each(to_table);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Like `merge`, but arrays are replaced too.

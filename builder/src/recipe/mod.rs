@@ -247,17 +247,10 @@ pub struct Configure {
 }
 
 /// An executable run by the build: a path on the build host (relative to the recipe that
-/// names it), run on the host or inside the tree.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum Hook {
-    Path(PathBuf),
-    Full(HookSpec),
-}
-
+/// names it), run on the host or inside the tree. A plain string in a recipe is `run`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HookSpec {
+pub struct Hook {
     pub run: PathBuf,
     /// Run inside the tree (chroot, `/` is the image); default: on the build host for
     /// stage hooks, inside the tree for `scripts`.
@@ -270,22 +263,13 @@ pub struct HookSpec {
 
 impl Hook {
     pub fn path(&self) -> &Path {
-        match self {
-            Hook::Path(p) => p,
-            Hook::Full(s) => &s.run,
-        }
+        &self.run
     }
     pub fn chroot(&self, default: bool) -> bool {
-        match self {
-            Hook::Path(_) => default,
-            Hook::Full(s) => s.chroot.unwrap_or(default),
-        }
+        self.chroot.unwrap_or(default)
     }
     pub fn timeout(&self) -> Option<&str> {
-        match self {
-            Hook::Path(_) => None,
-            Hook::Full(s) => s.timeout.as_deref(),
-        }
+        self.timeout.as_deref()
     }
 }
 

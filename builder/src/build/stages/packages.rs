@@ -3,8 +3,6 @@
 //! the one that is no longer available.
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
@@ -138,26 +136,19 @@ pub struct Apt {
     tree: std::path::PathBuf,
     _mounts: Mounts,
     _resolver: Resolver,
-    /// The policy-rc.d this build put there (removed again), if the tree had none.
-    policy: Option<std::path::PathBuf>,
+    _policy: crate::build::chroot::NoServices,
 }
 
 impl Apt {
     pub fn enter(tree: &Path) -> Result<Apt> {
         let mounts = Mounts::prepare(tree)?;
         let resolver = Resolver::borrow_host(tree)?;
-        let path = crate::build::rootpath::resolve(tree, "/usr/sbin/policy-rc.d", false)?;
-        let mut policy = None;
-        if fs::symlink_metadata(&path).is_err() && path.parent().is_some_and(Path::is_dir) {
-            fs::write(&path, "#!/bin/sh\nexit 101\n")?;
-            fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
-            policy = Some(path);
-        }
+        let policy = crate::build::chroot::NoServices::install(tree)?;
         Ok(Apt {
             tree: tree.to_path_buf(),
             _mounts: mounts,
             _resolver: resolver,
-            policy,
+            _policy: policy,
         })
     }
 
@@ -173,13 +164,5 @@ impl Apt {
         .env("DEBIAN_FRONTEND", "noninteractive");
         run_logged(&mut cmd, cx.log, cx.command_timeout)
             .with_context(|| format!("apt-get {} in the tree", args.join(" ")))
-    }
-}
-
-impl Drop for Apt {
-    fn drop(&mut self) {
-        if let Some(p) = &self.policy {
-            let _ = fs::remove_file(p);
-        }
     }
 }
