@@ -507,6 +507,32 @@ impl Runner<'_> {
             packages: packages.clone(),
         };
         if let Some(locked) = self.locked
+            && locked.packages != l.packages
+        {
+            let have: BTreeMap<&str, &str> = l
+                .packages
+                .iter()
+                .map(|p| (p.name.as_str(), p.version.as_str()))
+                .collect();
+            let differ: Vec<String> = locked
+                .packages
+                .iter()
+                .filter(|w| have.get(w.name.as_str()) != Some(&w.version.as_str()))
+                .map(|w| {
+                    format!(
+                        "{} {} (built: {})",
+                        w.name,
+                        w.version,
+                        have.get(w.name.as_str()).unwrap_or(&"none")
+                    )
+                })
+                .collect();
+            bail!(
+                "--locked: the built tree's packages are not the locked ones: {}",
+                differ.join(", ")
+            );
+        }
+        if let Some(locked) = self.locked
             && let (Some(want), Some(got)) = (&locked.image, &l.image)
             && want != got
         {

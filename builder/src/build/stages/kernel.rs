@@ -43,7 +43,15 @@ pub fn run(cx: &Context<'_>) -> Result<()> {
         cx.progress.step(&format!("apt-get install {pkg}"));
         let apt = Apt::enter(cx.tree)?;
         apt.get(cx, &["update"])?;
-        apt.get(cx, &["install", "-y", "--no-install-recommends", pkg])?;
+        // A locked build takes the locked version.
+        let spec = match cx.locked.and_then(|l| l.packages.iter().find(|p| &p.name == pkg)) {
+            Some(p) => format!("{pkg}={}", p.version),
+            None => pkg.clone(),
+        };
+        apt.get(
+            cx,
+            &["install", "-y", "--no-install-recommends", "--allow-downgrades", &spec],
+        )?;
         apt.get(cx, &["clean"])?;
     }
     if let Some(from) = &k.from {

@@ -54,15 +54,19 @@ pub fn run(cx: &Context<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Brings the tree's packages to the locked list: changes versions with apt, then
-/// compares again; anything still different stops the build.
+/// Brings the installed packages to their locked versions with apt (a package the lock
+/// has but the tree does not yet is left to the stage that installs it, such as the
+/// kernel's); then every installed package must be the locked one. The whole list is
+/// compared once more when the build ends.
 fn enforce(cx: &Context<'_>, apt: &Apt, wanted: &[Package]) -> Result<()> {
     let have = lock::dpkg_packages(cx.tree)?;
-    let have_map: BTreeMap<&str, &str> = have.iter().map(|p| (p.name.as_str(), p.version.as_str())).collect();
-    let fix: Vec<String> = wanted
+    let locked: BTreeMap<&str, &str> = wanted.iter().map(|p| (p.name.as_str(), p.version.as_str())).collect();
+    let fix: Vec<String> = have
         .iter()
-        .filter(|w| have_map.get(w.name.as_str()) != Some(&w.version.as_str()))
-        .map(|w| format!("{}={}", w.name, w.version))
+        .filter_map(|h| match locked.get(h.name.as_str()) {
+            Some(v) if *v != h.version => Some(format!("{}={v}", h.name)),
+            _ => None,
+        })
         .collect();
     if !fix.is_empty() {
         cx.progress
@@ -90,34 +94,15 @@ fn enforce(cx: &Context<'_>, apt: &Apt, wanted: &[Package]) -> Result<()> {
         apt.get(cx, &args)?;
     }
     let now = lock::dpkg_packages(cx.tree)?;
-    if now != wanted {
-        let wanted_names: BTreeMap<&str, &str> = wanted.iter().map(|p| (p.name.as_str(), p.version.as_str())).collect();
-        let extra: Vec<&str> = now
-            .iter()
-            .filter(|p| !wanted_names.contains_key(p.name.as_str()))
-            .map(|p| p.name.as_str())
-            .collect();
-        let now_names: BTreeMap<&str, &str> = now.iter().map(|p| (p.name.as_str(), p.version.as_str())).collect();
-        let differ: Vec<String> = wanted
-            .iter()
-            .filter(|w| now_names.get(w.name.as_str()) != Some(&w.version.as_str()))
-            .map(|w| {
-                format!(
-                    "{} {} (have {})",
-                    w.name,
-                    w.version,
-                    now_names.get(w.name.as_str()).unwrap_or(&"none")
-                )
-            })
-            .collect();
+    let stray: Vec<String> = now
+        .iter()
+        .filter(|p| locked.get(p.name.as_str()) != Some(&p.version.as_str()))
+        .map(|p| format!("{} {}", p.name, p.version))
+        .collect();
+    if !stray.is_empty() {
         bail!(
-            "--locked: the tree's packages are not the locked ones: {}{}",
-            differ.join(", "),
-            if extra.is_empty() {
-                String::new()
-            } else {
-                format!("; not in the lock: {}", extra.join(", "))
-            }
+            "--locked: the tree has packages the lock does not: {}",
+            stray.join(", ")
         );
     }
     Ok(())
