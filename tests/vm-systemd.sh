@@ -93,6 +93,16 @@ grep -q "package openssh-server 1:0.1-gone is no longer available" "$work/locked
   fail "the locked build did not name the missing package: $(tail -3 "$work/locked.err")"
 ok "refused: $(grep -o 'package openssh-server 1:0.1-gone is no longer available[^;]*' "$work/locked.err")"
 
+step "a package no mirror has: the packages stage fails naming it, with the end of its log"
+if "$build" build tests/recipes/debian-1.toml --quiet --build-dir "$work/build-missing" --cache "$work/build-cache" \
+  "${args[@]}" "${disk_args[@]}" --set 'packages.install=["openssh-server", "atom-no-such-package"]' \
+  --only packages 2> "$work/missing.err"; then
+  fail "a recipe with a package no mirror has was built"
+fi
+grep -q "stage packages failed" "$work/missing.err" && grep -q "Unable to locate package atom-no-such-package" "$work/missing.err" ||
+  fail "the failure did not name the stage and the package: $(tail -5 "$work/missing.err")"
+ok "refused: stage packages failed; apt: Unable to locate package atom-no-such-package"
+
 journal_fields='journalctl -u atom-update.service -o json --no-pager | grep -oE "\"ATOM_(VERSION|ROUTE|SLOT)\":\"[^\"]*\"" | sort -u | sed "s/^/JOURNAL: /"'
 
 step "boot 1: 1.0.0 from A under systemd; its old agent refuses what needs a newer one and stages 2.0.0"

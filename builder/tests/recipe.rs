@@ -418,3 +418,32 @@ fn a_source_file_with_another_mode_or_time_is_not_taken_from_the_cache() {
     let v = built(s.build(&r, "b", &["--skip", "publish"]));
     assert_eq!(v["files"], "built", "a time change is an input (cp -a keeps it): {v:?}");
 }
+
+#[test]
+fn a_full_disk_fails_the_stage_by_name_and_keeps_the_cache() {
+    let s = Setup::new();
+    let r = s.recipe("r.toml", "");
+    // The cache is warm; the build directory then lives on a 6 MiB tmpfs.
+    ok(s.build(&r, "warm", &["--skip", "publish"]));
+    let small = s.path("small");
+    fs::create_dir_all(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a tmpfs (root)");
+    let out = s.build(
+        &r,
+        "small/b",
+        &["--skip", "publish", "--set", "image.size=\"64M\"", "--no-cache"],
+    );
+    let _ = Command::new("umount").arg(&small).status();
+    let stderr = fails_with(out, 1, "failed");
+    assert!(stderr.contains("stage "), "the error names the stage: {stderr}");
+    assert!(!s.path("repo/channels").exists(), "nothing was published");
+    // The cache is still whole: the same build elsewhere takes every stage from it.
+    let v = built(s.build(&r, "again", &["--skip", "publish"]));
+    assert_eq!(v["clean"], "cached", "{v:?}");
+    assert_eq!(v["image"], "cached", "{v:?}");
+}
