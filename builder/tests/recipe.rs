@@ -78,6 +78,19 @@ impl Setup {
         c.output().unwrap()
     }
 
+    /// A build of a recipe that stands alone (not on the example): no --set.
+    fn build_alone(&self, recipe: &Path, build_dir: &str) -> Output {
+        Command::new(BIN)
+            .arg("build")
+            .arg(recipe)
+            .arg("--build-dir")
+            .arg(self.path(build_dir))
+            .arg("--cache")
+            .arg(self.path("cache"))
+            .output()
+            .unwrap()
+    }
+
     fn image(&self, build_dir: &str, version: &str) -> PathBuf {
         self.path(&format!("{build_dir}/out/atom-sample-{version}.img"))
     }
@@ -324,15 +337,7 @@ fn bad_recipes_are_refused_with_the_key_named() {
         ),
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .arg("build")
-        .arg(&r)
-        .arg("--build-dir")
-        .arg(s.path("b"))
-        .arg("--cache")
-        .arg(s.path("cache"))
-        .output()
-        .unwrap();
+    let out = s.build_alone(&r, "b");
     fails_with(out, 1, "is not a root tree");
     let missing = s.recipe("missing.toml", "[hooks.files]\nafter = [\"nowhere.sh\"]\n");
     fails_with(s.build(&missing, "b", &[]), 1, "cannot read hook");
@@ -370,15 +375,7 @@ fn links_in_the_tree_never_lead_a_build_to_the_host() {
         ),
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .arg("build")
-        .arg(&r)
-        .arg("--build-dir")
-        .arg(s.path("b"))
-        .arg("--cache")
-        .arg(s.path("cache"))
-        .output()
-        .unwrap();
+    let out = s.build_alone(&r, "b");
     ok(out);
     let m = fs::metadata(&victim).unwrap();
     assert_eq!(

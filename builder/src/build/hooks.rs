@@ -78,10 +78,8 @@ pub fn run(hook: &Hook, default_chroot: bool, when: &str, stage: &str, env: &Hoo
         copied = Some(dir);
         _mounts = Some(Mounts::prepare(&env.tree)?);
         _no_services = Some(super::chroot::NoServices::install(&env.tree)?);
-        cmd = Command::new("chroot");
-        cmd.arg(&env.tree).arg(format!("/{IN_TREE_DIR}/{name}"));
+        cmd = in_tree(&env.tree, &format!("/{IN_TREE_DIR}/{name}"));
         cmd.env("ATOM_ROOT", "/");
-        cmd.env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     } else {
         copied = None;
         _mounts = None;

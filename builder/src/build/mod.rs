@@ -428,8 +428,7 @@ impl Runner<'_> {
     }
 
     fn run_in_tree(&mut self, index: usize, name: &str) -> Result<Vec<PathBuf>> {
-        let s = Named { index, name };
-        let log = StageLog::create(&self.dir.logs, s.index, s.name)?;
+        let log = StageLog::create(&self.dir.logs, index, name)?;
         let r = &self.loaded.recipe;
         let cx = stages::Context {
             recipe: r,
@@ -446,7 +445,7 @@ impl Runner<'_> {
             base_image: self.base_image,
             command_timeout: COMMAND_TIMEOUT,
         };
-        let result = run_with_hooks(s.name, &cx);
+        let result = run_with_hooks(name, &cx);
         match result {
             Ok(made) => Ok(made),
             Err(e) => {
@@ -462,14 +461,14 @@ impl Runner<'_> {
                 if self.args.keep_failed {
                     eprintln!(
                         "the tree as stage {} left it is kept in {}",
-                        s.name,
+                        name,
                         self.dir.tree.display()
                     );
                 } else {
                     tree::remove(&self.dir.tree)?;
                 }
                 self.live = false;
-                Err(e.context(format!("stage {} failed (its log: {})", s.name, log.path.display())))
+                Err(e.context(format!("stage {} failed (its log: {})", name, log.path.display())))
             }
         }
     }
@@ -575,11 +574,6 @@ impl Runner<'_> {
             );
         }
     }
-}
-
-struct Named<'a> {
-    index: usize,
-    name: &'a str,
 }
 
 fn previous_key(plan: &[Planned], index: usize) -> &str {

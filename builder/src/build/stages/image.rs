@@ -7,8 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, bail};
 use atom_dist::Digest;
-use atom_dist::manifest::Manifest;
-use atom_dist::repo::{Repository, layout};
+use atom_dist::repo::layout;
 
 use super::{Context, Plan, options, stem};
 use crate::build::cache::Inputs;
@@ -65,17 +64,9 @@ pub fn resolve_base(r: &Recipe, locked: Option<&Lock>) -> Result<BaseImage> {
     match r.image.base.as_str() {
         "none" => Ok(BaseImage::None),
         "auto" => {
-            let Some(p) = &r.publish else {
+            let (Some(p), Some(m)) = (&r.publish, super::publish::current_manifest(r)?) else {
                 return Ok(BaseImage::None);
             };
-            if !p.repo.join("channels").is_dir() {
-                return Ok(BaseImage::None);
-            }
-            let repo = Repository::open(&p.repo).with_context(|| format!("publish.repo {}", p.repo.display()))?;
-            let Some(signed) = repo.current(&r.os.channel)? else {
-                return Ok(BaseImage::None);
-            };
-            let m = Manifest::parse(&signed.manifest)?;
             if m.board != r.os.board {
                 return Ok(BaseImage::None);
             }

@@ -20,24 +20,33 @@ pub fn inputs(p: &Plan<'_>) -> Result<Inputs> {
     Ok(i)
 }
 
+/// The channel's current manifest in the recipe's repository (none without a
+/// repository, or before the channel's first publish).
+pub fn current_manifest(r: &Recipe) -> Result<Option<Manifest>> {
+    let Some(p) = &r.publish else { return Ok(None) };
+    if !p.repo.join("channels").is_dir() {
+        return Ok(None);
+    }
+    let repo = Repository::open(&p.repo).with_context(|| format!("publish.repo {}", p.repo.display()))?;
+    match repo.current(&r.os.channel)? {
+        Some(signed) => Ok(Some(Manifest::parse(&signed.manifest)?)),
+        None => Ok(None),
+    }
+}
+
 /// Before anything is built: a publish that could not succeed is refused now.
 pub fn check_version_grows(r: &Recipe) -> Result<()> {
     let Some(p) = &r.publish else { return Ok(()) };
-    if !p.repo.join("channels").is_dir() {
-        return Ok(());
-    }
-    let repo = Repository::open(&p.repo).with_context(|| format!("publish.repo {}", p.repo.display()))?;
-    if let Some(signed) = repo.current(&r.os.channel)? {
-        let m = Manifest::parse(&signed.manifest)?;
-        if m.version >= r.os.version {
-            bail!(
-                "publish: channel {} of {} is at {} already; os.version {} must be newer (nothing was built)",
-                r.os.channel,
-                p.repo.display(),
-                m.version,
-                r.os.version
-            );
-        }
+    if let Some(m) = current_manifest(r)?
+        && m.version >= r.os.version
+    {
+        bail!(
+            "publish: channel {} of {} is at {} already; os.version {} must be newer (nothing was built)",
+            r.os.channel,
+            p.repo.display(),
+            m.version,
+            r.os.version
+        );
     }
     Ok(())
 }
