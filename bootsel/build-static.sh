@@ -7,9 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 package=${1:-bootsel}
 target=$(rustc -vV | sed -n 's/^host: //p')
+# bootsel goes into every initramfs: built for size (profile initramfs, full LTO). The others
+# are built for speed of building (profile static, see Cargo.toml).
+profile=static
+[[ $package == bootsel ]] && profile=initramfs
 RUSTFLAGS="-C target-feature=+crt-static" \
-  cargo build --locked -p "$package" --profile initramfs --target "$target" --target-dir target/static
-bin="target/static/$target/initramfs/$package"
+  cargo build --locked -p "$package" --profile "$profile" --target "$target" --target-dir target/static
+bin="target/static/$target/$profile/$package"
 if readelf -d "$bin" | grep -q NEEDED; then
   echo "build-static.sh: $bin needs shared libraries" >&2
   exit 1

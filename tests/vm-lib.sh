@@ -70,7 +70,9 @@ echo "    first stage and 1.0.0: $old_pkg; later versions: $new_pkg"
 initramfs_modules=(virtio_pci virtio_blk crc32c_generic ext4 overlay)
 
 step "building atom-build and atom-dist, and static bootsel and atom-update"
-cargo build --locked -p atom-build -p atom-dist
+# The whole workspace, as tests/run-all.sh builds it: a subset of packages unifies other
+# dependency features and would rebuild half the dependencies.
+cargo build --locked --workspace
 build=$repo_root/target/debug/atom-build
 dist_bin=$repo_root/target/debug/atom-dist
 bootsel_static=$(bash bootsel/build-static.sh)
@@ -135,7 +137,9 @@ vm_accel=${ATOM_VM_ACCEL:-tcg}
 # Every boot is one qemu run: -no-reboot turns the guest's reboot into qemu's exit.
 qemu_machine=(-nodefaults -machine "q35,accel=$vm_accel" -cpu max -m 512 -smp 2 -display none -no-reboot)
 boot_n=0
-# boot [uefi]: one boot of the VM; the console log ends up in $console.
+# boot [uefi|bios]: one boot of the VM; the console log ends up in $console. uefi: OVMF
+# starts systemd-boot from the ESP; bios: SeaBIOS (qemu's default firmware) starts
+# gptmbr.bin and syslinux from the same ESP; neither: qemu loads the first stage itself.
 boot() {
   boot_n=$((boot_n + 1))
   console=$work/console-$boot_n.log
@@ -145,10 +149,16 @@ boot() {
   mkfs.ext4 -q -F -L exchange -d "$work/exchange" "$work/exchange.img" "${mib}M"
   local firmware=(-kernel "$vmlinuz" -initrd "$work/initrd.img" -append "ro console=ttyS0 panic=1")
   local how="direct kernel boot"
-  if [[ ${1:-} == uefi ]]; then
-    firmware=(-bios /usr/share/ovmf/OVMF.fd)
-    how="UEFI firmware (OVMF) -> systemd-boot from the ESP"
-  fi
+  case ${1:-} in
+    uefi)
+      firmware=(-bios /usr/share/ovmf/OVMF.fd)
+      how="UEFI firmware (OVMF) -> systemd-boot from the ESP"
+      ;;
+    bios)
+      firmware=()
+      how="legacy BIOS (SeaBIOS) -> gptmbr.bin -> syslinux from the ESP"
+      ;;
+  esac
   local net=()
   if [[ $agent_repo == http* ]]; then
     start_dist
@@ -158,14 +168,14 @@ boot() {
   fi
   echo "    boot $boot_n: $how, accel $vm_accel, console: $console"
   local started=$SECONDS
-  timeout "$boot_timeout" qemu-system-x86_64 "${qemu_machine[@]}" "${net[@]}" -serial "file:$console" "${firmware[@]}" \
+  timeout "$boot_timeout" qemu-system-x86_64 "${qemu_machine[@]}" "${net[@]}" -serial "file:$console" ${firmware[@]+"${firmware[@]}"} \
     -drive "file=$work/disk.img,format=raw,if=virtio,cache=unsafe" \
     -drive "file=$work/exchange.img,format=raw,if=virtio,readonly=on" ||
     fail "boot $boot_n did not end within ${boot_timeout}s (or qemu failed)"
   echo "    (took $((SECONDS - started)) s)"
   # Carriage returns and colour codes out, so patterns match what a reader sees.
   sed 's/\r//g; s/\x1b\[[0-9;]*[A-Za-z]//g' "$console" > "$console.txt" && mv "$console.txt" "$console"
-  grep -E "^(bootsel|ATOM-SAMPLE|staged|up to date|booted:|last boot|SLOT|[AB] |UNITS|JOURNAL|PREVIOUS|Result=|AGENT|NEXT-EXIT|ETC)|Kernel panic|health|update the agent" "$console" | grep -v "^bootsel: loaded" | sed 's/^/    | /' || true
+  grep -E "^(SYSLINUX [0-9.]+ 2|bootsel|ATOM-SAMPLE|staged|up to date|booted:|last boot|SLOT|[AB] |UNITS|JOURNAL|PREVIOUS|Result=|AGENT|NEXT-EXIT|ETC)|Kernel panic|health|update the agent" "$console" | grep -v "^bootsel: loaded" | sed 's/^/    | /' || true
 }
 # The last step of a passing run.
 finish() {

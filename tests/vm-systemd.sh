@@ -6,6 +6,8 @@
 # Debian's own initramfs made by update-initramfs with the Atom initramfs-tools hook: the
 # first stage kexecs it, and `bootsel attach` in its local-bottom adds state and /etc.
 # Every version is built by `atom-build build` from examples/debian-server/recipe.toml.
+# Every boot starts under legacy BIOS (SeaBIOS -> gptmbr.bin -> syslinux from the hybrid
+# disk's ESP); tests/vm.sh covers UEFI.
 #
 #   boot 1: 1.0.0 from A, whose agent is an older build (ATOM_AGENT_VERSION=0.0.1);
 #           atom-health.service passes, atom-mark-good.service runs; that agent refuses a
@@ -37,7 +39,7 @@ suite=$(. /etc/os-release && echo "$VERSION_CODENAME")
 step "an older agent for 1.0.0 (the same tree built as version 0.0.1), the current one for 2.0.0 and 3.0.0"
 current_agent=$("$update_static" --version | awk '{print $2}')
 # The current agent is kept aside: building the old one replaces it in target/, and
-# building it again would cost another LTO build (cargo rebuilds it when next asked).
+# building it again would cost another build (cargo rebuilds it when next asked).
 cp "$update_static" "$work/atom-update-current"
 update_static=$work/atom-update-current
 old_agent=$(ATOM_AGENT_VERSION=0.0.1 bash bootsel/build-static.sh atom-update)
@@ -123,7 +125,8 @@ echo "edited after staging" > /etc/host-note
 $journal_fields
 atom-update status
 EOF
-boot
+boot bios
+expect "^SYSLINUX [0-9.]+ 2" "legacy BIOS: SeaBIOS started gptmbr.bin and syslinux from the hybrid disk's ESP"
 expect "bootsel: starting the slot's kernel $kver_old" "the first stage starts A's kernel"
 expect "Loading, please wait|Begin: Loading essential drivers" "Debian's own initramfs (initramfs-tools) is the second stage"
 expect "bootsel: second stage: slot A chosen by the first stage" "its Atom hook (bootsel attach) took the hand-over"
@@ -154,7 +157,7 @@ echo 'reboot = "immediate"' >> /etc/atom/update.toml
 systemctl start atom-update.service
 echo "ATOM-SAMPLE: atom-update.service returned without a reboot"
 EOF
-boot
+boot bios
 expect "ATOM-SAMPLE: running 2.0.0 from slot B on kernel $kver_new" "2.0.0 runs from slot B on its kernel $kver_new"
 expect "UNITS: active active" "boot-complete.target reached, atom-mark-good.service ran"
 expect "AGENT: atom-update $current_agent" "the agent upgraded itself with the slot: 2.0.0 runs agent $current_agent"
@@ -171,7 +174,7 @@ step "boot 3: 3.0.0's health check fails: atom-mark-bad.service marks it bad and
 control <<'EOF'
 echo "ATOM-SAMPLE: should not run after a failed health check"
 EOF
-boot
+boot bios
 expect "ATOM-SAMPLE: running 3.0.0 from slot A" "3.0.0 runs from slot A"
 expect "FAILED.*Failed to start atom-healt" "atom-health.service failed"
 refute "ATOM-SAMPLE: control script begins" "boot-complete.target was not reached; nothing marked good"
@@ -184,7 +187,7 @@ echo "ETC: written-in-2: $(cat /etc/written-in-2)"
 if test -e /etc/written-by-3; then echo "ETC: 3.0.0's write is here"; else echo "ETC: 3.0.0's write is not here"; fi
 atom-update status
 EOF
-boot
+boot bios
 expect "ATOM-SAMPLE: running 2.0.0 from slot B on kernel $kver_new" "back on 2.0.0 from slot B, on $kver_new"
 expect "PREVIOUS: .*50-broken-service" "boot 3's journal: the failing check by name"
 expect "PREVIOUS: .*marked bad" "boot 3's journal: atom-mark-bad.service marked the slot bad"

@@ -11,14 +11,18 @@
 # so every reboot the guest asks for ends qemu and the next run is the next boot; what
 # happened is read back from the serial console.
 #
-#   boot 1 (UEFI firmware, systemd-boot): 1.0.0 from A; atom-update now -> 2.0.0 into B
+# The disk is hybrid (atom-build disk's default): boots 1-4 start under UEFI (OVMF ->
+# systemd-boot), boots 5-9 under legacy BIOS (SeaBIOS -> gptmbr.bin -> syslinux), so each
+# firmware sees an update and a rollback; both start the same first stage from the ESP.
+#
+#   boot 1 (UEFI): 1.0.0 from A; atom-update now -> 2.0.0 into B
 #           (atom-dist, precomputed delta)
 #   boot 2: 2.0.0 from B on trial, health checks pass, marked good; update to 3.0.0
 #           (atom-dist, the rsync endpoint)
 #   boot 3: 3.0.0 from A; its health check fails -> mark-bad -> reboot
 #   boot 4: back on 2.0.0 from B by itself; update to 4.0.0 (from the "USB stick"), whose
 #           init crashes
-#   boot 5, 6: 4.0.0 from A panics; each boot spends one try
+#   boot 5, 6 (BIOS from here on): 4.0.0 from A panics; each boot spends one try
 #   boot 7: A is out of tries: bootsel falls back to 2.0.0 on B; status shows it; update
 #           to 5.0.0, whose initramfs lacks ext4
 #   boot 8: 5.0.0's kernel starts but cannot mount its root: its second stage marks A
@@ -108,7 +112,7 @@ atom-update status
 { grep -v '^routes' /etc/atom/update.toml; echo 'routes = ["rsync"]'; } > /tmp/rsync-only.toml
 atom-update --config /tmp/rsync-only.toml now
 EOF
-boot
+boot uefi
 expect "bootsel: starting the slot's kernel $kver_new" "the first stage starts B's kernel, $kver_new"
 expect "ATOM-SAMPLE: running 2.0.0 from slot B on kernel $kver_new" "2.0.0 runs from slot B on its own kernel $kver_new"
 expect "ATOM-SAMPLE: marked good" "2.0.0 marked good"
@@ -120,7 +124,7 @@ expect "^staged 3\.0\.0 in slot A via rsync-delta: downloaded [0-9]+ bytes, uplo
 ok "atom-dist answered $(dist_metric 'atom_dist_requests_total{route="delta",status="200"}') rsync request(s), $(dist_metric atom_dist_delta_cache_misses_total) diff(s) computed"
 
 step "boot 3: 3.0.0 from A; its health check fails, so it marks itself bad and reboots"
-boot
+boot uefi
 expect "ATOM-SAMPLE: running 3.0.0 from slot A" "3.0.0 runs from slot A"
 expect "does not start" "the failing check's own message is on the console"
 expect "ATOM-SAMPLE: health check failed" "health check failed"
@@ -132,8 +136,9 @@ publish "$work/v4.img"
 control <<'EOF'
 atom-update now --repository file:///mnt/exchange/repo
 EOF
-boot
+boot uefi
 expect "ATOM-SAMPLE: running 2.0.0 from slot B on kernel $kver_new" "back on 2.0.0 from slot B, on $kver_new"
+expect "BdsDxe|systemd-boot" "UEFI firmware again: the rollback under UEFI"
 expect "^staged 4\.0\.0 in slot A via [a-z-]+: read [0-9]+ bytes from a local repository" \
   "4.0.0 staged in slot A from the stick (bytes read locally, none downloaded)"
 
@@ -142,7 +147,9 @@ for attempt in 1 2; do
   control <<'EOF'
 echo "ATOM-SAMPLE: should not run on a crashing version"
 EOF
-  boot
+  boot bios
+  expect "^SYSLINUX [0-9.]+ 2" "legacy BIOS: SeaBIOS started syslinux from the ESP (gptmbr.bin)"
+  refute "BdsDxe" "no UEFI firmware on this boot"
   expect "ATOM-SAMPLE: 4.0.0 init crashes" "4.0.0's init ran from slot A and crashed"
   expect "Kernel panic" "the kernel panicked (no userspace, nothing marked)"
 done
@@ -154,7 +161,7 @@ atom-update status
 atom-update status --json
 atom-update now
 EOF
-boot
+boot bios
 expect "ATOM-SAMPLE: running 2.0.0 from slot B on kernel $kver_new" "2.0.0 runs from slot B again, on its kernel"
 expect "last boot FELL BACK: slot A ran out of tries" "status reports the fallback"
 expect '"fell_back_from": ?"A"' "status --json names the slot it fell back from"
@@ -164,7 +171,7 @@ step "boot $((boot_n + 1)): 5.0.0's kernel starts, but its initramfs cannot moun
 control <<'EOF'
 echo "ATOM-SAMPLE: should not run on a version that cannot mount its root"
 EOF
-boot
+boot bios
 expect "bootsel: starting the slot's kernel $kver_new" "the first stage started 5.0.0's kernel"
 expect "bootsel: second stage: slot A chosen" "5.0.0's own initramfs took over"
 expect "THIS SLOT CANNOT BOOT" "the second stage says the slot cannot boot"
@@ -176,7 +183,7 @@ step "boot $((boot_n + 1)): the first stage passes over the failed slot: 2.0.0 o
 control <<'EOF'
 atom-update status
 EOF
-boot
+boot bios
 expect "ATOM-SAMPLE: running 2.0.0 from slot B on kernel $kver_new" "2.0.0 from slot B on $kver_new"
 expect "last boot FELL BACK: slot A" "status reports the fallback from A"
 expect "^B +root-b +2\.0\.0 .*$kver_new" "status names B's kernel"

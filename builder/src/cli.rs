@@ -152,13 +152,21 @@ pub struct InitramfsArgs {
     pub out: PathBuf,
 }
 
-/// Build a bootable disk image for a new host: ESP with systemd-boot, root-a, root-b, state.
+/// Build a bootable disk image for a new host: GPT with ESP, root-a, root-b, state.
 ///
 /// root-a gets IMAGE and is marked good (priority 1, successful); root-b is empty with
 /// priority 0, ready for the first update; state is an empty ext4 that bootsel fills on
-/// the first boot. The ESP holds systemd-boot as EFI/BOOT/BOOTX64.EFI (found by any UEFI
-/// firmware) and one loader entry for KERNEL and INITRAMFS. Write the result to a disk
-/// with dd, or boot it in qemu with OVMF.
+/// the first boot. The ESP holds KERNEL and INITRAMFS (the first stage, which picks the
+/// slot) and the boot loaders --firmware asks for: systemd-boot as EFI/BOOT/BOOTX64.EFI
+/// (found by any UEFI firmware without boot variables) and, for legacy BIOS, syslinux
+/// (gptmbr.bin in the MBR boot code, the ESP marked legacy-BIOS-bootable, ldlinux.sys and
+/// syslinux/syslinux.cfg on the ESP). Both start the same kernel with the same command
+/// line, so BIOS hosts get the same tries and fallback.
+///
+/// Each --format is written beside OUT (raw: OUT itself; raw.zst: OUT.zst; qcow2, vmdk
+/// (streamOptimized), vhd (fixed): OUT with that extension instead of .img), with
+/// STEM.toml (what the disk holds, the slot image's digest as the signed manifest
+/// states it) and a SHA256SUMS line for each file in the same directory.
 #[derive(Debug, Args)]
 pub struct DiskArgs {
     /// Slot image for root-a (from `atom-build image`).
@@ -190,6 +198,63 @@ pub struct DiskArgs {
     /// Output disk image; written atomically, sparse.
     #[arg(long)]
     pub out: PathBuf,
+    /// Firmware the disk boots under.
+    #[arg(long, value_enum, default_value_t = Firmware::Hybrid)]
+    pub firmware: Firmware,
+    /// Where syslinux's BIOS files are (Debian packages syslinux and syslinux-common):
+    /// mbr/gptmbr.bin; the `syslinux` installer itself is taken from PATH.
+    #[arg(long, default_value = "/usr/lib/syslinux")]
+    pub syslinux_dir: PathBuf,
+    /// Formats to write; repeat or separate with commas (e.g. --format raw.zst,qcow2).
+    #[arg(long = "format", value_enum, value_delimiter = ',', default_value = "raw")]
+    pub formats: Vec<DiskFormat>,
+}
+
+/// What a disk boots under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    /// UEFI only: systemd-boot.
+    Uefi,
+    /// Legacy BIOS only: syslinux.
+    Bios,
+    /// Both, from the same ESP (the default).
+    Hybrid,
+}
+
+impl Firmware {
+    pub fn uefi(self) -> bool {
+        self != Firmware::Bios
+    }
+
+    pub fn bios(self) -> bool {
+        self != Firmware::Uefi
+    }
+}
+
+/// A disk image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Deserialize, serde::Serialize)]
+pub enum DiskFormat {
+    /// The raw disk, sparse: for dd and qemu.
+    #[value(name = "raw")]
+    #[serde(rename = "raw")]
+    Raw,
+    /// The raw disk, zstd-compressed: for download (zstd -d | dd).
+    #[value(name = "raw.zst")]
+    #[serde(rename = "raw.zst")]
+    RawZst,
+    /// qcow2: qemu, libvirt, OpenStack.
+    #[value(name = "qcow2")]
+    #[serde(rename = "qcow2")]
+    Qcow2,
+    /// VMDK, streamOptimized: VMware, OVA bundles.
+    #[value(name = "vmdk")]
+    #[serde(rename = "vmdk")]
+    Vmdk,
+    /// VHD, fixed size: Azure, Hyper-V.
+    #[value(name = "vhd")]
+    #[serde(rename = "vhd")]
+    Vhd,
 }
 
 /// Install the update agent, its systemd units and presets into a root filesystem.

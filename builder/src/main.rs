@@ -26,7 +26,7 @@ fn main() -> ExitCode {
         Command::History(a) => audit::run_history(a),
         Command::InstallUnits(a) => install::run(a),
         Command::Initramfs(a) => image::source_date_epoch().and_then(|t| initramfs::run(a, t)),
-        Command::Disk(a) => image::source_date_epoch().and_then(|t| disk::run(a, t)),
+        Command::Disk(a) => image::source_date_epoch().and_then(|t| disk::run(a, t)).map(drop),
         Command::Verify(a) => match audit::run_verify(a) {
             Ok(0) => Ok(()),
             Ok(_) => return ExitCode::from(EXIT_PROBLEMS),

@@ -310,6 +310,9 @@ fn disk_has_gpt_esp_with_systemd_boot_slot_a_good_and_empty_state() {
         ]
     );
 
+    // Hybrid by default: the ESP is the partition gptmbr.bin boots (legacy BIOS bootable).
+    assert_eq!(parts[0]["attrs"].as_str(), Some("LegacyBIOSBootable"), "{:?}", parts[0]);
+
     // Slot attributes, as Google's cgpt reads them: A good, B never.
     let cgpt = |i: &str, flag: &str| {
         run(Command::new("cgpt").args(["show", "-i", i, flag]).arg(&disk))
@@ -362,6 +365,38 @@ fn disk_has_gpt_esp_with_systemd_boot_slot_a_good_and_empty_state() {
     fs::write(&fat, &bytes[1 << 20..65 << 20]).unwrap();
     run(Command::new("fsck.vfat").arg("-n").arg(&fat));
 
+    // Legacy BIOS: syslinux's GPT MBR code in front of the protective MBR's table, its
+    // loader on the ESP, and a config that starts the same kernel with the same line.
+    let gptmbr = fs::read("/usr/lib/syslinux/mbr/gptmbr.bin").expect("syslinux-common installed");
+    assert_eq!(&bytes[..gptmbr.len()], &gptmbr[..], "MBR boot code is gptmbr.bin");
+    assert_eq!(&bytes[510..512], &[0x55, 0xaa]);
+    assert_eq!(bytes[446 + 4], 0xee, "the protective MBR's partition entry stays");
+    assert_eq!(
+        mtype("::/syslinux/syslinux.cfg"),
+        "SERIAL 0 115200\nDEFAULT atom\nPROMPT 0\nTIMEOUT 0\nLABEL atom\n  LINUX /atom/vmlinuz\n  INITRD /atom/initrd.img\n  APPEND console=ttyS0 quiet\n"
+    );
+    let listing = run(Command::new("mdir")
+        .args(["-a", "-b", "-i", &esp, "::/syslinux"])
+        .env("MTOOLS_SKIP_CHECK", "1"));
+    assert!(
+        listing.contains("ldlinux.sys") && listing.contains("ldlinux.c32"),
+        "{listing}"
+    );
+
+    // The record and the sums beside the disk.
+    let record: toml::Table = toml::from_str(&fs::read_to_string(t.path().join("disk.toml")).unwrap()).unwrap();
+    assert_eq!(record["version"].as_str(), Some("1.0.0"));
+    assert_eq!(record["firmware"].as_str(), Some("hybrid"));
+    let (image_digest, _) = atom_dist::digest::Digest::of_file(&image).unwrap();
+    assert_eq!(record["image"].as_str().unwrap(), image_digest.to_string());
+    let sums = run(Command::new("sha256sum")
+        .args(["-c", "--strict", "SHA256SUMS"])
+        .current_dir(t.path()));
+    assert!(
+        sums.contains("disk.img: OK") && sums.contains("disk.toml: OK"),
+        "{sums}"
+    );
+
     // The state partition is a clean, empty ext4 labelled "state".
     let state = t.path().join("state.img");
     fs::write(&state, &bytes[(129 << 20)..(149 << 20)]).unwrap();
@@ -390,4 +425,192 @@ fn disk_has_gpt_esp_with_systemd_boot_slot_a_good_and_empty_state() {
     bad[8] = &kernel;
     fails_with(atom_build(&bad), 1, "not an EFI executable");
     assert!(!out.exists());
+}
+
+/// A slot image, kernel, initramfs and EFI loader for `atom-build disk`.
+fn disk_inputs(dir: &Path) -> [std::path::PathBuf; 4] {
+    let tree = dir.join("tree");
+    make_tree(&tree, 10, 3);
+    let image = dir.join("v1.img");
+    ok(atom_build(&[
+        &"image",
+        &"--kernel",
+        &"none",
+        &"--rootfs",
+        &tree,
+        &"--version",
+        &"1.0.0",
+        &"--size",
+        &"16M",
+        &"--out",
+        &image,
+    ]));
+    let kernel = dir.join("vmlinuz");
+    fs::write(&kernel, common::bytes(1 << 20, 1)).unwrap();
+    let initrd = dir.join("initrd.img");
+    fs::write(&initrd, common::bytes(1 << 19, 2)).unwrap();
+    let loader = dir.join("BOOTX64.EFI");
+    let mut efi = b"MZ".to_vec();
+    efi.extend(common::bytes(50_000, 3));
+    fs::write(&loader, &efi).unwrap();
+    [image, kernel, initrd, loader]
+}
+
+fn disk_command(inputs: &[std::path::PathBuf; 4], out: &Path, extra: &[&str]) -> std::process::Output {
+    let [image, kernel, initrd, loader] = inputs;
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+        &"disk",
+        &"--image",
+        image,
+        &"--kernel",
+        kernel,
+        &"--initramfs",
+        initrd,
+        &"--bootloader",
+        loader,
+        &"--state-size",
+        &"16M",
+        &"--esp-size",
+        &"16M",
+        &"--out",
+        &out,
+    ];
+    for e in extra {
+        args.push(e);
+    }
+    atom_build(&args)
+}
+
+#[test]
+fn disk_formats_convert_back_to_the_raw_disk_and_are_summed() {
+    let t = tempfile::tempdir().unwrap();
+    let inputs = disk_inputs(t.path());
+    let out = t.path().join("out");
+    fs::create_dir(&out).unwrap();
+    let raw = out.join("host.disk.img");
+    ok(disk_command(
+        &inputs,
+        &raw,
+        &["--format", "raw,raw.zst,qcow2", "--format", "vmdk", "--format", "vhd"],
+    ));
+    let names: Vec<String> = {
+        let mut v: Vec<String> = fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        names,
+        [
+            "SHA256SUMS",
+            "host.disk.img",
+            "host.disk.img.zst",
+            "host.disk.qcow2",
+            "host.disk.toml",
+            "host.disk.vhd",
+            "host.disk.vmdk"
+        ]
+    );
+    let sums = run(Command::new("sha256sum")
+        .args(["-c", "--strict", "SHA256SUMS"])
+        .current_dir(&out));
+    assert_eq!(sums.lines().filter(|l| l.ends_with(": OK")).count(), 6, "{sums}");
+
+    // Each format holds the same disk, as qemu-img (and zstd) read it back.
+    let unpacked = t.path().join("unpacked.img");
+    run(Command::new("zstd")
+        .args(["-q", "-d", "-o"])
+        .arg(&unpacked)
+        .arg(out.join("host.disk.img.zst")));
+    assert!(
+        fs::read(&unpacked).unwrap() == fs::read(&raw).unwrap(),
+        "raw.zst unpacks to the raw disk"
+    );
+    for (file, format) in [
+        ("host.disk.qcow2", "qcow2"),
+        ("host.disk.vmdk", "vmdk"),
+        ("host.disk.vhd", "vpc"),
+    ] {
+        run(Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", format])
+            .arg(&raw)
+            .arg(out.join(file)));
+        let info: serde_json::Value = serde_json::from_str(&run(Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", format])
+            .arg(out.join(file))))
+        .unwrap();
+        assert_eq!(
+            info["virtual-size"].as_u64(),
+            Some(fs::metadata(&raw).unwrap().len()),
+            "{file}: {info}"
+        );
+        if format == "vmdk" {
+            assert!(info.to_string().contains("streamOptimized"), "{info}");
+        }
+    }
+    let record: toml::Table = toml::from_str(&fs::read_to_string(out.join("host.disk.toml")).unwrap()).unwrap();
+    let outputs = record["outputs"].as_array().unwrap();
+    assert_eq!(outputs.len(), 5);
+    for o in outputs {
+        assert!(sums.contains(&format!("{}: OK", o["file"].as_str().unwrap())), "{o}");
+    }
+
+    // Without raw in the list, no raw disk is left behind; a second disk in the same
+    // directory keeps the first one's sums.
+    let other = out.join("other.disk.img");
+    ok(disk_command(
+        &inputs,
+        &other,
+        &["--format", "qcow2", "--firmware", "uefi"],
+    ));
+    assert!(!other.exists());
+    let sums = run(Command::new("sha256sum")
+        .args(["-c", "--strict", "SHA256SUMS"])
+        .current_dir(&out));
+    assert_eq!(sums.lines().filter(|l| l.ends_with(": OK")).count(), 8, "{sums}");
+}
+
+#[test]
+fn disk_firmware_uefi_and_bios_carry_only_their_loader() {
+    let t = tempfile::tempdir().unwrap();
+    let inputs = disk_inputs(t.path());
+    let list = |disk: &Path| {
+        run(Command::new("mdir")
+            .args(["-a", "-b", "-/", "-i", &format!("{}@@1M", disk.display()), "::/"])
+            .env("MTOOLS_SKIP_CHECK", "1"))
+    };
+    let attrs = |disk: &Path| {
+        let table: serde_json::Value =
+            serde_json::from_str(&run(Command::new("sfdisk").arg("--json").arg(disk))).unwrap();
+        table["partitiontable"]["partitions"][0]["attrs"]
+            .as_str()
+            .map(str::to_owned)
+    };
+
+    let uefi = t.path().join("uefi.img");
+    ok(disk_command(&inputs, &uefi, &["--firmware", "uefi"]));
+    let files = list(&uefi);
+    assert!(files.contains("BOOTX64.EFI") && !files.contains("syslinux"), "{files}");
+    assert_eq!(attrs(&uefi), None);
+    assert!(
+        fs::read(&uefi).unwrap()[..440].iter().all(|&b| b == 0),
+        "no MBR boot code"
+    );
+
+    let bios = t.path().join("bios.img");
+    ok(disk_command(&inputs, &bios, &["--firmware", "bios"]));
+    let files = list(&bios);
+    assert!(files.contains("ldlinux.sys") && !files.contains("EFI"), "{files}");
+    assert_eq!(attrs(&bios).as_deref(), Some("LegacyBIOSBootable"));
+
+    // Missing syslinux files name the package.
+    let bad = t.path().join("bad.img");
+    fails_with(
+        disk_command(&inputs, &bad, &["--syslinux-dir", "/nonexistent"]),
+        1,
+        "syslinux-common",
+    );
+    assert!(!bad.exists());
 }

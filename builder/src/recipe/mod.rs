@@ -7,6 +7,7 @@ mod load;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::cli::{DiskFormat, Firmware};
 use anyhow::{Result, bail};
 use semver::Version;
 use serde::{Deserialize, Serialize};
@@ -412,6 +413,20 @@ pub struct DiskOutput {
     pub slot_size: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bootloader: Option<PathBuf>,
+    /// uefi, bios or hybrid (both).
+    #[serde(default = "default_firmware")]
+    pub firmware: Firmware,
+    /// raw, raw.zst, qcow2, vmdk, vhd.
+    #[serde(default = "default_formats")]
+    pub formats: Vec<DiskFormat>,
+}
+
+fn default_firmware() -> Firmware {
+    Firmware::Hybrid
+}
+
+fn default_formats() -> Vec<DiskFormat> {
+    vec![DiskFormat::Raw]
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

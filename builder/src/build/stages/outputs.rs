@@ -12,6 +12,17 @@ use crate::build::hooks::run_logged;
 use crate::cli::DiskArgs;
 
 const DEFAULT_BOOTLOADER: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
+const SYSLINUX_DIR: &str = "/usr/lib/syslinux";
+
+/// `program`'s path on PATH, so its contents can be part of the cache key.
+fn which(program: &str) -> Result<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{program} is not on PATH (for outputs.disk.firmware bios/hybrid: install syslinux)"))
+}
 
 pub fn inputs(p: &Plan<'_>) -> Result<Inputs> {
     let mut i = Inputs::new();
@@ -22,8 +33,18 @@ pub fn inputs(p: &Plan<'_>) -> Result<Inputs> {
     if let Some(d) = &o.disk {
         i.insert("outputs.disk.kernel".into(), host_path(&d.kernel)?);
         i.insert("outputs.disk.initramfs".into(), host_path(&d.initramfs)?);
-        let boot = d.bootloader.clone().unwrap_or_else(|| DEFAULT_BOOTLOADER.into());
-        i.insert("outputs.disk.bootloader".into(), host_path(&boot)?);
+        if d.firmware.uefi() {
+            let boot = d.bootloader.clone().unwrap_or_else(|| DEFAULT_BOOTLOADER.into());
+            i.insert("outputs.disk.bootloader".into(), host_path(&boot)?);
+        }
+        if d.firmware.bios() {
+            // The installer program carries ldlinux.sys; gptmbr.bin goes into the MBR.
+            i.insert("outputs.disk.syslinux".into(), host_path(&which("syslinux")?)?);
+            i.insert(
+                "outputs.disk.gptmbr".into(),
+                host_path(&std::path::Path::new(SYSLINUX_DIR).join("mbr/gptmbr.bin"))?,
+            );
+        }
     }
     Ok(i)
 }
@@ -53,9 +74,11 @@ pub fn run(cx: &Context<'_>) -> Result<Vec<PathBuf>> {
             esp_size: 64 << 20,
             state_size: 128 << 20,
             out: out.clone(),
+            firmware: d.firmware,
+            syslinux_dir: SYSLINUX_DIR.into(),
+            formats: d.formats.clone(),
         };
-        crate::disk::run(&args, cx.epoch).context("outputs.disk")?;
-        made.push(out);
+        made.extend(crate::disk::run(&args, cx.epoch).context("outputs.disk")?);
     }
     if o.tarball {
         cx.progress.step("root tree as tar.zst");
@@ -84,7 +107,11 @@ pub fn run(cx: &Context<'_>) -> Result<Vec<PathBuf>> {
             cx.command_timeout,
         )
         .context("outputs.tarball")?;
+        let sums = crate::disk::add_to_sums(std::slice::from_ref(&out)).context("outputs.tarball")?;
         made.push(out);
+        if !made.contains(&sums) {
+            made.push(sums);
+        }
     }
     Ok(made)
 }

@@ -1,11 +1,17 @@
 //! `atom-build disk`: a whole bootable disk for a new host (or a VM): GPT with an EFI
-//! system partition (systemd-boot, one loader entry for the kernel and initramfs),
-//! `root-a` holding the given image and marked as the good slot, an empty unbootable
-//! `root-b`, and an empty ext4 `state` partition.
+//! system partition (the first stage's kernel and initramfs, and the boot loaders of
+//! [`esp`]), `root-a` holding the given image and marked as the good slot, an empty
+//! unbootable `root-b`, and an empty ext4 `state` partition; then the formats of
+//! [`formats`].
 //!
 //! Reproducible like the images: identifiers are derived from the slot image's identity,
 //! the FAT is stamped with SOURCE_DATE_EPOCH, and the state filesystem uses the pinned
 //! mke2fs config.
+
+mod esp;
+mod formats;
+
+pub use formats::add_to_sums;
 
 use std::fs::{self, File};
 use std::io::{Cursor, Read, Seek, SeekFrom, Write};
@@ -25,7 +31,8 @@ const MIB: u64 = 1 << 20;
 const TYPE_ESP: &str = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
 const TYPE_ROOT_X86_64: &str = "4f68bce3-e8cd-4db1-96e7-fbcaf984b709";
 const TYPE_LINUX_DATA: &str = "0fc63daf-8483-4772-8e79-3d69d8477de4";
-const ENTRY_NAME: &str = "atom.conf";
+/// UEFI spec attribute bit 2: the partition syslinux's gptmbr.bin boots from.
+const LEGACY_BIOS_BOOTABLE: u64 = 1 << 2;
 
 struct Part {
     label: &'static str,
@@ -34,7 +41,9 @@ struct Part {
     attributes: u64,
 }
 
-pub fn run(args: &DiskArgs, epoch: i64) -> Result<()> {
+/// Builds the disk and its formats; returns every file written.
+pub fn run(args: &DiskArgs, epoch: i64) -> Result<Vec<std::path::PathBuf>> {
+    ensure!(!args.formats.is_empty(), "--format: no format given");
     let image_len = fs::metadata(&args.image)
         .with_context(|| format!("cannot read {}", args.image.display()))?
         .len();
@@ -62,7 +71,7 @@ pub fn run(args: &DiskArgs, epoch: i64) -> Result<()> {
             label: "esp",
             kind: TYPE_ESP,
             size: args.esp_size,
-            attributes: 0,
+            attributes: if args.firmware.bios() { LEGACY_BIOS_BOOTABLE } else { 0 },
         },
         Part {
             label: "root-a",
@@ -88,7 +97,7 @@ pub fn run(args: &DiskArgs, epoch: i64) -> Result<()> {
     let seed = format!("{}\0{}", release.version, release.board);
 
     let scratch = tempfile::tempdir().context("cannot create a temporary directory")?;
-    let esp = esp_filesystem(args, &seed, scratch.path(), epoch)?;
+    let esp = esp::filesystem(args, &seed, scratch.path(), epoch)?;
     let state = scratch.path().join("state.img");
     make_state(&state, args.state_size, &release, scratch.path(), epoch)?;
 
@@ -118,6 +127,9 @@ pub fn run(args: &DiskArgs, epoch: i64) -> Result<()> {
     }
     gpt.write_into(&mut disk).context("cannot write the GPT")?;
     GPT::write_protective_mbr_into(&mut disk, SECTOR).context("cannot write the protective MBR")?;
+    if args.firmware.bios() {
+        esp::write_mbr_boot_code(&mut disk, &args.syslinux_dir)?;
+    }
 
     write_at(&mut disk, offsets[0], &mut Cursor::new(esp)).context("cannot write the EFI system partition")?;
     let mut image = File::open(&args.image).with_context(|| format!("cannot read {}", args.image.display()))?;
@@ -125,89 +137,34 @@ pub fn run(args: &DiskArgs, epoch: i64) -> Result<()> {
     let mut state = File::open(&state).context("cannot read the state filesystem")?;
     write_at(&mut disk, offsets[3], &mut state).context("cannot write the state partition")?;
     disk.sync_all().context("cannot flush the disk image")?;
-    tmp.persist(&args.out)
-        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    drop(disk);
 
-    println!(
-        "built {}: {} bytes; esp {} MiB (systemd-boot, entry {ENTRY_NAME}), root-a {} MiB = {} {} (priority 1, successful), root-b {} MiB (empty, priority 0), state {} MiB",
-        args.out.display(),
-        total,
+    let layout = format!(
+        "esp {} MiB ({}), root-a {} MiB = {} {} (priority 1, successful), root-b {} MiB (empty, priority 0), state {} MiB",
         args.esp_size / MIB,
+        esp::loaders(args.firmware),
         slot_size / MIB,
         release.version,
         release.board,
         slot_size / MIB,
         args.state_size / MIB
     );
-    Ok(())
-}
-
-/// The FAT file system of the ESP: systemd-boot as the removable-media
-/// loader (found by any UEFI firmware without boot variables), one loader entry, kernel
-/// and initramfs.
-fn esp_filesystem(args: &DiskArgs, seed: &str, scratch: &Path, epoch: i64) -> Result<Vec<u8>> {
-    let read = |p: &Path| fs::read(p).with_context(|| format!("cannot read {}", p.display()));
-    let loader = read(&args.bootloader)?;
-    ensure!(
-        loader.starts_with(b"MZ"),
-        "{} is not an EFI executable (install systemd-boot-efi?)",
-        args.bootloader.display()
-    );
-    let kernel = read(&args.kernel)?;
-    let initrd = read(&args.initramfs)?;
-    let entry = format!(
-        "title Atom\nlinux /atom/vmlinuz\ninitrd /atom/initrd.img\noptions {}\n",
-        args.cmdline
-    );
-    let loader_conf = format!("default {ENTRY_NAME}\ntimeout 0\n");
-    let files: [(&str, &[u8]); 5] = [
-        ("EFI/BOOT/BOOTX64.EFI", &loader),
-        ("loader/loader.conf", loader_conf.as_bytes()),
-        ("loader/entries/atom.conf", entry.as_bytes()),
-        ("atom/vmlinuz", &kernel),
-        ("atom/initrd.img", &initrd),
-    ];
-    let needed: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
-    ensure!(
-        needed + 2 * MIB < args.esp_size,
-        "kernel, initramfs and loader need {needed} bytes; make --esp-size larger"
-    );
-    // dosfstools and mtools rather than a Rust FAT crate: fatfs 0.3 writes long-name
-    // entries for "." and "..", which fsck.fat rejects. Both honour SOURCE_DATE_EPOCH.
-    let volume = scratch.join("esp.img");
-    File::create(&volume)
-        .and_then(|f| f.set_len(args.esp_size))
-        .context("cannot create the ESP image")?;
-    let id = hex::encode(&blake3::hash(format!("esp\0{seed}").as_bytes()).as_bytes()[..4]);
-    let tool = |program: &str| {
-        let mut c = std::process::Command::new(program);
-        c.env("SOURCE_DATE_EPOCH", epoch.to_string())
-            .env("MTOOLS_SKIP_CHECK", "1")
-            .env("LC_ALL", "C");
-        c
+    let record = formats::Record {
+        version: release.version.to_string(),
+        board: release.board.clone(),
+        image: atom_dist::digest::Digest::of_file(&args.image)
+            .with_context(|| format!("cannot read {}", args.image.display()))?
+            .0
+            .to_string(),
+        image_size: image_len,
+        firmware: args.firmware,
+        size: total,
+        outputs: Vec::new(),
     };
-    crate::cmd::run(
-        tool("mkfs.vfat")
-            .args(["--invariant", "-n", "ATOM-ESP", "-i", &id])
-            .arg(&volume),
-    )?;
-    let image = format!("{}", volume.display());
-    crate::cmd::run(tool("mmd").args([
-        "-i",
-        &image,
-        "::/EFI",
-        "::/EFI/BOOT",
-        "::/loader",
-        "::/loader/entries",
-        "::/atom",
-    ]))?;
-    for (i, (path, bytes)) in files.iter().enumerate() {
-        let src = scratch.join(format!("esp-file-{i}"));
-        fs::write(&src, bytes).with_context(|| format!("cannot stage {path}"))?;
-        crate::cmd::run(tool("mcopy").args(["-i", &image]).arg(&src).arg(format!("::/{path}")))
-            .with_context(|| format!("cannot copy {path} into the ESP"))?;
-    }
-    fs::read(&volume).context("cannot read the ESP image back")
+    let written = formats::write(tmp, args, record)?;
+    let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+    println!("built {}: {total} bytes; {layout}", names.join(", "));
+    Ok(written)
 }
 
 fn make_state(path: &Path, size: u64, release: &Release, scratch: &Path, epoch: i64) -> Result<()> {
