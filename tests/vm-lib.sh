@@ -21,7 +21,7 @@ fail() {
   exit 1
 }
 
-packages=(qemu-system-x86 ovmf systemd-boot-efi kmod e2fsprogs zstd busybox-static rsync util-linux mount dosfstools mtools mmdebstrap socat curl)
+packages=(qemu-system-x86 ovmf systemd-boot-efi syslinux syslinux-common kmod e2fsprogs zstd busybox-static rsync util-linux mount dosfstools mtools mmdebstrap socat curl)
 # shellcheck source=tests/packages.sh
 source tests/packages.sh
 ensure_packages "${packages[@]}"
