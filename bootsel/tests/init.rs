@@ -23,7 +23,9 @@ impl LoopDisk {
         let dev = ok(Command::new("losetup").args(["-f", "--show"]).arg(&image))
             .trim()
             .to_string();
-        ok(Command::new("partx").args(["-a", &dev]));
+        // -u, not -a: a loop device detached under load can still carry its previous
+        // partitions (same layout here), which -a refuses ("error adding partition 4").
+        ok(Command::new("partx").args(["-u", &dev]));
         let dir_path = dir.path().to_owned();
         let disk = LoopDisk {
             dev,

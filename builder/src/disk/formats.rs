@@ -73,6 +73,7 @@ pub fn write(raw: NamedTempFile, args: &DiskArgs, mut record: Record) -> Result<
         written.push((out, format));
     }
     if formats.contains(&DiskFormat::Raw) {
+        readable(raw.as_file())?;
         raw.persist(&args.out)
             .with_context(|| format!("cannot create {}", args.out.display()))?;
         written.insert(0, (args.out.clone(), DiskFormat::Raw));
@@ -114,6 +115,7 @@ fn convert(raw: &Path, format: DiskFormat, out: &Path) -> Result<()> {
         DiskFormat::Raw => unreachable!("raw is the disk itself"),
         DiskFormat::RawZst => {
             compress(raw, tmp.as_file())?;
+            readable(tmp.as_file())?;
             tmp.persist(out)?;
             return Ok(());
         }
@@ -132,6 +134,7 @@ fn convert(raw: &Path, format: DiskFormat, out: &Path) -> Result<()> {
         Err(e) if which_missing("qemu-img") => bail!("{e:#}: qemu-img is not installed (Debian package qemu-utils)"),
         r => r.map(drop)?,
     }
+    readable(tmp.as_file())?;
     tmp.persist(out)?;
     Ok(())
 }
@@ -206,9 +209,17 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = NamedTempFile::new_in(dir).with_context(|| format!("cannot write into {}", dir.display()))?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
+    readable(tmp.as_file())?;
     tmp.persist(path)
         .with_context(|| format!("cannot create {}", path.display()))?;
     Ok(())
+}
+
+/// Temporary files are created 0600; outputs are for web servers and other users.
+fn readable(file: &File) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(fs::Permissions::from_mode(0o644))
+        .context("cannot make the output readable")
 }
 
 fn file_name(path: &Path) -> String {
