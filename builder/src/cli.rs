@@ -165,8 +165,8 @@ pub struct InitramfsArgs {
 ///
 /// Each --format is written beside OUT (raw: OUT itself; raw.zst: OUT.zst; qcow2, vmdk
 /// (streamOptimized), vhd (fixed): OUT with that extension instead of .img), with
-/// STEM.toml (what the disk holds, the slot image's digest as the signed manifest
-/// states it) and a SHA256SUMS line for each file in the same directory.
+/// STEM.toml (what the disk holds, the digest of the slot image written, which a signed
+/// manifest carries) and a SHA256SUMS line for each file in the same directory.
 #[derive(Debug, Args)]
 pub struct DiskArgs {
     /// Slot image for root-a (from `atom-build image`).

@@ -28,7 +28,7 @@ pub const SUMS: &str = "SHA256SUMS";
 pub struct Record {
     pub version: String,
     pub board: String,
-    /// The slot image in root-a, as the signed manifest states it.
+    /// Digest of the slot image written to root-a (the digest a signed manifest carries).
     pub image: String,
     pub image_size: u64,
     pub firmware: Firmware,
@@ -87,8 +87,8 @@ pub fn write(raw: NamedTempFile, args: &DiskArgs, mut record: Record) -> Result<
     }
     let record_path = args.out.with_file_name(format!("{}.toml", stem_of(&args.out)));
     let text = format!(
-        "# Written by atom-build disk: what this disk holds. `image` is the slot image in root-a\n\
-         # as the signed manifest of {} states it.\n{}",
+        "# Written by atom-build disk: what this disk holds. `image` is the digest of the slot\n\
+         # image written to root-a ({} here), as a signed manifest of that version carries it.\n{}",
         record.version,
         toml::to_string(&record).context("cannot write the disk record")?
     );
