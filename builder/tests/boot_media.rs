@@ -428,23 +428,11 @@ fn disk_has_gpt_esp_with_systemd_boot_slot_a_good_and_empty_state() {
 }
 
 /// A slot image, kernel, initramfs and EFI loader for `atom-build disk`.
-fn disk_inputs(dir: &Path) -> [std::path::PathBuf; 4] {
+fn disk_inputs(f: &common::Fixture) -> [std::path::PathBuf; 4] {
+    let dir = f.dir.path();
     let tree = dir.join("tree");
     make_tree(&tree, 10, 3);
-    let image = dir.join("v1.img");
-    ok(atom_build(&[
-        &"image",
-        &"--kernel",
-        &"none",
-        &"--rootfs",
-        &tree,
-        &"--version",
-        &"1.0.0",
-        &"--size",
-        &"16M",
-        &"--out",
-        &image,
-    ]));
+    let image = f.image_of_size("v1", "1.0.0", &tree, None, "16M");
     let kernel = dir.join("vmlinuz");
     fs::write(&kernel, common::bytes(1 << 20, 1)).unwrap();
     let initrd = dir.join("initrd.img");
@@ -483,8 +471,9 @@ fn disk_command(inputs: &[std::path::PathBuf; 4], out: &Path, extra: &[&str]) ->
 
 #[test]
 fn disk_formats_convert_back_to_the_raw_disk_and_are_summed() {
-    let t = tempfile::tempdir().unwrap();
-    let inputs = disk_inputs(t.path());
+    let f = common::Fixture::new();
+    let inputs = disk_inputs(&f);
+    let t = &f.dir;
     let out = t.path().join("out");
     fs::create_dir(&out).unwrap();
     let raw = out.join("host.disk.img");
@@ -574,8 +563,9 @@ fn disk_formats_convert_back_to_the_raw_disk_and_are_summed() {
 
 #[test]
 fn disk_firmware_uefi_and_bios_carry_only_their_loader() {
-    let t = tempfile::tempdir().unwrap();
-    let inputs = disk_inputs(t.path());
+    let f = common::Fixture::new();
+    let inputs = disk_inputs(&f);
+    let t = &f.dir;
     let list = |disk: &Path| {
         run(Command::new("mdir")
             .args(["-a", "-b", "-/", "-i", &format!("{}@@1M", disk.display()), "::/"])
