@@ -104,6 +104,13 @@ control() { # the shell script the guest runs after its health checks
   cat > "$work/exchange/control.sh"
 }
 
+# background PID: a process the script started, killed when the script exits.
+background_pids=()
+background() {
+  background_pids+=("$1")
+  trap 'kill "${background_pids[@]}" 2>/dev/null || true' EXIT
+}
+
 # atom-dist on the host's 127.0.0.1, serving the repository the VM tests publish into.
 # Guests reach it as http://10.0.2.100 (qemu user networking, restricted: the guest can
 # reach nothing else, and nothing leaves the machine).
@@ -113,7 +120,7 @@ start_dist() {
   "$dist_bin" serve --repo "$work/exchange/repo" --listen 127.0.0.1:0 --cache "$work/dist-cache" \
     > "$work/atom-dist.out" 2> "$work/atom-dist.log" &
   dist_pid=$!
-  trap 'kill "$dist_pid" 2>/dev/null || true' EXIT
+  background "$dist_pid"
   local _
   for _ in $(seq 100); do
     dist_url=$(sed -n 's/^atom-dist: listening on //p' "$work/atom-dist.out")

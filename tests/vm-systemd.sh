@@ -105,6 +105,20 @@ grep -q "stage packages failed" "$work/missing.err" && grep -q "Unable to locate
   fail "the failure did not name the stage and the package: $(tail -5 "$work/missing.err")"
 ok "refused: stage packages failed; apt: Unable to locate package atom-no-such-package"
 
+step "examples/debian-server/recipe.toml as written (its kernel is linux-image-amd64 through apt), built beside the boots"
+# Built in the background while qemu (one TCG thread) boots: the second core is otherwise
+# idle. Same stage cache: bootstrap and packages are the VM recipes'.
+(
+  "$build" build examples/debian-server/recipe.toml --quiet --build-dir "$work/build-example" \
+    --cache "$work/build-cache" --set os.version=1.0.0 --set "base.debian.suite=$suite" \
+    --set "atom.agent=$update_static" --set "atom.bootsel=$bootsel_static" \
+    --set "atom.keys=[\"$work/signer.pub\"]" --set "atom.repositories=[\"$agent_repo\"]" \
+    > "$work/example-build.log" 2>&1
+) &
+example_pid=$!
+background "$example_pid"
+echo "    building in the background (log: $work/example-build.log)"
+
 journal_fields='journalctl -u atom-update.service -o json --no-pager | grep -oE "\"ATOM_(VERSION|ROUTE|SLOT)\":\"[^\"]*\"" | sort -u | sed "s/^/JOURNAL: /"'
 
 step "boot 1: 1.0.0 from A under systemd; its old agent refuses what needs a newer one and stages 2.0.0"
@@ -194,5 +208,25 @@ expect "PREVIOUS: .*marked bad" "boot 3's journal: atom-mark-bad.service marked 
 expect "ETC: written-in-2: in 2.0.0" "the fallback returned to 2.0.0's /etc"
 expect "ETC: 3.0.0's write is not here" "without what 3.0.0 wrote to its own /etc"
 expect "\]: A +root-a +3\.0\.0 .*not bootable" "slot A (3.0.0) is not bootable"
+
+
+step "the Debian example as written, built beside the boots: kernel, modules and initramfs from linux-image-amd64"
+wait "$example_pid" || fail "atom-build build examples/debian-server/recipe.toml failed: $(tail -n 8 "$work/example-build.log")"
+example_img=$work/build-example/out/debian-server-1.0.0.img
+[[ -s $example_img ]] || fail "the example's build made no $example_img"
+kpkg=$(grep -A1 'name = "linux-image-[0-9]' "$work/build-example/out/build.lock.toml" | sed -n 's/^name = "\(.*\)"/\1/p' | head -n 1)
+[[ -n $kpkg ]] || fail "the example's lock lists no linux-image package"
+example_release=$(debugfs -R "cat /boot/atom/kernel-release" "$example_img" 2> /dev/null)
+[[ linux-image-$example_release == "$kpkg" ]] ||
+  fail "the slot's kernel release '$example_release' is not the installed package $kpkg"
+debugfs -R "ls -p /lib/modules/$example_release/kernel/fs/ext4" "$example_img" 2> /dev/null | grep -q 'ext4\.ko' ||
+  fail "the example's slot has no modules for $example_release"
+debugfs -R "dump /boot/atom/initrd.img $work/example-initrd.img" "$example_img" 2> /dev/null
+# Debian's initramfs is zstd (after an uncompressed early-microcode cpio when there is one).
+zstd_at=$(LC_ALL=C grep -obUaP '\x28\xb5\x2f\xfd' "$work/example-initrd.img" | head -n 1 | cut -d: -f1)
+[[ -n $zstd_at ]] || fail "the example's /boot/atom/initrd.img has no zstd archive"
+tail -c +$((zstd_at + 1)) "$work/example-initrd.img" | zstd -dcq 2> /dev/null | LC_ALL=C grep -aq 'scripts/local-bottom/atom' ||
+  fail "the example's initramfs has no Atom local-bottom hook (scripts/local-bottom/atom)"
+ok "$kpkg: /boot/atom/vmlinuz, modules, and Debian's initramfs with the Atom hook ($(stat -c %s "$work/example-initrd.img") bytes)"
 
 finish

@@ -559,6 +559,37 @@ fn disk_formats_convert_back_to_the_raw_disk_and_are_summed() {
         .args(["-c", "--strict", "SHA256SUMS"])
         .current_dir(&out));
     assert_eq!(sums.lines().filter(|l| l.ends_with(": OK")).count(), 8, "{sums}");
+
+    // All or nothing: when one format cannot be made (qemu-img fails), the earlier build's
+    // disk, formats, record and sums stay as they were, and no temporary file is left.
+    let before = common::snapshot(&out);
+    let bin = t.path().join("failing-bin");
+    fs::create_dir(&bin).unwrap();
+    let fake = bin.join("qemu-img");
+    fs::write(&fake, "#!/bin/sh\necho 'qemu-img: injected failure' >&2\nexit 1\n").unwrap();
+    fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let [image, kernel, initrd, loader] = &inputs;
+    let failed = Command::new(common::BIN)
+        .arg("disk")
+        .arg("--image")
+        .arg(image)
+        .arg("--kernel")
+        .arg(kernel)
+        .arg("--initramfs")
+        .arg(initrd)
+        .arg("--bootloader")
+        .arg(loader)
+        .args(["--state-size", "16M", "--esp-size", "16M", "--cmdline", "ro quiet"])
+        .args(["--format", "raw,raw.zst,qcow2", "--out"])
+        .arg(&raw)
+        .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()))
+        .output()
+        .unwrap();
+    fails_with(failed, 1, "injected failure");
+    assert!(
+        common::snapshot(&out) == before,
+        "a failed build changed the output directory"
+    );
 }
 
 #[test]
@@ -584,6 +615,10 @@ fn disk_firmware_uefi_and_bios_carry_only_their_loader() {
     let files = list(&uefi);
     assert!(files.contains("BOOTX64.EFI") && !files.contains("syslinux"), "{files}");
     assert_eq!(attrs(&uefi), None);
+    // The protective entry's boot indicator: clear as the UEFI spec wants, set (0x80) only
+    // on a BIOS-only disk, for BIOSes that boot only an active entry.
+    let boot_indicator = |disk: &Path| fs::read(disk).unwrap()[446];
+    assert_eq!(boot_indicator(&uefi), 0);
     assert!(
         fs::read(&uefi).unwrap()[..440].iter().all(|&b| b == 0),
         "no MBR boot code"
@@ -594,6 +629,7 @@ fn disk_firmware_uefi_and_bios_carry_only_their_loader() {
     let files = list(&bios);
     assert!(files.contains("ldlinux.sys") && !files.contains("EFI"), "{files}");
     assert_eq!(attrs(&bios).as_deref(), Some("LegacyBIOSBootable"));
+    assert_eq!(boot_indicator(&bios), 0x80);
 
     // Missing syslinux files name the package.
     let bad = t.path().join("bad.img");

@@ -107,10 +107,12 @@ pub fn filesystem(args: &DiskArgs, seed: &str, scratch: &Path, epoch: i64) -> Re
                 .args(["--install", "--directory", "/syslinux"])
                 .arg(&volume),
         )
-        .context("cannot install syslinux into the ESP (install the syslinux package, or use --firmware uefi)")?;
+        .with_context(|| format!("cannot install syslinux into the ESP (install the syslinux package, {UEFI_ONLY})"))?;
     }
     fs::read(&volume).context("cannot read the ESP image back")
 }
+
+const UEFI_ONLY: &str = "or make a UEFI-only disk: --firmware uefi, outputs.disk.firmware = \"uefi\"";
 
 /// Writes syslinux's GPT-aware MBR boot code in front of the protective MBR's table.
 pub fn write_mbr_boot_code(disk: &mut File, syslinux_dir: &Path) -> Result<()> {
@@ -118,12 +120,7 @@ pub fn write_mbr_boot_code(disk: &mut File, syslinux_dir: &Path) -> Result<()> {
     let mut code = Vec::new();
     File::open(&path)
         .and_then(|f| f.take(MBR_CODE as u64 + 1).read_to_end(&mut code))
-        .with_context(|| {
-            format!(
-                "cannot read {} (install syslinux-common, or use --firmware uefi)",
-                path.display()
-            )
-        })?;
+        .with_context(|| format!("cannot read {} (install syslinux-common, {UEFI_ONLY})", path.display()))?;
     ensure!(
         !code.is_empty() && code.len() <= MBR_CODE,
         "{} is {} bytes; MBR boot code is at most {MBR_CODE}",

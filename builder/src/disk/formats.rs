@@ -61,29 +61,41 @@ pub fn path_of(raw: &Path, format: DiskFormat) -> PathBuf {
 }
 
 /// Writes every format of the finished raw disk `raw` (still a temporary file beside
-/// OUT), the record and the sums; returns the paths written.
+/// OUT), the record and the sums; returns the paths written. All or nothing for the disk
+/// files: every format is made in a temporary file first, and only when all are made do
+/// they replace what an earlier build left; then the record, then the sums.
 pub fn write(raw: NamedTempFile, args: &DiskArgs, mut record: Record) -> Result<Vec<PathBuf>> {
     let mut formats = args.formats.clone();
     formats.sort();
     formats.dedup();
-    let mut written = Vec::new();
+    let dir = args
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let _lock = DirLock::take(dir)?;
+    let mut made: Vec<(NamedTempFile, PathBuf, DiskFormat)> = Vec::new();
     for &format in formats.iter().filter(|f| **f != DiskFormat::Raw) {
         let out = path_of(&args.out, format);
-        convert(raw.path(), format, &out).with_context(|| format!("cannot write {}", out.display()))?;
-        written.push((out, format));
+        let tmp = convert(raw.path(), format, dir).with_context(|| format!("cannot write {}", out.display()))?;
+        made.push((tmp, out, format));
     }
     if formats.contains(&DiskFormat::Raw) {
         readable(raw.as_file())?;
-        raw.persist(&args.out)
-            .with_context(|| format!("cannot create {}", args.out.display()))?;
-        written.insert(0, (args.out.clone(), DiskFormat::Raw));
+        made.insert(0, (raw, args.out.clone(), DiskFormat::Raw));
     }
-    for (path, format) in &written {
+    for (tmp, out, format) in &made {
         record.outputs.push(Output {
-            file: file_name(path),
+            file: file_name(out),
             format: *format,
-            sha256: sha256_of(path)?,
+            sha256: sha256_of(tmp.path())?,
         });
+    }
+    let mut written = Vec::new();
+    for (tmp, out, _) in made {
+        tmp.persist(&out)
+            .with_context(|| format!("cannot create {}", out.display()))?;
+        written.push(out);
     }
     let record_path = args.out.with_file_name(format!("{}.toml", stem_of(&args.out)));
     let text = format!(
@@ -101,23 +113,20 @@ pub fn write(raw: NamedTempFile, args: &DiskArgs, mut record: Record) -> Result<
     sums.push((file_name(&record_path), hex::encode(Sha256::digest(text.as_bytes()))));
     let sums_path = args.out.with_file_name(SUMS);
     update_sums(&sums_path, &sums)?;
-    Ok(written
-        .into_iter()
-        .map(|(p, _)| p)
-        .chain([record_path, sums_path])
-        .collect())
+    written.push(record_path);
+    written.push(sums_path);
+    Ok(written)
 }
 
-fn convert(raw: &Path, format: DiskFormat, out: &Path) -> Result<()> {
-    let dir = out.parent().unwrap_or(Path::new("."));
+/// A format of `raw`, in a temporary file in `dir`.
+fn convert(raw: &Path, format: DiskFormat, dir: &Path) -> Result<NamedTempFile> {
     let tmp = NamedTempFile::new_in(dir).with_context(|| format!("cannot write into {}", dir.display()))?;
     let options: &[&str] = match format {
         DiskFormat::Raw => unreachable!("raw is the disk itself"),
         DiskFormat::RawZst => {
             compress(raw, tmp.as_file())?;
             readable(tmp.as_file())?;
-            tmp.persist(out)?;
-            return Ok(());
+            return Ok(tmp);
         }
         DiskFormat::Qcow2 => &["-O", "qcow2"],
         DiskFormat::Vmdk => &["-O", "vmdk", "-o", "subformat=streamOptimized"],
@@ -135,8 +144,21 @@ fn convert(raw: &Path, format: DiskFormat, out: &Path) -> Result<()> {
         r => r.map(drop)?,
     }
     readable(tmp.as_file())?;
-    tmp.persist(out)?;
-    Ok(())
+    Ok(tmp)
+}
+
+/// An exclusive lock on the output directory while its disk files and SHA256SUMS change:
+/// two builds writing into one directory must not drop each other's sums.
+struct DirLock(#[allow(dead_code)] nix::fcntl::Flock<File>);
+
+impl DirLock {
+    fn take(dir: &Path) -> Result<Self> {
+        let f = File::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
+        let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| e)
+            .with_context(|| format!("cannot lock {}", dir.display()))?;
+        Ok(Self(lock))
+    }
 }
 
 fn which_missing(program: &str) -> bool {
@@ -183,14 +205,20 @@ fn sha256_of(path: &Path) -> Result<String> {
 }
 
 /// Replaces the lines of `files` in the directory's SHA256SUMS and keeps the others (other
-/// versions' disks in the same directory), sorted by name, in `sha256sum -c` format.
+/// versions' disks in the same directory), sorted by name, in `sha256sum -c` format. Lines
+/// of other tools' forms (`HASH *NAME`, BSD `SHA256 (NAME) = HASH`, escaped names) are
+/// read; a line that is none of them is kept as it was, at the end.
 fn update_sums(path: &Path, files: &[(String, String)]) -> Result<()> {
     let mut lines = BTreeMap::new();
+    let mut foreign = Vec::new();
     match fs::read_to_string(path) {
         Ok(text) => {
-            for line in text.lines() {
-                if let Some((sum, name)) = line.split_once("  ") {
-                    lines.insert(name.to_string(), sum.to_string());
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                match parse_sum_line(line) {
+                    Some((name, sum)) => {
+                        lines.insert(name, sum);
+                    }
+                    None => foreign.push(line.to_string()),
                 }
             }
         }
@@ -200,8 +228,63 @@ fn update_sums(path: &Path, files: &[(String, String)]) -> Result<()> {
     for (name, sum) in files {
         lines.insert(name.clone(), sum.clone());
     }
-    let text: String = lines.iter().map(|(name, sum)| format!("{sum}  {name}\n")).collect();
+    let mut text: String = lines.iter().map(|(name, sum)| sum_line(name, sum)).collect();
+    for line in foreign {
+        text.push_str(&line);
+        text.push('\n');
+    }
     write_atomically(path, text.as_bytes())
+}
+
+/// (name, lower-case hex digest) of one SHA256SUMS line in any form sha256sum reads.
+fn parse_sum_line(line: &str) -> Option<(String, String)> {
+    let is_digest = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let (escaped, line) = match line.strip_prefix('\\') {
+        Some(rest) => (true, rest),
+        None => (false, line),
+    };
+    let (name, sum) = if let Some(rest) = line.strip_prefix("SHA256 (") {
+        let (name, sum) = rest.rsplit_once(") = ")?;
+        (name, sum)
+    } else {
+        let (sum, rest) = line.split_at_checked(64)?;
+        let name = rest.strip_prefix("  ").or_else(|| rest.strip_prefix(" *"))?;
+        (name, sum)
+    };
+    if !is_digest(sum) || name.is_empty() {
+        return None;
+    }
+    let name = if escaped { unescape(name)? } else { name.to_string() };
+    Some((name, sum.to_ascii_lowercase()))
+}
+
+/// GNU coreutils' form: a name with a backslash or newline is escaped and the line starts
+/// with a backslash.
+fn sum_line(name: &str, sum: &str) -> String {
+    if name.contains(['\\', '\n', '\r']) {
+        let escaped = name.replace('\\', "\\\\").replace('\n', "\\n").replace('\r', "\\r");
+        format!("\\{sum}  {escaped}\n")
+    } else {
+        format!("{sum}  {name}\n")
+    }
+}
+
+fn unescape(name: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut chars = name.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        out.push(match chars.next()? {
+            '\\' => '\\',
+            'n' => '\n',
+            'r' => '\r',
+            _ => return None,
+        });
+    }
+    Some(out)
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -252,17 +335,44 @@ mod tests {
 
     #[test]
     fn sums_keep_other_files_and_replace_ours() {
+        let [a, b, c, d] = ["a", "b", "c", "d"].map(|x| x.repeat(64));
         let dir = tempfile::tempdir().unwrap();
         let sums = dir.path().join(SUMS);
-        fs::write(&sums, "aa  old.img\nbb  mine.img\n").unwrap();
+        fs::write(&sums, format!("{a}  old.img\n{b}  mine.img\n")).unwrap();
         update_sums(
             &sums,
-            &[("mine.img".into(), "cc".into()), ("new.qcow2".into(), "dd".into())],
+            &[("mine.img".into(), c.clone()), ("new.qcow2".into(), d.clone())],
         )
         .unwrap();
         assert_eq!(
             fs::read_to_string(&sums).unwrap(),
-            "cc  mine.img\ndd  new.qcow2\naa  old.img\n"
+            format!("{c}  mine.img\n{d}  new.qcow2\n{a}  old.img\n")
         );
+    }
+
+    #[test]
+    fn sums_read_every_form_sha256sum_reads() {
+        let a = "a".repeat(64);
+        let b = "B".repeat(64);
+        let c = "c".repeat(64);
+        let dir = tempfile::tempdir().unwrap();
+        let sums = dir.path().join(SUMS);
+        fs::write(
+            &sums,
+            format!("{a} *bin.img\nSHA256 (bsd.img) = {b}\n\\{c}  new\\nline\nnot a sum line\n"),
+        )
+        .unwrap();
+        update_sums(&sums, &[("mine".into(), a.clone())]).unwrap();
+        let text = fs::read_to_string(&sums).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "{a}  bin.img\n{}  bsd.img\n{a}  mine\n\\{c}  new\\nline\nnot a sum line\n",
+                "b".repeat(64)
+            )
+        );
+        assert_eq!(parse_sum_line(&format!("\\{c}  new\\nline")).unwrap().0, "new\nline");
+        assert!(parse_sum_line("short  name").is_none());
+        assert!(parse_sum_line(&format!("{a}name")).is_none());
     }
 }

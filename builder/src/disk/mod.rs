@@ -43,7 +43,10 @@ struct Part {
 
 /// Builds the disk and its formats; returns every file written.
 pub fn run(args: &DiskArgs, epoch: i64) -> Result<Vec<std::path::PathBuf>> {
-    ensure!(!args.formats.is_empty(), "--format: no format given");
+    ensure!(
+        !args.formats.is_empty(),
+        "no disk format given (--format, or outputs.disk.formats in a recipe)"
+    );
     let image_len = fs::metadata(&args.image)
         .with_context(|| format!("cannot read {}", args.image.display()))?
         .len();
@@ -126,7 +129,15 @@ pub fn run(args: &DiskArgs, epoch: i64) -> Result<Vec<std::path::PathBuf>> {
         start += sectors;
     }
     gpt.write_into(&mut disk).context("cannot write the GPT")?;
-    GPT::write_protective_mbr_into(&mut disk, SECTOR).context("cannot write the protective MBR")?;
+    // The UEFI spec wants the protective entry's boot indicator clear, and UEFI firmware
+    // may treat an active 0xEE entry as a legacy MBR disk; some old BIOSes boot only a disk
+    // with an active entry. So: active only on a BIOS-only disk.
+    if args.firmware == crate::cli::Firmware::Bios {
+        GPT::write_bootable_protective_mbr_into(&mut disk, SECTOR)
+    } else {
+        GPT::write_protective_mbr_into(&mut disk, SECTOR)
+    }
+    .context("cannot write the protective MBR")?;
     if args.firmware.bios() {
         esp::write_mbr_boot_code(&mut disk, &args.syslinux_dir)?;
     }

@@ -21,7 +21,15 @@ fn which(program: &str) -> Result<PathBuf> {
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .map(|d| d.join(program))
         .find(|p| p.is_file())
-        .with_context(|| format!("{program} is not on PATH (for outputs.disk.firmware bios/hybrid: install syslinux)"))
+        .with_context(|| {
+            let package = match program {
+                "mkfs.vfat" => "dosfstools",
+                "mmd" | "mcopy" => "mtools",
+                "qemu-img" => "qemu-utils",
+                other => other,
+            };
+            format!("{program} is not on PATH (outputs.disk needs it: Debian package {package})")
+        })
 }
 
 pub fn inputs(p: &Plan<'_>) -> Result<Inputs> {
@@ -36,6 +44,16 @@ pub fn inputs(p: &Plan<'_>) -> Result<Inputs> {
         if d.firmware.uefi() {
             let boot = d.bootloader.clone().unwrap_or_else(|| DEFAULT_BOOTLOADER.into());
             i.insert("outputs.disk.bootloader".into(), host_path(&boot)?);
+        }
+        // The tools that make the disk are part of it: another version may write other bytes.
+        for tool in ["mkfs.vfat", "mmd", "mcopy"] {
+            i.insert(format!("outputs.disk.{tool}"), host_path(&which(tool)?)?);
+        }
+        if d.formats
+            .iter()
+            .any(|f| *f != crate::cli::DiskFormat::Raw && *f != crate::cli::DiskFormat::RawZst)
+        {
+            i.insert("outputs.disk.qemu-img".into(), host_path(&which("qemu-img")?)?);
         }
         if d.firmware.bios() {
             // The installer program carries ldlinux.sys; gptmbr.bin goes into the MBR.
