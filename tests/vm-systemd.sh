@@ -214,7 +214,7 @@ step "the Debian example as written, built beside the boots: kernel, modules and
 wait "$example_pid" || fail "atom-build build examples/debian-server/recipe.toml failed: $(tail -n 8 "$work/example-build.log")"
 example_img=$work/build-example/out/debian-server-1.0.0.img
 [[ -s $example_img ]] || fail "the example's build made no $example_img"
-kpkg=$(grep -A1 'name = "linux-image-[0-9]' "$work/build-example/out/build.lock.toml" | sed -n 's/^name = "\(.*\)"/\1/p' | head -n 1)
+kpkg=$(grep -A1 'name = "linux-image-[0-9]' "$work/build-example/out/build.lock.toml" | sed -n 's/^name = "\(.*\)"/\1/p' | sed -n 1p)
 [[ -n $kpkg ]] || fail "the example's lock lists no linux-image package"
 example_release=$(debugfs -R "cat /boot/atom/kernel-release" "$example_img" 2> /dev/null)
 [[ linux-image-$example_release == "$kpkg" ]] ||
@@ -222,11 +222,23 @@ example_release=$(debugfs -R "cat /boot/atom/kernel-release" "$example_img" 2> /
 debugfs -R "ls -p /lib/modules/$example_release/kernel/fs/ext4" "$example_img" 2> /dev/null | grep -q 'ext4\.ko' ||
   fail "the example's slot has no modules for $example_release"
 debugfs -R "dump /boot/atom/initrd.img $work/example-initrd.img" "$example_img" 2> /dev/null
-# Debian's initramfs is zstd (after an uncompressed early-microcode cpio when there is one).
-zstd_at=$(LC_ALL=C grep -obUaP '\x28\xb5\x2f\xfd' "$work/example-initrd.img" | head -n 1 | cut -d: -f1)
-[[ -n $zstd_at ]] || fail "the example's /boot/atom/initrd.img has no zstd archive"
-tail -c +$((zstd_at + 1)) "$work/example-initrd.img" | zstd -dcq 2> /dev/null | LC_ALL=C grep -aq 'scripts/local-bottom/atom' ||
-  fail "the example's initramfs has no Atom local-bottom hook (scripts/local-bottom/atom)"
+# Debian's initramfs: gzip, zstd or xz, after an uncompressed early-microcode cpio if any.
+python3 - "$work/example-initrd.img" <<'EOF' || fail "the example's initramfs has no Atom local-bottom hook (scripts/local-bottom/atom)"
+import lzma, subprocess, sys, zlib
+data = open(sys.argv[1], "rb").read()
+kinds = {b"\x1f\x8b\x08": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"\xfd7zXZ": "xz"}
+found = sorted((data.find(m), k) for m, k in kinds.items() if data.find(m) >= 0)
+assert found, "no compressed archive"
+at, kind = found[0]
+rest = data[at:]
+if kind == "gzip":
+    cpio = zlib.decompressobj(31).decompress(rest)
+elif kind == "zstd":
+    cpio = subprocess.run(["zstd", "-dcq"], input=rest, capture_output=True).stdout
+else:
+    cpio = lzma.LZMADecompressor().decompress(rest)
+sys.exit(0 if b"scripts/local-bottom/atom" in cpio else 1)
+EOF
 ok "$kpkg: /boot/atom/vmlinuz, modules, and Debian's initramfs with the Atom hook ($(stat -c %s "$work/example-initrd.img") bytes)"
 
 finish
