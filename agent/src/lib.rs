@@ -12,6 +12,7 @@ pub mod etc;
 pub mod failpoint;
 pub mod health;
 pub mod host;
+pub mod install;
 pub mod perms;
 pub mod progress;
 pub mod reboot;

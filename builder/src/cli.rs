@@ -44,6 +44,7 @@ pub enum Command {
     InstallUnits(InstallArgs),
     Initramfs(InitramfsArgs),
     Disk(DiskArgs),
+    Installer(InstallerArgs),
 }
 
 /// Build an OS image from a recipe, stage by stage, with a stage cache.
@@ -150,6 +151,97 @@ pub struct InitramfsArgs {
     /// Output file; written atomically.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// Build an installer ISO that puts a disk made by `atom-build disk` onto a machine.
+///
+/// The ISO is hybrid: it boots from a CD/DVD or, written raw (dd) to a USB stick, as a
+/// disk, under legacy BIOS (isolinux) and UEFI (systemd-boot in an El Torito EFI image).
+/// It starts KERNEL with a small initramfs whose /init is `atom-install` (INSTALLER, a
+/// static executable). On the ISO, under /atom: the disk (zstd), the release's signed
+/// manifest from REPO's history (and keys.toml under key roles), and install.toml, which
+/// describes every byte of the disk and is signed by --key (a release key). The
+/// publisher's public keys (--trust) go into the initramfs.
+///
+/// Booted, the installer finds its medium by volume id, verifies the signatures, picks the
+/// target (--target, or the kernel command line's atom.install.target=, or asks on the
+/// console), clears its partition table, writes the disk while hashing it, writes the
+/// partition table only when the digests match, grows the state partition to the end of
+/// the disk (or the first kept partition), and reboots (--after).
+#[derive(Debug, Args)]
+pub struct InstallerArgs {
+    /// The raw disk, as `atom-build disk` wrote it (with STEM.toml beside it).
+    #[arg(long, value_name = "DISK")]
+    pub disk: PathBuf,
+    /// The repository the disk's version was published to (its signed manifest is taken
+    /// from the channel's history).
+    #[arg(long, value_name = "DIR")]
+    pub repo: PathBuf,
+    #[arg(long, default_value = "stable")]
+    pub channel: String,
+    /// Release signing key for install.toml: a key file or a pkcs11: URI.
+    #[arg(long, value_name = "FILE|URI")]
+    pub key: String,
+    /// File whose first line is the passphrase of an encrypted key file.
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+    /// The publisher's public keys the installer trusts (repeatable): the signing key's
+    /// .pub for a single-key repository (the default: --key's own public key), the root
+    /// keys' for one with key roles.
+    #[arg(long, value_name = "PUB")]
+    pub trust: Vec<PathBuf>,
+    /// Write only the medium's files (what goes under /atom on the ISO) into DIR, for
+    /// `atom-install --medium DIR` from a running system; no ISO, kernel or initramfs.
+    #[arg(long, value_name = "DIR", conflicts_with = "out")]
+    pub medium_dir: Option<PathBuf>,
+    /// The kernel the installer runs on.
+    #[arg(long, value_name = "VMLINUZ", required_unless_present = "medium_dir")]
+    pub kernel: Option<PathBuf>,
+    /// That kernel's modules directory (lib/modules/RELEASE).
+    #[arg(long, value_name = "DIR")]
+    pub kernel_modules: Option<PathBuf>,
+    /// Modules to load, dependencies first (repeatable; default: storage, CD, USB and
+    /// virtio drivers, isofs and ext4, those of them this kernel has).
+    #[arg(long = "module", value_name = "NAME")]
+    pub modules: Vec<String>,
+    /// The static atom-install executable.
+    #[arg(long, value_name = "FILE", required_unless_present = "medium_dir")]
+    pub installer: Option<PathBuf>,
+    /// The disk to install onto: /dev/NAME, serial:SERIAL, wwid:WWID or empty (the only
+    /// disk whose first MiB is zeros). Without it the installer asks on the console.
+    #[arg(long, value_name = "TARGET")]
+    pub target: Option<String>,
+    /// Partitions of the target to keep, by GPT name (globs; repeatable).
+    #[arg(long = "keep-partlabel", value_name = "GLOB")]
+    pub keep_partlabel: Vec<String>,
+    /// After a finished install: reboot, poweroff or halt.
+    #[arg(long, default_value = "reboot")]
+    pub after: String,
+    /// After a failed one (halt keeps the message on the console).
+    #[arg(long, default_value = "halt")]
+    pub on_failure: String,
+    /// Kernel command line of the installer.
+    #[arg(long, default_value = "console=tty0 console=ttyS0,115200 panic=10")]
+    pub cmdline: String,
+    /// ISO 9660 volume id, by which the installer finds its medium.
+    #[arg(long, default_value = atom_dist::install::DEFAULT_LABEL)]
+    pub label: String,
+    /// systemd-boot's EFI executable.
+    #[arg(
+        long,
+        value_name = "EFI",
+        default_value = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi"
+    )]
+    pub bootloader: PathBuf,
+    /// isolinux.bin and isohdpfx.bin (Debian package isolinux).
+    #[arg(long, value_name = "DIR", default_value = "/usr/lib/ISOLINUX")]
+    pub isolinux_dir: PathBuf,
+    /// syslinux's BIOS modules (ldlinux.c32; Debian package syslinux-common).
+    #[arg(long, value_name = "DIR", default_value = "/usr/lib/syslinux/modules/bios")]
+    pub syslinux_modules: PathBuf,
+    /// The ISO to write (a SHA256SUMS line is added beside it).
+    #[arg(long, required_unless_present = "medium_dir")]
+    pub out: Option<PathBuf>,
 }
 
 /// Build a bootable disk image for a new host: GPT with ESP, root-a, root-b, state.

@@ -16,8 +16,8 @@ use crate::modules::ModulesDep;
 
 const CONFIG_PATH: &str = "etc/bootsel.toml";
 /// Where bootsel mounts the slot; it must exist in the archive.
-const DIRS: &[&str] = &["bin", "dev", "etc", "lib", "proc", "run", "sys", "sysroot", "tmp"];
-const ZSTD_LEVEL: i32 = 19;
+pub(crate) const DIRS: &[&str] = &["bin", "dev", "etc", "lib", "proc", "run", "sys", "sysroot", "tmp"];
+pub(crate) const ZSTD_LEVEL: i32 = 19;
 
 /// What goes into an initramfs.
 pub struct Spec<'a> {
@@ -120,7 +120,7 @@ pub fn build(spec: &Spec, epoch: i64) -> Result<Built> {
 
 /// Adds the modules and their dependencies under lib/modules/; returns their archive paths
 /// in load order.
-fn add_modules(archive: &mut Archive, dir: &Path, wanted: &[String]) -> Result<Vec<String>> {
+pub(crate) fn add_modules(archive: &mut Archive, dir: &Path, wanted: &[String]) -> Result<Vec<String>> {
     let dep = ModulesDep::load(dir)?;
     let mut out = Vec::new();
     for rel in dep.resolve(wanted)? {
@@ -148,7 +148,7 @@ fn add_modules(archive: &mut Archive, dir: &Path, wanted: &[String]) -> Result<V
 
 /// `/init` runs before any library exists: a dynamically linked one would panic the kernel
 /// with an unhelpful "No working init found".
-fn require_static(elf: &[u8]) -> Result<()> {
+pub(crate) fn require_static(elf: &[u8]) -> Result<()> {
     use object::elf::{FileHeader64, PT_INTERP};
     use object::read::elf::{FileHeader, ProgramHeader};
     let header = FileHeader64::<object::Endianness>::parse(elf).context("not a 64-bit ELF executable")?;
@@ -164,7 +164,7 @@ fn require_static(elf: &[u8]) -> Result<()> {
 }
 
 /// A newc archive assembled in memory (initramfs contents are a few MiB).
-struct Archive {
+pub(crate) struct Archive {
     out: Vec<u8>,
     next_ino: u32,
     mtime: u32,
@@ -172,7 +172,7 @@ struct Archive {
 }
 
 impl Archive {
-    fn new(epoch: i64) -> Self {
+    pub(crate) fn new(epoch: i64) -> Self {
         Archive {
             out: Vec::new(),
             next_ino: 1,
@@ -200,24 +200,24 @@ impl Archive {
         let _ = w.finish();
     }
 
-    fn dir(&mut self, name: &str) {
+    pub(crate) fn dir(&mut self, name: &str) {
         if self.dirs.insert(name.to_owned()) {
             let h = self.header(name, 0o040755, 2);
             self.put(h, &[]);
         }
     }
 
-    fn file(&mut self, name: &str, perm: u32, data: Vec<u8>) {
+    pub(crate) fn file(&mut self, name: &str, perm: u32, data: Vec<u8>) {
         let h = self.header(name, 0o100000 | perm, 1);
         self.put(h, &data);
     }
 
-    fn symlink(&mut self, name: &str, target: &str) {
+    pub(crate) fn symlink(&mut self, name: &str, target: &str) {
         let h = self.header(name, 0o120777, 1);
         self.put(h, target.as_bytes());
     }
 
-    fn char_device(&mut self, name: &str, perm: u32, (major, minor): (u32, u32)) {
+    pub(crate) fn char_device(&mut self, name: &str, perm: u32, (major, minor): (u32, u32)) {
         let h = self
             .header(name, 0o020000 | perm, 1)
             .rdev_major(major)
@@ -225,7 +225,7 @@ impl Archive {
         self.put(h, &[]);
     }
 
-    fn finish(self) -> Result<Vec<u8>> {
+    pub(crate) fn finish(self) -> Result<Vec<u8>> {
         cpio::newc::trailer(self.out).context("cannot finish the cpio archive")
     }
 }

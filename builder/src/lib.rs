@@ -12,6 +12,7 @@ pub mod ext4;
 pub mod image;
 pub mod initramfs;
 pub mod install;
+pub mod installer;
 pub mod keygen;
 pub mod keyring;
 pub mod modules;

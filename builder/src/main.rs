@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use atom_build::cli::{Cli, Command};
 use atom_build::{
-    audit, build, disk, image, initramfs, install, keygen, keyring, publish, refresh, resign, said_once, sign,
+    audit, build, disk, image, initramfs, install, installer, keygen, keyring, publish, refresh, resign, said_once,
+    sign,
 };
 use clap::Parser;
 
@@ -27,6 +28,7 @@ fn main() -> ExitCode {
         Command::InstallUnits(a) => install::run(a),
         Command::Initramfs(a) => image::source_date_epoch().and_then(|t| initramfs::run(a, t)),
         Command::Disk(a) => image::source_date_epoch().and_then(|t| disk::run(a, t)).map(drop),
+        Command::Installer(a) => image::source_date_epoch().and_then(|t| installer::run(a, t)).map(drop),
         Command::Verify(a) => match audit::run_verify(a) {
             Ok(0) => Ok(()),
             Ok(_) => return ExitCode::from(EXIT_PROBLEMS),

@@ -65,6 +65,12 @@ impl ModulesDep {
 
     /// The files to load for `wanted`, every dependency before the modules that need it,
     /// each once, in a stable order. Built-in names are skipped (nothing to load).
+    /// Whether `name` is a module here or built into the kernel.
+    pub fn knows(&self, name: &str) -> bool {
+        let key = name.replace('-', "_");
+        self.builtin.contains(&key) || self.paths.contains_key(&key)
+    }
+
     pub fn resolve(&self, wanted: &[String]) -> Result<Vec<String>> {
         let mut order = Vec::new();
         let mut done = HashSet::new();

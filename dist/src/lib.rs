@@ -9,6 +9,7 @@ pub mod digest;
 pub mod evolve;
 pub mod expiry;
 pub mod fsutil;
+pub mod install;
 pub mod keys;
 pub mod localfile;
 pub mod manifest;

@@ -38,6 +38,8 @@ pub enum Domain {
     Keys,
     /// A channel's `timestamp.toml` (freshness keys).
     Timestamp,
+    /// An installer medium's `install.toml` (release keys; see `install`).
+    Install,
 }
 
 impl Domain {
@@ -46,6 +48,7 @@ impl Domain {
             Domain::Manifest => b"atom-manifest-v1\0",
             Domain::Keys => b"atom-keys-v1\0",
             Domain::Timestamp => b"atom-timestamp-v1\0",
+            Domain::Install => b"atom-install-v1\0",
         }
     }
 }
@@ -249,7 +252,7 @@ mod tests {
         let key = SecretKey::generate();
         let trusted = TrustedKeys::new([key.public()]);
         let sig = sign(b"doc", &[&key]);
-        for other in [Domain::Keys, Domain::Timestamp] {
+        for other in [Domain::Keys, Domain::Timestamp, Domain::Install] {
             assert!(matches!(
                 verify_doc(other, b"doc", sig.as_bytes(), &trusted),
                 Err(SignatureError::BadSignature(_))

@@ -38,78 +38,118 @@ pub fn filesystem(args: &DiskArgs, seed: &str, scratch: &Path, epoch: i64) -> Re
     let kernel = read(&args.kernel)?;
     let initrd = read(&args.initramfs)?;
     let mut files: Vec<(&str, Vec<u8>)> = vec![("atom/vmlinuz", kernel), ("atom/initrd.img", initrd)];
-    let mut dirs = vec!["::/atom"];
     if args.firmware.uefi() {
-        let loader = read(&args.bootloader)?;
-        ensure!(
-            loader.starts_with(b"MZ"),
-            "{} is not an EFI executable (install systemd-boot-efi?)",
-            args.bootloader.display()
-        );
-        let entry = format!(
-            "title Atom\nlinux /atom/vmlinuz\ninitrd /atom/initrd.img\noptions {}\n",
-            args.cmdline
-        );
-        files.push(("EFI/BOOT/BOOTX64.EFI", loader));
-        files.push((
-            "loader/loader.conf",
-            format!("default {ENTRY_NAME}\ntimeout 0\n").into_bytes(),
-        ));
-        files.push(("loader/entries/atom.conf", entry.into_bytes()));
-        dirs.extend(["::/EFI", "::/EFI/BOOT", "::/loader", "::/loader/entries"]);
+        files.extend(uefi_loader(&args.bootloader, &args.cmdline)?);
     }
     if args.firmware.bios() {
         // SERIAL first: a headless server's only console is often the serial port.
-        let config = format!(
-            "SERIAL 0 115200\nDEFAULT atom\nPROMPT 0\nTIMEOUT 0\nLABEL atom\n  LINUX /atom/vmlinuz\n  INITRD /atom/initrd.img\n  APPEND {}\n",
-            args.cmdline
-        );
-        files.push(("syslinux/syslinux.cfg", config.into_bytes()));
-        dirs.push("::/syslinux");
+        files.push(("syslinux/syslinux.cfg", syslinux_config(&args.cmdline).into_bytes()));
     }
     let needed: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
     ensure!(
         needed + 2 * MIB < args.esp_size,
         "kernel, initramfs and loaders need {needed} bytes; make --esp-size larger"
     );
-    // dosfstools and mtools rather than a Rust FAT crate: fatfs 0.3 writes long-name
-    // entries for "." and "..", which fsck.fat rejects. Both honour SOURCE_DATE_EPOCH.
     let volume = scratch.join("esp.img");
-    File::create(&volume)
-        .and_then(|f| f.set_len(args.esp_size))
-        .context("cannot create the ESP image")?;
     let id = hex::encode(&blake3::hash(format!("esp\0{seed}").as_bytes()).as_bytes()[..4]);
-    let tool = |program: &str| {
-        let mut c = Command::new(program);
-        c.env("SOURCE_DATE_EPOCH", epoch.to_string())
-            .env("MTOOLS_SKIP_CHECK", "1")
-            .env("LC_ALL", "C");
-        c
-    };
-    crate::cmd::run(
-        tool("mkfs.vfat")
-            .args(["--invariant", "-n", "ATOM-ESP", "-i", &id])
-            .arg(&volume),
-    )?;
-    let image = format!("{}", volume.display());
-    crate::cmd::run(tool("mmd").args(["-i", &image]).args(&dirs))?;
-    for (i, (path, bytes)) in files.iter().enumerate() {
-        let src = scratch.join(format!("esp-file-{i}"));
-        fs::write(&src, bytes).with_context(|| format!("cannot stage {path}"))?;
-        crate::cmd::run(tool("mcopy").args(["-i", &image]).arg(&src).arg(format!("::/{path}")))
-            .with_context(|| format!("cannot copy {path} into the ESP"))?;
-    }
+    fat_image(&volume, args.esp_size, "ATOM-ESP", &id, &files, scratch, epoch)?;
     if args.firmware.bios() {
         // The mtools flavour of the installer works on the image file: it writes
         // ldlinux.sys and ldlinux.c32 through mtools and patches the FAT boot sector.
         crate::cmd::run(
-            tool("syslinux")
+            tool("syslinux", epoch)
                 .args(["--install", "--directory", "/syslinux"])
                 .arg(&volume),
         )
         .with_context(|| format!("cannot install syslinux into the ESP (install the syslinux package, {UEFI_ONLY})"))?;
     }
     fs::read(&volume).context("cannot read the ESP image back")
+}
+
+/// systemd-boot as the removable-media loader, starting /atom/vmlinuz with
+/// /atom/initrd.img and `cmdline` at once.
+pub fn uefi_loader(bootloader: &Path, cmdline: &str) -> Result<Vec<(&'static str, Vec<u8>)>> {
+    let loader = fs::read(bootloader).with_context(|| format!("cannot read {}", bootloader.display()))?;
+    ensure!(
+        loader.starts_with(b"MZ"),
+        "{} is not an EFI executable (install systemd-boot-efi?)",
+        bootloader.display()
+    );
+    let entry = format!("title Atom\nlinux /atom/vmlinuz\ninitrd /atom/initrd.img\noptions {cmdline}\n");
+    Ok(vec![
+        ("EFI/BOOT/BOOTX64.EFI", loader),
+        (
+            "loader/loader.conf",
+            format!("default {ENTRY_NAME}\ntimeout 0\n").into_bytes(),
+        ),
+        ("loader/entries/atom.conf", entry.into_bytes()),
+    ])
+}
+
+/// A syslinux/isolinux config starting /atom/vmlinuz with /atom/initrd.img.
+pub fn syslinux_config(cmdline: &str) -> String {
+    format!(
+        "SERIAL 0 115200\nDEFAULT atom\nPROMPT 0\nTIMEOUT 0\nLABEL atom\n  LINUX /atom/vmlinuz\n  INITRD /atom/initrd.img\n  APPEND {cmdline}\n"
+    )
+}
+
+/// A FAT file system image of `size` bytes at `volume` holding `files` (directories are
+/// made as their paths need them), stamped with `epoch`.
+pub fn fat_image(
+    volume: &Path,
+    size: u64,
+    label: &str,
+    id: &str,
+    files: &[(&str, Vec<u8>)],
+    scratch: &Path,
+    epoch: i64,
+) -> Result<()> {
+    // dosfstools and mtools rather than a Rust FAT crate: fatfs 0.3 writes long-name
+    // entries for "." and "..", which fsck.fat rejects. Both honour SOURCE_DATE_EPOCH.
+    File::create(volume)
+        .and_then(|f| f.set_len(size))
+        .with_context(|| format!("cannot create {}", volume.display()))?;
+    crate::cmd::run(
+        tool("mkfs.vfat", epoch)
+            .args(["--invariant", "-n", label, "-i", id])
+            .arg(volume),
+    )?;
+    let image = format!("{}", volume.display());
+    let mut dirs: Vec<String> = Vec::new();
+    for (path, _) in files {
+        let mut at = 0;
+        while let Some(i) = path[at..].find('/') {
+            let dir = format!("::/{}", &path[..at + i]);
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+            at += i + 1;
+        }
+    }
+    if !dirs.is_empty() {
+        crate::cmd::run(tool("mmd", epoch).args(["-i", &image]).args(&dirs))?;
+    }
+    for (i, (path, bytes)) in files.iter().enumerate() {
+        let src = scratch.join(format!("fat-file-{i}"));
+        fs::write(&src, bytes).with_context(|| format!("cannot stage {path}"))?;
+        crate::cmd::run(
+            tool("mcopy", epoch)
+                .args(["-i", &image])
+                .arg(&src)
+                .arg(format!("::/{path}")),
+        )
+        .with_context(|| format!("cannot copy {path} into {}", volume.display()))?;
+        fs::remove_file(&src).ok();
+    }
+    Ok(())
+}
+
+fn tool(program: &str, epoch: i64) -> Command {
+    let mut c = Command::new(program);
+    c.env("SOURCE_DATE_EPOCH", epoch.to_string())
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .env("LC_ALL", "C");
+    c
 }
 
 const UEFI_ONLY: &str = "or make a UEFI-only disk: --firmware uefi, outputs.disk.firmware = \"uefi\"";

@@ -24,7 +24,7 @@ const ZSTD_LEVEL: i32 = 9;
 pub const SUMS: &str = "SHA256SUMS";
 
 /// STEM.toml: what a disk holds, to tie it to the signed release.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct Record {
     pub version: String,
     pub board: String,
@@ -37,11 +37,16 @@ pub struct Record {
     pub outputs: Vec<Output>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct Output {
     pub file: String,
     pub format: DiskFormat,
     pub sha256: String,
+}
+
+/// The record beside the raw disk `raw`.
+pub fn record_path(raw: &Path) -> PathBuf {
+    raw.with_file_name(format!("{}.toml", stem_of(raw)))
 }
 
 /// Where `format` of the raw disk `raw` goes.
@@ -97,7 +102,7 @@ pub fn write(raw: NamedTempFile, args: &DiskArgs, mut record: Record) -> Result<
             .with_context(|| format!("cannot create {}", out.display()))?;
         written.push(out);
     }
-    let record_path = args.out.with_file_name(format!("{}.toml", stem_of(&args.out)));
+    let record_path = record_path(&args.out);
     let text = format!(
         "# Written by atom-build disk: what this disk holds. `image` is the digest of the slot\n\
          # image written to root-a ({} here), as a signed manifest of that version carries it.\n{}",

@@ -8,10 +8,10 @@
 //! the FAT is stamped with SOURCE_DATE_EPOCH, and the state filesystem uses the pinned
 //! mke2fs config.
 
-mod esp;
+pub(crate) mod esp;
 mod formats;
 
-pub use formats::add_to_sums;
+pub use formats::{Record, add_to_sums, record_path};
 
 use std::fs::{self, File};
 use std::io::{Cursor, Read, Seek, SeekFrom, Write};

@@ -1,0 +1,157 @@
+//! `atom-install` as `/init` of the installer's initramfs: the early mounts and modules,
+//! the medium found by its volume id, the install, then reboot (or what the config says).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use atom_dist::install::{After, CONFIG_PATH, DIR, InstallerConfig};
+use nix::mount::MsFlags;
+
+use super::say;
+
+const MEDIUM: &str = "/run/medium";
+
+pub fn run() -> ! {
+    for (source, target, fstype) in [
+        ("proc", "/proc", "proc"),
+        ("sysfs", "/sys", "sysfs"),
+        ("devtmpfs", "/dev", "devtmpfs"),
+        ("tmpfs", "/run", "tmpfs"),
+    ] {
+        let _ = fs::create_dir_all(target);
+        if let Err(e) = nix::mount::mount(Some(source), target, Some(fstype), MsFlags::MS_NOSUID, None::<&str>) {
+            say(&format!("warning: cannot mount {target}: {e}"));
+        }
+    }
+    let mut cfg = match fs::read_to_string(Path::new("/").join(CONFIG_PATH)) {
+        Ok(text) => InstallerConfig::parse(&text).unwrap_or_else(|e| {
+            say(&format!("error in /{CONFIG_PATH}: {e}; asking on the console instead"));
+            InstallerConfig::default()
+        }),
+        Err(_) => InstallerConfig::default(),
+    };
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    for w in cfg.apply_cmdline(&cmdline) {
+        say(&format!("warning: {w}"));
+    }
+    load_modules(&cfg.modules);
+    let result = find_medium(&cfg).and_then(|device| {
+        let opts = super::Options {
+            medium: Path::new(MEDIUM).join(DIR),
+            keys: PathBuf::from("/etc/atom/keys"),
+            target: cfg.target.clone(),
+            keep_partlabel: cfg.keep_partlabel.clone(),
+            medium_device: Some(device),
+            confirm: false,
+            wait: Duration::from_secs(cfg.wait_secs),
+        };
+        super::run(&opts)
+    });
+    let _ = nix::mount::umount(MEDIUM);
+    nix::unistd::sync();
+    match result {
+        Ok(done) => {
+            for w in &done.warnings {
+                say(&format!("warning: {w}"));
+            }
+            say(&format!(
+                "installed {} ({}) onto {}{}",
+                done.version,
+                done.board,
+                done.target.display(),
+                done.state_bytes
+                    .map(|b| format!("; state {} MiB", b >> 20))
+                    .unwrap_or_default()
+            ));
+            say("INSTALL COMPLETE");
+            finish(cfg.after)
+        }
+        Err(e) => {
+            say(&format!("INSTALL FAILED: {e:#}"));
+            finish(cfg.on_failure)
+        }
+    }
+}
+
+fn finish(after: After) -> ! {
+    use nix::sys::reboot::{RebootMode, reboot};
+    let mode = match after {
+        After::Reboot => {
+            say("rebooting into the installed system");
+            RebootMode::RB_AUTOBOOT
+        }
+        After::Poweroff => {
+            say("powering off");
+            RebootMode::RB_POWER_OFF
+        }
+        After::Halt => {
+            say("halted: the message above stays on the console; power the machine off to leave");
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+    };
+    let e = reboot(mode);
+    say(&format!("cannot {after:?}: {e:?}"));
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn load_modules(modules: &[String]) {
+    for m in modules {
+        let result = fs::File::open(m).map_err(|e| e.to_string()).and_then(|f| {
+            nix::kmod::finit_module(&f, c"", nix::kmod::ModuleInitFlags::empty()).map_err(|e| e.to_string())
+        });
+        match result {
+            Ok(()) => {}
+            Err(e) if e.contains("EEXIST") => {}
+            Err(e) => say(&format!("warning: cannot load module {m}: {e}")),
+        }
+    }
+}
+
+/// The ISO 9660 volume id of `device`, if it has one.
+fn volume_id(device: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = fs::File::open(device).ok()?;
+    f.seek(SeekFrom::Start(16 * 2048)).ok()?;
+    let mut pvd = [0u8; 72];
+    f.read_exact(&mut pvd).ok()?;
+    (pvd[0] == 1 && &pvd[1..6] == b"CD001").then(|| String::from_utf8_lossy(&pvd[40..72]).trim_end().to_string())
+}
+
+/// Waits for the block device with the medium's volume id, mounts it on [`MEDIUM`].
+fn find_medium(cfg: &InstallerConfig) -> Result<PathBuf> {
+    let deadline = Instant::now() + Duration::from_secs(cfg.wait_secs);
+    loop {
+        let mut names: Vec<String> = fs::read_dir("/sys/class/block")
+            .map(|rd| rd.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
+            .unwrap_or_default();
+        names.sort();
+        for name in names {
+            let device = Path::new("/dev").join(&name);
+            if volume_id(&device).as_deref() == Some(cfg.medium_label.as_str()) {
+                fs::create_dir_all(MEDIUM)?;
+                nix::mount::mount(Some(&device), MEDIUM, Some("iso9660"), MsFlags::MS_RDONLY, None::<&str>)
+                    .with_context(|| format!("cannot mount the medium {}", device.display()))?;
+                say(&format!("medium {} on {}", cfg.medium_label, device.display()));
+                // The whole disk the medium is on (a USB stick's partitions are it too).
+                let disk = bootsel::sysfs::partition_of_device(&device)
+                    .map(|p| p.disk)
+                    .unwrap_or(device);
+                return Ok(disk);
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "no medium with volume id {} appeared in {} s (is the installer's storage driver in its initramfs?)",
+                cfg.medium_label,
+                cfg.wait_secs
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
