@@ -12,7 +12,7 @@ source "$(dirname "$0")/as-root.sh"
 cd "$(dirname "$0")/.."
 
 packages=(e2fsprogs rsync zstd tar util-linux mount fdisk cgpt binutils curl openssl busybox-static systemd
-  dosfstools mtools qemu-system-x86 qemu-utils ovmf systemd-boot-efi syslinux syslinux-common kmod mmdebstrap casync python3
+  dosfstools mtools qemu-system-x86 qemu-utils ovmf systemd-boot-efi syslinux syslinux-common isolinux xorriso kmod mmdebstrap casync python3
   socat sudo softhsm2)
 # shellcheck source=tests/packages.sh
 source tests/packages.sh

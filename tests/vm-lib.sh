@@ -21,7 +21,7 @@ fail() {
   exit 1
 }
 
-packages=(qemu-system-x86 ovmf systemd-boot-efi syslinux syslinux-common kmod e2fsprogs zstd busybox-static rsync util-linux mount dosfstools mtools mmdebstrap socat curl)
+packages=(qemu-system-x86 ovmf systemd-boot-efi syslinux syslinux-common isolinux xorriso kmod e2fsprogs zstd busybox-static rsync util-linux mount dosfstools mtools mmdebstrap socat curl)
 # shellcheck source=tests/packages.sh
 source tests/packages.sh
 ensure_packages "${packages[@]}"
@@ -77,6 +77,8 @@ build=$repo_root/target/debug/atom-build
 dist_bin=$repo_root/target/debug/atom-dist
 bootsel_static=$(bash bootsel/build-static.sh)
 update_static=$(bash bootsel/build-static.sh atom-update)
+# The same package build made the installer.
+install_static=$(dirname "$update_static")/atom-install
 ls -l "$bootsel_static" "$update_static" | awk '{print "    " $5 " bytes  " $9}'
 
 step "the first stage's initramfs (ESP): bootsel as /init, virtio and ext4/overlay modules"
@@ -180,9 +182,42 @@ boot() {
     -drive "file=$work/exchange.img,format=raw,if=virtio,readonly=on" ||
     fail "boot $boot_n did not end within ${boot_timeout}s (or qemu failed)"
   echo "    (took $((SECONDS - started)) s)"
-  # Carriage returns and colour codes out, so patterns match what a reader sees.
-  sed 's/\r//g; s/\x1b\[[0-9;]*[A-Za-z]//g' "$console" > "$console.txt" && mv "$console.txt" "$console"
+  clean_console
   grep -E "^(SYSLINUX [0-9.]+ 2|bootsel|ATOM-SAMPLE|staged|up to date|booted:|last boot|SLOT|[AB] |UNITS|JOURNAL|PREVIOUS|Result=|AGENT|NEXT-EXIT|ETC)|Kernel panic|health|update the agent" "$console" | grep -v "^bootsel: loaded" | sed 's/^/    | /' || true
+}
+# Carriage returns and colour codes out of $console, so patterns match what a reader sees.
+clean_console() {
+  sed 's/\r//g; s/\x1b\[[0-9;]*[A-Za-z]//g' "$console" > "$console.txt" && mv "$console.txt" "$console"
+}
+# boot_installer uefi|bios cdrom|stick ISO TARGET [SERIAL]: one boot of an installer ISO,
+# as a CD (El Torito) or as a USB stick would be seen (the ISO as a disk: isohybrid MBR or
+# GPT), with TARGET as an empty virtio disk (serial SERIAL). The medium boots first.
+install_n=0
+boot_installer() {
+  install_n=$((install_n + 1))
+  console=$work/console-install-$install_n.log
+  local firmware=() how="legacy BIOS (SeaBIOS)"
+  if [[ $1 == uefi ]]; then
+    firmware=(-bios /usr/share/ovmf/OVMF.fd)
+    how="UEFI (OVMF)"
+  fi
+  local medium=(-drive "file=$3,format=raw,if=none,id=medium,readonly=on")
+  if [[ $2 == cdrom ]]; then
+    medium+=(-device ide-cd,drive=medium,bootindex=0)
+    how+=", the ISO as a CD"
+  else
+    medium+=(-device virtio-blk-pci,drive=medium,bootindex=0)
+    how+=", the ISO as a USB stick (a disk)"
+  fi
+  echo "    install $install_n: $how, onto $4, console: $console"
+  local started=$SECONDS
+  timeout "$boot_timeout" qemu-system-x86_64 "${qemu_machine[@]}" -m 768 -serial "file:$console" ${firmware[@]+"${firmware[@]}"} \
+    "${medium[@]}" -drive "file=$4,format=raw,if=none,id=target,cache=unsafe" \
+    -device "virtio-blk-pci,drive=target,serial=${5:-atom-target},bootindex=1" ||
+    fail "install $install_n did not end within ${boot_timeout}s (or qemu failed)"
+  echo "    (took $((SECONDS - started)) s)"
+  clean_console
+  grep -E "^(ISOLINUX|atom-install)|Kernel panic" "$console" | sed 's/^/    | /' || true
 }
 # The last step of a passing run.
 finish() {
@@ -191,11 +226,11 @@ finish() {
   work_done
 }
 expect() { # PATTERN DESCRIPTION
-  grep -qE -- "$1" "$console" || fail "$2: no line matching /$1/ on boot $boot_n's console"
+  grep -qE -- "$1" "$console" || fail "$2: no line matching /$1/ in $console"
   ok "$2"
 }
 refute() { # PATTERN DESCRIPTION
-  if grep -qE -- "$1" "$console"; then fail "$2: unexpected /$1/ on boot $boot_n's console"; fi
+  if grep -qE -- "$1" "$console"; then fail "$2: unexpected /$1/ in $console"; fi
   ok "$2"
 }
 

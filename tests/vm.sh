@@ -15,6 +15,12 @@
 # systemd-boot), boots 5-9 under legacy BIOS (SeaBIOS -> gptmbr.bin -> syslinux), so each
 # firmware sees an update and a rollback; both start the same first stage from the ESP.
 #
+#   install 1 (BIOS, the ISO of `atom-build installer` as a USB stick): 1.0.0's disk onto an
+#           empty virtio disk, unattended (target "empty"), verified, state grown; reboot
+#   install 2 (UEFI, a CD): an ISO whose disk image was changed (padded to the signed size)
+#           is refused; the target, a bootable Atom disk, is left with no partition table
+#   install 3 (UEFI, a CD): 1.0.0's disk onto an empty virtio disk: the disk of boots 1-10
+#
 #   boot 1 (UEFI): 1.0.0 from A; atom-update now -> 2.0.0 into B
 #           (atom-dist, precomputed delta)
 #   boot 2: 2.0.0 from B on trial, health checks pass, marked good; update to 3.0.0
@@ -30,6 +36,7 @@
 #   boot 9: the first stage passes over A: 2.0.0 on B with its own kernel
 #   boot 10: the disk never appears: bootsel explains and opens the emergency shell, which
 #           runs a command typed on the serial console
+#   boot 11 (BIOS): the disk of install 1 boots 1.0.0 and updates
 #
 # Every slot carries its own kernel and initramfs (/boot/atom): 1.0.0 has the main suite's
 # Debian kernel, the later versions the security suite's. The ESP keeps a first stage
@@ -82,6 +89,97 @@ ok "each build wrote its build.lock.toml (recipe digest, hooks, stage keys, imag
 step "publishing 1.0.0 and 2.0.0 to the repository on the exchange disk"
 publish "$work/v1.img"
 publish "$work/v2.img"
+step "the installer ISO of 1.0.0's disk (isolinux and systemd-boot; unattended onto the only empty disk)"
+disk_1=$work/build-1.0.0/out/atom-sample-1.0.0.disk.img
+# --on-failure poweroff: a failing install ends qemu here (an operator's default is halt).
+installer_args=(--disk "$disk_1" --repo "$work/exchange/repo" --key "$work/signer.key" --kernel "$vmlinuz"
+  --kernel-modules "$kroot/lib/modules/$kver" --installer "$install_static"
+  --cmdline "console=ttyS0,115200 panic=10" --on-failure poweroff)
+"$build" installer "${installer_args[@]}" --target empty --out "$work/installer.iso" | sed 's/^/    /'
+torito=$(xorriso -indev "$work/installer.iso" -report_el_torito plain 2>/dev/null | grep "El Torito boot img")
+grep -q " BIOS " <<< "$torito" && grep -q " UEFI " <<< "$torito" || fail "the ISO lacks a BIOS or UEFI El Torito image: $torito"
+ok "El Torito images for BIOS (isolinux) and UEFI (systemd-boot); isohybrid MBR and GPT for sticks"
+(cd "$work" && sha256sum -c --strict --ignore-missing SHA256SUMS | grep -q "^installer.iso: OK") ||
+  fail "the ISO's SHA256SUMS line does not check"
+
+# check_installed DISK: its table as the installer wrote it, read on the host.
+check_installed() {
+  python3 - "$1" <<'EOF' || fail "$1 is not a finished install"
+import json, os, struct, subprocess, sys
+disk = sys.argv[1]
+table = json.loads(subprocess.run(["sfdisk", "--json", disk], check=True, capture_output=True).stdout)
+parts = table["partitiontable"]["partitions"]
+names = [p.get("name") for p in parts]
+assert names == ["esp", "root-a", "root-b", "state"], names
+state = parts[3]
+size = os.path.getsize(disk)
+end = (state["start"] + state["size"]) * 512
+assert size - end <= 2 << 20, f"state ends at {end}, the disk at {size}"
+with open(disk, "rb") as f:
+    f.seek(state["start"] * 512 + 1024)
+    sb = f.read(1024)
+blocks, = struct.unpack_from("<I", sb, 4)
+log, = struct.unpack_from("<I", sb, 24)
+assert blocks * (1024 << log) == state["size"] * 512, f"ext4 {blocks} blocks, partition {state['size']} sectors"
+print(f"    {disk}: esp, root-a, root-b, state; state and its ext4 grown to {state['size'] * 512 >> 20} MiB")
+EOF
+}
+
+step "install 1: legacy BIOS, the ISO as a USB stick; 1.0.0 onto an empty 1 GiB virtio disk"
+rm -f "$work/target-bios.img"
+truncate -s 1G "$work/target-bios.img"
+boot_installer bios stick "$work/installer.iso" "$work/target-bios.img"
+expect "^ISOLINUX [0-9.]+ " "SeaBIOS started isolinux through the ISO's hybrid MBR"
+expect "atom-install: medium ATOM_INSTALL on /dev/vda" "the installer found its medium by volume id"
+expect "atom-install: medium: version 1\.0\.0 for x86_64-generic \(channel stable\), signed by" "it verified install.toml and the release manifest"
+expect "atom-install: the disk image matches its signature: writing the partition table" "the table was written after the digests matched"
+expect "atom-install: state filesystem on /dev/vdb4 grown to" "state grown in the installer (EXT4_IOC_RESIZE_FS)"
+expect "INSTALL COMPLETE" "installed onto the only empty disk, unattended"
+expect "rebooting into the installed system" "and it reboots"
+check_installed "$work/target-bios.img"
+
+step "install 2: a tampered disk image inside the ISO (UEFI, CD): refused, nothing bootable left on the target"
+"$build" installer "${installer_args[@]}" --target serial:atom-old --out "$work/installer-src.iso" > /dev/null
+rm -f "$work/disk-orig.zst"
+xorriso -osirrox on -indev "$work/installer-src.iso" -extract /atom/disk.img.zst "$work/disk-orig.zst" 2> /dev/null
+# One byte of root-a changed, recompressed, padded with a zstd skippable frame to the
+# signed compressed size: only the digest can tell.
+python3 - "$work/disk-orig.zst" "$work/disk-tampered.zst" <<'EOF'
+import struct, subprocess, sys
+orig = open(sys.argv[1], "rb").read()
+disk = bytearray(subprocess.run(["zstd", "-dcq"], input=orig, capture_output=True, check=True).stdout)
+gpt = disk[1024:1024 + 128 * 2]
+root_a = struct.unpack_from("<Q", gpt, 128 + 32)[0] * 512
+disk[root_a + 4096 + 100] ^= 0x40
+packed = subprocess.run(["zstd", "-19", "-T0", "-cq"], input=bytes(disk), capture_output=True, check=True).stdout
+pad = len(orig) - len(packed) - 8
+assert pad >= 0, "the tampered disk compresses larger"
+open(sys.argv[2], "wb").write(packed + struct.pack("<II", 0x184D2A50, pad) + bytes(pad))
+EOF
+rm -f "$work/installer-tampered.iso"
+xorriso -indev "$work/installer-src.iso" -outdev "$work/installer-tampered.iso" -boot_image any replay \
+  -update "$work/disk-tampered.zst" /atom/disk.img.zst > /dev/null 2>&1 || fail "xorriso could not rewrite the ISO"
+# The target holds a bootable Atom disk (the one just installed), chosen by its serial.
+cp --sparse=always "$work/target-bios.img" "$work/target-old.img"
+boot_installer uefi cdrom "$work/installer-tampered.iso" "$work/target-old.img" atom-old
+expect "atom-install: medium ATOM_INSTALL on /dev/sr0" "UEFI from the CD: the installer found its medium"
+expect "INSTALL FAILED: .*the image was changed or damaged; refused" "the changed image was refused by its digest"
+expect "nothing bootable was written: /dev/vda has no Atom partition table" "and it says the target has no table"
+expect "powering off" "then powers off (--on-failure poweroff)"
+if sfdisk --dump "$work/target-old.img" > /dev/null 2>&1; then fail "the refused install left a partition table"; fi
+[[ $(head -c 1048576 "$work/target-old.img" | tr -d '\0' | wc -c) == 0 ]] || fail "the refused install left bytes in the first MiB"
+ok "the target has no partition table and no boot code: nothing boots from it"
+
+step "install 3: UEFI, the ISO as a CD; 1.0.0 onto an empty virtio disk, the disk of boots 1-10"
+rm -f "$work/target-uefi.img"
+truncate -s 1G "$work/target-uefi.img"
+boot_installer uefi cdrom "$work/installer.iso" "$work/target-uefi.img"
+expect "BdsDxe|systemd-boot" "OVMF started systemd-boot from the ISO's El Torito EFI image"
+expect "atom-install: medium ATOM_INSTALL on /dev/sr0" "the installer found its CD by volume id"
+expect "INSTALL COMPLETE" "installed onto the only empty disk, unattended"
+check_installed "$work/target-uefi.img"
+cp --sparse=always "$work/target-uefi.img" "$work/disk.img"
+
 control <<'EOF'
 atom-update status
 atom-update now
@@ -215,5 +313,16 @@ expect "CANNOT BOOT" "bootsel says it cannot boot"
 expect "/dev/vdz" "and names the disk it waited for"
 expect "starting emergency shell /bin/sh" "it offers the initramfs's busybox shell"
 expect "^EMERGENCY-SHELL: 42" "a command typed on the serial console ran in that shell"
+
+
+step "boot $((boot_n + 1)): the disk installed under BIOS (install 1) boots 1.0.0 and updates"
+cp --sparse=always "$work/target-bios.img" "$work/disk.img"
+control <<'EOF'
+atom-update now
+EOF
+boot bios
+expect "ATOM-SAMPLE: running 1.0.0 from slot A" "1.0.0 runs from the installed disk's slot A"
+expect "ATOM-SAMPLE: marked good" "and is marked good"
+expect "^staged [0-9.]+ in slot B" "the channel's current version staged in slot B: the installed disk updates"
 
 finish
