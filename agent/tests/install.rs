@@ -171,14 +171,13 @@ impl Setup {
 
     /// A copy of the medium whose disk has one byte of root-a changed, recompressed and
     /// padded with a zstd skippable frame to the signed compressed size.
-    fn tampered_medium(&self) -> PathBuf {
-        let dir = self.path("tampered");
+    fn tampered_medium(&self, name: &str, at: usize) -> PathBuf {
+        let dir = self.path(name);
         ok(Command::new("cp").arg("-a").arg(&self.medium).arg(&dir));
         let zst = dir.join("disk.img.zst");
         let want = fs::metadata(&zst).unwrap().len() as usize;
         let mut disk = zstd::decode_all(fs::File::open(&zst).unwrap()).unwrap();
-        let root_a = 17 * MIB as usize; // 1 MiB + the 16 MiB ESP
-        disk[root_a + 5000] ^= 0x40;
+        disk[at] ^= 0x40;
         let mut packed = zstd::encode_all(&disk[..], 19).unwrap();
         assert!(packed.len() + 8 <= want, "the tampered disk compresses larger");
         let pad = want - packed.len() - 8;
@@ -286,6 +285,14 @@ fn a_tampered_truncated_or_wrongly_signed_medium_leaves_nothing_bootable() {
     fails(out, "is refused");
     assert_eq!(target.partitions().as_ref(), Some(&old), "the target is untouched");
 
+    // A pattern to keep that matches nothing (a typo): refused before anything is cleared.
+    let err = fails(
+        s.install(&s.medium, &target, &["--keep-partlabel", "dta"]),
+        "matches no partition",
+    );
+    assert!(err.contains("\"data\""), "the error lists the partitions there: {err}");
+    assert_eq!(target.partitions().as_ref(), Some(&old), "the target is untouched");
+
     // Too small a target: refused before anything is cleared.
     let small = Loop::new(&s.path("small.img"), 60, Some("label: gpt\nname=keepme\n"));
     let before = small.partitions();
@@ -293,7 +300,13 @@ fn a_tampered_truncated_or_wrongly_signed_medium_leaves_nothing_bootable() {
     assert_eq!(small.partitions(), before);
 
     // Tampered: written, found out by the digest, no table; the kept partition survives.
-    let tampered = s.tampered_medium();
+    // A changed partition table (the image's first MiB): refused before it is parsed.
+    let head = s.tampered_medium("tampered-head", 1024 + 128 + 40);
+    fails(s.install(&head, &target, &[]), "does not match the signed description");
+    assert_eq!(target.partitions().as_ref(), Some(&old), "the target is untouched");
+
+    let root_a = 17 * MIB as usize; // 1 MiB + the 16 MiB ESP
+    let tampered = s.tampered_medium("tampered", root_a + 5000);
     let err = fails(
         s.install(&tampered, &target, &["--keep-partlabel", "data"]),
         "the image was changed",

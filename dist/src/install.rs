@@ -50,6 +50,7 @@ pub const KNOWN_FIELDS: &[&str] = &[
     "disk.size",
     "disk.digest",
     "disk.compressed_size",
+    "disk.head_digest",
     "image",
     "image.offset",
     "image.size",
@@ -78,7 +79,13 @@ pub struct Disk {
     /// Bytes of the raw disk, and their BLAKE3 digest.
     pub size: u64,
     pub digest: Digest,
+    /// BLAKE3 of the disk's first MiB (its partition table), checked before the installer
+    /// parses that table.
+    pub head_digest: Digest,
 }
+
+/// Bytes of the disk covered by `head_digest`.
+pub const HEAD_BYTES: u64 = 1 << 20;
 
 /// Where on the disk the slot image lies (root-a), and its digest as the manifest has it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,6 +161,12 @@ impl Description {
             )));
         }
         let end = doc.image.offset.checked_add(doc.image.size);
+        if doc.disk.size <= 2 * HEAD_BYTES || doc.image.offset < HEAD_BYTES {
+            return Err(InstallError::Malformed(format!(
+                "a {}-byte disk with its slot image at {} has no room for its partition table",
+                doc.disk.size, doc.image.offset
+            )));
+        }
         if doc.image.size == 0 || end.is_none_or(|end| end > doc.disk.size) || doc.image.offset % 512 != 0 {
             return Err(InstallError::Malformed(format!(
                 "image at {} ({} bytes) is not inside the {}-byte disk on a sector boundary",
@@ -170,7 +183,7 @@ impl Description {
 
 /// The installer's own settings, embedded by `atom-build installer` at [`CONFIG_PATH`] of
 /// its initramfs; each can be overridden on the kernel command line (`atom.install.KEY=`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InstallerConfig {
     /// The disk to install onto: `/dev/NAME`, `serial:SERIAL`, `wwid:WWID`, or `empty` (the
@@ -195,6 +208,17 @@ pub struct InstallerConfig {
     /// Kernel modules to load first, in order (paths in the initramfs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub modules: Vec<String>,
+    /// The BLAKE3 digest of the medium's install.toml this initramfs was built with: another
+    /// medium with the same volume id (an older stick left plugged in) is passed over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description_digest: Option<Digest>,
+}
+
+impl Default for InstallerConfig {
+    /// The defaults of an empty config file.
+    fn default() -> Self {
+        InstallerConfig::parse("").expect("an empty config parses")
+    }
 }
 
 pub const CONFIG_PATH: &str = "etc/atom/install.toml";
@@ -263,7 +287,10 @@ impl InstallerConfig {
                     Ok(n) if n > 0 => self.wait_secs = n,
                     _ => warnings.push(format!("atom.install.wait_secs={value}: not a positive number")),
                 },
-                _ => warnings.push(format!("atom.install.{key}: unknown setting")),
+                _ => warnings.push(format!(
+                    "atom.install.{key}: not a setting of the command line (target, keep_partlabel, after, \
+                     on_failure, medium_label, wait_secs)"
+                )),
             }
         }
         warnings
@@ -361,6 +388,7 @@ mod tests {
                 compressed_size: 10,
                 size: m.image.size + (4 << 20),
                 digest: Digest::of(b"disk"),
+                head_digest: Digest::of(b"head"),
             },
             image: SlotImage {
                 offset: 2 << 20,
@@ -454,6 +482,8 @@ mod tests {
 
     #[test]
     fn installer_config_defaults_and_cmdline() {
+        assert_eq!(InstallerConfig::default().medium_label, DEFAULT_LABEL);
+        assert_eq!(InstallerConfig::default().wait_secs, 30);
         let mut c = InstallerConfig::parse("target = \"empty\"\n").unwrap();
         assert_eq!(c.after, After::Reboot);
         assert_eq!(c.on_failure, After::Halt);

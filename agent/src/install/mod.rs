@@ -12,6 +12,7 @@
 //! 6. [`Plan::write`](table::Plan::write): only then the partition table.
 //! 7. [`grow_state`]: the state filesystem fills its grown partition.
 
+mod console;
 mod grow;
 pub mod pid1;
 mod stream;
@@ -82,22 +83,38 @@ pub fn run(opts: &Options) -> Result<Installed> {
             d.disk.compressed_size
         );
     }
-    let decoder = zstd::stream::read::Decoder::new(file).context("the disk image is not zstd")?;
+    let mut decoder = zstd::stream::read::Decoder::new(file).context("the disk image is not zstd")?;
+    // The builder's level needs a 4 MiB window; an unverified frame asking for more than
+    // 16 MiB is refused instead of taking the memory of a small board.
+    decoder.window_log_max(24).context("zstd")?;
     // One byte more than described: a longer stream is refused, not read forever.
     let mut src = decoder.take(d.disk.size + 1);
-    let mut head = vec![0u8; table::SECTOR as usize * 2048];
+    let mut head = vec![0u8; medium::HEAD_BYTES as usize];
     let n = stream::fill(&mut src, &mut head).context("cannot read the disk image")?;
     head.truncate(n);
+    // Signed: the image's table is parsed only once its bytes are the publisher's.
+    if atom_dist::digest::Digest::of(&head) != d.disk.head_digest {
+        bail!(
+            "the disk image's first MiB (its partition table) does not match the signed description: \
+             the image was changed or damaged; refused, nothing was written"
+        );
+    }
 
-    let existing = table::read_existing(&mut disk);
-    let kept = table::kept(existing.as_ref(), &opts.keep_partlabel);
+    let (existing, kept) = kept_partitions(&mut disk, &target, &opts.keep_partlabel)?;
     let plan = plan_layout(&head, target_len, kept, &target)?;
 
     say(&format!("clearing the partition table of {}", target.display()));
-    table::clear(&mut disk, existing.as_ref(), plan.kept())?;
+    table::clear(&mut disk, existing.as_ref(), plan.kept())
+        .with_context(|| format!("while clearing the partition table of {}", target.display()))?;
     let result = write_and_verify(&verified, &head, &mut src, &mut disk, &plan).and_then(|()| {
         say("the disk image matches its signature: writing the partition table");
-        plan.write(&mut disk)
+        plan.write(&mut disk).map_err(|e| {
+            // Part of the new table may be on the disk: clear it again.
+            match table::clear(&mut disk, existing.as_ref(), plan.kept()) {
+                Ok(()) => e,
+                Err(again) => e.context(format!("and clearing it again failed: {again:#}")),
+            }
+        })
     });
     if let Err(e) = result {
         // The table was cleared before the first byte: whatever was written cannot boot.
@@ -139,7 +156,7 @@ pub fn run(opts: &Options) -> Result<Installed> {
 }
 
 pub(crate) fn say(line: &str) {
-    eprintln!("atom-install: {line}");
+    console::line(&format!("atom-install: {line}"));
 }
 
 fn read(dir: &Path, name: &str) -> Result<Vec<u8>> {
@@ -182,24 +199,47 @@ fn choose_target(opts: &Options) -> Result<PathBuf> {
     let disks = target::list(Path::new("/sys/block"));
     let medium = opts.medium_device.as_deref();
     let Some(spec) = &opts.target else {
+        let disks: Vec<_> = disks
+            .into_iter()
+            .filter(|d| medium.is_none_or(|m| m != d.path) && !d.read_only)
+            .collect();
         let stdin = std::io::stdin();
-        let chosen = target::ask(&disks, &mut stdin.lock(), &mut std::io::stderr())?;
+        let chosen = target::ask(&disks, &mut stdin.lock(), &mut console::Out)?;
         return chosen.context("no disk chosen: nothing was written");
     };
-    // Disks appear late (USB, slow controllers): the configured one is waited for.
+    // Disks appear late (USB, slow controllers): the configured one is waited for; `empty`
+    // must give the same answer on two scans two seconds apart, so a second empty disk
+    // that is still appearing is not a coin toss.
     let deadline = std::time::Instant::now() + opts.wait;
+    let mut previous: Option<PathBuf> = None;
     let path = loop {
         let disks = target::list(Path::new("/sys/block"));
         match target::select(spec, &disks, medium) {
-            Ok(p) => break p,
+            Ok(p) if spec != "empty" || previous.as_ref() == Some(&p) => break p,
+            Ok(p) => {
+                previous = Some(p);
+                std::thread::sleep(Duration::from_secs(2));
+            }
             Err(e) if std::time::Instant::now() >= deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            Err(_) => {
+                previous = None;
+                std::thread::sleep(Duration::from_millis(500));
+            }
         }
     };
     if opts.confirm {
-        let disks: Vec<_> = disks.into_iter().filter(|d| d.path == path).collect();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let disk = target::describe(Path::new("/sys/block"), &name);
+        let disk = target::Disk {
+            path: path.clone(),
+            ..disk
+        };
         let stdin = std::io::stdin();
-        if !disks.is_empty() && target::ask(&disks, &mut stdin.lock(), &mut std::io::stderr())?.is_none() {
+        if target::ask(&[disk], &mut stdin.lock(), &mut console::Out)?.is_none() {
             bail!("not confirmed: nothing was written");
         }
     }
@@ -237,6 +277,48 @@ fn check_sector_size(disk: &File, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The target's table and the partitions of it to keep. A pattern that matches nothing is
+/// an error before anything is written: a typo must not cost the data it meant to keep.
+fn kept_partitions(
+    disk: &mut File,
+    target: &Path,
+    keep: &[String],
+) -> Result<(Option<gptman::GPT>, table::Kept)> {
+    if keep.is_empty() {
+        return Ok((None, Vec::new()));
+    }
+    let Some(existing) = table::read_existing(disk) else {
+        bail!(
+            "partitions to keep ({}) were named, but {} has no GPT that reads: nothing was written",
+            keep.join(", "),
+            target.display()
+        );
+    };
+    let kept = table::kept(Some(&existing), keep);
+    for pattern in keep {
+        if !kept
+            .iter()
+            .any(|(_, p)| table::glob(pattern, p.partition_name.as_str()))
+        {
+            let names: Vec<String> = existing
+                .iter()
+                .filter(|(_, p)| p.is_used())
+                .map(|(i, p)| format!("{i} {:?}", p.partition_name.as_str()))
+                .collect();
+            bail!(
+                "--keep-partlabel {pattern:?} matches no partition of {} (it has: {}): nothing was written",
+                target.display(),
+                if names.is_empty() {
+                    "none".into()
+                } else {
+                    names.join(", ")
+                }
+            );
+        }
+    }
+    Ok((Some(existing), kept))
+}
+
 /// Step 3.
 fn plan_layout(
     head: &[u8],
@@ -248,8 +330,7 @@ fn plan_layout(
         table::plan(head, target_len, kept).with_context(|| format!("cannot install onto {}", target.display()))?;
     for (i, p) in plan.kept() {
         say(&format!(
-            "keeping partition {} ({}, sectors {}-{}) as partition {i}",
-            p.partition_name.as_str(),
+            "keeping partition {:?} (sectors {}-{}) as partition {i}",
             p.partition_name.as_str(),
             p.starting_lba,
             p.ending_lba

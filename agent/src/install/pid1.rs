@@ -2,6 +2,7 @@
 //! the medium found by its volume id, the install, then reboot (or what the config says).
 
 use std::fs;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -25,11 +26,22 @@ pub fn run() -> ! {
             say(&format!("warning: cannot mount {target}: {e}"));
         }
     }
+    super::console::mirror_all();
+    // A panic must not become a kernel panic and a reboot loop: say it, then halt.
+    std::panic::set_hook(Box::new(|info| {
+        say(&format!("INSTALL FAILED: internal error: {info}"));
+        finish(After::Halt);
+    }));
     let mut cfg = match fs::read_to_string(Path::new("/").join(CONFIG_PATH)) {
-        Ok(text) => InstallerConfig::parse(&text).unwrap_or_else(|e| {
-            say(&format!("error in /{CONFIG_PATH}: {e}; asking on the console instead"));
-            InstallerConfig::default()
-        }),
+        Ok(text) => match InstallerConfig::parse(&text) {
+            Ok(c) => c,
+            Err(e) => {
+                say(&format!(
+                    "INSTALL FAILED: /{CONFIG_PATH} is not valid ({e}): this initramfs and its installer do not match"
+                ));
+                finish(After::Halt);
+            }
+        },
         Err(_) => InstallerConfig::default(),
     };
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
@@ -37,7 +49,17 @@ pub fn run() -> ! {
         say(&format!("warning: {w}"));
     }
     load_modules(&cfg.modules);
+    let mut medium_device = PathBuf::new();
     let result = find_medium(&cfg).and_then(|device| {
+        medium_device = device.clone();
+        if let Some(on) = already_installed(&cfg, &device) {
+            say(&format!(
+                "{} already holds this medium's install: remove the installer medium (or boot the disk first) \
+                 to start the installed system",
+                on.display()
+            ));
+            finish(After::Halt);
+        }
         let opts = super::Options {
             medium: Path::new(MEDIUM).join(DIR),
             keys: PathBuf::from("/etc/atom/keys"),
@@ -66,6 +88,8 @@ pub fn run() -> ! {
                     .unwrap_or_default()
             ));
             say("INSTALL COMPLETE");
+            // A CD left in would boot the installer again; a stick must be pulled by hand.
+            eject(&medium_device);
             finish(cfg.after)
         }
         Err(e) => {
@@ -113,6 +137,52 @@ fn load_modules(modules: &[String]) {
     }
 }
 
+/// The configured target (path, serial, WWID) when it already holds this medium's disk
+/// (its GPT is the image's: the same disk GUID), as after the reboot that follows an
+/// install with the medium still first in the boot order.
+fn already_installed(cfg: &InstallerConfig, medium: &Path) -> Option<PathBuf> {
+    let spec = cfg.target.as_deref().filter(|t| *t != "empty")?;
+    let disks = super::target::list(Path::new("/sys/block"));
+    let target = super::target::select(spec, &disks, Some(medium)).ok()?;
+    let ours = super::table::installed_guid(&target)?;
+    let image = image_guid()?;
+    (ours == image).then_some(target)
+}
+
+/// The disk GUID in the medium's signed image head (install.toml's head digest is checked
+/// when the install runs; here only a match is looked for).
+fn image_guid() -> Option<[u8; 16]> {
+    use std::io::Read;
+    let file = fs::File::open(Path::new(MEDIUM).join(DIR).join(atom_dist::install::DISK)).ok()?;
+    let mut dec = zstd::stream::read::Decoder::new(file).ok()?;
+    dec.window_log_max(24).ok()?;
+    let mut head = vec![0u8; 1024];
+    dec.read_exact(&mut head).ok()?;
+    (&head[512..520] == b"EFI PART").then(|| head[512 + 56..512 + 72].try_into().expect("16 bytes"))
+}
+
+/// Opens the tray of a CD medium (CDROMEJECT); nothing for other devices.
+fn eject(device: &Path) {
+    use std::os::fd::AsRawFd;
+    if !device
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("sr"))
+    {
+        return;
+    }
+    nix::ioctl_none_bad!(cdrom_eject, 0x5309);
+    if let Ok(f) = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(device)
+    {
+        // SAFETY: CDROMEJECT takes no argument; the descriptor is the CD device.
+        if unsafe { cdrom_eject(f.as_raw_fd()) }.is_ok() {
+            say(&format!("ejected {}", device.display()));
+        }
+    }
+}
+
 /// The ISO 9660 volume id of `device`, if it has one.
 fn volume_id(device: &Path) -> Option<String> {
     use std::io::{Read, Seek, SeekFrom};
@@ -137,6 +207,19 @@ fn find_medium(cfg: &InstallerConfig) -> Result<PathBuf> {
                 fs::create_dir_all(MEDIUM)?;
                 nix::mount::mount(Some(&device), MEDIUM, Some("iso9660"), MsFlags::MS_RDONLY, None::<&str>)
                     .with_context(|| format!("cannot mount the medium {}", device.display()))?;
+                if let Some(want) = &cfg.description_digest {
+                    let found = fs::read(Path::new(MEDIUM).join(DIR).join(atom_dist::install::DESCRIPTION))
+                        .map(|b| atom_dist::digest::Digest::of(&b));
+                    if found.as_ref().ok() != Some(want) {
+                        say(&format!(
+                            "passing over {}: labelled {} but another medium than this installer's",
+                            device.display(),
+                            cfg.medium_label
+                        ));
+                        let _ = nix::mount::umount(MEDIUM);
+                        continue;
+                    }
+                }
                 say(&format!("medium {} on {}", cfg.medium_label, device.display()));
                 // The whole disk the medium is on (a USB stick's partitions are it too).
                 let disk = bootsel::sysfs::partition_of_device(&device)

@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::{Cursor, Seek, SeekFrom, Write};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
 use gptman::{GPT, GPTPartitionEntry};
@@ -14,6 +15,9 @@ const MIB: u64 = 1 << 20;
 const BACKUP_SECTORS: u64 = 33;
 /// Bytes of MBR boot code in front of the partition table.
 const BOOT_CODE: usize = 440;
+
+/// Partitions of the target to keep, by their entry number.
+pub type Kept = Vec<(u32, GPTPartitionEntry)>;
 
 /// What the finished disk will hold.
 #[derive(Debug)]
@@ -28,7 +32,7 @@ pub struct Plan {
 }
 
 /// `*` and `?` globs, as operators write partition names.
-fn glob(pattern: &str, name: &str) -> bool {
+pub fn glob(pattern: &str, name: &str) -> bool {
     fn rec(p: &[char], n: &[char]) -> bool {
         match (p.first(), n.first()) {
             (None, None) => true,
@@ -53,9 +57,35 @@ pub fn kept(existing: Option<&GPT>, keep: &[String]) -> Vec<(u32, GPTPartitionEn
         .collect()
 }
 
-/// The target's table, or `None` when it has none that reads.
+/// The target's table, or `None` when it has none that reads. Headers are checked before
+/// gptman sees them: the target's table is outside input, and a header with a huge entry
+/// count or an unusual entry size would make gptman allocate without bound or panic.
 pub fn read_existing(target: &mut File) -> Option<GPT> {
+    let len = target.seek(SeekFrom::End(0)).ok()?;
+    let mut header_at = |offset: u64| -> Option<Option<bool>> {
+        let mut h = [0u8; 92];
+        target.seek(SeekFrom::Start(offset)).ok()?;
+        std::io::Read::read_exact(target, &mut h).ok()?;
+        Some((&h[..8] == b"EFI PART").then(|| sane_header(&h)))
+    };
+    let primary = header_at(SECTOR)?;
+    let backup = len.checked_sub(SECTOR).and_then(&mut header_at).flatten();
+    if primary == Some(false) || backup == Some(false) || (primary.is_none() && backup.is_none()) {
+        return None;
+    }
     GPT::read_from(target, SECTOR).ok()
+}
+
+/// The disk GUID of the primary GPT on `disk`, if it has a valid one.
+pub fn installed_guid(disk: &Path) -> Option<[u8; 16]> {
+    let mut f = File::open(disk).ok()?;
+    read_existing(&mut f).map(|g| g.header.disk_guid)
+}
+
+/// 128 entries of 128 bytes at most, the layout every tool writes.
+fn sane_header(h: &[u8]) -> bool {
+    let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().expect("4 bytes"));
+    u32_at(12) == 92 && u32_at(80) <= 128 && u32_at(84) == 128
 }
 
 /// Lays the image's table (from the disk image's first MiB, `head`) out on a target of
@@ -66,6 +96,10 @@ pub fn plan(head: &[u8], target_len: u64, kept: Vec<(u32, GPTPartitionEntry)>) -
         head.len() >= 34 * SECTOR as usize,
         "the disk image is shorter than a GPT"
     );
+    ensure!(
+        &head[512..520] == b"EFI PART" && sane_header(&head[512..604]),
+        "the disk image's GPT header is not one of 128 entries of 128 bytes"
+    );
     let image = GPT::read_from(&mut Cursor::new(head), SECTOR)
         .map_err(|e| anyhow::anyhow!("the disk image has no GPT in its first MiB: {e}"))?;
     let mut mbr = [0u8; 512];
@@ -74,11 +108,33 @@ pub fn plan(head: &[u8], target_len: u64, kept: Vec<(u32, GPTPartitionEntry)>) -
     let Some(&(last_index, last)) = used.iter().max_by_key(|(_, p)| p.ending_lba) else {
         bail!("the disk image's GPT has no partitions");
     };
+    let head_sectors = head.len() as u64 / SECTOR;
+    if let Some((i, p)) = used
+        .iter()
+        .find(|(_, p)| p.starting_lba < head_sectors || p.ending_lba < p.starting_lba)
+    {
+        bail!(
+            "the disk image's partition {i} ({}) starts inside its first MiB or ends before it starts",
+            p.partition_name.as_str()
+        );
+    }
     let image_end = (last.ending_lba + 1) * SECTOR;
-    let last_usable = target_len / SECTOR - BACKUP_SECTORS - 1;
+    let last_usable = (target_len / SECTOR)
+        .checked_sub(BACKUP_SECTORS + 1)
+        .context("the target is smaller than a partition table")?;
     let mut limit = last_usable;
+    let image_names: Vec<&str> = used.iter().map(|(_, p)| p.partition_name.as_str()).collect();
     for (i, k) in &kept {
-        if k.starting_lba * SECTOR < image_end {
+        if image_names.contains(&k.partition_name.as_str()) {
+            bail!(
+                "partition {i} is named {:?}, like one of the image's: keeping it would give two partitions that name",
+                k.partition_name.as_str()
+            );
+        }
+        if k.ending_lba < k.starting_lba {
+            bail!("partition {i} ({}) ends before it starts", k.partition_name.as_str());
+        }
+        if k.starting_lba.saturating_mul(SECTOR) < image_end {
             bail!(
                 "partition {i} ({}) starts at sector {}, inside the image's partitions (they end at \
                  sector {}): it cannot be kept",
@@ -111,12 +167,12 @@ pub fn plan(head: &[u8], target_len: u64, kept: Vec<(u32, GPTPartitionEntry)>) -
     let aligned_end = ((limit + 1) * SECTOR / MIB * MIB) / SECTOR - 1;
     let grow =
         (last.partition_name.as_str() == "state" && aligned_end > last.ending_lba).then_some((last_index, aligned_end));
-    // A kept partition keeps its entry number unless the image uses it; then it takes the
-    // next free one.
+    // A kept partition keeps its entry number unless the image uses it (or the image's
+    // table has no such entry); then it takes the next free one.
     let mut taken: Vec<u32> = used.iter().map(|(i, _)| *i).collect();
     let mut kept = kept;
     for (i, _) in kept.iter_mut() {
-        if taken.contains(i) {
+        if taken.contains(i) || *i > image.header.number_of_partition_entries {
             *i = (1..=image.header.number_of_partition_entries)
                 .find(|n| !taken.contains(n))
                 .context("no free partition entry is left for a kept partition")?;
@@ -182,6 +238,11 @@ impl Plan {
 /// Removes every trace of a table (both GPT copies, the MBR and its boot code); with kept
 /// partitions, writes a table of only those, so a failure later loses nothing kept.
 pub fn clear(target: &mut File, existing: Option<&GPT>, kept: &[(u32, GPTPartitionEntry)]) -> Result<()> {
+    if let Some(e) = existing
+        && kept.iter().any(|(i, _)| *i > e.header.number_of_partition_entries)
+    {
+        bail!("a kept partition's new entry number is beyond the target's table: nothing was cleared");
+    }
     let len = target.seek(SeekFrom::End(0))?;
     let zeros = vec![0u8; MIB as usize];
     target.seek(SeekFrom::Start(0))?;

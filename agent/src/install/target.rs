@@ -38,11 +38,24 @@ impl Disk {
     }
 }
 
-/// Devices that are never an install target.
+/// Devices that are never an install target: virtual and optical ones, eMMC boot and
+/// RPMB areas.
 fn ignored(name: &str) -> bool {
     ["ram", "zram", "loop", "dm-", "sr", "fd", "md", "nbd"]
         .iter()
         .any(|p| name.starts_with(p))
+        || (name.starts_with("mmcblk") && (name.contains("boot") || name.ends_with("rpmb")))
+}
+
+/// SCSI (SATA, SAS, USB bridges) keep the serial in VPD page 0x80: a 4-byte header whose
+/// last byte is the length, then the serial, space-padded.
+fn vpd_serial(dir: &Path) -> String {
+    let Ok(page) = fs::read(dir.join("device/vpd_pg80")) else {
+        return String::new();
+    };
+    let Some(&len) = page.get(3) else { return String::new() };
+    let end = (4 + len as usize).min(page.len());
+    String::from_utf8_lossy(&page[4.min(end)..end]).trim().to_string()
 }
 
 fn attr(dir: &Path, names: &[&str]) -> String {
@@ -61,7 +74,9 @@ pub fn describe(sys_block: &Path, name: &str) -> Disk {
         path: Path::new("/dev").join(name),
         size: sectors * 512,
         model: attr(&dir, &["device/model", "device/name"]),
-        serial: attr(&dir, &["serial", "device/serial"]),
+        serial: Some(attr(&dir, &["serial", "device/serial"]))
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| vpd_serial(&dir)),
         wwid: attr(&dir, &["wwid", "device/wwid"]),
         read_only: attr(&dir, &["ro"]) == "1",
         removable: attr(&dir, &["removable"]) == "1",
@@ -77,6 +92,8 @@ pub fn list(sys_block: &Path) -> Vec<Disk> {
     names
         .into_iter()
         .filter(|n| !ignored(n))
+        // NVMe multipath's per-path devices: the namespace device is the disk.
+        .filter(|n| attr(&sys_block.join(n), &["hidden"]) != "1")
         .map(|n| describe(sys_block, &n))
         .filter(|d| d.size > 0)
         .collect()
@@ -130,24 +147,32 @@ pub fn select(spec: &str, disks: &[Disk], medium: Option<&Path>) -> Result<PathB
     if spec == "empty" {
         let mut empty = Vec::new();
         for d in disks.iter().filter(not_medium).filter(|d| !d.read_only) {
-            if is_empty(&d.path)? {
-                empty.push(d);
+            match is_empty(&d.path) {
+                Ok(true) => empty.push(d),
+                Ok(false) => {}
+                // A locked or absent medium (card reader, Opal disk) is not a candidate.
+                Err(e) => tracing::warn!("{e:#}: not counted as empty"),
             }
         }
         return one("empty (first MiB all zeros)", empty);
     }
-    let path = Path::new(spec);
-    if !path.is_absolute() {
+    if !Path::new(spec).is_absolute() {
         bail!("target {spec:?}: give /dev/NAME, serial:SERIAL, wwid:WWID or empty");
     }
-    let meta = fs::metadata(path).with_context(|| format!("target {spec}"))?;
+    // /dev/disk/by-id/... names the same disk as /dev/sdX.
+    let path = fs::canonicalize(spec).with_context(|| format!("target {spec}"))?;
+    let meta = fs::metadata(&path).with_context(|| format!("target {spec}"))?;
     if !meta.file_type().is_block_device() {
         bail!("target {spec} is not a block device");
+    }
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    if Path::new("/sys/class/block").join(name).join("partition").exists() {
+        bail!("target {spec} is a partition; give the whole disk");
     }
     if medium.is_some_and(|m| m == path) {
         bail!("target {spec} is the installer's own medium");
     }
-    Ok(path.to_path_buf())
+    Ok(path)
 }
 
 fn names(disks: &[Disk]) -> String {

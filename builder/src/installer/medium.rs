@@ -40,12 +40,14 @@ impl Trust {
 
 pub struct Staged {
     pub description: Description,
+    /// BLAKE3 of install.toml as written.
+    pub description_digest: Digest,
     pub signed_by: KeyId,
     pub trust: Trust,
 }
 
 /// Writes the medium's files into `dir` and verifies them as the installer will.
-pub fn stage(args: &InstallerArgs, dir: &Path) -> Result<Staged> {
+pub fn stage(args: &InstallerArgs, dir: &Path, epoch: i64) -> Result<Staged> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let record_path = crate::disk::record_path(&args.disk);
     let record: crate::disk::Record = toml::from_str(&fs::read_to_string(&record_path).with_context(|| {
@@ -98,12 +100,14 @@ pub fn stage(args: &InstallerArgs, dir: &Path) -> Result<Staged> {
         version: manifest.version.clone(),
         board: manifest.board.clone(),
         channel: manifest.channel.clone(),
-        created: jiff::Timestamp::now(),
+        // SOURCE_DATE_EPOCH: the same inputs give the same medium.
+        created: jiff::Timestamp::from_second(epoch).context("SOURCE_DATE_EPOCH")?,
         disk: medium::Disk {
             file: medium::DISK.into(),
             compressed_size: fs::metadata(&disk_path)?.len(),
             size: packed.size,
             digest: packed.disk,
+            head_digest: packed.head,
         },
         image: medium::SlotImage {
             offset: root_a,
@@ -141,6 +145,7 @@ pub fn stage(args: &InstallerArgs, dir: &Path) -> Result<Staged> {
         .context("the medium does not verify with the keys the installer will trust (--trust, --key)")?;
     Ok(Staged {
         description,
+        description_digest: Digest::of(text.as_bytes()),
         signed_by: verified.signed_by,
         trust,
     })
@@ -167,6 +172,7 @@ fn root_a(disk: &Path) -> Result<(u64, u64)> {
 struct Packed {
     size: u64,
     disk: Digest,
+    head: Digest,
     image: Digest,
 }
 
@@ -182,6 +188,7 @@ fn pack(disk: &Path, out: &Path, image_offset: u64, image_len: u64) -> Result<Pa
     enc.include_checksum(true)?;
     enc.set_pledged_src_size(Some(size))?;
     let mut whole = blake3::Hasher::new();
+    let mut head = blake3::Hasher::new();
     let mut image = blake3::Hasher::new();
     let image_end = image_offset + image_len;
     let mut buf = vec![0u8; CHUNK];
@@ -193,6 +200,9 @@ fn pack(disk: &Path, out: &Path, image_offset: u64, image_len: u64) -> Result<Pa
         }
         let chunk = &buf[..n];
         whole.update(chunk);
+        if pos < medium::HEAD_BYTES {
+            head.update(&chunk[..(medium::HEAD_BYTES - pos).min(n as u64) as usize]);
+        }
         let lo = pos.max(image_offset);
         let hi = (pos + n as u64).min(image_end);
         if lo < hi {
@@ -209,6 +219,7 @@ fn pack(disk: &Path, out: &Path, image_offset: u64, image_len: u64) -> Result<Pa
     Ok(Packed {
         size,
         disk: Digest::from_bytes(*whole.finalize().as_bytes()),
+        head: Digest::from_bytes(*head.finalize().as_bytes()),
         image: Digest::from_bytes(*image.finalize().as_bytes()),
     })
 }

@@ -43,7 +43,7 @@ const DEFAULT_MODULES: &[&str] = &[
 pub fn run(args: &InstallerArgs, epoch: i64) -> Result<Vec<PathBuf>> {
     if let Some(dir) = &args.medium_dir {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let staged = medium::stage(args, dir)?;
+        let staged = medium::stage(args, dir, epoch)?;
         println!(
             "wrote the medium for {} {} into {}: disk {} bytes ({} compressed), signed by {}",
             staged.description.version,
@@ -58,8 +58,8 @@ pub fn run(args: &InstallerArgs, epoch: i64) -> Result<Vec<PathBuf>> {
     let out = args.out.as_deref().context("--out is needed")?;
     let scratch = tempfile::tempdir().context("cannot create a temporary directory")?;
     let tree = scratch.path().join("iso");
-    let staged = medium::stage(args, &tree.join(atom_dist::install::DIR))?;
-    let initrd = initramfs(args, &staged.trust, epoch)?;
+    let staged = medium::stage(args, &tree.join(atom_dist::install::DIR), epoch)?;
+    let initrd = initramfs(args, &staged, epoch)?;
     iso::write(args, out, &tree, &initrd, scratch.path(), epoch)?;
     let sums = crate::disk::add_to_sums(&[out.to_path_buf()])?;
     println!(
@@ -76,7 +76,8 @@ pub fn run(args: &InstallerArgs, epoch: i64) -> Result<Vec<PathBuf>> {
 }
 
 /// The installer's initramfs: /init, modules, /etc/atom/install.toml and the keys.
-fn initramfs(args: &InstallerArgs, trust: &medium::Trust, epoch: i64) -> Result<Vec<u8>> {
+fn initramfs(args: &InstallerArgs, staged: &medium::Staged, epoch: i64) -> Result<Vec<u8>> {
+    let trust = &staged.trust;
     let installer = args.installer.as_deref().context("--installer is needed")?;
     let init = fs::read(installer).with_context(|| format!("cannot read {}", installer.display()))?;
     require_static(&init).with_context(|| format!("{} cannot be /init", installer.display()))?;
@@ -113,6 +114,7 @@ fn initramfs(args: &InstallerArgs, trust: &medium::Trust, epoch: i64) -> Result<
         medium_label: args.label.clone(),
         wait_secs: 30,
         modules: modules.iter().map(|m| format!("/{m}")).collect(),
+        description_digest: Some(staged.description_digest),
     };
     archive.dir("etc/atom");
     archive.file(
