@@ -20,7 +20,7 @@ match, so a failed or interrupted install leaves no bootable half-disk. The stat
 grows to fill the disk. As /init of the installer ISO it reads /etc/atom/install.toml and \
 atom.install.* on the kernel command line, finds its medium by volume id, and reboots when done.",
     after_help = "Targets: /dev/NAME, serial:SERIAL, wwid:WWID, or `empty` (the only disk whose first MiB is all zeros).\n\
-Exit status: 0 installed, 1 failed (the target holds no bootable table), 2 usage."
+Exit status: 0 installed, 1 failed (the message says whether the target was left untouched or holds no bootable table), 2 usage."
 )]
 struct Cli {
     /// The medium's `atom` directory (install.toml, manifest, disk.img.zst).
