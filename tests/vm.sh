@@ -17,9 +17,10 @@
 #
 #   install 1 (BIOS, the ISO of `atom-build installer` as a USB stick): 1.0.0's disk onto an
 #           empty virtio disk, unattended (target "empty"), verified, state grown; reboot
-#   install 2 (UEFI, a CD): an ISO whose disk image was changed (padded to the signed size)
+#   install 2: the same ISO booted again with that disk in: it says it is installed and writes nothing
+#   install 3 (UEFI, a CD): an ISO whose disk image was changed (padded to the signed size)
 #           is refused; the target, a bootable Atom disk, is left with no partition table
-#   install 3 (UEFI, a CD): 1.0.0's disk onto an empty virtio disk: the disk of boots 1-10
+#   install 4 (UEFI, a CD): 1.0.0's disk onto an empty virtio disk: the disk of boots 1-10
 #
 #   boot 1 (UEFI): 1.0.0 from A; atom-update now -> 2.0.0 into B
 #           (atom-dist, precomputed delta)
@@ -138,7 +139,13 @@ expect "INSTALL COMPLETE" "installed onto the only empty disk, unattended"
 expect "rebooting into the installed system" "and it reboots"
 check_installed "$work/target-bios.img"
 
-step "install 2: a tampered disk image inside the ISO (UEFI, CD): refused, nothing bootable left on the target"
+step "install $((install_n + 1)): the ISO boots again with the installed disk in (the stick left in): it does not install twice"
+boot_installer bios stick "$work/installer.iso" "$work/target-bios.img"
+expect "atom-install: /dev/vdb already holds this medium's install" "it finds the install it made and says to remove the medium"
+refute "clearing the partition table" "nothing was written"
+check_installed "$work/target-bios.img"
+
+step "install $((install_n + 1)): a tampered disk image inside the ISO (UEFI, CD): refused, nothing bootable left on the target"
 "$build" installer "${installer_args[@]}" --target serial:atom-old --out "$work/installer-src.iso" > /dev/null
 rm -f "$work/disk-orig.zst"
 xorriso -osirrox on -indev "$work/installer-src.iso" -extract /atom/disk.img.zst "$work/disk-orig.zst" 2> /dev/null
@@ -159,8 +166,10 @@ EOF
 rm -f "$work/installer-tampered.iso"
 xorriso -indev "$work/installer-src.iso" -outdev "$work/installer-tampered.iso" -boot_image any replay \
   -update "$work/disk-tampered.zst" /atom/disk.img.zst > /dev/null 2>&1 || fail "xorriso could not rewrite the ISO"
-# The target holds a bootable Atom disk (the one just installed), chosen by its serial.
+# The target holds a bootable Atom disk (the one just installed, with another disk GUID, as
+# an earlier install of another version has), chosen by its serial.
 cp --sparse=always "$work/target-bios.img" "$work/target-old.img"
+sfdisk --quiet --disk-id "$work/target-old.img" 0A70A70A-0000-4000-8000-000000000001
 boot_installer uefi cdrom "$work/installer-tampered.iso" "$work/target-old.img" atom-old
 expect "atom-install: medium ATOM_INSTALL on /dev/sr0" "UEFI from the CD: the installer found its medium"
 expect "INSTALL FAILED: .*the image was changed or damaged; refused" "the changed image was refused by its digest"
@@ -170,7 +179,7 @@ if sfdisk --dump "$work/target-old.img" > /dev/null 2>&1; then fail "the refused
 [[ $(head -c 1048576 "$work/target-old.img" | tr -d '\0' | wc -c) == 0 ]] || fail "the refused install left bytes in the first MiB"
 ok "the target has no partition table and no boot code: nothing boots from it"
 
-step "install 3: UEFI, the ISO as a CD; 1.0.0 onto an empty virtio disk, the disk of boots 1-10"
+step "install $((install_n + 1)): UEFI, the ISO as a CD; 1.0.0 onto an empty virtio disk, the disk of boots 1-10"
 rm -f "$work/target-uefi.img"
 truncate -s 1G "$work/target-uefi.img"
 boot_installer uefi cdrom "$work/installer.iso" "$work/target-uefi.img"

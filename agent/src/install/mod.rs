@@ -279,11 +279,7 @@ fn check_sector_size(disk: &File, path: &Path) -> Result<()> {
 
 /// The target's table and the partitions of it to keep. A pattern that matches nothing is
 /// an error before anything is written: a typo must not cost the data it meant to keep.
-fn kept_partitions(
-    disk: &mut File,
-    target: &Path,
-    keep: &[String],
-) -> Result<(Option<gptman::GPT>, table::Kept)> {
+fn kept_partitions(disk: &mut File, target: &Path, keep: &[String]) -> Result<(Option<gptman::GPT>, table::Kept)> {
     if keep.is_empty() {
         return Ok((None, Vec::new()));
     }

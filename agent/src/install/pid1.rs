@@ -54,11 +54,11 @@ pub fn run() -> ! {
         medium_device = device.clone();
         if let Some(on) = already_installed(&cfg, &device) {
             say(&format!(
-                "{} already holds this medium's install: remove the installer medium (or boot the disk first) \
-                 to start the installed system",
+                "{} already holds this medium's install (the same disk GUID): remove the installer medium \
+                 (or boot the disk first) to start it; to install again, clear its table first (wipefs -a)",
                 on.display()
             ));
-            finish(After::Halt);
+            finish(cfg.on_failure);
         }
         let opts = super::Options {
             medium: Path::new(MEDIUM).join(DIR),
@@ -137,16 +137,24 @@ fn load_modules(modules: &[String]) {
     }
 }
 
-/// The configured target (path, serial, WWID) when it already holds this medium's disk
-/// (its GPT is the image's: the same disk GUID), as after the reboot that follows an
-/// install with the medium still first in the boot order.
+/// A disk that already holds this medium's disk (its GPT has the image's disk GUID), as after
+/// the reboot that follows an install with the medium still first in the boot order: the
+/// configured target, or with `empty`, any disk once none is empty.
 fn already_installed(cfg: &InstallerConfig, medium: &Path) -> Option<PathBuf> {
-    let spec = cfg.target.as_deref().filter(|t| *t != "empty")?;
+    let spec = cfg.target.as_deref()?;
     let disks = super::target::list(Path::new("/sys/block"));
-    let target = super::target::select(spec, &disks, Some(medium)).ok()?;
-    let ours = super::table::installed_guid(&target)?;
+    let candidates: Vec<PathBuf> = if spec == "empty" {
+        if super::target::select(spec, &disks, Some(medium)).is_ok() {
+            return None;
+        }
+        disks.iter().map(|d| d.path.clone()).filter(|p| p != medium).collect()
+    } else {
+        vec![super::target::select(spec, &disks, Some(medium)).ok()?]
+    };
     let image = image_guid()?;
-    (ours == image).then_some(target)
+    candidates
+        .into_iter()
+        .find(|d| super::table::installed_guid(d) == Some(image))
 }
 
 /// The disk GUID in the medium's signed image head (install.toml's head digest is checked
