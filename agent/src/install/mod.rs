@@ -198,6 +198,14 @@ pub fn read_medium(dir: &Path, keys: &Path) -> Result<Verified> {
 fn choose_target(opts: &Options) -> Result<PathBuf> {
     let disks = target::list(Path::new("/sys/block"));
     let medium = opts.medium_device.as_deref();
+    for d in &disks {
+        let what = if medium.is_some_and(|m| m == d.path) {
+            ", the installer's medium"
+        } else {
+            ""
+        };
+        say(&format!("disk {}{what}", d.describe()));
+    }
     let Some(spec) = &opts.target else {
         let disks: Vec<_> = disks
             .into_iter()
