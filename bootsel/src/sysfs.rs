@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// `/sys/class/block/<disk>/<partition>` of partition `number` of `disk`, if the kernel
 /// knows it.
@@ -13,6 +14,29 @@ pub fn partition_dir(disk: &Path, number: u32) -> Option<PathBuf> {
         .flatten()
         .map(|e| e.path())
         .find(|p| fs::read_to_string(p.join("partition")).is_ok_and(|s| s.trim() == number.to_string()))
+}
+
+/// The device node of partition `number` of `disk`, found through sysfs (works for sda1,
+/// nvme0n1p1, mmcblk0p1 and loop0p1 alike), waiting for udev-less devtmpfs to create it.
+pub fn partition_node(disk: &Path, number: u32, wait: Duration) -> Result<PathBuf, String> {
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Some(dir) = partition_dir(disk, number)
+            && let Some(name) = dir.file_name()
+        {
+            let node = Path::new("/dev").join(name);
+            if node.exists() {
+                return Ok(node);
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "partition {number} of {} has no device node (is the partition table re-read?)",
+                disk.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A partition block device as the kernel sees it.

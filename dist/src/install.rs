@@ -95,6 +95,62 @@ pub struct SlotImage {
     pub digest: Digest,
 }
 
+/// Hashes a disk as it streams past: the whole disk, its first MiB and the slot image at
+/// `image_offset`: what `atom-build installer` records and `atom-install` checks.
+pub struct DiskHasher {
+    whole: blake3::Hasher,
+    head: blake3::Hasher,
+    image: blake3::Hasher,
+    pos: u64,
+    image_offset: u64,
+    image_end: u64,
+}
+
+/// The digests of [`DiskHasher`].
+pub struct DiskDigests {
+    pub size: u64,
+    pub disk: Digest,
+    pub head: Digest,
+    pub image: Digest,
+}
+
+impl DiskHasher {
+    pub fn new(image_offset: u64, image_len: u64) -> Self {
+        DiskHasher {
+            whole: blake3::Hasher::new(),
+            head: blake3::Hasher::new(),
+            image: blake3::Hasher::new(),
+            pos: 0,
+            image_offset,
+            image_end: image_offset.saturating_add(image_len),
+        }
+    }
+
+    /// The next bytes of the disk.
+    pub fn update(&mut self, chunk: &[u8]) {
+        let (start, end) = (self.pos, self.pos + chunk.len() as u64);
+        self.whole.update(chunk);
+        if start < HEAD_BYTES {
+            self.head.update(&chunk[..(HEAD_BYTES.min(end) - start) as usize]);
+        }
+        let (lo, hi) = (start.max(self.image_offset), end.min(self.image_end));
+        if lo < hi {
+            self.image.update(&chunk[(lo - start) as usize..(hi - start) as usize]);
+        }
+        self.pos = end;
+    }
+
+    pub fn finish(self) -> DiskDigests {
+        let digest = |h: blake3::Hasher| Digest::from_bytes(*h.finalize().as_bytes());
+        DiskDigests {
+            size: self.pos,
+            disk: digest(self.whole),
+            head: digest(self.head),
+            image: digest(self.image),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
     #[error("install.toml is malformed: {0}")]
@@ -478,6 +534,28 @@ mod tests {
 
         let roles = Anchor::Roles(TrustedKeys::new([m.key.public()]));
         assert!(matches!(verify(&m.docs(), &roles), Err(InstallError::NoKeys)));
+    }
+
+    #[test]
+    fn disk_digests_do_not_depend_on_how_the_disk_is_cut() {
+        let disk: Vec<u8> = (0..3 * HEAD_BYTES as usize).map(|i| (i * 7 % 251) as u8).collect();
+        let whole = {
+            let mut h = DiskHasher::new(HEAD_BYTES + 5, 1000);
+            h.update(&disk);
+            h.finish()
+        };
+        let mut h = DiskHasher::new(HEAD_BYTES + 5, 1000);
+        for piece in disk.chunks(333_333) {
+            h.update(piece);
+        }
+        let cut = h.finish();
+        assert_eq!(
+            (cut.size, cut.disk, cut.head, cut.image),
+            (whole.size, whole.disk, whole.head, whole.image)
+        );
+        assert_eq!(whole.head, Digest::of(&disk[..HEAD_BYTES as usize]));
+        let at = HEAD_BYTES as usize + 5;
+        assert_eq!(whole.image, Digest::of(&disk[at..at + 1000]));
     }
 
     #[test]

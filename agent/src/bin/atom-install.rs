@@ -95,15 +95,7 @@ fn main() -> ExitCode {
             if cli.json {
                 println!("{}", serde_json::to_string(&done).expect("serializes"));
             } else {
-                println!(
-                    "installed {} ({}) onto {}{}",
-                    done.version,
-                    done.board,
-                    done.target.display(),
-                    done.state_bytes
-                        .map(|b| format!("; state filesystem {} MiB", b >> 20))
-                        .unwrap_or_default()
-                );
+                println!("{}", done.summary());
             }
             ExitCode::SUCCESS
         }

@@ -7,31 +7,11 @@ use std::fs::{self, File};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use nix::mount::{MntFlags, MsFlags};
 
 nix::ioctl_write_ptr!(ext4_resize_fs, b'f', 16, u64);
-
-/// The device node of partition `number` of `disk`, once the kernel has created it.
-pub fn partition_node(disk: &Path, number: u32, wait: Duration) -> Result<std::path::PathBuf> {
-    let deadline = Instant::now() + wait;
-    loop {
-        if let Some(dir) = bootsel::sysfs::partition_dir(disk, number)
-            && let Some(name) = dir.file_name()
-        {
-            let node = Path::new("/dev").join(name);
-            if node.exists() {
-                return Ok(node);
-            }
-        }
-        if Instant::now() >= deadline {
-            bail!("partition {number} of {} has no device node", disk.display());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// Grows the ext4 filesystem on `device` to `bytes`; returns the new size in bytes.
 pub fn grow(device: &Path, bytes: u64, scratch: &Path) -> Result<u64> {

@@ -59,6 +59,21 @@ pub struct Installed {
     pub warnings: Vec<String>,
 }
 
+impl Installed {
+    /// One line: what went where, and the state filesystem's new size.
+    pub fn summary(&self) -> String {
+        format!(
+            "installed {} ({}) onto {}{}",
+            self.version,
+            self.board,
+            self.target.display(),
+            self.state_bytes
+                .map(|b| format!("; state filesystem {} MiB", b >> 20))
+                .unwrap_or_default()
+        )
+    }
+}
+
 /// The whole install; on an error after step 4 the target has no bootable table.
 pub fn run(opts: &Options) -> Result<Installed> {
     let verified = read_medium(&opts.medium, &opts.keys)?;
@@ -372,11 +387,11 @@ fn write_and_verify(v: &Verified, head: &[u8], src: &mut dyn Read, disk: &mut Fi
         }
     };
     let hashed = stream::copy(head, src, disk, &span, &mut progress)?;
-    if hashed.disk_len != d.disk.size {
+    if hashed.size != d.disk.size {
         bail!(
             "the disk image is {}{} bytes, the signed description says {}: refused",
-            hashed.disk_len,
-            if hashed.disk_len > d.disk.size { "+" } else { "" },
+            hashed.size,
+            if hashed.size > d.disk.size { "+" } else { "" },
             d.disk.size
         );
     }
@@ -402,7 +417,7 @@ fn grow_state(plan: &table::Plan, target: &Path, wait: Duration) -> Result<Optio
     let Some((number, bytes)) = plan.grows() else {
         return Ok(None);
     };
-    let node = grow::partition_node(target, number, wait)?;
+    let node = bootsel::sysfs::partition_node(target, number, wait).map_err(anyhow::Error::msg)?;
     let scratch = Path::new("/run/atom-install");
     fs::create_dir_all(scratch).ok();
     let scratch = if scratch.is_dir() {

@@ -78,15 +78,7 @@ pub fn run() -> ! {
             for w in &done.warnings {
                 say(&format!("warning: {w}"));
             }
-            say(&format!(
-                "installed {} ({}) onto {}{}",
-                done.version,
-                done.board,
-                done.target.display(),
-                done.state_bytes
-                    .map(|b| format!("; state {} MiB", b >> 20))
-                    .unwrap_or_default()
-            ));
+            say(&done.summary());
             say("INSTALL COMPLETE");
             // A CD left in would boot the installer again; a stick must be pulled by hand.
             eject(&medium_device);

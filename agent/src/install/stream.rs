@@ -6,16 +6,9 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use atom_dist::digest::Digest;
+use atom_dist::install::{DiskDigests, DiskHasher};
 
 const CHUNK: usize = 1 << 20;
-
-/// What was read from the image, as hashed.
-pub struct Hashed {
-    pub disk: Digest,
-    pub disk_len: u64,
-    pub image: Digest,
-}
 
 /// Where the image's bytes go.
 pub struct Span {
@@ -38,21 +31,10 @@ pub fn copy(
     target: &mut File,
     span: &Span,
     progress: &mut dyn FnMut(u64),
-) -> Result<Hashed> {
-    let mut disk = blake3::Hasher::new();
-    let mut image = blake3::Hasher::new();
-    let image_end = span.image_offset + span.image_len;
-    let mut pos = 0u64;
-    let mut hash = |bytes: &[u8], at: u64, disk: &mut blake3::Hasher| {
-        disk.update(bytes);
-        let lo = at.max(span.image_offset);
-        let hi = (at + bytes.len() as u64).min(image_end);
-        if lo < hi {
-            image.update(&bytes[(lo - at) as usize..(hi - at) as usize]);
-        }
-    };
-    hash(head, 0, &mut disk);
-    pos += head.len() as u64;
+) -> Result<DiskDigests> {
+    let mut hasher = DiskHasher::new(span.image_offset, span.image_len);
+    hasher.update(head);
+    let mut pos = head.len() as u64;
     if pos != span.start {
         bail!("the disk image's first part is {pos} bytes, expected {}", span.start);
     }
@@ -65,7 +47,7 @@ pub fn copy(
             break;
         }
         let chunk = &buf[..n];
-        hash(chunk, pos, &mut disk);
+        hasher.update(chunk);
         if pos < span.write_end {
             let len = (n as u64).min(span.write_end - pos) as usize;
             let part = &chunk[..len];
@@ -95,11 +77,7 @@ pub fn copy(
         secs = started.elapsed().as_secs_f64(),
         "disk image written"
     );
-    Ok(Hashed {
-        disk: Digest::from_bytes(*disk.finalize().as_bytes()),
-        disk_len: pos,
-        image: Digest::from_bytes(*image.finalize().as_bytes()),
-    })
+    Ok(hasher.finish())
 }
 
 /// Reads until `buf` is full or the input ends.

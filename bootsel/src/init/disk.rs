@@ -108,28 +108,7 @@ fn find_among(
     }
 }
 
-/// The device node of partition `number` of `disk`, found through sysfs (works for sda1,
-/// nvme0n1p1, mmcblk0p1 and loop0p1 alike), waiting for udev-less devtmpfs to create it.
-pub fn partition_node(disk: &Path, number: u32, wait: Duration) -> Result<PathBuf, String> {
-    let deadline = Instant::now() + wait;
-    loop {
-        if let Some(dir) = bootsel::sysfs::partition_dir(disk, number)
-            && let Some(name) = dir.file_name()
-        {
-            let node = Path::new("/dev").join(name);
-            if node.exists() {
-                return Ok(node);
-            }
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "partition {number} of {} has no device node (is the partition table re-read?)",
-                disk.display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+pub use bootsel::sysfs::partition_node;
 
 #[cfg(test)]
 mod tests {

@@ -169,15 +169,8 @@ fn root_a(disk: &Path) -> Result<(u64, u64)> {
     Ok((p.starting_lba * 512, (p.ending_lba + 1 - p.starting_lba) * 512))
 }
 
-struct Packed {
-    size: u64,
-    disk: Digest,
-    head: Digest,
-    image: Digest,
-}
-
 /// Compresses the disk into `out`, hashing it whole and the slot image inside it.
-fn pack(disk: &Path, out: &Path, image_offset: u64, image_len: u64) -> Result<Packed> {
+fn pack(disk: &Path, out: &Path, image_offset: u64, image_len: u64) -> Result<medium::DiskDigests> {
     let mut src = File::open(disk).with_context(|| format!("cannot read {}", disk.display()))?;
     let size = src.seek(SeekFrom::End(0))?;
     src.seek(SeekFrom::Start(0))?;
@@ -187,39 +180,20 @@ fn pack(disk: &Path, out: &Path, image_offset: u64, image_len: u64) -> Result<Pa
     enc.multithread(threads)?;
     enc.include_checksum(true)?;
     enc.set_pledged_src_size(Some(size))?;
-    let mut whole = blake3::Hasher::new();
-    let mut head = blake3::Hasher::new();
-    let mut image = blake3::Hasher::new();
-    let image_end = image_offset + image_len;
+    let mut hasher = medium::DiskHasher::new(image_offset, image_len);
     let mut buf = vec![0u8; CHUNK];
-    let mut pos = 0u64;
     loop {
         let n = src.read(&mut buf)?;
         if n == 0 {
             break;
         }
-        let chunk = &buf[..n];
-        whole.update(chunk);
-        if pos < medium::HEAD_BYTES {
-            head.update(&chunk[..(medium::HEAD_BYTES - pos).min(n as u64) as usize]);
-        }
-        let lo = pos.max(image_offset);
-        let hi = (pos + n as u64).min(image_end);
-        if lo < hi {
-            image.update(&chunk[(lo - pos) as usize..(hi - pos) as usize]);
-        }
-        enc.write_all(chunk).context("cannot compress the disk")?;
-        pos += n as u64;
+        hasher.update(&buf[..n]);
+        enc.write_all(&buf[..n]).context("cannot compress the disk")?;
     }
     let w = enc.finish()?;
     w.into_inner()
         .map_err(|e| e.into_error())?
         .sync_all()
         .context("cannot flush the compressed disk")?;
-    Ok(Packed {
-        size,
-        disk: Digest::from_bytes(*whole.finalize().as_bytes()),
-        head: Digest::from_bytes(*head.finalize().as_bytes()),
-        image: Digest::from_bytes(*image.finalize().as_bytes()),
-    })
+    Ok(hasher.finish())
 }
