@@ -2,7 +2,7 @@
 //! only empty one, or the operator's answer on the console.
 
 use std::fs::{self, File};
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
@@ -104,13 +104,7 @@ pub fn list(sys_block: &Path) -> Vec<Disk> {
 pub fn is_empty(path: &Path) -> Result<bool> {
     let mut f = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut buf = vec![0u8; 1 << 20];
-    let mut filled = 0;
-    while filled < buf.len() {
-        match f.read(&mut buf[filled..])? {
-            0 => break,
-            n => filled += n,
-        }
-    }
+    let filled = super::stream::fill(&mut f, &mut buf).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(buf[..filled].iter().all(|&b| b == 0))
 }
 

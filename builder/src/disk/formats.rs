@@ -144,10 +144,7 @@ fn convert(raw: &Path, format: DiskFormat, dir: &Path) -> Result<NamedTempFile> 
         .args(options)
         .arg(raw)
         .arg(tmp.path());
-    match crate::cmd::run(&mut cmd) {
-        Err(e) if which_missing("qemu-img") => bail!("{e:#}: qemu-img is not installed (Debian package qemu-utils)"),
-        r => r.map(drop)?,
-    }
+    crate::cmd::run_from(&mut cmd, Some("qemu-utils"))?;
     readable(tmp.as_file())?;
     Ok(tmp)
 }
@@ -164,10 +161,6 @@ impl DirLock {
             .with_context(|| format!("cannot lock {}", dir.display()))?;
         Ok(Self(lock))
     }
-}
-
-fn which_missing(program: &str) -> bool {
-    Command::new(program).arg("--version").output().is_err()
 }
 
 fn compress(raw: &Path, out: &File) -> Result<()> {

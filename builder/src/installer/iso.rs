@@ -89,12 +89,7 @@ pub fn write(args: &InstallerArgs, out: &Path, tree: &Path, initrd: &[u8], scrat
         .arg("-output")
         .arg(tmp.path())
         .arg(tree);
-    match crate::cmd::run(&mut cmd) {
-        Err(e) if Command::new("xorriso").arg("-version").output().is_err() => {
-            return Err(e.context("xorriso is not installed (Debian package xorriso)"));
-        }
-        r => r.map(drop).context("xorriso could not make the ISO")?,
-    }
+    crate::cmd::run_from(&mut cmd, Some("xorriso")).context("xorriso could not make the ISO")?;
     use std::os::unix::fs::PermissionsExt;
     tmp.as_file().set_permissions(fs::Permissions::from_mode(0o644))?;
     tmp.persist(out)
