@@ -217,17 +217,19 @@ pub async fn handle(
     let key = (sig_digest, target.image.digest);
     let cached = svc.cache_dir.join(format!("{}-{}.zst", key.0.hex(), key.1.hex()));
     let hit = if entry_is_sound(&cached).await {
-        state.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
-        touch(&cached);
         true
     } else {
-        compute_shared(&state, key, &cached, sig, &target, peer.map(|p| p.0.0)).await?;
-        false
+        compute_shared(&state, key, &cached, sig, &target, peer.map(|p| p.0.0)).await?
     };
+    if hit {
+        state.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
+        touch(&cached);
+    }
     respond(&cached, &target, hit).await
 }
 
-/// Runs the diff once per key; concurrent callers for the same key wait for it.
+/// Runs the diff once per key; concurrent callers for the same key wait for it. Returns
+/// whether the entry turned out to be cached after all.
 async fn compute_shared(
     state: &Arc<AppState>,
     key: Key,
@@ -235,7 +237,7 @@ async fn compute_shared(
     sig: fast_rsync::Signature,
     target: &Manifest,
     peer: Option<IpAddr>,
-) -> Result<(), ApiError> {
+) -> Result<bool, ApiError> {
     let sig = Arc::new(sig);
     loop {
         let (tx, rx) = watch::channel(None);
@@ -255,7 +257,15 @@ async fn compute_shared(
                 key,
                 tx: Some(tx),
             };
-            return lead(state, leader, path, sig.clone(), target, peer).await;
+            // A diff that ended between this request's cache check and its taking the
+            // lead has already written the entry (before leaving the in-flight map).
+            if entry_is_sound(path).await {
+                leader.finish(Done::Ready);
+                return Ok(true);
+            }
+            return lead(state, leader, path, sig.clone(), target, peer)
+                .await
+                .map(|()| false);
         };
         state.metrics.shared_waits.fetch_add(1, Ordering::Relaxed);
         let done = running
@@ -264,7 +274,7 @@ async fn compute_shared(
             .map(|d| d.clone().unwrap_or(Done::Abandoned))
             .unwrap_or(Done::Abandoned);
         match done {
-            Done::Ready => return Ok(()),
+            Done::Ready => return Ok(false),
             Done::Failed(e) => return Err(ApiError::internal(e)),
             Done::Abandoned => continue,
         }
