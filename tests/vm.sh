@@ -18,7 +18,7 @@
 #   install 1 (BIOS, the ISO of `atom-build installer` as a USB stick): 1.0.0's disk onto an
 #           empty virtio disk, unattended (target "empty"), verified, state grown; reboot
 #   install 2: the same ISO booted again with that disk in: it says it is installed and writes nothing
-#   install 3 (UEFI, a CD): an ISO whose disk image was changed (padded to the signed size)
+#   install 3 (BIOS, a CD): an ISO whose disk image was changed (padded to the signed size)
 #           is refused; the target, a bootable Atom disk, is left with no partition table
 #   install 4 (UEFI, a CD): 1.0.0's disk onto an empty virtio disk: the disk of boots 1-10
 #
@@ -145,7 +145,7 @@ expect "atom-install: /dev/vdb already holds this medium's install" "it finds th
 refute "clearing the partition table" "nothing was written"
 check_installed "$work/target-bios.img"
 
-step "install $((install_n + 1)): a tampered disk image inside the ISO (UEFI, CD): refused, nothing bootable left on the target"
+step "install $((install_n + 1)): a tampered disk image inside the ISO (BIOS, CD): refused, nothing bootable left on the target"
 "$build" installer "${installer_args[@]}" --target serial:atom-old --out "$work/installer-src.iso" > /dev/null
 rm -f "$work/disk-orig.zst"
 xorriso -osirrox on -indev "$work/installer-src.iso" -extract /atom/disk.img.zst "$work/disk-orig.zst" 2> /dev/null
@@ -170,8 +170,9 @@ xorriso -indev "$work/installer-src.iso" -outdev "$work/installer-tampered.iso" 
 # an earlier install of another version has), chosen by its serial.
 cp --sparse=always "$work/target-bios.img" "$work/target-old.img"
 sfdisk --quiet --disk-id "$work/target-old.img" 0A70A70A-0000-4000-8000-000000000001
-boot_installer uefi cdrom "$work/installer-tampered.iso" "$work/target-old.img" atom-old
-expect "atom-install: medium ATOM_INSTALL on /dev/sr0" "UEFI from the CD: the installer found its medium"
+boot_installer bios cdrom "$work/installer-tampered.iso" "$work/target-old.img" atom-old
+expect "^ISOLINUX [0-9.]+ " "SeaBIOS started isolinux from the CD's El Torito BIOS image"
+expect "atom-install: medium ATOM_INSTALL on /dev/sr0" "the installer found its CD by volume id"
 expect "INSTALL FAILED: .*the image was changed or damaged; refused" "the changed image was refused by its digest"
 expect "nothing bootable was written: /dev/vda has no Atom partition table" "and it says the target has no table"
 expect "powering off" "then powers off (--on-failure poweroff)"
