@@ -45,6 +45,8 @@ pub enum Command {
     Initramfs(InitramfsArgs),
     Disk(DiskArgs),
     Installer(InstallerArgs),
+    Serve(ServeArgs),
+    Token(TokenArgs),
 }
 
 /// Build an OS image from a recipe, stage by stage, with a stage cache.
@@ -94,6 +96,11 @@ pub struct BuildArgs {
     /// No stage lines (errors still go to stderr).
     #[arg(long, short)]
     pub quiet: bool,
+    /// Append each stage's start and end to FILE as JSON lines ({"stage", "index", "total",
+    /// "event": start|built|cached|skipped|failed, "seconds"}), for programs that follow
+    /// the build (the build service does).
+    #[arg(long, value_name = "FILE")]
+    pub events: Option<PathBuf>,
 }
 
 /// List or prune the stage cache of `atom-build build`.
@@ -730,4 +737,87 @@ mod tests {
         assert_eq!(parse_size("512M"), Ok(512 << 20));
         assert!(parse_size("lots").is_err());
     }
+}
+
+/// Run the build service: an HTTP API that takes orders for builds, a queue in a database
+/// and local workers that build them (`atom-build build`, one directory and mount
+/// namespace each).
+///
+/// Orders name a template (DIR/NAME.toml under --templates, with its drop-ins) plus
+/// overrides of the keys --overridable lists, or carry a whole recipe (tokens with the
+/// "recipe" scope: its hooks run on this host). Orders whose build would be the same (the
+/// same key of the last stage, which covers every input) share one build. The queue
+/// survives restarts: a build that was running when the service stopped runs again, or
+/// fails with the reason after --max-attempts. Runs as root (builds need chroot and mount
+/// namespaces). Tokens: `atom-build token add NAME`. The README lists the API with curl
+/// examples.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0: any free port; the address is printed).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8470")]
+    pub listen: std::net::SocketAddr,
+    /// Where builds, their logs and artifacts, and the default SQLite database live.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/atom-build")]
+    pub data: PathBuf,
+    /// The queue: sqlite:PATH (default DATA/service.db) or postgres://USER@HOST/DB, which
+    /// several instances can share.
+    #[arg(long, value_name = "URL")]
+    pub database: Option<String>,
+    /// Recipes orders can name: NAME.toml (and NAME.d/) in this directory.
+    #[arg(long, value_name = "DIR", default_value = "/etc/atom/templates")]
+    pub templates: PathBuf,
+    /// The stage cache the builds share.
+    #[arg(long, value_name = "DIR", default_value = "/var/cache/atom-build")]
+    pub cache: PathBuf,
+    /// Builds at once on this host (default: one per core, at most one per 2 GiB).
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// A worker renews its lease on a build this often (a quarter of it); a build whose
+    /// lease ran out (its worker or instance vanished) is queued again.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub lease: std::time::Duration,
+    /// Runs of a build whose worker vanished before it is failed.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub max_attempts: u32,
+    /// Recipe keys (and the keys under them) a template-only token may set. Repeatable;
+    /// replaces the default list.
+    #[arg(long, value_name = "KEY", default_values = ["os.version", "packages.install", "image.size", "outputs.disk.formats", "outputs.tarball"])]
+    pub overridable: Vec<String>,
+    /// The address other instances send clients to for this instance's builds' files
+    /// (default: http://LISTEN).
+    #[arg(long, value_name = "URL")]
+    pub public_url: Option<String>,
+}
+
+/// Manage the build service's API tokens (on its database).
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The service's data directory (for its default database).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/atom-build", global = true)]
+    pub data: PathBuf,
+    /// The service's database, as `atom-build serve --database` takes it.
+    #[arg(long, value_name = "URL", global = true)]
+    pub database: Option<String>,
+    #[command(subcommand)]
+    pub action: TokenAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenAction {
+    /// Create a token; its secret is printed once, alone on stdout.
+    Add {
+        /// A name for the token's owner (unique).
+        name: String,
+        /// Also allow: "recipe" (orders carry whole recipes, whose hooks run on the build
+        /// host) or "publish" (orders publish with the service's key). Repeatable.
+        #[arg(long, value_name = "SCOPE")]
+        scope: Vec<String>,
+        /// Orders of this token queued or building at once.
+        #[arg(long, value_name = "N", default_value_t = 10)]
+        max_queued: u32,
+    },
+    /// Every token: name, id, scopes, limit, state.
+    List,
+    /// Refuse a token's requests from now on.
+    Revoke { name: String },
 }

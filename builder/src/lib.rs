@@ -20,6 +20,7 @@ pub mod publish;
 pub mod recipe;
 pub mod refresh;
 pub mod resign;
+pub mod service;
 pub mod sign;
 pub mod signing;
 pub mod slot_boot;

@@ -29,6 +29,8 @@ fn main() -> ExitCode {
         Command::Initramfs(a) => image::source_date_epoch().and_then(|t| initramfs::run(a, t)),
         Command::Disk(a) => image::source_date_epoch().and_then(|t| disk::run(a, t)).map(drop),
         Command::Installer(a) => image::source_date_epoch().and_then(|t| installer::run(a, t)).map(drop),
+        Command::Serve(a) => atom_build::service::run(a),
+        Command::Token(a) => atom_build::service::tokens::run(a),
         Command::Verify(a) => match audit::run_verify(a) {
             Ok(0) => Ok(()),
             Ok(_) => return ExitCode::from(EXIT_PROBLEMS),
@@ -55,5 +57,7 @@ fn init_logging(verbose: u8) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        // Colours only for a person: not in log files (the build service's build logs).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

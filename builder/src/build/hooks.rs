@@ -11,6 +11,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -99,8 +102,49 @@ pub fn run(hook: &Hook, default_chroot: bool, when: &str, stage: &str, env: &Hoo
     result
 }
 
+/// SIGTERM and SIGINT while a command of `run_logged` runs: the command has a process
+/// group of its own (so its time limit can kill all of it), which the signal does not
+/// reach. Outside such a command the signals keep their default action.
+struct Termination {
+    requested: Arc<AtomicBool>,
+    outside_command: Arc<AtomicBool>,
+}
+
+static TERMINATION: OnceLock<Option<Termination>> = OnceLock::new();
+
+fn termination() -> Option<&'static Termination> {
+    TERMINATION
+        .get_or_init(|| {
+            let t = Termination {
+                requested: Arc::new(AtomicBool::new(false)),
+                outside_command: Arc::new(AtomicBool::new(true)),
+            };
+            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                signal_hook::flag::register_conditional_default(sig, t.outside_command.clone()).ok()?;
+                signal_hook::flag::register(sig, t.requested.clone()).ok()?;
+            }
+            Some(t)
+        })
+        .as_ref()
+}
+
+/// Marks the time a command runs (signals are then the loop's to act on).
+struct InCommand(Option<&'static Termination>);
+
+impl Drop for InCommand {
+    fn drop(&mut self) {
+        if let Some(t) = self.0 {
+            t.outside_command.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// How long a command asked to stop gets before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
 /// Runs `cmd` with stdout and stderr into the stage log, killing its process group after
-/// `timeout`.
+/// `timeout`, or when atom-build itself is asked to stop (SIGTERM, SIGINT). The command
+/// also dies if atom-build is killed outright.
 pub fn run_logged(cmd: &mut Command, log: &StageLog, timeout: Duration) -> Result<()> {
     let shown = format!("{cmd:?}");
     log.note(&format!("running {shown}"));
@@ -108,16 +152,43 @@ pub fn run_logged(cmd: &mut Command, log: &StageLog, timeout: Duration) -> Resul
         .stdout(log.stdio()?)
         .stderr(log.stdio()?)
         .process_group(0);
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
+    let term = termination();
+    if let Some(t) = term {
+        t.outside_command.store(false, Ordering::SeqCst);
+    }
+    let _in_command = InCommand(term);
     let mut child = cmd
         .spawn()
         .with_context(|| format!("cannot start {shown} (is it installed?)"))?;
     let started = Instant::now();
     loop {
+        let stop = term.is_some_and(|t| t.requested.load(Ordering::SeqCst));
         if let Some(status) = child.try_wait()? {
+            if stop {
+                bail!("stopped by a signal while {shown} ran");
+            }
             if status.success() {
                 return Ok(());
             }
             bail!("{shown} failed ({status})");
+        }
+        if stop {
+            let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGTERM);
+            let asked = Instant::now();
+            while child.try_wait()?.is_none() && asked.elapsed() < STOP_GRACE {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+            log.note(&format!("{shown} stopped: atom-build was asked to stop"));
+            bail!("stopped by a signal while {shown} ran");
         }
         if started.elapsed() > timeout {
             let pgid = nix::unistd::Pid::from_raw(child.id() as i32);

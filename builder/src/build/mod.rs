@@ -102,7 +102,7 @@ pub fn run(args: &BuildArgs) -> Result<()> {
         base_image: &base_image,
         locked: locked.as_ref(),
         recipe_dir,
-        progress: Progress::new(args.quiet, STAGES.len()),
+        progress: Progress::new(args.quiet, STAGES.len()).with_events(args.events.as_deref())?,
         live: false,
         pending: None,
         replay: Vec::new(),
@@ -119,6 +119,50 @@ pub fn run(args: &BuildArgs) -> Result<()> {
             base_source,
         },
     )
+}
+
+/// What a build of a recipe would run, without running it: each stage's cache key and
+/// whether the cache holds it. The build service takes an order's digest (the last key,
+/// which covers every input) and its ETA from this.
+pub struct Preview {
+    pub loaded: Loaded,
+    /// (stage, key, in the cache) in stage order.
+    pub stages: Vec<(&'static str, String, bool)>,
+}
+
+impl Preview {
+    /// The key of the last stage: equal for two builds only when every input is.
+    pub fn digest(&self) -> &str {
+        self.stages.last().map(|s| s.1.as_str()).unwrap_or_default()
+    }
+}
+
+pub fn preview(recipe: &Path, sets: &[String], skip: &[String], cache: &Path) -> Result<Preview> {
+    for s in skip {
+        stage_index(s, "--skip")?;
+    }
+    let loaded = recipe::load(recipe, sets)?;
+    let selection = Selection {
+        skip: skip.to_vec(),
+        only: None,
+        from: None,
+        no_cache: false,
+    };
+    let epoch = match loaded.recipe.build.source_date_epoch {
+        Some(t) => t,
+        None => crate::image::source_date_epoch()?,
+    };
+    let base_image = stages::resolve_base(&loaded.recipe, None)?;
+    let planned = plan(&loaded, &selection, epoch, &base_image, None)?;
+    let cache = Cache::open(cache)?;
+    let stages = planned
+        .into_iter()
+        .map(|p| {
+            let cached = cache.lookup(&p.key).is_some();
+            (p.name, p.key, cached)
+        })
+        .collect();
+    Ok(Preview { loaded, stages })
 }
 
 /// What the lock records besides the build's own results.
@@ -289,10 +333,12 @@ impl Runner<'_> {
                 self.write_lock(plan, recorded)?;
             }
             if s.skipped {
+                self.progress.restart_clock();
                 self.progress.done(s.index, s.name, "skipped (--skip)");
                 continue;
             }
             if s.name == "publish" && r.publish.is_none() {
+                self.progress.restart_clock();
                 self.progress
                     .done(s.index, s.name, "nothing to do (the recipe has no [publish])");
                 continue;
@@ -303,6 +349,7 @@ impl Runner<'_> {
                 && !forced
                 && let Some(hit) = self.cache.lookup(&s.key)
             {
+                self.progress.restart_clock();
                 self.take_hit(s, kind, &hit.dir)?;
                 self.progress.done(s.index, s.name, "cached");
                 continue;
@@ -323,7 +370,13 @@ impl Runner<'_> {
                     .explain_miss(&recipe_name, s.name, &s.inputs, previous_key(plan, s.index))
             };
             self.progress.stage(s.index, s.name, &why);
-            let made = self.run_stage(s)?;
+            let made = match self.run_stage(s) {
+                Ok(made) => made,
+                Err(e) => {
+                    self.progress.failed(s.index, s.name);
+                    return Err(e);
+                }
+            };
             match kind {
                 Kind::Tree => {
                     let packages = lock::packages_tsv(&lock::dpkg_packages(&self.dir.tree)?);

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
 
 pub struct Progress {
     quiet: bool,
@@ -17,6 +18,20 @@ pub struct Progress {
     total: usize,
     bar: Option<ProgressBar>,
     started: Instant,
+    events: Option<File>,
+}
+
+/// One line of `atom-build build --events FILE` (JSON lines): what the build service
+/// reads for a build's stage, progress and the stage durations its ETAs come from.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StageEvent {
+    pub stage: String,
+    pub index: usize,
+    pub total: usize,
+    /// "start", or how the stage ended: "built", "cached", "skipped", "failed".
+    pub event: String,
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 impl Progress {
@@ -27,11 +42,47 @@ impl Progress {
             total,
             bar: None,
             started: Instant::now(),
+            events: None,
         }
+    }
+
+    /// Also writes each stage's start and end to `path` as JSON lines (appended).
+    pub fn with_events(mut self, path: Option<&Path>) -> Result<Progress> {
+        if let Some(path) = path {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("--events {}: cannot open it", path.display()))?;
+            self.events = Some(f);
+        }
+        Ok(self)
+    }
+
+    fn event(&self, index: usize, name: &str, event: &str) {
+        if let Some(mut f) = self.events.as_ref() {
+            let e = StageEvent {
+                stage: name.to_string(),
+                index,
+                total: self.total,
+                event: event.to_string(),
+                seconds: self.started.elapsed().as_secs_f64(),
+            };
+            let line = serde_json::to_string(&e).expect("an event serializes");
+            // One write per line: a reader never sees half of one.
+            let _ = f.write_all(format!("{line}\n").as_bytes());
+        }
+    }
+
+    /// A stage ended with an error (the error itself is the build's to report).
+    pub fn failed(&mut self, index: usize, name: &str) {
+        self.event(index, name, "failed");
+        self.clear();
     }
 
     pub fn stage(&mut self, index: usize, name: &str, what: &str) {
         self.started = Instant::now();
+        self.event(index, name, "start");
         if self.quiet {
             return;
         }
@@ -61,12 +112,20 @@ impl Progress {
     /// The stage's verdict line: built, cached, skipped.
     pub fn done(&mut self, index: usize, name: &str, verdict: &str) {
         let secs = self.started.elapsed().as_secs_f64();
+        let word = verdict.split_whitespace().next().unwrap_or("built");
+        self.event(index, name, if word == "nothing" { "skipped" } else { word });
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
         if !self.quiet {
             eprintln!("[{}/{}] {name:<9} {verdict} ({secs:.1} s)", index + 1, self.total);
         }
+    }
+
+    /// A stage that is taken from the cache or skipped starts here (its time is the
+    /// restore's).
+    pub fn restart_clock(&mut self) {
+        self.started = Instant::now();
     }
 
     pub fn clear(&mut self) {

@@ -2,3 +2,4 @@
 //! carry its own copy.
 
 pub mod gpt;
+pub mod postgres;

@@ -1,0 +1,151 @@
+//! What the service stores and shows: tokens, orders (a user's request), builds (one run
+//! of a recipe, shared by every order with the same digest) and their artifacts.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    /// Finished, and no order refers to it any more: its files are gone.
+    Removed,
+}
+
+impl BuildState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildState::Queued => "queued",
+            BuildState::Running => "running",
+            BuildState::Succeeded => "succeeded",
+            BuildState::Failed => "failed",
+            BuildState::Cancelled => "cancelled",
+            BuildState::Removed => "removed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<BuildState> {
+        Some(match s {
+            "queued" => BuildState::Queued,
+            "running" => BuildState::Running,
+            "succeeded" => BuildState::Succeeded,
+            "failed" => BuildState::Failed,
+            "cancelled" => BuildState::Cancelled,
+            "removed" => BuildState::Removed,
+            _ => return None,
+        })
+    }
+
+    pub fn is_open(self) -> bool {
+        matches!(self, BuildState::Queued | BuildState::Running)
+    }
+}
+
+/// Scopes a token can carry beyond ordering builds of the service's templates.
+pub const SCOPES: [&str; 2] = [
+    // Orders may carry a whole recipe: its hooks run on the build host, so only for
+    // trusted callers.
+    "recipe", // Orders may publish into the recipe's repository with the service's signing key.
+    "publish",
+];
+
+#[derive(Clone, Debug)]
+pub struct TokenRow {
+    pub id: String,
+    pub name: String,
+    pub secret_hash: String,
+    pub scopes: Vec<String>,
+    pub max_queued: i64,
+    pub created: i64,
+    pub revoked: bool,
+}
+
+impl TokenRow {
+    pub fn may(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s == scope)
+    }
+}
+
+/// What an order asks for (the JSON body of `POST /v1/orders`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderRequest {
+    /// A template of the service (`--templates DIR/NAME.toml`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// A whole recipe as TOML text (tokens with the `recipe` scope).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<String>,
+    /// Recipe keys to override, as `atom-build build --set KEY=VALUE` takes them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set: Vec<String>,
+    /// Disk formats (raw, raw.zst, qcow2, vmdk, vhd) and tar.zst for the root tree.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub formats: Vec<String>,
+    /// Publish into the recipe's repository (tokens with the `publish` scope).
+    #[serde(default)]
+    pub publish: bool,
+}
+
+/// What a build runs: the recipe (a template's name or the text of one) and the
+/// arguments for `atom-build build`. Its digest decides which orders share a build.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BuildSpec {
+    pub template: Option<String>,
+    pub recipe: Option<String>,
+    pub set: Vec<String>,
+    pub skip: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct OrderRow {
+    pub id: String,
+    pub token_id: String,
+    pub build_id: String,
+    /// active, cancelled or deleted.
+    pub state: String,
+    pub created: i64,
+    pub spec: String,
+    pub predicted_ready: Option<i64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Artifact {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct BuildRow {
+    pub id: String,
+    pub digest: String,
+    pub recipe_name: String,
+    pub spec: String,
+    pub state: BuildState,
+    pub stage: Option<String>,
+    pub stage_index: i64,
+    pub created: i64,
+    pub started: Option<i64>,
+    pub finished: Option<i64>,
+    pub worker: Option<String>,
+    pub lease_until: Option<i64>,
+    pub attempts: i64,
+    pub error: Option<String>,
+    pub log_tail: Option<String>,
+    pub artifacts: Vec<Artifact>,
+    pub instance: Option<String>,
+    pub predicted_seconds: Option<f64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct StageMean {
+    pub stage: String,
+    pub verdict: String,
+    pub seconds: f64,
+    pub samples: i64,
+    pub own_recipe: bool,
+}

@@ -1,0 +1,146 @@
+//! An order's request checked against its token and the service's rules, and turned into
+//! what a build runs. The checks are the service's security boundary: a template-only
+//! token can change only the keys `--overridable` names, so it cannot point a build at
+//! files or hooks of the build host; whole recipes (whose hooks run on the host) and
+//! publishing need scopes.
+
+use std::path::PathBuf;
+
+use super::App;
+use super::model::{BuildSpec, OrderRequest, TokenRow};
+use crate::build::Preview;
+
+/// Disk formats an order may ask for (`outputs.disk.formats`); `tar.zst` is the tarball.
+pub const DISK_FORMATS: [&str; 5] = ["raw", "raw.zst", "qcow2", "vmdk", "vhd"];
+
+#[derive(Debug)]
+pub enum Refusal {
+    /// The token may not do this (403).
+    Forbidden(String),
+    /// The request is wrong (400).
+    Bad(String),
+}
+
+pub struct Checked {
+    pub spec: BuildSpec,
+    pub preview: Preview,
+}
+
+impl Checked {
+    pub fn recipe_name(&self) -> &str {
+        &self.preview.loaded.recipe.os.name
+    }
+}
+
+fn valid_template_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Where a build's recipe is: a template of the service, or the text an order sent,
+/// kept under its own digest.
+pub fn recipe_path(app: &App, spec: &BuildSpec) -> PathBuf {
+    match (&spec.template, &spec.recipe) {
+        (Some(t), _) => app.templates.join(format!("{t}.toml")),
+        (None, Some(text)) => app
+            .data
+            .join("recipes")
+            .join(format!("{}.toml", blake3::hash(text.as_bytes()).to_hex())),
+        (None, None) => app.data.join("recipes").join("missing.toml"),
+    }
+}
+
+fn allowed_override(app: &App, key: &str) -> bool {
+    app.overridable
+        .iter()
+        .any(|k| key == k || key.strip_prefix(k.as_str()).is_some_and(|rest| rest.starts_with('.')))
+}
+
+/// Checks the request and previews the build (which loads the recipe: its errors come
+/// back to the caller naming the key). Blocking: it reads the recipe and its files.
+pub fn check(app: &App, token: &TokenRow, req: &OrderRequest) -> Result<Checked, Refusal> {
+    let bad = |m: String| Refusal::Bad(m);
+    match (&req.template, &req.recipe) {
+        (Some(_), Some(_)) => return Err(bad("give either \"template\" or \"recipe\", not both".into())),
+        (None, None) => {
+            return Err(bad(
+                "give \"template\" (a template of this service) or \"recipe\"".into()
+            ));
+        }
+        (Some(t), None) if !valid_template_name(t) => {
+            return Err(bad(format!(
+                "template {t:?}: a name is letters, digits, '.', '_' and '-'"
+            )));
+        }
+        (None, Some(_)) if !token.may("recipe") => {
+            return Err(Refusal::Forbidden(
+                "this token may order only templates (a whole recipe needs the \"recipe\" scope)".into(),
+            ));
+        }
+        _ => {}
+    }
+    if req.publish && !token.may("publish") {
+        return Err(Refusal::Forbidden(
+            "this token may not publish (needs the \"publish\" scope)".into(),
+        ));
+    }
+    let mut set = Vec::new();
+    for s in &req.set {
+        let Some((key, _)) = s.split_once('=') else {
+            return Err(bad(format!("set {s:?}: give KEY=VALUE")));
+        };
+        if !token.may("recipe") && !allowed_override(app, key.trim()) {
+            return Err(Refusal::Forbidden(format!(
+                "set {key}: this service lets orders change only {}",
+                app.overridable.join(", ")
+            )));
+        }
+        set.push(s.clone());
+    }
+    let mut disk = Vec::new();
+    for f in &req.formats {
+        match f.as_str() {
+            "tar.zst" => set.push("outputs.tarball=true".into()),
+            f if DISK_FORMATS.contains(&f) => disk.push(format!("{f:?}")),
+            f => {
+                return Err(bad(format!(
+                    "format {f:?}: formats are {} and tar.zst",
+                    DISK_FORMATS.join(", ")
+                )));
+            }
+        }
+    }
+    if !disk.is_empty() {
+        set.push(format!("outputs.disk.formats=[{}]", disk.join(", ")));
+    }
+    let spec = BuildSpec {
+        template: req.template.clone(),
+        recipe: req.recipe.clone(),
+        set,
+        skip: if req.publish {
+            Vec::new()
+        } else {
+            vec!["publish".into()]
+        },
+    };
+    let path = recipe_path(app, &spec);
+    if let Some(text) = &spec.recipe {
+        let dir = path.parent().expect("under the data directory");
+        std::fs::create_dir_all(dir)
+            .and_then(|()| atom_dist::fsutil::write_atomic_bytes(&path, 0o600, text.as_bytes()))
+            .map_err(|e| bad(format!("cannot keep the recipe: {e}")))?;
+    } else if !path.is_file() {
+        return Err(bad(format!(
+            "no template {:?} on this service",
+            spec.template.as_deref().unwrap_or_default()
+        )));
+    }
+    let preview = crate::build::preview(&path, &spec.set, &spec.skip, &app.cache)
+        .map_err(|e| bad(format!("the recipe does not build: {}", crate::said_once(&e))))?;
+    if req.publish && preview.loaded.recipe.publish.is_none() {
+        return Err(bad("publish: the recipe has no [publish] section".into()));
+    }
+    Ok(Checked { spec, preview })
+}

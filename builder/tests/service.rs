@@ -1,0 +1,606 @@
+//! `atom-build serve` on 127.0.0.1 with SQLite and with a real PostgreSQL (the same tests
+//! on both): concurrent orders over more than the workers, identical orders sharing one
+//! build, artifacts downloaded whole and by Range and checked against their SHA-256, the
+//! ETA's error on a test queue, token isolation, a service killed mid-build and started
+//! again (the build runs again, or fails with the reason when out of attempts), cancel
+//! stopping a running build, the live log, and bad orders refused. Root (builds chroot).
+
+mod common;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use atom_test_support::postgres::Postgres;
+use common::{BIN, ok};
+use serde_json::{Value, json};
+use sha2::Digest as _;
+
+#[derive(Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A service's world: templates, cache, data directory, database.
+struct World {
+    dir: tempfile::TempDir,
+    database: String,
+    _pg: Option<Postgres>,
+}
+
+impl World {
+    fn new(backend: Backend) -> World {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "the build service's tests run builds: root"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (database, pg) = match backend {
+            Backend::Sqlite => (format!("sqlite:{}", dir.path().join("data/service.db").display()), None),
+            Backend::Postgres => {
+                let pg = Postgres::start();
+                (pg.database("atom_service"), Some(pg))
+            }
+        };
+        let w = World { dir, database, _pg: pg };
+        fs::create_dir_all(w.path("data")).unwrap();
+        fs::create_dir_all(w.path("templates")).unwrap();
+        let base = w.path("base");
+        for d in ["etc", "usr/bin", "var", "run", "tmp"] {
+            fs::create_dir_all(base.join(d)).unwrap();
+        }
+        fs::write(base.join("etc/motd"), "built by the service\n").unwrap();
+        // A hook that takes SLEEP seconds (a file beside it says how many) and leaves its
+        // pid, so a test can make builds slow and see them stopped.
+        let hook = w.path("slow.sh");
+        fs::write(
+            &hook,
+            format!(
+                "#!/bin/sh\necho \"slow hook: $$\"\necho $$ > {d}/hook-$ATOM_VERSION.tmp\nmv {d}/hook-$ATOM_VERSION.tmp {d}/hook-$ATOM_VERSION.pid\nsleep \"$(cat {d}/sleep)\"\n",
+                d = w.path("").display()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
+        w.set_sleep(0);
+        for (name, extra) in [
+            ("quick", String::new()),
+            (
+                "slow",
+                format!("[hooks.clean]\nbefore = [{:?}]\n", hook.display().to_string()),
+            ),
+        ] {
+            fs::write(
+                w.path(&format!("templates/{name}.toml")),
+                format!(
+                    "[os]\nname = \"svc-{name}\"\nversion = \"1.0.0\"\n[base]\ntree = {:?}\n[image]\nsize = \"32M\"\n[outputs]\ntarball = true\n{extra}",
+                    base.display().to_string()
+                ),
+            )
+            .unwrap();
+        }
+        w
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn set_sleep(&self, secs: u32) {
+        fs::write(self.path("sleep"), secs.to_string()).unwrap();
+    }
+
+    fn token(&self, name: &str, extra: &[&str]) -> String {
+        let out = Command::new(BIN)
+            .args(["token", "add", name, "--database", &self.database])
+            .args(extra)
+            .output()
+            .unwrap();
+        ok(out).trim().to_string()
+    }
+
+    fn start(&self, extra: &[&str]) -> Service {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--database", &self.database])
+            .arg("--data")
+            .arg(self.path("data"))
+            .arg("--templates")
+            .arg(self.path("templates"))
+            .arg("--cache")
+            .arg(self.path("cache"))
+            .args(["--lease", "3s"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap());
+        let mut seen = String::new();
+        let url = loop {
+            let mut line = String::new();
+            if lines.read_line(&mut line).unwrap() == 0 {
+                panic!("the service ended before listening: {seen}");
+            }
+            seen.push_str(&line);
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        // The rest of its log goes to a file (a full pipe would stop it).
+        let log = self.path("service.log");
+        std::thread::spawn(move || {
+            let mut f = fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+            let _ = std::io::copy(&mut lines, &mut f);
+        });
+        Service { child, url }
+    }
+}
+
+struct Service {
+    child: Child,
+    url: String,
+}
+
+impl Service {
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Api {
+    http: reqwest::blocking::Client,
+    url: String,
+    token: String,
+}
+
+impl Api {
+    fn new(s: &Service, token: &str) -> Api {
+        Api {
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .unwrap(),
+            url: s.url.clone(),
+            token: token.to_string(),
+        }
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::blocking::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.token)
+    }
+
+    fn order(&self, body: Value) -> (u16, Value) {
+        let r = self
+            .req(reqwest::Method::POST, "/v1/orders")
+            .json(&body)
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(Value::Null))
+    }
+
+    fn ordered(&self, body: Value) -> Value {
+        let (status, v) = self.order(body);
+        assert_eq!(status, 201, "order refused: {v}");
+        v
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.req(reqwest::Method::GET, path).send().unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(Value::Null))
+    }
+
+    fn show(&self, id: &str) -> Value {
+        let (status, v) = self.get(&format!("/v1/orders/{id}"));
+        assert_eq!(status, 200, "{v}");
+        v
+    }
+
+    /// Polls the order until `done` says so (or panics after `limit`).
+    fn wait(&self, id: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let started = Instant::now();
+        loop {
+            let v = self.show(id);
+            if done(&v) {
+                return v;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "order {id} still {} after {limit:?}",
+                v["state"]
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn finished(&self, id: &str) -> Value {
+        self.wait(id, Duration::from_secs(240), |v| {
+            !matches!(v["state"].as_str(), Some("queued") | Some("running"))
+        })
+    }
+}
+
+fn template(name: &str, version: &str) -> Value {
+    json!({ "template": name, "set": [format!("os.version=\"{version}\"")] })
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+fn timestamp(v: &Value) -> i64 {
+    v.as_str().unwrap().parse::<jiff::Timestamp>().unwrap().as_second()
+}
+
+fn orders_are_built_shared_and_downloaded(backend: Backend) {
+    let w = World::new(backend);
+    let alice = w.token("alice", &["--max-queued", "20"]);
+    let bob = w.token("bob", &[]);
+    let s = w.start(&["--workers", "2"]);
+    let a = Api::new(&s, &alice);
+    let b = Api::new(&s, &bob);
+
+    // A first build measures the stages the ETAs are made of.
+    let first = a.ordered(template("quick", "1.0.0"));
+    assert_eq!(a.finished(first["id"].as_str().unwrap())["state"], "succeeded");
+
+    // More orders than workers, each a bit slow; one identical to another.
+    w.set_sleep(2);
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for v in ["1.1.0", "1.2.0", "1.3.0", "1.4.0", "1.5.0"] {
+        ids.push(a.ordered(template("slow", v))["id"].as_str().unwrap().to_string());
+    }
+    let twin = a.ordered(template("slow", "1.2.0"));
+    assert_eq!(twin["shared"], true, "an identical order shares the build: {twin}");
+    let first_of_twin = a.show(&ids[1]);
+    assert_eq!(twin["build"]["id"], first_of_twin["build"]["id"]);
+    let queued = a.show(&ids[4]);
+    assert!(
+        queued["queue_position"].as_u64().is_some_and(|p| p >= 1),
+        "the last order waits in the queue with a position: {queued}"
+    );
+    assert!(queued["eta"]["ready_in_seconds"].as_i64().is_some(), "{queued}");
+
+    // Bob sees none of it and can touch none of it.
+    let (status, list) = b.get("/v1/orders");
+    assert_eq!(status, 200);
+    assert_eq!(list["orders"].as_array().unwrap().len(), 0, "{list}");
+    assert_eq!(b.get(&format!("/v1/orders/{}", ids[0])).0, 404);
+    let r = b
+        .req(reqwest::Method::POST, &format!("/v1/orders/{}/cancel", ids[0]))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = b
+        .req(reqwest::Method::DELETE, &format!("/v1/orders/{}", ids[0]))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    let mut errors = Vec::new();
+    for id in ids.iter().chain([twin["id"].as_str().unwrap().to_string()].iter()) {
+        let v = a.finished(id);
+        assert_eq!(v["state"], "succeeded", "{v}");
+        if v["shared"] == false && !v["predicted_ready"].is_null() {
+            let err = timestamp(&v["build"]["finished"]) - timestamp(&v["predicted_ready"]);
+            errors.push(err);
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let mean_abs = errors.iter().map(|e| e.abs() as f64).sum::<f64>() / errors.len().max(1) as f64;
+    println!(
+        "ETA error on a queue of {} builds over 2 workers ({wall:.0} s in all): mean |error| {mean_abs:.1} s, each {errors:?}",
+        errors.len()
+    );
+    assert!(!errors.is_empty(), "every new build had a predicted time");
+    assert!(
+        mean_abs <= wall.max(10.0),
+        "the ETA is off by more than the whole queue took: {errors:?}"
+    );
+
+    // Artifacts: listed with their digests, downloaded whole and by Range.
+    let v = a.show(&ids[0]);
+    let arts = v["artifacts"].as_array().unwrap();
+    let names: Vec<&str> = arts.iter().map(|x| x["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"svc-slow-1.1.0.img"), "{names:?}");
+    assert!(names.contains(&"svc-slow-1.1.0.tar.zst"), "{names:?}");
+    assert!(names.contains(&"build.lock.toml"), "{names:?}");
+    for x in arts {
+        let bytes = a
+            .req(reqwest::Method::GET, x["url"].as_str().unwrap())
+            .send()
+            .unwrap()
+            .bytes()
+            .unwrap();
+        assert_eq!(bytes.len() as u64, x["size"].as_u64().unwrap());
+        assert_eq!(sha256(&bytes), x["sha256"].as_str().unwrap(), "{}", x["name"]);
+    }
+    let img = arts.iter().find(|x| x["name"] == "svc-slow-1.1.0.img").unwrap();
+    let whole = a
+        .req(reqwest::Method::GET, img["url"].as_str().unwrap())
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    let r = a
+        .req(reqwest::Method::GET, img["url"].as_str().unwrap())
+        .header("Range", "bytes=1024-2047")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(
+        &r.bytes().unwrap()[..],
+        &whole[1024..2048],
+        "the range is those bytes of the image"
+    );
+    // Names the build did not record are not files to it.
+    let (status, _) = a.get(&format!("/v1/orders/{}/artifacts/..%2F..%2Fservice.db", ids[0]));
+    assert_eq!(status, 404);
+
+    // The log of a build, whole.
+    let log = a
+        .req(reqwest::Method::GET, &format!("/v1/orders/{}/log", ids[0]))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        log.contains("=== attempt 1 on worker") && log.contains("=== succeeded"),
+        "{log}"
+    );
+
+    // Deleting one of two orders of a build keeps its files; the last takes them.
+    let build_dir = w.path(&format!("data/builds/{}", twin["build"]["id"].as_str().unwrap()));
+    assert!(build_dir.is_dir());
+    let del = |id: &str| {
+        a.req(reqwest::Method::DELETE, &format!("/v1/orders/{id}"))
+            .send()
+            .unwrap()
+            .status()
+    };
+    assert_eq!(del(twin["id"].as_str().unwrap()), 204);
+    assert!(build_dir.is_dir(), "the other order still has the build");
+    assert_eq!(del(&ids[1]), 204);
+    assert!(!build_dir.exists(), "the last order's delete removed the build's files");
+    assert_eq!(a.get(&format!("/v1/orders/{}", ids[1])).0, 404);
+    // A new identical order builds again (the old build is gone).
+    let again = a.ordered(template("slow", "1.2.0"));
+    assert_eq!(again["shared"], false, "{again}");
+}
+
+fn a_killed_service_loses_no_order(backend: Backend) {
+    let w = World::new(backend);
+    let t = w.token("ops", &[]);
+    w.set_sleep(30);
+    let mut s = w.start(&["--workers", "1"]);
+    let a = Api::new(&s, &t);
+    let first = a.ordered(template("slow", "2.0.0"))["id"].as_str().unwrap().to_string();
+    let second = a.ordered(template("slow", "2.1.0"))["id"].as_str().unwrap().to_string();
+    a.wait(&first, Duration::from_secs(120), |v| v["build"]["stage"] == "clean");
+    // The hook is running (its pid file is written first thing).
+    let pid_file = w.path("hook-2.0.0.pid");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pid_file.exists() {
+        assert!(Instant::now() < deadline, "the slow hook never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let hook_pid: i32 = fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    s.kill();
+    w.set_sleep(1);
+    // The build died with the service (or is killed by the next start).
+    let s = w.start(&["--workers", "1"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Path::new(&format!("/proc/{hook_pid}")).exists() {
+        assert!(Instant::now() < deadline, "the killed service's build kept running");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let a = Api::new(&s, &t);
+    let v = a.finished(&first);
+    assert_eq!(v["state"], "succeeded", "the interrupted build ran again: {v}");
+    assert_eq!(v["build"]["attempts"], 2, "{v}");
+    let log = a
+        .req(reqwest::Method::GET, &format!("/v1/orders/{first}/log"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(log.contains("=== attempt 2 on worker"), "{log}");
+    assert_eq!(a.finished(&second)["state"], "succeeded");
+    drop(s);
+
+    // Out of attempts: failed, with the reason, never left running.
+    w.set_sleep(30);
+    let mut s = w.start(&["--workers", "1", "--max-attempts", "1"]);
+    let a = Api::new(&s, &t);
+    let third = a.ordered(template("slow", "2.2.0"))["id"].as_str().unwrap().to_string();
+    a.wait(&third, Duration::from_secs(120), |v| v["build"]["stage"] == "clean");
+    s.kill();
+    let s = w.start(&["--workers", "1", "--max-attempts", "1"]);
+    let a = Api::new(&s, &t);
+    let v = a.finished(&third);
+    assert_eq!(v["state"], "failed", "{v}");
+    assert!(
+        v["build"]["error"].as_str().unwrap().contains("its worker stopped"),
+        "the reason is given: {v}"
+    );
+}
+
+fn cancel_stops_a_running_build_and_the_log_follows_it(backend: Backend) {
+    let w = World::new(backend);
+    let t = w.token("dev", &[]);
+    w.set_sleep(60);
+    let s = w.start(&["--workers", "1"]);
+    let a = Api::new(&s, &t);
+    let id = a.ordered(template("slow", "3.0.0"))["id"].as_str().unwrap().to_string();
+    // The live log, read while the build runs.
+    let follow = a
+        .req(reqwest::Method::GET, &format!("/v1/orders/{id}/log?follow=1"))
+        .send()
+        .unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let mut follow = follow;
+        follow.read_to_string(&mut text).unwrap();
+        text
+    });
+    let pid_file = w.path("hook-3.0.0.pid");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !pid_file.exists() {
+        assert!(Instant::now() < deadline, "the slow hook never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let hook_pid: i32 = fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let r = a
+        .req(reqwest::Method::POST, &format!("/v1/orders/{id}/cancel"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v = a.show(&id);
+    assert_eq!(v["state"], "cancelled", "{v}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Path::new(&format!("/proc/{hook_pid}")).exists() {
+        assert!(Instant::now() < deadline, "the cancelled build's hook still runs");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = reader.join().unwrap();
+    assert!(
+        text.contains("stage 8/11 clean") && text.contains("hook before:"),
+        "the followed log carried the build's progress: {text}"
+    );
+    assert!(
+        text.contains("=== stopped: the build is cancelled"),
+        "and ended with the build: {text}"
+    );
+    let r = a
+        .req(reqwest::Method::POST, &format!("/v1/orders/{id}/cancel"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 409, "a cancelled order cannot be cancelled again");
+    // The worker is free again.
+    w.set_sleep(0);
+    let next = a.ordered(template("quick", "3.1.0"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(a.finished(&next)["state"], "succeeded");
+}
+
+fn bad_orders_are_refused(backend: Backend) {
+    let w = World::new(backend);
+    let t = w.token("limited", &["--max-queued", "1"]);
+    let trusted = w.token("trusted", &["--scope", "recipe"]);
+    w.set_sleep(60);
+    let s = w.start(&["--workers", "1"]);
+    let a = Api::new(&s, &t);
+    let r = reqwest::blocking::Client::new()
+        .get(format!("{}/v1/orders", s.url))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401, "no token");
+    let forged = Api::new(&s, &format!("{}x", &t[..t.len() - 1]));
+    assert_eq!(forged.get("/v1/orders").0, 401, "a wrong secret");
+    let cases = [
+        (json!({ "template": "quick", "colour": "blue" }), 400, "unknown field"),
+        (json!({ "template": "quick", "recipe": "[os]" }), 400, "not both"),
+        (json!({}), 400, "template"),
+        (json!({ "template": "nope" }), 400, "no template"),
+        (json!({ "template": "../quick" }), 400, "a name is"),
+        (
+            json!({ "template": "quick", "set": ["hooks.clean.before=[\"/bin/sh\"]"] }),
+            403,
+            "change only",
+        ),
+        (
+            json!({ "template": "quick", "set": ["base.tree=\"/\""] }),
+            403,
+            "change only",
+        ),
+        (json!({ "recipe": "[os]\nversion = \"1.0.0\"\n" }), 403, "recipe"),
+        (json!({ "template": "quick", "publish": true }), 403, "publish"),
+        (json!({ "template": "quick", "formats": ["iso"] }), 400, "formats are"),
+        (
+            json!({ "template": "quick", "set": ["os.version=\"x\""] }),
+            400,
+            "the recipe does not build",
+        ),
+    ];
+    for (body, status, needle) in cases {
+        let (got, v) = a.order(body.clone());
+        assert_eq!(got, status, "{body}: {v}");
+        assert!(
+            v["message"].as_str().unwrap_or_default().contains(needle),
+            "{body}: {v}"
+        );
+    }
+    let r = a
+        .req(reqwest::Method::POST, "/v1/orders")
+        .body("{not json")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // A whole recipe from a trusted token: its unknown key is named.
+    let (got, v) = Api::new(&s, &trusted).order(json!({ "recipe": "[os]\nversion = \"1.0.0\"\ncolour = 1\n" }));
+    assert_eq!(got, 400, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("colour"), "{v}");
+    // The limit of open orders.
+    a.ordered(template("slow", "4.0.0"));
+    let (got, v) = a.order(template("slow", "4.1.0"));
+    assert_eq!(got, 429, "{v}");
+}
+
+#[test]
+fn sqlite_orders_are_built_shared_and_downloaded() {
+    orders_are_built_shared_and_downloaded(Backend::Sqlite);
+}
+
+#[test]
+fn postgres_orders_are_built_shared_and_downloaded() {
+    orders_are_built_shared_and_downloaded(Backend::Postgres);
+}
+
+#[test]
+fn sqlite_a_killed_service_loses_no_order() {
+    a_killed_service_loses_no_order(Backend::Sqlite);
+}
+
+#[test]
+fn postgres_a_killed_service_loses_no_order() {
+    a_killed_service_loses_no_order(Backend::Postgres);
+}
+
+#[test]
+fn sqlite_cancel_stops_a_running_build_and_the_log_follows_it() {
+    cancel_stops_a_running_build_and_the_log_follows_it(Backend::Sqlite);
+}
+
+#[test]
+fn postgres_cancel_stops_a_running_build_and_the_log_follows_it() {
+    cancel_stops_a_running_build_and_the_log_follows_it(Backend::Postgres);
+}
+
+#[test]
+fn sqlite_bad_orders_are_refused() {
+    bad_orders_are_refused(Backend::Sqlite);
+}
+
+#[test]
+fn postgres_bad_orders_are_refused() {
+    bad_orders_are_refused(Backend::Postgres);
+}
