@@ -787,6 +787,9 @@ pub struct ServeArgs {
     /// (default: http://LISTEN).
     #[arg(long, value_name = "URL")]
     pub public_url: Option<String>,
+    /// The largest image.size an order of a template-only token may ask for.
+    #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = parse_size)]
+    pub max_image_size: u64,
 }
 
 /// Manage the build service's API tokens (on its database).

@@ -310,9 +310,11 @@ fn orders_are_built_shared_and_downloaded(backend: Backend) {
         errors.len()
     );
     assert!(!errors.is_empty(), "every new build had a predicted time");
+    // Unknown stages are predicted at 30 s each (330 s a build): the measured stages
+    // must do far better than that.
     assert!(
-        mean_abs <= wall.max(10.0),
-        "the ETA is off by more than the whole queue took: {errors:?}"
+        mean_abs <= 60.0,
+        "the ETA is off by {mean_abs:.0} s on average (wall {wall:.0} s): {errors:?}"
     );
 
     // Artifacts: listed with their digests, downloaded whole and by Range.
@@ -350,6 +352,17 @@ fn orders_are_built_shared_and_downloaded(backend: Backend) {
         &whole[1024..2048],
         "the range is those bytes of the image"
     );
+    // Bob cannot read Alice's log or files either.
+    let r = b
+        .req(reqwest::Method::GET, img["url"].as_str().unwrap())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = b
+        .req(reqwest::Method::GET, &format!("/v1/orders/{}/log", ids[0]))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
     // Names the build did not record are not files to it.
     let (status, _) = a.get(&format!("/v1/orders/{}/artifacts/..%2F..%2Fservice.db", ids[0]));
     assert_eq!(status, 404);
@@ -539,6 +552,16 @@ fn bad_orders_are_refused(backend: Backend) {
             json!({ "template": "quick", "set": ["os.version=\"x\""] }),
             400,
             "the recipe does not build",
+        ),
+        (
+            json!({ "template": "quick", "set": ["packages.install=[\"-oDPkg::Pre-Invoke::=touch /tmp/owned\"]"] }),
+            403,
+            "not a package name",
+        ),
+        (
+            json!({ "template": "quick", "set": ["image.size=\"1E\""] }),
+            403,
+            "at most",
         ),
     ];
     for (body, status, needle) in cases {

@@ -138,6 +138,16 @@ async fn create(State(app): State<Arc<App>>, Caller(caller): Caller, body: axum:
             format!("the order is not valid JSON for an order: {e}"),
         )
     })?;
+    // The limit is checked and the order inserted under the token's lock: parallel
+    // orders of one token are counted one after the other (within this instance).
+    let lock = app
+        .order_locks
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(caller.id.clone())
+        .or_default()
+        .clone();
+    let _held = lock.lock().await;
     let open = app.db.queued_orders_of(&caller.id).await?;
     if open >= caller.max_queued {
         return Err(ApiError::new(
@@ -147,6 +157,7 @@ async fn create(State(app): State<Arc<App>>, Caller(caller): Caller, body: axum:
         ));
     }
     let checked = {
+        let _permit = app.checks.acquire().await.map_err(|e| anyhow::anyhow!("{e}"))?;
         let (app, caller, req) = (app.clone(), caller.clone(), req.clone());
         tokio::task::spawn_blocking(move || order::check(&app, &caller, &req))
             .await
@@ -433,7 +444,10 @@ fn follow_log(
                     let next = offset + chunk.len() as u64;
                     return Some((Ok(bytes::Bytes::from(chunk)), (next, ended_at)));
                 }
-                if ended_at.is_none() {
+                if *app.stopping.borrow() {
+                    // The service stops: its connections must end.
+                    ended_at.get_or_insert_with(tokio::time::Instant::now);
+                } else if ended_at.is_none() {
                     let open = match app.db.build(&build_id).await {
                         Ok(Some(b)) => b.state.is_open(),
                         _ => false,
@@ -445,7 +459,7 @@ fn follow_log(
                 // A cancelled build ends in the database before its worker has stopped it
                 // and written the attempt's closing line: wait for that line (a while).
                 if let Some(t) = ended_at
-                    && (attempt_closed(&file).await || t.elapsed() > LOG_CLOSE_WAIT)
+                    && (*app.stopping.borrow() || attempt_closed(&file).await || t.elapsed() > LOG_CLOSE_WAIT)
                 {
                     let chunk = read_from(&file, offset).await;
                     if chunk.is_empty() {

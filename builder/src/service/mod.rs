@@ -44,8 +44,15 @@ pub struct App {
     pub max_attempts: i64,
     pub overridable: Vec<String>,
     pub public_url: String,
+    pub max_image_size: u64,
     /// The program the workers run (`atom-build build`): this one.
     pub builder: PathBuf,
+    /// Set when the service stops (followed logs end then).
+    pub stopping: watch::Receiver<bool>,
+    /// One order at a time per token between its limit check and its insert.
+    pub order_locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Order checks (recipe loads, file hashing) at once.
+    pub checks: tokio::sync::Semaphore,
 }
 
 impl App {
@@ -101,6 +108,9 @@ pub fn run(args: &ServeArgs) -> Result<()> {
 async fn serve(args: &ServeArgs) -> Result<()> {
     std::fs::create_dir_all(args.data.join("builds"))
         .with_context(|| format!("cannot create the data directory {}", args.data.display()))?;
+    // Logs, recipes and artifacts are the orders' owners' business only.
+    std::fs::set_permissions(&args.data, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .with_context(|| format!("cannot restrict {}", args.data.display()))?;
     let url = args.database.clone().unwrap_or_else(|| default_database(&args.data));
     let db = Db::open(&url).await?;
     let instance = instance_id(&args.data)?;
@@ -110,6 +120,7 @@ async fn serve(args: &ServeArgs) -> Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
     let public_url = args.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
     db.instance_seen(&instance, &public_url).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
     let app = Arc::new(App {
         db,
         instance,
@@ -121,10 +132,13 @@ async fn serve(args: &ServeArgs) -> Result<()> {
         max_attempts: i64::from(args.max_attempts.max(1)),
         overridable: args.overridable.clone(),
         public_url,
+        max_image_size: args.max_image_size,
         builder: std::env::current_exe().context("cannot find the atom-build program")?,
+        stopping: stop_rx.clone(),
+        order_locks: Default::default(),
+        checks: tokio::sync::Semaphore::new(4),
     });
     worker::recover(&app).await?;
-    let (stop_tx, stop_rx) = watch::channel(false);
     let workers = worker::start(app.clone(), stop_rx.clone());
     let reaper = tokio::spawn(worker::reaper(app.clone(), stop_rx.clone()));
     // Printed for scripts and tests that start the service on port 0.

@@ -52,6 +52,48 @@ pub fn recipe_path(app: &App, spec: &BuildSpec) -> PathBuf {
     }
 }
 
+/// A Debian package name, optionally with an architecture, a version or a release
+/// (`name[:arch][=version|/release]`): nothing apt could read as an option.
+fn valid_package(name: &str) -> bool {
+    let (base, pin) = match name.find(['=', '/']) {
+        Some(i) => (&name[..i], Some(&name[i + 1..])),
+        None => (name, None),
+    };
+    let (pkg, arch) = match base.split_once(':') {
+        Some((p, a)) => (p, Some(a)),
+        None => (base, None),
+    };
+    let pkg_ok = pkg.len() >= 2
+        && pkg
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && pkg
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b));
+    let arch_ok = arch.is_none_or(|a| !a.is_empty() && a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    let pin_ok =
+        pin.is_none_or(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"+.:~_-".contains(&b)));
+    pkg_ok && arch_ok && pin_ok
+}
+
+/// The names a template-only token's `packages.*` override gives (a TOML array or a
+/// bare word) must be package names: apt reads a word starting with '-' as an option.
+fn check_package_names(key: &str, value: &str) -> Result<(), Refusal> {
+    let names: Vec<String> = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+        Ok(t) => match t.get("v") {
+            Some(toml::Value::Array(a)) => a.iter().map(|v| v.as_str().unwrap_or("").to_string()).collect(),
+            Some(toml::Value::String(one)) => vec![one.clone()],
+            _ => vec![value.to_string()],
+        },
+        Err(_) => vec![value.trim().to_string()],
+    };
+    match names.iter().find(|n| !valid_package(n)) {
+        Some(bad) => Err(Refusal::Forbidden(format!("{key}: {bad:?} is not a package name"))),
+        None => Ok(()),
+    }
+}
+
 fn allowed_override(app: &App, key: &str) -> bool {
     app.overridable
         .iter()
@@ -97,13 +139,31 @@ pub fn check(app: &App, token: &TokenRow, req: &OrderRequest) -> Result<Checked,
                 app.overridable.join(", ")
             )));
         }
+        if !token.may("recipe") && key.trim().starts_with("packages.") {
+            check_package_names(key.trim(), &s[key.len() + 1..])?;
+        }
         set.push(s.clone());
     }
     let mut disk = Vec::new();
+    let format_key = |key: &str| {
+        if token.may("recipe") || allowed_override(app, key) {
+            Ok(())
+        } else {
+            Err(Refusal::Forbidden(format!(
+                "formats: this service does not let orders set {key}"
+            )))
+        }
+    };
     for f in &req.formats {
         match f.as_str() {
-            "tar.zst" => set.push("outputs.tarball=true".into()),
-            f if DISK_FORMATS.contains(&f) => disk.push(format!("{f:?}")),
+            "tar.zst" => {
+                format_key("outputs.tarball")?;
+                set.push("outputs.tarball=true".into());
+            }
+            f if DISK_FORMATS.contains(&f) => {
+                format_key("outputs.disk.formats")?;
+                disk.push(format!("{f:?}"));
+            }
             f => {
                 return Err(bad(format!(
                     "format {f:?}: formats are {} and tar.zst",
@@ -125,13 +185,8 @@ pub fn check(app: &App, token: &TokenRow, req: &OrderRequest) -> Result<Checked,
             vec!["publish".into()]
         },
     };
-    let path = recipe_path(app, &spec);
-    if let Some(text) = &spec.recipe {
-        let dir = path.parent().expect("under the data directory");
-        std::fs::create_dir_all(dir)
-            .and_then(|()| atom_dist::fsutil::write_atomic_bytes(&path, 0o600, text.as_bytes()))
-            .map_err(|e| bad(format!("cannot keep the recipe: {e}")))?;
-    } else if !path.is_file() {
+    let path = keep_recipe(app, &spec).map_err(|e| bad(format!("cannot keep the recipe: {e}")))?;
+    if !path.is_file() {
         return Err(bad(format!(
             "no template {:?} on this service",
             spec.template.as_deref().unwrap_or_default()
@@ -139,8 +194,63 @@ pub fn check(app: &App, token: &TokenRow, req: &OrderRequest) -> Result<Checked,
     }
     let preview = crate::build::preview(&path, &spec.set, &spec.skip, &app.cache)
         .map_err(|e| bad(format!("the recipe does not build: {}", crate::said_once(&e))))?;
+    let r = &preview.loaded.recipe;
+    if !token.may("recipe") {
+        let size =
+            parse_size::parse_size(&r.image.size).map_err(|e| bad(format!("image.size {:?}: {e}", r.image.size)))?;
+        if size > app.max_image_size {
+            return Err(Refusal::Forbidden(format!(
+                "image.size {}: this service builds images of at most {} bytes",
+                r.image.size, app.max_image_size
+            )));
+        }
+    }
     if req.publish && preview.loaded.recipe.publish.is_none() {
         return Err(bad("publish: the recipe has no [publish] section".into()));
     }
     Ok(Checked { spec, preview })
+}
+
+/// Writes an order's own recipe where `recipe_path` says (a worker of another instance
+/// than the one that took the order has no copy yet).
+pub fn keep_recipe(app: &App, spec: &BuildSpec) -> std::io::Result<PathBuf> {
+    let path = recipe_path(app, spec);
+    if let Some(text) = &spec.recipe
+        && !path.is_file()
+    {
+        std::fs::create_dir_all(path.parent().expect("under the data directory"))?;
+        atom_dist::fsutil::write_atomic_bytes(&path, 0o600, text.as_bytes())?;
+    }
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_package;
+
+    #[test]
+    fn package_names_never_look_like_options() {
+        for ok in [
+            "curl",
+            "libc6:amd64",
+            "vim-tiny=2:9.0.1378-2",
+            "g++",
+            "linux-image-amd64/bookworm-backports",
+        ] {
+            assert!(valid_package(ok), "{ok}");
+        }
+        for bad in [
+            "-oDPkg::Pre-Invoke::=sh",
+            "--reinstall",
+            "Curl",
+            "a",
+            "x y",
+            "curl=",
+            "curl:",
+            "pkg;rm",
+            "",
+        ] {
+            assert!(!valid_package(bad), "{bad}");
+        }
+    }
 }

@@ -145,8 +145,9 @@ async fn run_build(app: &App, worker: &str, b: BuildRow, stop: &mut watch::Recei
     let events = dir.join(format!("events-{}.jsonl", b.attempts));
     let _ = fs::remove_file(&events);
     let mut cmd = tokio::process::Command::new(&app.builder);
+    let recipe = order::keep_recipe(app, &spec).context("cannot write the order's recipe")?;
     cmd.arg("build")
-        .arg(order::recipe_path(app, &spec))
+        .arg(recipe)
         .arg("--build-dir")
         .arg(dir.join("build"))
         .arg("--cache")
@@ -174,69 +175,77 @@ async fn run_build(app: &App, worker: &str, b: BuildRow, stop: &mut watch::Recei
         .spawn()
         .with_context(|| format!("cannot start {}", app.builder.display()))?;
     let pid = child.id().context("the build exited at once")?;
-    fs::write(dir.join("pid"), pid.to_string())?;
-    let mut follower = EventFollower::new(events);
-    let tick = (app.lease / 4).clamp(Duration::from_millis(200), Duration::from_secs(1));
-    let ended = loop {
-        tokio::select! {
-            status = child.wait() => break Ended::Exited(status?),
-            _ = tokio::time::sleep(tick) => {
-                follower.forward(app, worker, &b).await;
-                match app.db.heartbeat(&b.id, worker, lease_end(app)).await {
-                    Ok(true) => {}
-                    Ok(false) => break Ended::Taken,
-                    // The queue is unreachable: keep building; if the lease runs out
-                    // meanwhile, the next heartbeat says so.
-                    Err(e) => tracing::warn!(build = %b.id, "cannot renew the lease: {e:#}"),
+    // Whatever fails from here on, no build goes on without its worker.
+    let result: Result<()> = async {
+        fs::write(dir.join("pid"), pid.to_string())?;
+        let mut follower = EventFollower::new(events);
+        let tick = (app.lease / 4).clamp(Duration::from_millis(200), Duration::from_secs(1));
+        let ended = loop {
+            tokio::select! {
+                status = child.wait() => break Ended::Exited(status?),
+                _ = tokio::time::sleep(tick) => {
+                    follower.forward(app, worker, &b).await;
+                    match app.db.heartbeat(&b.id, worker, lease_end(app)).await {
+                        Ok(true) => {}
+                        Ok(false) => break Ended::Taken,
+                        // The queue is unreachable: keep building; if the lease runs out
+                        // meanwhile, the next heartbeat says so.
+                        Err(e) => tracing::warn!(build = %b.id, "cannot renew the lease: {e:#}"),
+                    }
+                    let _ = app.db.worker_seen(worker, &app.instance, Some(&b.id)).await;
                 }
-                let _ = app.db.worker_seen(worker, &app.instance, Some(&b.id)).await;
+                _ = stop.changed() => break Ended::Stopping,
             }
-            _ = stop.changed() => break Ended::Stopping,
+        };
+        if !matches!(ended, Ended::Exited(_)) {
+            stop_child(pid, &mut child).await;
         }
-    };
-    if !matches!(ended, Ended::Exited(_)) {
+        follower.forward(app, worker, &b).await;
+        let _ = fs::remove_file(dir.join("pid"));
+        match ended {
+            Ended::Taken => {
+                let now_state = app.db.build(&b.id).await?.map(|b| b.state);
+                writeln!(
+                    log,
+                    "=== stopped: the build is {} ===",
+                    now_state.map(|s| s.as_str()).unwrap_or("gone")
+                )?;
+                tracing::info!(build = %b.id, "build stopped: no longer this worker's");
+            }
+            Ended::Stopping => {
+                writeln!(
+                    log,
+                    "=== stopped: the service is stopping; the build goes back to the queue ==="
+                )?;
+                app.db
+                    .requeue(&b.id, worker, "the service stopped during the build; queued again")
+                    .await?;
+            }
+            Ended::Exited(status) if status.success() => {
+                let out = dir.join("build").join("out");
+                let artifacts = tokio::task::spawn_blocking(move || list_artifacts(&out)).await??;
+                writeln!(log, "=== succeeded: {} artifacts ===", artifacts.len())?;
+                app.db
+                    .finish(&b.id, worker, BuildState::Succeeded, None, None, &artifacts)
+                    .await?;
+                tracing::info!(build = %b.id, artifacts = artifacts.len(), "build succeeded");
+            }
+            Ended::Exited(status) => {
+                let (error, tail) = failure_of(&log_path, log_start, status);
+                writeln!(log, "=== failed: {error} ===")?;
+                app.db
+                    .finish(&b.id, worker, BuildState::Failed, Some(&error), Some(&tail), &[])
+                    .await?;
+                tracing::warn!(build = %b.id, "build failed: {error}");
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
         stop_child(pid, &mut child).await;
     }
-    follower.forward(app, worker, &b).await;
-    let _ = fs::remove_file(dir.join("pid"));
-    match ended {
-        Ended::Taken => {
-            let now_state = app.db.build(&b.id).await?.map(|b| b.state);
-            writeln!(
-                log,
-                "=== stopped: the build is {} ===",
-                now_state.map(|s| s.as_str()).unwrap_or("gone")
-            )?;
-            tracing::info!(build = %b.id, "build stopped: no longer this worker's");
-        }
-        Ended::Stopping => {
-            writeln!(
-                log,
-                "=== stopped: the service is stopping; the build goes back to the queue ==="
-            )?;
-            app.db
-                .requeue(&b.id, worker, "the service stopped during the build; queued again")
-                .await?;
-        }
-        Ended::Exited(status) if status.success() => {
-            let out = dir.join("build").join("out");
-            let artifacts = tokio::task::spawn_blocking(move || list_artifacts(&out)).await??;
-            writeln!(log, "=== succeeded: {} artifacts ===", artifacts.len())?;
-            app.db
-                .finish(&b.id, worker, BuildState::Succeeded, None, None, &artifacts)
-                .await?;
-            tracing::info!(build = %b.id, artifacts = artifacts.len(), "build succeeded");
-        }
-        Ended::Exited(status) => {
-            let (error, tail) = failure_of(&log_path, log_start, status);
-            writeln!(log, "=== failed: {error} ===")?;
-            app.db
-                .finish(&b.id, worker, BuildState::Failed, Some(&error), Some(&tail), &[])
-                .await?;
-            tracing::warn!(build = %b.id, "build failed: {error}");
-        }
-    }
-    Ok(())
+    result
 }
 
 async fn stop_child(pid: u32, child: &mut tokio::process::Child) {
@@ -279,11 +288,12 @@ fn kill_leftover(dir: &Path) {
 
 /// The error line of a failed build and the last lines of this attempt's log.
 fn failure_of(log: &Path, from: u64, status: ExitStatus) -> (String, String) {
-    let mut text = String::new();
+    let mut bytes = Vec::new();
     if let Ok(mut f) = File::open(log) {
         let _ = f.seek(SeekFrom::Start(from));
-        let _ = f.read_to_string(&mut text);
+        let _ = f.read_to_end(&mut bytes);
     }
+    let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text.lines().collect();
     let error = lines
         .iter()

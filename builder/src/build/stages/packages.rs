@@ -38,12 +38,14 @@ pub fn run(cx: &Context<'_>) -> Result<()> {
         if p.no_recommends {
             args.push("--no-install-recommends");
         }
+        // Names only: a name that looks like an option is a package apt will not find.
+        args.push("--");
         args.extend(p.install.iter().map(String::as_str));
         apt.get(cx, &args)?;
     }
     if !p.remove.is_empty() {
         cx.progress.step(&format!("apt-get purge {}", p.remove.join(" ")));
-        let mut args = vec!["purge", "-y"];
+        let mut args = vec!["purge", "-y", "--"];
         args.extend(p.remove.iter().map(String::as_str));
         apt.get(cx, &args)?;
     }
