@@ -5,7 +5,7 @@
 # VM tests boot real Debian kernels in qemu through the whole update/rollback path.
 #
 # Each phase prints its duration; the last line sums up every phase and the tests passed.
-# About 50-55 minutes on 2 cores from a cold cargo cache. Usage: bash tests/run-all.sh
+# About 30-35 minutes on 2 cores from a cold cargo cache. Usage: bash tests/run-all.sh
 set -euo pipefail
 # shellcheck source=tests/as-root.sh
 source "$(dirname "$0")/as-root.sh"
