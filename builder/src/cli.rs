@@ -790,6 +790,13 @@ pub struct ServeArgs {
     /// The largest image.size an order of a template-only token may ask for.
     #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = parse_size)]
     pub max_image_size: u64,
+    /// Files of a finished build are removed this long after it ended, unless one of its
+    /// orders is pinned (POST /v1/orders/ID/pin).
+    #[arg(long, value_name = "DURATION", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub expire_after: std::time::Duration,
+    /// Workers start no build while the data directory has less free space than this.
+    #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size)]
+    pub min_free: u64,
 }
 
 /// Manage the build service's API tokens (on its database).

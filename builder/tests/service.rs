@@ -3,7 +3,8 @@
 //! build, artifacts downloaded whole and by Range and checked against their SHA-256, the
 //! ETA's error on a test queue, token isolation, a service killed mid-build and started
 //! again (the build runs again, or fails with the reason when out of attempts), cancel
-//! stopping a running build, the live log, and bad orders refused. Root (builds chroot).
+//! stopping a running build, the live log, bad orders refused, files expiring unless
+//! pinned, and no build starting on a full disk. Root (builds chroot).
 
 mod common;
 
@@ -134,8 +135,9 @@ impl World {
         };
         // The rest of its log goes to a file (a full pipe would stop it).
         let log = self.path("service.log");
+        let mut f = fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        std::io::Write::write_all(&mut f, seen.as_bytes()).unwrap();
         std::thread::spawn(move || {
-            let mut f = fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
             let _ = std::io::copy(&mut lines, &mut f);
         });
         Service { child, url }
@@ -586,6 +588,90 @@ fn bad_orders_are_refused(backend: Backend) {
     a.ordered(template("slow", "4.0.0"));
     let (got, v) = a.order(template("slow", "4.1.0"));
     assert_eq!(got, 429, "{v}");
+}
+
+fn files_expire_unless_pinned_and_a_full_disk_holds_the_queue(backend: Backend) {
+    let w = World::new(backend);
+    let t = w.token("keeper", &[]);
+    // No build starts without the free space asked for.
+    let s = w.start(&["--workers", "1", "--min-free", "1E"]);
+    let a = Api::new(&s, &t);
+    let held = a.ordered(template("quick", "5.0.0"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(a.show(&held)["state"], "queued", "no build starts on a full disk");
+    drop(s);
+    // The service's log reaches its file through a thread: a moment's grace.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = fs::read_to_string(w.path("service.log")).unwrap_or_default();
+        if log.contains("too little free space") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the workers did not say why nothing starts: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let s = w.start(&["--workers", "1", "--expire-after", "4s"]);
+    let a = Api::new(&s, &t);
+    let kept = a.ordered(template("quick", "5.1.0"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = a
+        .req(reqwest::Method::POST, &format!("/v1/orders/{kept}/pin"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v = a.finished(&held);
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert!(v["expires_at"].is_string(), "{v}");
+    let url = v["artifacts"][0]["url"].as_str().unwrap().to_string();
+    let build_dir = w.path(&format!("data/builds/{}", v["build"]["id"].as_str().unwrap()));
+    let v = a.finished(&kept);
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert_eq!(v["pinned"], true);
+    assert!(v["expires_at"].is_null(), "{v}");
+
+    let v = a.wait(&held, Duration::from_secs(30), |v| v["state"] == "expired");
+    assert_eq!(v["artifacts"].as_array().unwrap().len(), 0, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while build_dir.exists() {
+        assert!(Instant::now() < deadline, "the expired build's files stay");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(a.req(reqwest::Method::GET, &url).send().unwrap().status(), 404);
+    let r = a
+        .req(reqwest::Method::POST, &format!("/v1/orders/{held}/pin"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 409, "an expired build cannot be pinned");
+    // The pinned one outlives the expiry, until unpinned.
+    std::thread::sleep(Duration::from_secs(3));
+    let v = a.show(&kept);
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert!(!v["artifacts"].as_array().unwrap().is_empty());
+    let r = a
+        .req(reqwest::Method::DELETE, &format!("/v1/orders/{kept}/pin"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    a.wait(&kept, Duration::from_secs(30), |v| v["state"] == "expired");
+}
+
+#[test]
+fn sqlite_files_expire_unless_pinned_and_a_full_disk_holds_the_queue() {
+    files_expire_unless_pinned_and_a_full_disk_holds_the_queue(Backend::Sqlite);
+}
+
+#[test]
+fn postgres_files_expire_unless_pinned_and_a_full_disk_holds_the_queue() {
+    files_expire_unless_pinned_and_a_full_disk_holds_the_queue(Backend::Postgres);
 }
 
 #[test]

@@ -5,6 +5,7 @@
 //!   state, stage, queue position, ETA and artifacts
 //! - `GET /v1/orders/{id}/log`: the build's log; `?follow=1` streams it until the build ends
 //! - `POST /v1/orders/{id}/cancel`; `DELETE /v1/orders/{id}`
+//! - `POST|DELETE /v1/orders/{id}/pin`: keep the build's files past the expiry, or not
 //! - `GET /v1/orders/{id}/artifacts/{name}`: a file the build made (Range requests work)
 //!
 //! An order of another token is answered as one that does not exist.
@@ -113,6 +114,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/orders/{id}", get(show).delete(delete))
         .route("/v1/orders/{id}/cancel", post(cancel))
         .route("/v1/orders/{id}/log", get(log))
+        .route("/v1/orders/{id}/pin", post(pin).delete(unpin))
         .route("/v1/orders/{id}/artifacts/{name}", get(artifact))
         .layer(DefaultBodyLimit::max(MAX_ORDER_BYTES))
         .with_state(app)
@@ -205,6 +207,7 @@ async fn create(State(app): State<Arc<App>>, Caller(caller): Caller, body: axum:
         created: t,
         spec: serde_json::to_string(&req).map_err(anyhow::Error::from)?,
         predicted_ready: None,
+        pinned: false,
     };
     if let Some(b) = &new_build {
         // The ETA at the time of the order is kept, to be compared with what happened.
@@ -242,7 +245,7 @@ async fn order_view(app: &App, order: &OrderRow, shared: bool) -> ApiResult<Valu
     } else {
         None
     };
-    Ok(view(order, &build, estimate, shared))
+    Ok(view(app, order, &build, estimate, shared))
 }
 
 fn time(t: Option<i64>) -> Value {
@@ -251,7 +254,7 @@ fn time(t: Option<i64>) -> Value {
         .unwrap_or(Value::Null)
 }
 
-fn view(order: &OrderRow, b: &BuildRow, estimate: Option<eta::Estimate>, shared: bool) -> Value {
+fn view(app: &App, order: &OrderRow, b: &BuildRow, estimate: Option<eta::Estimate>, shared: bool) -> Value {
     let request: Value = serde_json::from_str(&order.spec).unwrap_or(Value::Null);
     let state = if order.state == "cancelled" {
         "cancelled"
@@ -293,6 +296,13 @@ fn view(order: &OrderRow, b: &BuildRow, estimate: Option<eta::Estimate>, shared:
             "ready_in_seconds": (e.ready_at - now()).max(0),
         })),
         "predicted_ready": time(order.predicted_ready),
+        "pinned": order.pinned,
+        "expires_at": match (b.state, b.finished) {
+            (BuildState::Succeeded | BuildState::Failed | BuildState::Cancelled, Some(f)) if !order.pinned => {
+                time(Some(f + app.expire_after.as_secs() as i64))
+            }
+            _ => Value::Null,
+        },
         "artifacts": artifacts,
     })
 }
@@ -304,7 +314,7 @@ async fn list(State(app): State<Arc<App>>, Caller(caller): Caller) -> ApiResult<
     let mut out = Vec::new();
     for o in &orders {
         if let Some(b) = app.db.build(&o.build_id).await? {
-            out.push(view(o, &b, schedule.get(&b.id).copied(), false));
+            out.push(view(&app, o, &b, schedule.get(&b.id).copied(), false));
         }
     }
     Ok(Json(json!({ "orders": out })))
@@ -338,6 +348,29 @@ async fn cancel(State(app): State<Arc<App>>, Caller(caller): Caller, Path(id): P
     Ok(Json(
         order_view(&app, &app.db.order(&id).await?.ok_or_else(ApiError::not_found)?, false).await?,
     ))
+}
+
+/// Keeps the order's build files past the expiry (until unpinned or deleted).
+async fn pin(State(app): State<Arc<App>>, Caller(caller): Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    set_pin(&app, &caller, &id, true).await
+}
+
+async fn unpin(State(app): State<Arc<App>>, Caller(caller): Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    set_pin(&app, &caller, &id, false).await
+}
+
+async fn set_pin(app: &App, caller: &TokenRow, id: &str, pinned: bool) -> ApiResult<Json<Value>> {
+    let (order, build) = owned(app, caller, id).await?;
+    if matches!(build.state, BuildState::Expired | BuildState::Removed) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "gone",
+            format!("the build's files are gone ({})", build.state.as_str()),
+        ));
+    }
+    app.db.set_pinned(&order.id, pinned).await?;
+    let order = app.db.order(id).await?.ok_or_else(ApiError::not_found)?;
+    Ok(Json(order_view(app, &order, false).await?))
 }
 
 /// A build no active order waits for any more is cancelled.

@@ -9,6 +9,7 @@
 //! - `order`: an order's request checked and turned into a build's spec and digest
 //! - `eta`: stage durations of past builds into queue positions and ready times
 //! - `worker`: the local workers and the child build they run
+//! - `housekeeping`: expiry of finished builds' files, the free-space floor
 //! - `api`: the HTTP API
 //! - `auth`, `tokens`: API tokens and the admin command that makes them
 
@@ -16,6 +17,7 @@ pub mod api;
 pub mod auth;
 pub mod db;
 pub mod eta;
+pub mod housekeeping;
 pub mod model;
 pub mod order;
 pub mod tokens;
@@ -45,6 +47,9 @@ pub struct App {
     pub overridable: Vec<String>,
     pub public_url: String,
     pub max_image_size: u64,
+    pub expire_after: Duration,
+    /// Workers take no build while the data directory has less free space.
+    pub min_free: u64,
     /// The program the workers run (`atom-build build`): this one.
     pub builder: PathBuf,
     /// Set when the service stops (followed logs end then).
@@ -133,6 +138,8 @@ async fn serve(args: &ServeArgs) -> Result<()> {
         overridable: args.overridable.clone(),
         public_url,
         max_image_size: args.max_image_size,
+        expire_after: args.expire_after,
+        min_free: args.min_free,
         builder: std::env::current_exe().context("cannot find the atom-build program")?,
         stopping: stop_rx.clone(),
         order_locks: Default::default(),
@@ -141,6 +148,7 @@ async fn serve(args: &ServeArgs) -> Result<()> {
     worker::recover(&app).await?;
     let workers = worker::start(app.clone(), stop_rx.clone());
     let reaper = tokio::spawn(worker::reaper(app.clone(), stop_rx.clone()));
+    let janitor = tokio::spawn(housekeeping::janitor(app.clone(), stop_rx.clone()));
     // Printed for scripts and tests that start the service on port 0.
     eprintln!(
         "atom-build serve: listening on http://{addr} (instance {}, {} workers)",
@@ -167,6 +175,7 @@ async fn serve(args: &ServeArgs) -> Result<()> {
         let _ = w.await;
     }
     reaper.abort();
+    janitor.abort();
     signals.abort();
     Ok(())
 }

@@ -13,6 +13,8 @@ pub enum BuildState {
     Cancelled,
     /// Finished, and no order refers to it any more: its files are gone.
     Removed,
+    /// Finished longer ago than the service keeps files (and not pinned): files gone.
+    Expired,
 }
 
 impl BuildState {
@@ -24,6 +26,7 @@ impl BuildState {
             BuildState::Failed => "failed",
             BuildState::Cancelled => "cancelled",
             BuildState::Removed => "removed",
+            BuildState::Expired => "expired",
         }
     }
 
@@ -35,6 +38,7 @@ impl BuildState {
             "failed" => BuildState::Failed,
             "cancelled" => BuildState::Cancelled,
             "removed" => BuildState::Removed,
+            "expired" => BuildState::Expired,
             _ => return None,
         })
     }
@@ -110,6 +114,8 @@ pub struct OrderRow {
     pub created: i64,
     pub spec: String,
     pub predicted_ready: Option<i64>,
+    /// Keeps the build's files past the expiry.
+    pub pinned: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

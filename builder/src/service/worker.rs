@@ -83,8 +83,28 @@ pub async fn reaper(app: Arc<App>, mut stop: watch::Receiver<bool>) {
 
 async fn worker_loop(app: Arc<App>, id: String, mut stop: watch::Receiver<bool>) {
     let idle = Duration::from_millis(500);
+    let mut warned_space = false;
     while !*stop.borrow() {
         let _ = app.db.worker_seen(&id, &app.instance, None).await;
+        if let Some(free) = super::housekeeping::free_space(&app.data)
+            && free < app.min_free
+        {
+            if !warned_space {
+                tracing::warn!(
+                    worker = %id,
+                    free,
+                    min_free = app.min_free,
+                    "too little free space in the data directory: no build starts until there is more"
+                );
+                warned_space = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(idle * 4) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        warned_space = false;
         match app.db.claim(&id, &app.instance, lease_end(&app)).await {
             Ok(Some(build)) => {
                 let build_id = build.id.clone();

@@ -37,7 +37,7 @@ pub fn random_id(bytes: usize) -> String {
 const BUILD_COLUMNS: &str = "id, digest, recipe_name, spec, state, stage, stage_index, created, started, finished, \
      worker, lease_until, attempts, error, log_tail, artifacts, instance, predicted_seconds";
 
-const ORDER_COLUMNS: &str = "id, token_id, build_id, state, created, spec, predicted_ready";
+const ORDER_COLUMNS: &str = "id, token_id, build_id, state, created, spec, predicted_ready, pinned";
 
 impl Db {
     /// `sqlite:PATH` (created if missing) or `postgres://…`; brings the schema up to date.
@@ -314,6 +314,54 @@ impl Db {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    pub async fn set_pinned(&self, order_id: &str, pinned: bool) -> Result<()> {
+        sqlx::query("UPDATE orders SET pinned = $1 WHERE id = $2")
+            .bind(i64::from(pinned))
+            .bind(order_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Finished builds of this instance (or builds that never ran anywhere) that ended
+    /// before `before` and that no live order has pinned.
+    pub async fn expiring(&self, instance: &str, before: i64) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT id FROM builds b WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished < $1 \
+             AND (instance = $2 OR instance IS NULL) \
+             AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.build_id = b.id AND o.pinned = 1 AND o.state <> 'deleted')",
+        )
+        .bind(before)
+        .bind(instance)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?)
+    }
+
+    /// Marks a finished build expired (its files are removed next); false if it changed
+    /// meanwhile (pinned, or gone).
+    pub async fn expire(&self, id: &str, before: i64) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE builds SET state = 'expired', artifacts = NULL WHERE id = $1 \
+             AND state IN ('succeeded', 'failed', 'cancelled') AND finished < $2 \
+             AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.build_id = $1 AND o.pinned = 1 AND o.state <> 'deleted')",
+        )
+        .bind(id)
+        .bind(before)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Builds of this instance whose files should be gone (removed or expired).
+    pub async fn gone_here(&self, instance: &str) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT id FROM builds WHERE state IN ('removed', 'expired') AND instance = $1")
+            .bind(instance)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?)
     }
 
     // Workers.
@@ -600,6 +648,7 @@ fn order_from(r: &AnyRow) -> Result<OrderRow> {
         created: r.try_get("created")?,
         spec: r.try_get("spec")?,
         predicted_ready: r.try_get("predicted_ready")?,
+        pinned: r.try_get::<i64, _>("pinned")? != 0,
     })
 }
 

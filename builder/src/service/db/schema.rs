@@ -4,8 +4,10 @@
 
 /// Each step moves the schema one version on; a database records the last it ran. Steps
 /// are only ever appended.
-pub const MIGRATIONS: &[&[&str]] = &[&[
-    "CREATE TABLE tokens (
+pub const MIGRATIONS: &[&[&str]] = &[
+    // 1: the queue.
+    &[
+        "CREATE TABLE tokens (
         id TEXT PRIMARY KEY,
         name TEXT NOT NULL UNIQUE,
         secret_hash TEXT NOT NULL,
@@ -14,7 +16,7 @@ pub const MIGRATIONS: &[&[&str]] = &[&[
         created BIGINT NOT NULL,
         revoked BIGINT NOT NULL DEFAULT 0
     )",
-    "CREATE TABLE builds (
+        "CREATE TABLE builds (
         id TEXT PRIMARY KEY,
         digest TEXT NOT NULL,
         recipe_name TEXT NOT NULL,
@@ -34,9 +36,9 @@ pub const MIGRATIONS: &[&[&str]] = &[&[
         instance TEXT,
         predicted_seconds DOUBLE PRECISION
     )",
-    "CREATE INDEX builds_state ON builds (state, created)",
-    "CREATE INDEX builds_digest ON builds (digest)",
-    "CREATE TABLE orders (
+        "CREATE INDEX builds_state ON builds (state, created)",
+        "CREATE INDEX builds_digest ON builds (digest)",
+        "CREATE TABLE orders (
         id TEXT PRIMARY KEY,
         token_id TEXT NOT NULL,
         build_id TEXT NOT NULL,
@@ -45,9 +47,9 @@ pub const MIGRATIONS: &[&[&str]] = &[&[
         spec TEXT NOT NULL,
         predicted_ready BIGINT
     )",
-    "CREATE INDEX orders_token ON orders (token_id, created)",
-    "CREATE INDEX orders_build ON orders (build_id)",
-    "CREATE TABLE stage_times (
+        "CREATE INDEX orders_token ON orders (token_id, created)",
+        "CREATE INDEX orders_build ON orders (build_id)",
+        "CREATE TABLE stage_times (
         build_id TEXT NOT NULL,
         recipe_name TEXT NOT NULL,
         stage TEXT NOT NULL,
@@ -55,16 +57,19 @@ pub const MIGRATIONS: &[&[&str]] = &[&[
         seconds DOUBLE PRECISION NOT NULL,
         finished BIGINT NOT NULL
     )",
-    "CREATE INDEX stage_times_recipe ON stage_times (recipe_name, stage, finished)",
-    "CREATE TABLE workers (
+        "CREATE INDEX stage_times_recipe ON stage_times (recipe_name, stage, finished)",
+        "CREATE TABLE workers (
         id TEXT PRIMARY KEY,
         instance TEXT NOT NULL,
         seen BIGINT NOT NULL,
         build_id TEXT
     )",
-    "CREATE TABLE instances (
+        "CREATE TABLE instances (
         id TEXT PRIMARY KEY,
         url TEXT NOT NULL,
         seen BIGINT NOT NULL
     )",
-]];
+    ],
+    // 2: pinned orders keep their build's files past the expiry.
+    &["ALTER TABLE orders ADD COLUMN pinned BIGINT NOT NULL DEFAULT 0"],
+];
