@@ -1,7 +1,7 @@
 //! `atom-build token add|list|revoke`: the admin side of API tokens, on the service's
 //! database directly (run it where the service's data or PostgreSQL is reachable).
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use super::auth;
 use super::db::Db;
@@ -11,7 +11,15 @@ use crate::cli::{TokenAction, TokenArgs};
 pub fn run(args: &TokenArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
-        let url = args.database.clone().unwrap_or_else(|| super::default_database(&args.data));
+        let url = match &args.database {
+            Some(url) => url.clone(),
+            None => {
+                // Before the service's first start its data directory may not exist yet.
+                std::fs::create_dir_all(&args.data)
+                    .with_context(|| format!("cannot create the data directory {}", args.data.display()))?;
+                super::default_database(&args.data)
+            }
+        };
         let db = Db::open(&url).await?;
         match &args.action {
             TokenAction::Add { name, scope, max_queued } => {
