@@ -174,13 +174,17 @@ struct Api {
     token: String,
 }
 
+/// A client. In a workspace build reqwest carries rustls without a crypto provider
+/// (another crate installs its own): the tests install ring's.
+fn client() -> reqwest::blocking::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::blocking::Client::builder()
+}
+
 impl Api {
     fn new(s: &Service, token: &str) -> Api {
         Api {
-            http: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(120))
-                .build()
-                .unwrap(),
+            http: client().timeout(Duration::from_secs(120)).build().unwrap(),
             url: s.url.clone(),
             token: token.to_string(),
         }
@@ -530,7 +534,9 @@ fn bad_orders_are_refused(backend: Backend) {
     w.set_sleep(60);
     let s = w.start(&["--workers", "1"]);
     let a = Api::new(&s, &t);
-    let r = reqwest::blocking::Client::new()
+    let r = client()
+        .build()
+        .unwrap()
         .get(format!("{}/v1/orders", s.url))
         .send()
         .unwrap();
