@@ -175,26 +175,14 @@ async fn create(State(app): State<Arc<App>>, Caller(caller): Caller, body: axum:
         Some(b) => (b.id, None),
         None => {
             let means = app.db.stage_means(checked.recipe_name()).await?;
-            let b = BuildRow {
-                id: db::random_id(8),
-                digest: digest.clone(),
-                recipe_name: checked.recipe_name().to_string(),
-                spec: serde_json::to_string(&checked.spec).map_err(anyhow::Error::from)?,
-                state: BuildState::Queued,
-                stage: None,
-                stage_index: 0,
-                created: t,
-                started: None,
-                finished: None,
-                worker: None,
-                lease_until: None,
-                attempts: 0,
-                error: None,
-                log_tail: None,
-                artifacts: Vec::new(),
-                instance: None,
-                predicted_seconds: Some(eta::predict(&checked.preview, &checked.spec.skip, &means)),
-            };
+            let b = BuildRow::queued(
+                db::random_id(8),
+                digest.clone(),
+                checked.recipe_name().to_string(),
+                serde_json::to_string(&checked.spec).map_err(anyhow::Error::from)?,
+                t,
+                eta::predict(&checked.preview, &checked.spec.skip, &means),
+            );
             (b.id.clone(), Some(b))
         }
     };

@@ -96,24 +96,9 @@ mod tests {
 
     fn build(id: &str, state: BuildState, started: Option<i64>, predicted: f64) -> BuildRow {
         BuildRow {
-            id: id.into(),
-            digest: String::new(),
-            recipe_name: "r".into(),
-            spec: String::new(),
             state,
-            stage: None,
-            stage_index: 0,
-            created: 0,
             started,
-            finished: None,
-            worker: None,
-            lease_until: None,
-            attempts: 0,
-            error: None,
-            log_tail: None,
-            artifacts: Vec::new(),
-            instance: None,
-            predicted_seconds: Some(predicted),
+            ..BuildRow::queued(id.into(), String::new(), "r".into(), String::new(), 0, predicted)
         }
     }
 

@@ -147,6 +147,39 @@ pub struct BuildRow {
     pub predicted_seconds: Option<f64>,
 }
 
+impl BuildRow {
+    /// A build just ordered: queued, never run.
+    pub fn queued(
+        id: String,
+        digest: String,
+        recipe_name: String,
+        spec: String,
+        created: i64,
+        predicted: f64,
+    ) -> BuildRow {
+        BuildRow {
+            id,
+            digest,
+            recipe_name,
+            spec,
+            state: BuildState::Queued,
+            stage: None,
+            stage_index: 0,
+            created,
+            started: None,
+            finished: None,
+            worker: None,
+            lease_until: None,
+            attempts: 0,
+            error: None,
+            log_tail: None,
+            artifacts: Vec::new(),
+            instance: None,
+            predicted_seconds: Some(predicted),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct StageMean {
     pub stage: String,

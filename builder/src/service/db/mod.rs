@@ -39,7 +39,22 @@ const BUILD_COLUMNS: &str = "id, digest, recipe_name, spec, state, stage, stage_
 
 const ORDER_COLUMNS: &str = "id, token_id, build_id, state, created, spec, predicted_ready, pinned";
 
+/// The first column of each row, as text (ids).
+fn first_column(rows: &[AnyRow]) -> Result<Vec<String>> {
+    Ok(rows.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?)
+}
+
 impl Db {
+    /// `SELECT COUNT(*) …` with one text parameter.
+    async fn count(&self, sql: &'static str, param: &str) -> Result<i64> {
+        Ok(sqlx::query(sql).bind(param).fetch_one(&self.pool).await?.try_get(0)?)
+    }
+
+    /// `SELECT id …` with one text parameter.
+    async fn ids(&self, sql: &'static str, param: &str) -> Result<Vec<String>> {
+        first_column(&sqlx::query(sql).bind(param).fetch_all(&self.pool).await?)
+    }
+
     /// `sqlite:PATH` (created if missing) or `postgres://…`; brings the schema up to date.
     pub async fn open(url: &str) -> Result<Db> {
         sqlx::any::install_default_drivers();
@@ -179,15 +194,12 @@ impl Db {
     }
 
     pub async fn queued_orders_of(&self, token_id: &str) -> Result<i64> {
-        let n: i64 = sqlx::query(
+        self.count(
             "SELECT COUNT(*) FROM orders o JOIN builds b ON b.id = o.build_id \
              WHERE o.token_id = $1 AND o.state = 'active' AND b.state IN ('queued', 'running')",
+            token_id,
         )
-        .bind(token_id)
-        .fetch_one(&self.pool)
-        .await?
-        .try_get(0)?;
-        Ok(n)
+        .await
     }
 
     /// Inserts the build (unless `reuse`) and the order in one transaction.
@@ -255,22 +267,20 @@ impl Db {
 
     /// Orders still waiting for a build (neither cancelled nor deleted).
     pub async fn active_orders_of_build(&self, build_id: &str) -> Result<i64> {
-        let n: i64 = sqlx::query("SELECT COUNT(*) FROM orders WHERE build_id = $1 AND state = 'active'")
-            .bind(build_id)
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?;
-        Ok(n)
+        self.count(
+            "SELECT COUNT(*) FROM orders WHERE build_id = $1 AND state = 'active'",
+            build_id,
+        )
+        .await
     }
 
     /// Orders that still refer to a build at all (its artifacts must stay).
     pub async fn orders_of_build(&self, build_id: &str) -> Result<i64> {
-        let n: i64 = sqlx::query("SELECT COUNT(*) FROM orders WHERE build_id = $1 AND state <> 'deleted'")
-            .bind(build_id)
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?;
-        Ok(n)
+        self.count(
+            "SELECT COUNT(*) FROM orders WHERE build_id = $1 AND state <> 'deleted'",
+            build_id,
+        )
+        .await
     }
 
     pub async fn build(&self, id: &str) -> Result<Option<BuildRow>> {
@@ -337,7 +347,7 @@ impl Db {
         .bind(instance)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?)
+        first_column(&rows)
     }
 
     /// Marks a finished build expired (its files are removed next); false if it changed
@@ -357,11 +367,11 @@ impl Db {
 
     /// Builds of this instance whose files should be gone (removed or expired).
     pub async fn gone_here(&self, instance: &str) -> Result<Vec<String>> {
-        let rows = sqlx::query("SELECT id FROM builds WHERE state IN ('removed', 'expired') AND instance = $1")
-            .bind(instance)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?)
+        self.ids(
+            "SELECT id FROM builds WHERE state IN ('removed', 'expired') AND instance = $1",
+            instance,
+        )
+        .await
     }
 
     // Workers.
@@ -462,11 +472,11 @@ impl Db {
 
     /// Running builds of an instance (to stop what a crashed run of it left).
     pub async fn running_on(&self, instance: &str) -> Result<Vec<String>> {
-        let rows = sqlx::query("SELECT id FROM builds WHERE state = 'running' AND instance = $1")
-            .bind(instance)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?)
+        self.ids(
+            "SELECT id FROM builds WHERE state = 'running' AND instance = $1",
+            instance,
+        )
+        .await
     }
 
     /// Workers heard from since `since`.
@@ -589,12 +599,7 @@ impl Db {
         .bind(max_attempts)
         .fetch_all(&self.pool)
         .await?;
-        let ids = |rows: Vec<AnyRow>| {
-            rows.iter()
-                .map(|r| r.try_get::<String, _>(0))
-                .collect::<Result<Vec<_>, _>>()
-        };
-        Ok((ids(requeued)?, ids(failed)?))
+        Ok((first_column(&requeued)?, first_column(&failed)?))
     }
 
     /// At start: builds this instance's workers were running when it stopped have no
