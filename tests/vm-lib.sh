@@ -17,6 +17,10 @@ fail() {
   if [[ -n ${console:-} && -e $console ]]; then
     echo "--- last lines of $console ---" >&2
     tail -n 40 "$console" >&2
+    # Printed last, so that a short view of the output's end still shows why a boot died.
+    echo "--- what the boot said of itself (bootsel, initramfs, panics) ---" >&2
+    grep -aE 'bootsel:|run-init|Kernel panic|Attempted to kill|Gave up|ALERT|not syncing|initramfs|Begin:|Failed to|FAILED|ATOM-SAMPLE' "$console" | tail -n 30 >&2 || true
+    printf '\033[31mFAIL: %s\033[0m\n' "$*" >&2
   fi
   exit 1
 }

@@ -47,6 +47,7 @@ pub enum Command {
     Installer(InstallerArgs),
     Serve(ServeArgs),
     Token(TokenArgs),
+    Worker(WorkerArgs),
 }
 
 /// Build an OS image from a recipe, stage by stage, with a stage cache.
@@ -799,6 +800,47 @@ pub struct ServeArgs {
     pub min_free: u64,
 }
 
+/// Build for a build service on another machine (`atom-build serve`): lease its queued
+/// builds, run them here (`atom-build build`), send their logs and progress with every
+/// heartbeat, upload their artifacts.
+///
+/// The token needs the "worker" scope (`atom-build token add NAME --scope worker` on the
+/// service). Templates come from this host's --templates: the same files as the
+/// service's, checked before each build (this host's recipe must come to the build's
+/// digest, or the build fails saying so). Builds that publish stay on the service's own
+/// workers, which hold its signing key. A worker that vanishes stops renewing its lease
+/// and the build runs again elsewhere; on SIGTERM running builds go back to the queue.
+/// Runs as root (builds need chroot and mount namespaces).
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The service's URL (http://HOST:PORT or https://…): one instance, which receives
+    /// this worker's artifacts and serves them.
+    #[arg(long, value_name = "URL")]
+    pub server: String,
+    /// A file holding the worker's token (default: the ATOM_BUILD_TOKEN variable).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// This worker's name in the queue (default: the host name); its job slots are
+    /// NAME-1, NAME-2, …
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Where builds run (each removed once the service has its artifacts).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/atom-build-worker")]
+    pub data: PathBuf,
+    /// The templates orders name: the same as the service's.
+    #[arg(long, value_name = "DIR", default_value = "/etc/atom/templates")]
+    pub templates: PathBuf,
+    /// This worker's stage cache.
+    #[arg(long, value_name = "DIR", default_value = "/var/cache/atom-build")]
+    pub cache: PathBuf,
+    /// Builds at once (default: one per core, at most one per 2 GiB).
+    #[arg(long, value_name = "N")]
+    pub jobs: Option<usize>,
+    /// No build starts while the data directory has less free space than this.
+    #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size)]
+    pub min_free: u64,
+}
+
 /// Manage the build service's API tokens (on its database).
 #[derive(Debug, Args)]
 pub struct TokenArgs {
@@ -819,7 +861,8 @@ pub enum TokenAction {
         /// A name for the token's owner (unique).
         name: String,
         /// Also allow: "recipe" (orders carry whole recipes, whose hooks run on the build
-        /// host) or "publish" (orders publish with the service's key). Repeatable.
+        /// host), "publish" (orders publish with the service's key) or "worker" (a remote
+        /// worker, `atom-build worker`). Repeatable.
         #[arg(long, value_name = "SCOPE")]
         scope: Vec<String>,
         /// Orders of this token queued or building at once.

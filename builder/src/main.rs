@@ -31,6 +31,7 @@ fn main() -> ExitCode {
         Command::Installer(a) => image::source_date_epoch().and_then(|t| installer::run(a, t)).map(drop),
         Command::Serve(a) => atom_build::service::run(a),
         Command::Token(a) => atom_build::service::tokens::run(a),
+        Command::Worker(a) => atom_build::service::remote::run(a),
         Command::Verify(a) => match audit::run_verify(a) {
             Ok(0) => Ok(()),
             Ok(_) => return ExitCode::from(EXIT_PROBLEMS),

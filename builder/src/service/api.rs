@@ -42,7 +42,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub(super) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             code,
@@ -81,7 +81,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(super) type ApiResult<T> = Result<T, ApiError>;
 
 /// The token a request came with.
 pub struct Caller(pub TokenRow);
@@ -116,6 +116,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/orders/{id}/log", get(log))
         .route("/v1/orders/{id}/pin", post(pin).delete(unpin))
         .route("/v1/orders/{id}/artifacts/{name}", get(artifact))
+        .merge(super::worker_api::routes())
         .layer(DefaultBodyLimit::max(MAX_ORDER_BYTES))
         .with_state(app)
 }
@@ -175,7 +176,7 @@ async fn create(State(app): State<Arc<App>>, Caller(caller): Caller, body: axum:
         Some(b) => (b.id, None),
         None => {
             let means = app.db.stage_means(checked.recipe_name()).await?;
-            let b = BuildRow::queued(
+            let mut b = BuildRow::queued(
                 db::random_id(8),
                 digest.clone(),
                 checked.recipe_name().to_string(),
@@ -183,6 +184,7 @@ async fn create(State(app): State<Arc<App>>, Caller(caller): Caller, body: axum:
                 t,
                 eta::predict(&checked.preview, &checked.spec.skip, &means),
             );
+            b.local_only = !checked.spec.skip.iter().any(|s| s == "publish");
             (b.id.clone(), Some(b))
         }
     };

@@ -8,9 +8,12 @@
 //! - `model`: tokens, orders, builds, artifacts
 //! - `order`: an order's request checked and turned into a build's spec and digest
 //! - `eta`: stage durations of past builds into queue positions and ready times
-//! - `worker`: the local workers and the child build they run
+//! - `runner`: one attempt of a build (the child `atom-build build`), local or remote
+//! - `worker`: the local workers, and the reaper of builds whose worker vanished
 //! - `housekeeping`: expiry of finished builds' files, the free-space floor
 //! - `api`: the HTTP API
+//! - `worker_api`: the HTTP API remote workers use; `remote`: `atom-build worker`, the
+//!   remote worker itself
 //! - `auth`, `tokens`: API tokens and the admin command that makes them
 
 pub mod api;
@@ -20,8 +23,11 @@ pub mod eta;
 pub mod housekeeping;
 pub mod model;
 pub mod order;
+pub mod remote;
+pub(crate) mod runner;
 pub mod tokens;
 pub mod worker;
+pub mod worker_api;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -58,12 +64,20 @@ pub struct App {
     pub order_locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Order checks (recipe loads, file hashing) at once.
     pub checks: tokio::sync::Semaphore,
+    /// How much of each remote attempt's log (build, attempt) this instance has written.
+    pub remote_logs: std::sync::Mutex<std::collections::HashMap<(String, i64), u64>>,
 }
 
 impl App {
     /// The directory of a build: its log, events and `atom-build build` directory.
     pub fn build_dir(&self, id: &str) -> PathBuf {
         self.data.join("builds").join(id)
+    }
+
+    /// The largest file a remote worker may upload: a disk of the largest image, in any
+    /// format, with room to spare.
+    pub fn max_artifact_size(&self) -> u64 {
+        self.max_image_size.saturating_mul(4).max(64 << 30)
     }
 }
 
@@ -144,6 +158,7 @@ async fn serve(args: &ServeArgs) -> Result<()> {
         stopping: stop_rx.clone(),
         order_locks: Default::default(),
         checks: tokio::sync::Semaphore::new(4),
+        remote_logs: Default::default(),
     });
     worker::recover(&app).await?;
     let workers = worker::start(app.clone(), stop_rx.clone());

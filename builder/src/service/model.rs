@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::build::progress::StageEvent;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BuildState {
@@ -49,11 +51,12 @@ impl BuildState {
 }
 
 /// Scopes a token can carry beyond ordering builds of the service's templates.
-pub const SCOPES: [&str; 2] = [
+pub const SCOPES: [&str; 3] = [
     // Orders may carry a whole recipe: its hooks run on the build host, so only for
     // trusted callers.
     "recipe", // Orders may publish into the recipe's repository with the service's signing key.
-    "publish",
+    "publish", // A remote worker (`atom-build worker`): leases builds, reports, uploads artifacts.
+    "worker",
 ];
 
 #[derive(Clone, Debug)]
@@ -145,6 +148,8 @@ pub struct BuildRow {
     pub artifacts: Vec<Artifact>,
     pub instance: Option<String>,
     pub predicted_seconds: Option<f64>,
+    /// Only the service's own workers may run it (it publishes with the service's key).
+    pub local_only: bool,
 }
 
 impl BuildRow {
@@ -176,6 +181,7 @@ impl BuildRow {
             artifacts: Vec::new(),
             instance: None,
             predicted_seconds: Some(predicted),
+            local_only: false,
         }
     }
 }
@@ -187,4 +193,67 @@ pub struct StageMean {
     pub seconds: f64,
     pub samples: i64,
     pub own_recipe: bool,
+}
+
+// What remote workers and the service say to each other (`/v1/worker/…`).
+
+/// `POST /v1/worker/lease`: a worker asks for a build.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    /// The worker's name (letters, digits, `.`, `_`, `-`); the queue calls it
+    /// `remote:TOKEN:NAME`.
+    pub worker: String,
+}
+
+/// The answer: a build to run until the lease ends (renewed by heartbeats).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Lease {
+    pub build: String,
+    pub attempt: i64,
+    /// The last stage's key: the worker checks its own recipe comes to the same.
+    pub digest: String,
+    pub recipe_name: String,
+    pub spec: BuildSpec,
+    pub lease_seconds: u64,
+}
+
+/// `POST /v1/worker/builds/ID/heartbeat`: renews the lease, with the stage events and
+/// the log bytes since the last one.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub worker: String,
+    pub attempt: i64,
+    #[serde(default)]
+    pub events: Vec<StageEvent>,
+    /// Where `log` starts in the attempt's log.
+    #[serde(default)]
+    pub log_offset: u64,
+    #[serde(default)]
+    pub log: String,
+}
+
+/// `POST /v1/worker/builds/ID/finish`: how the build ended. Artifacts were uploaded
+/// before; the service checks they are these.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Finish {
+    pub worker: String,
+    /// "succeeded" or "failed".
+    pub state: String,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub log_tail: Option<String>,
+    #[serde(default)]
+    pub artifacts: Vec<Artifact>,
+}
+
+/// `POST /v1/worker/builds/ID/give-back`: the worker stops; the build is queued again.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GiveBack {
+    pub worker: String,
+    pub reason: String,
 }

@@ -10,6 +10,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, AssertSqlSafe, Row};
 
 use super::model::{Artifact, BuildRow, BuildState, OrderRow, StageMean, TokenRow};
+use crate::build::progress::StageEvent;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -35,7 +36,7 @@ pub fn random_id(bytes: usize) -> String {
 }
 
 const BUILD_COLUMNS: &str = "id, digest, recipe_name, spec, state, stage, stage_index, created, started, finished, \
-     worker, lease_until, attempts, error, log_tail, artifacts, instance, predicted_seconds";
+     worker, lease_until, attempts, error, log_tail, artifacts, instance, predicted_seconds, local_only";
 
 const ORDER_COLUMNS: &str = "id, token_id, build_id, state, created, spec, predicted_ready, pinned";
 
@@ -207,8 +208,8 @@ impl Db {
         let mut tx = self.pool.begin().await?;
         if let Some(b) = build {
             sqlx::query(
-                "INSERT INTO builds (id, digest, recipe_name, spec, state, stage_index, created, attempts, predicted_seconds) \
-                 VALUES ($1, $2, $3, $4, 'queued', 0, $5, 0, $6)",
+                "INSERT INTO builds (id, digest, recipe_name, spec, state, stage_index, created, attempts, predicted_seconds, local_only) \
+                 VALUES ($1, $2, $3, $4, 'queued', 0, $5, 0, $6, $7)",
             )
             .bind(&b.id)
             .bind(&b.digest)
@@ -216,6 +217,7 @@ impl Db {
             .bind(&b.spec)
             .bind(b.created)
             .bind(b.predicted_seconds)
+            .bind(i64::from(b.local_only))
             .execute(&mut *tx)
             .await?;
         }
@@ -380,10 +382,12 @@ impl Db {
     /// update re-checks the state: of two workers choosing the same row, one gets it and
     /// the other gets nothing (and asks again).
     pub async fn claim(&self, worker: &str, instance: &str, lease_until: i64) -> Result<Option<BuildRow>> {
+        // A remote worker takes no build that must stay here (one that publishes).
+        let only = if is_remote(worker) { "AND local_only = 0" } else { "" };
         let sql = format!(
             "UPDATE builds SET state = 'running', worker = $1, instance = $2, lease_until = $3, \
              started = $4, attempts = attempts + 1, stage = NULL, stage_index = 0 \
-             WHERE id = (SELECT id FROM builds WHERE state = 'queued' ORDER BY created, id LIMIT 1) \
+             WHERE id = (SELECT id FROM builds WHERE state = 'queued' {only} ORDER BY created, id LIMIT 1) \
              AND state = 'queued' RETURNING {BUILD_COLUMNS}"
         );
         for _ in 0..5 {
@@ -397,7 +401,8 @@ impl Db {
             if let Some(r) = row {
                 return Ok(Some(build_from(&r)?));
             }
-            let queued: i64 = sqlx::query("SELECT COUNT(*) FROM builds WHERE state = 'queued'")
+            let count = format!("SELECT COUNT(*) FROM builds WHERE state = 'queued' {only}");
+            let queued: i64 = sqlx::query(AssertSqlSafe(count.as_str()))
                 .fetch_one(&self.pool)
                 .await?
                 .try_get(0)?;
@@ -473,7 +478,7 @@ impl Db {
     /// Running builds of an instance (to stop what a crashed run of it left).
     pub async fn running_on(&self, instance: &str) -> Result<Vec<String>> {
         self.ids(
-            "SELECT id FROM builds WHERE state = 'running' AND instance = $1",
+            "SELECT id FROM builds WHERE state = 'running' AND instance = $1 AND worker NOT LIKE 'remote:%'",
             instance,
         )
         .await
@@ -521,6 +526,19 @@ impl Db {
         .bind(now())
         .execute(&self.pool)
         .await?;
+        Ok(())
+    }
+
+    /// What a build's child reported (`atom-build build --events`): its current stage,
+    /// and the durations of the stages it finished.
+    pub async fn stage_events(&self, b: &BuildRow, worker: &str, events: &[StageEvent]) -> Result<()> {
+        for e in events {
+            self.progress(&b.id, worker, &e.stage, e.index as i64 + 1).await?;
+            if e.event != "start" {
+                self.record_stage(&b.id, &b.recipe_name, &e.stage, &e.event, e.seconds)
+                    .await?;
+            }
+        }
         Ok(())
     }
 
@@ -605,12 +623,22 @@ impl Db {
     /// At start: builds this instance's workers were running when it stopped have no
     /// worker now; their leases end at once so `reap` settles them.
     pub async fn release_instance(&self, instance: &str) -> Result<u64> {
-        let r = sqlx::query("UPDATE builds SET lease_until = 0 WHERE state = 'running' AND instance = $1")
+        // Remote workers go on building through a restart: their leases stand.
+        let r = sqlx::query(
+            "UPDATE builds SET lease_until = 0 WHERE state = 'running' AND instance = $1 AND worker NOT LIKE 'remote:%'",
+        )
             .bind(instance)
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected())
     }
+}
+
+/// Workers on other machines are named `remote:TOKEN:NAME` in the queue.
+pub const REMOTE_PREFIX: &str = "remote:";
+
+pub fn is_remote(worker: &str) -> bool {
+    worker.starts_with(REMOTE_PREFIX)
 }
 
 /// A database URL without its password, for messages.
@@ -682,5 +710,6 @@ fn build_from(r: &AnyRow) -> Result<BuildRow> {
         },
         instance: r.try_get("instance")?,
         predicted_seconds: r.try_get("predicted_seconds")?,
+        local_only: r.try_get::<i64, _>("local_only")? != 0,
     })
 }

@@ -72,4 +72,24 @@ pub const MIGRATIONS: &[&[&str]] = &[
     ],
     // 2: pinned orders keep their build's files past the expiry.
     &["ALTER TABLE orders ADD COLUMN pinned BIGINT NOT NULL DEFAULT 0"],
+    // 3: remote workers (builds that publish stay on the service's own workers, which
+    // hold its signing key) and notices when an order's build ends.
+    &[
+        "ALTER TABLE builds ADD COLUMN local_only BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE orders ADD COLUMN notified BIGINT NOT NULL DEFAULT 0",
+        "CREATE TABLE notices (
+        id TEXT PRIMARY KEY,
+        order_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        target TEXT NOT NULL,
+        body TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts BIGINT NOT NULL DEFAULT 0,
+        next_try BIGINT NOT NULL,
+        last_error TEXT,
+        created BIGINT NOT NULL,
+        sent BIGINT
+    )",
+        "CREATE INDEX notices_due ON notices (state, next_try)",
+    ],
 ];
