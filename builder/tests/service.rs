@@ -150,6 +150,46 @@ impl World {
     }
 }
 
+impl World {
+    /// `atom-build worker` for the service, with this world's templates and a cache and
+    /// data directory of its own.
+    fn worker(&self, s: &Service, token: &str, name: &str) -> Service {
+        let token_file = self.path(&format!("{name}.token"));
+        fs::write(&token_file, token).unwrap();
+        let log = fs::File::create(self.path(&format!("worker-{name}.log"))).unwrap();
+        let child = Command::new(BIN)
+            .args([
+                "worker",
+                "--server",
+                &s.url,
+                "--name",
+                name,
+                "--jobs",
+                "1",
+                "--min-free",
+                "64M",
+            ])
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--data")
+            .arg(self.path(&format!("worker-{name}")))
+            .arg("--templates")
+            .arg(self.path("templates"))
+            .arg("--cache")
+            .arg(self.path(&format!("cache-{name}")))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Service {
+            child,
+            url: s.url.clone(),
+        }
+    }
+}
+
 struct Service {
     child: Child,
     url: String,
@@ -684,6 +724,116 @@ fn sqlite_files_expire_unless_pinned_and_a_full_disk_holds_the_queue() {
 #[test]
 fn postgres_files_expire_unless_pinned_and_a_full_disk_holds_the_queue() {
     files_expire_unless_pinned_and_a_full_disk_holds_the_queue(Backend::Postgres);
+}
+
+fn a_vanished_remote_worker_loses_its_build(backend: Backend) {
+    let w = World::new(backend);
+    let t = w.token("ops", &[]);
+    let farm = w.token("farm", &["--scope", "worker"]);
+    w.set_sleep(60);
+    // No local workers: every build runs on a remote one.
+    let s = w.start(&["--workers", "0"]);
+    let a = Api::new(&s, &t);
+    let r = a
+        .req(reqwest::Method::POST, "/v1/worker/lease")
+        .json(&json!({ "worker": "intruder" }))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 403, "a token without the worker scope leases nothing");
+    let id = a.ordered(template("slow", "3.0.0"))["id"].as_str().unwrap().to_string();
+
+    let mut first = w.worker(&s, &farm, "first");
+    let pid_file = w.path("hook-3.0.0.pid");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !pid_file.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the remote worker never ran the build's hook"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let running = a.show(&id);
+    assert_eq!(running["build"]["state"], "running", "{running}");
+    // The live log is the worker's, sent with its heartbeats.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = a
+            .req(reqwest::Method::GET, &format!("/v1/orders/{id}/log"))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        if log.contains("=== attempt 1 on worker first-1") && log.contains("hook before:") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the service has not the remote worker's log: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The worker vanishes (its build dies with it).
+    fs::remove_file(&pid_file).unwrap();
+    first.kill();
+    w.set_sleep(0);
+    let _second = w.worker(&s, &farm, "second");
+    let v = a.finished(&id);
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert_eq!(v["build"]["attempts"], 2, "the build ran again elsewhere: {v}");
+    let log = a
+        .req(reqwest::Method::GET, &format!("/v1/orders/{id}/log"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        log.contains("=== attempt 2 on worker second-1") && log.contains("=== succeeded"),
+        "{log}"
+    );
+    // The artifacts the second worker uploaded, byte for byte.
+    let arts = v["artifacts"].as_array().unwrap();
+    let names: Vec<&str> = arts.iter().map(|x| x["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"svc-slow-3.0.0.img"), "{names:?}");
+    assert!(names.contains(&"svc-slow-3.0.0.tar.zst"), "{names:?}");
+    for x in arts {
+        let bytes = a
+            .req(reqwest::Method::GET, x["url"].as_str().unwrap())
+            .send()
+            .unwrap()
+            .bytes()
+            .unwrap();
+        assert_eq!(bytes.len() as u64, x["size"].as_u64().unwrap());
+        assert_eq!(sha256(&bytes), x["sha256"].as_str().unwrap(), "{}", x["name"]);
+    }
+    let img = arts.iter().find(|x| x["name"] == "svc-slow-3.0.0.img").unwrap();
+    let bytes = a
+        .req(reqwest::Method::GET, img["url"].as_str().unwrap())
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    // An ext4 image (the slot's file system): its superblock magic at 1080.
+    assert_eq!(&bytes[1080..1082], &[0x53, 0xef], "the image is an ext4 file system");
+    // The worker cleaned up after itself: its copy went to the service.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<_> = fs::read_dir(w.path("worker-second/builds")).unwrap().collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the worker kept {left:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn sqlite_a_vanished_remote_worker_loses_its_build() {
+    a_vanished_remote_worker_loses_its_build(Backend::Sqlite);
+}
+
+#[test]
+fn postgres_a_vanished_remote_worker_loses_its_build() {
+    a_vanished_remote_worker_loses_its_build(Backend::Postgres);
 }
 
 #[test]

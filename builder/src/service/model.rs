@@ -50,14 +50,12 @@ impl BuildState {
     }
 }
 
-/// Scopes a token can carry beyond ordering builds of the service's templates.
-pub const SCOPES: [&str; 3] = [
-    // Orders may carry a whole recipe: its hooks run on the build host, so only for
-    // trusted callers.
-    "recipe", // Orders may publish into the recipe's repository with the service's signing key.
-    "publish", // A remote worker (`atom-build worker`): leases builds, reports, uploads artifacts.
-    "worker",
-];
+/// Scopes a token can carry beyond ordering builds of the service's templates:
+/// - `recipe`: orders may carry a whole recipe (its hooks run on the build host, so only
+///   for trusted callers)
+/// - `publish`: orders may publish into the recipe's repository with the service's key
+/// - `worker`: a remote worker (`atom-build worker`) leases builds, reports, uploads
+pub const SCOPES: [&str; 3] = ["recipe", "publish", "worker"];
 
 #[derive(Clone, Debug)]
 pub struct TokenRow {
