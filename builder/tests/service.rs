@@ -68,11 +68,22 @@ impl World {
         .unwrap();
         fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
         w.set_sleep(0);
+        let failing = w.path("failing.sh");
+        fs::write(
+            &failing,
+            "#!/bin/sh\nfor i in $(seq 1 40); do echo \"failing hook line $i\"; done\nexit 3\n",
+        )
+        .unwrap();
+        fs::set_permissions(&failing, fs::Permissions::from_mode(0o755)).unwrap();
         for (name, extra) in [
             ("quick", String::new()),
             (
                 "slow",
                 format!("[hooks.clean]\nbefore = [{:?}]\n", hook.display().to_string()),
+            ),
+            (
+                "failing",
+                format!("[hooks.clean]\nbefore = [{:?}]\n", failing.display().to_string()),
             ),
         ] {
             fs::write(
@@ -824,6 +835,136 @@ fn a_vanished_remote_worker_loses_its_build(backend: Backend) {
         assert!(Instant::now() < deadline, "the worker kept {left:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A request the webhook received: its headers (names in lower case) and body.
+type Received = (std::collections::HashMap<String, String>, Vec<u8>);
+
+/// A webhook on 127.0.0.1: records each request (headers, body); answers 500 to the
+/// first (so the service must retry), 200 to the others.
+struct Webhook {
+    url: String,
+    got: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+}
+
+impl Webhook {
+    fn start() -> Webhook {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = got.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut headers = std::collections::HashMap::new();
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = line.trim_end().split_once(':') {
+                        headers.insert(k.to_ascii_lowercase(), v.trim().to_string());
+                    }
+                }
+                let len: usize = headers.get("content-length").map(|l| l.parse().unwrap()).unwrap_or(0);
+                let mut body = vec![0; len];
+                reader.read_exact(&mut body).unwrap();
+                let first = {
+                    let mut g = seen.lock().unwrap();
+                    g.push((headers, body));
+                    g.len() == 1
+                };
+                let status = if first { "500 Internal Server Error" } else { "200 OK" };
+                let _ = std::io::Write::write_all(
+                    &mut conn,
+                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes(),
+                );
+            }
+        });
+        Webhook { url, got }
+    }
+}
+
+fn webhooks_tell_of_each_build_s_end(backend: Backend) {
+    let w = World::new(backend);
+    let t = w.token("ops", &[]);
+    let hook = Webhook::start();
+    let s = w.start(&["--workers", "1"]);
+    let a = Api::new(&s, &t);
+    let secret = "the orderer's own secret";
+    let notify = json!({ "webhook": hook.url, "secret": secret });
+    let (status, v) = a.order(json!({ "template": "quick", "notify": { "webhook": "ftp://x", "secret": secret } }));
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = a.order(json!({ "template": "quick", "notify": { "webhook": hook.url, "secret": "short" } }));
+    assert_eq!(status, 400, "{v}");
+    let good = a.ordered(json!({ "template": "quick", "set": ["os.version=\"4.0.0\""], "notify": notify }));
+    assert_eq!(good["request"]["notify"]["secret"], "(hidden)", "{good}");
+    let bad = a.ordered(json!({ "template": "failing", "set": ["os.version=\"4.0.1\""], "notify": notify }));
+    let (good, bad) = (good["id"].as_str().unwrap(), bad["id"].as_str().unwrap());
+    assert_eq!(a.finished(good)["state"], "succeeded");
+    assert_eq!(a.finished(bad)["state"], "failed");
+
+    // Two notices delivered, one of them after a 500: three requests.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while hook.got.lock().unwrap().len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the webhook got {} requests",
+            hook.got.lock().unwrap().len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let got = hook.got.lock().unwrap().clone();
+    assert_eq!(got.len(), 3, "each notice is delivered once after its 2xx");
+    let mut ids = Vec::new();
+    for (headers, body) in &got {
+        let mut mac = <hmac::Hmac<sha2_11::Sha256> as hmac::KeyInit>::new_from_slice(secret.as_bytes()).unwrap();
+        hmac::Mac::update(&mut mac, body);
+        let want = format!("sha256={}", hex::encode(hmac::Mac::finalize(mac).into_bytes()));
+        assert_eq!(
+            headers.get("x-atom-signature"),
+            Some(&want),
+            "the body is signed with the order's secret"
+        );
+        let v: Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(v["request"]["notify"]["secret"], "(hidden)");
+        ids.push(v["id"].as_str().unwrap().to_string());
+        if v["id"] == good {
+            assert_eq!(v["state"], "succeeded", "{v}");
+            assert!(!v["artifacts"].as_array().unwrap().is_empty(), "{v}");
+        } else {
+            assert_eq!(v["id"], bad);
+            assert_eq!(v["state"], "failed", "{v}");
+            let tail = v["build"]["log_tail"].as_str().unwrap();
+            let lines = tail.lines().count();
+            assert!(
+                (1..=30).contains(&lines),
+                "the failure carries the log's last lines ({lines}): {tail}"
+            );
+            assert!(v["build"]["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+            assert!(
+                tail.contains("failing hook line 40"),
+                "the hook's last line is in the tail: {tail}"
+            );
+            println!("a failure's notice: error {}; log tail:\n{tail}", v["build"]["error"]);
+        }
+    }
+    assert_eq!(ids[0], ids[1], "the notice answered 500 was sent again");
+    assert_ne!(ids[1], ids[2]);
+}
+
+#[test]
+fn sqlite_webhooks_tell_of_each_build_s_end() {
+    webhooks_tell_of_each_build_s_end(Backend::Sqlite);
+}
+
+#[test]
+fn postgres_webhooks_tell_of_each_build_s_end() {
+    webhooks_tell_of_each_build_s_end(Backend::Postgres);
 }
 
 #[test]

@@ -238,6 +238,11 @@ async fn order_view(app: &App, order: &OrderRow, shared: bool) -> ApiResult<Valu
     Ok(view(app, order, &build, estimate, shared))
 }
 
+/// The order as `GET /v1/orders/ID` shows it (what its notice carries).
+pub(super) async fn order_json(app: &App, order: &OrderRow) -> Result<Value, ApiError> {
+    order_view(app, order, false).await
+}
+
 fn time(t: Option<i64>) -> Value {
     t.and_then(|t| jiff::Timestamp::from_second(t).ok())
         .map(|t| Value::String(t.to_string()))
@@ -245,7 +250,11 @@ fn time(t: Option<i64>) -> Value {
 }
 
 fn view(app: &App, order: &OrderRow, b: &BuildRow, estimate: Option<eta::Estimate>, shared: bool) -> Value {
-    let request: Value = serde_json::from_str(&order.spec).unwrap_or(Value::Null);
+    let mut request: Value = serde_json::from_str(&order.spec).unwrap_or(Value::Null);
+    // The webhook's key is the orderer's secret: never shown again.
+    if let Some(secret) = request.pointer_mut("/notify/secret") {
+        *secret = Value::String("(hidden)".into());
+    }
     let state = if order.state == "cancelled" {
         "cancelled"
     } else {

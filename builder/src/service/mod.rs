@@ -11,6 +11,7 @@
 //! - `runner`: one attempt of a build (the child `atom-build build`), local or remote
 //! - `worker`: the local workers, and the reaper of builds whose worker vanished
 //! - `housekeeping`: expiry of finished builds' files, the free-space floor
+//! - `notices`: the webhook of an order whose build ended, signed, retried with backoff
 //! - `api`: the HTTP API
 //! - `worker_api`: the HTTP API remote workers use; `remote`: `atom-build worker`, the
 //!   remote worker itself
@@ -22,6 +23,7 @@ pub mod db;
 pub mod eta;
 pub mod housekeeping;
 pub mod model;
+pub mod notices;
 pub mod order;
 pub mod remote;
 pub(crate) mod runner;
@@ -125,6 +127,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
 }
 
 async fn serve(args: &ServeArgs) -> Result<()> {
+    // reqwest (notices) comes without a TLS crypto provider in this workspace: ring's.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     std::fs::create_dir_all(args.data.join("builds"))
         .with_context(|| format!("cannot create the data directory {}", args.data.display()))?;
     // Logs, recipes and artifacts are the orders' owners' business only.
@@ -164,6 +168,7 @@ async fn serve(args: &ServeArgs) -> Result<()> {
     let workers = worker::start(app.clone(), stop_rx.clone());
     let reaper = tokio::spawn(worker::reaper(app.clone(), stop_rx.clone()));
     let janitor = tokio::spawn(housekeeping::janitor(app.clone(), stop_rx.clone()));
+    let notifier = tokio::spawn(notices::notifier(app.clone(), stop_rx.clone()));
     // Printed for scripts and tests that start the service on port 0.
     eprintln!(
         "atom-build serve: listening on http://{addr} (instance {}, {} workers)",
@@ -191,6 +196,7 @@ async fn serve(args: &ServeArgs) -> Result<()> {
     }
     reaper.abort();
     janitor.abort();
+    notifier.abort();
     signals.abort();
     Ok(())
 }

@@ -93,6 +93,20 @@ pub struct OrderRequest {
     /// Publish into the recipe's repository (tokens with the `publish` scope).
     #[serde(default)]
     pub publish: bool,
+    /// Whom to tell when the build has ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<Notify>,
+}
+
+/// An order's notice when its build ends (succeeded, failed or cancelled).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Notify {
+    /// POSTed the order's JSON (as `GET /v1/orders/ID` shows it), retried with backoff
+    /// until it answers 2xx.
+    pub webhook: String,
+    /// The HMAC-SHA256 key of the `X-Atom-Signature: sha256=HEX` header over the body.
+    pub secret: String,
 }
 
 /// What a build runs: the recipe (a template's name or the text of one) and the
@@ -254,4 +268,18 @@ pub struct Finish {
 pub struct GiveBack {
     pub worker: String,
     pub reason: String,
+}
+
+/// A notice waiting to be sent, or being retried.
+#[derive(Clone, Debug)]
+pub struct NoticeRow {
+    pub id: String,
+    pub order_id: String,
+    /// "webhook".
+    pub kind: String,
+    pub target: String,
+    pub secret: String,
+    /// What is sent: the order's JSON when its build ended.
+    pub body: String,
+    pub attempts: i64,
 }

@@ -128,6 +128,15 @@ pub fn check(app: &App, token: &TokenRow, req: &OrderRequest) -> Result<Checked,
             "this token may not publish (needs the \"publish\" scope)".into(),
         ));
     }
+    if let Some(n) = &req.notify {
+        let url = n.webhook.as_str();
+        if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 2000 {
+            return Err(bad(format!("notify.webhook {url:?}: give an http:// or https:// URL")));
+        }
+        if n.secret.len() < 16 {
+            return Err(bad("notify.secret: give at least 16 characters (the HMAC key)".into()));
+        }
+    }
     let mut set = Vec::new();
     for s in &req.set {
         let Some((key, _)) = s.split_once('=') else {

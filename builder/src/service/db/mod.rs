@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, AssertSqlSafe, Row};
 
-use super::model::{Artifact, BuildRow, BuildState, OrderRow, StageMean, TokenRow};
+use super::model::{Artifact, BuildRow, BuildState, NoticeRow, OrderRow, StageMean, TokenRow};
 use crate::build::progress::StageEvent;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -539,6 +539,110 @@ impl Db {
                     .await?;
             }
         }
+        Ok(())
+    }
+
+    // Notices.
+
+    /// Orders whose build has ended (or that were cancelled) and whose notice is not yet
+    /// queued: (order id, the order's request).
+    pub async fn unnotified(&self) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query(
+            "SELECT o.id, o.spec FROM orders o JOIN builds b ON b.id = o.build_id \
+             WHERE o.notified = 0 AND o.state IN ('active', 'cancelled') \
+             AND (b.state IN ('succeeded', 'failed', 'cancelled') OR o.state = 'cancelled') \
+             ORDER BY o.created LIMIT 100",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
+    }
+
+    /// Marks the order notified and queues its notice, in one transaction (of two
+    /// instances, one does it). False: another instance did.
+    pub async fn queue_notice(&self, order_id: &str, notice: Option<&NoticeRow>) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let r = sqlx::query("UPDATE orders SET notified = 1 WHERE id = $1 AND notified = 0")
+            .bind(order_id)
+            .execute(&mut *tx)
+            .await?;
+        if r.rows_affected() != 1 {
+            return Ok(false);
+        }
+        if let Some(n) = notice {
+            sqlx::query(
+                "INSERT INTO notices (id, order_id, kind, target, secret, body, state, attempts, next_try, created) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 'pending', 0, $7, $7)",
+            )
+            .bind(&n.id)
+            .bind(&n.order_id)
+            .bind(&n.kind)
+            .bind(&n.target)
+            .bind(&n.secret)
+            .bind(&n.body)
+            .bind(now())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn due_notices(&self) -> Result<Vec<NoticeRow>> {
+        let rows = sqlx::query(
+            "SELECT id, order_id, kind, target, secret, body, attempts FROM notices \
+             WHERE state = 'pending' AND next_try <= $1 ORDER BY next_try LIMIT 20",
+        )
+        .bind(now())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(NoticeRow {
+                    id: r.try_get(0)?,
+                    order_id: r.try_get(1)?,
+                    kind: r.try_get(2)?,
+                    target: r.try_get(3)?,
+                    secret: r.try_get(4)?,
+                    body: r.try_get(5)?,
+                    attempts: r.try_get(6)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Takes a due notice for one try (the next try is put off meanwhile, so another
+    /// instance leaves it). False: another instance took it.
+    pub async fn take_notice(&self, n: &NoticeRow, put_off_until: i64) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE notices SET attempts = attempts + 1, next_try = $1 \
+             WHERE id = $2 AND attempts = $3 AND state = 'pending'",
+        )
+        .bind(put_off_until)
+        .bind(&n.id)
+        .bind(n.attempts)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// The end of a try: sent, another try at `retry_at`, or (None) given up.
+    pub async fn notice_tried(&self, id: &str, error: Option<&str>, retry_at: Option<i64>) -> Result<()> {
+        let (state, next) = match (error, retry_at) {
+            (None, _) => ("sent", now()),
+            (Some(_), Some(t)) => ("pending", t),
+            (Some(_), None) => ("failed", now()),
+        };
+        sqlx::query(
+            "UPDATE notices SET state = $1, next_try = $2, last_error = $3, \
+             sent = CASE WHEN $1 = 'sent' THEN $2 ELSE sent END WHERE id = $4",
+        )
+        .bind(state)
+        .bind(next)
+        .bind(error)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

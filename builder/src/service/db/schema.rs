@@ -82,6 +82,7 @@ pub const MIGRATIONS: &[&[&str]] = &[
         order_id TEXT NOT NULL,
         kind TEXT NOT NULL,
         target TEXT NOT NULL,
+        secret TEXT NOT NULL,
         body TEXT NOT NULL,
         state TEXT NOT NULL,
         attempts BIGINT NOT NULL DEFAULT 0,
