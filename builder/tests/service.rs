@@ -116,10 +116,15 @@ impl World {
     }
 
     fn start(&self, extra: &[&str]) -> Service {
+        self.start_at("data", extra)
+    }
+
+    /// An instance with the data directory `data` (several share the world's database).
+    fn start_at(&self, data: &str, extra: &[&str]) -> Service {
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0", "--database", &self.database])
             .arg("--data")
-            .arg(self.path("data"))
+            .arg(self.path(data))
             .arg("--templates")
             .arg(self.path("templates"))
             .arg("--cache")
@@ -151,7 +156,7 @@ impl World {
             }
         };
         // The rest of its log goes to a file (a full pipe would stop it).
-        let log = self.path("service.log");
+        let log = self.path(&format!("service-{data}.log"));
         let mut f = fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         std::io::Write::write_all(&mut f, seen.as_bytes()).unwrap();
         std::thread::spawn(move || {
@@ -837,6 +842,58 @@ fn a_vanished_remote_worker_loses_its_build(backend: Backend) {
     }
 }
 
+fn two_instances_share_one_queue(backend: Backend) {
+    let w = World::new(backend);
+    let t = w.token("ops", &["--max-queued", "20"]);
+    w.set_sleep(2);
+    let one = w.start_at("data-one", &["--workers", "1"]);
+    let two = w.start_at("data-two", &["--workers", "1"]);
+    let (a1, a2) = (Api::new(&one, &t), Api::new(&two, &t));
+    let mut ids = Vec::new();
+    for (n, v) in ["5.0.0", "5.1.0", "5.2.0", "5.3.0"].iter().enumerate() {
+        let api = if n % 2 == 0 { &a1 } else { &a2 };
+        ids.push(api.ordered(template("slow", v))["id"].as_str().unwrap().to_string());
+    }
+    // The same order through the other instance shares the build.
+    let twin = a2.ordered(template("slow", "5.0.0"));
+    assert_eq!(twin["shared"], true, "{twin}");
+    let instance_of = |data: &str| fs::read_to_string(w.path(&format!("{data}/instance-id"))).unwrap();
+    let (i1, i2) = (instance_of("data-one"), instance_of("data-two"));
+    let mut ran_on = std::collections::BTreeSet::new();
+    for id in &ids {
+        // Either instance shows every order of the token.
+        let v = a2.finished(id);
+        assert_eq!(v["state"], "succeeded", "{v}");
+        let build = v["build"]["id"].as_str().unwrap();
+        let here = |data: &str| w.path(&format!("{data}/builds/{build}/build/out")).is_dir();
+        let (holder, other, other_api) = match (here("data-one"), here("data-two")) {
+            (true, false) => (&i1, &two, &a2),
+            (false, true) => (&i2, &one, &a1),
+            found => panic!("build {build}'s files on one instance, not {found:?}"),
+        };
+        ran_on.insert(holder.clone());
+        // The other instance sends a download to the one holding the files.
+        let url = v["artifacts"][0]["url"].as_str().unwrap();
+        let r = client()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap()
+            .get(format!("{}{url}", other.url))
+            .bearer_auth(&t)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 307, "{url} through the instance without the files");
+        let to = r.headers()["location"].to_str().unwrap().to_string();
+        let bytes = other_api.http.get(&to).bearer_auth(&t).send().unwrap().bytes().unwrap();
+        assert_eq!(sha256(&bytes), v["artifacts"][0]["sha256"].as_str().unwrap());
+    }
+    assert_eq!(
+        ran_on.len(),
+        2,
+        "both instances' workers took builds from the one queue"
+    );
+}
+
 /// A request the webhook received: its headers (names in lower case) and body.
 type Received = (std::collections::HashMap<String, String>, Vec<u8>);
 
@@ -955,6 +1012,11 @@ fn webhooks_tell_of_each_build_s_end(backend: Backend) {
     }
     assert_eq!(ids[0], ids[1], "the notice answered 500 was sent again");
     assert_ne!(ids[1], ids[2]);
+}
+
+#[test]
+fn postgres_two_instances_share_one_queue() {
+    two_instances_share_one_queue(Backend::Postgres);
 }
 
 #[test]
