@@ -894,6 +894,56 @@ fn two_instances_share_one_queue(backend: Backend) {
     );
 }
 
+fn an_order_publishes_with_the_service_s_key(backend: Backend) {
+    let w = World::new(backend);
+    ok(Command::new(BIN)
+        .args(["keygen", "--out"])
+        .arg(w.path("signer"))
+        .output()
+        .unwrap());
+    fs::write(
+        w.path("templates/release.toml"),
+        format!(
+            "[os]\nname = \"svc-release\"\nversion = \"1.0.0\"\n[base]\ntree = {:?}\n[image]\nsize = \"32M\"\n\
+             [publish]\nrepo = {:?}\nkey = {:?}\nzstd_level = 3\n",
+            w.path("base").display().to_string(),
+            w.path("repo").display().to_string(),
+            w.path("signer.key").display().to_string()
+        ),
+    )
+    .unwrap();
+    let plain = w.token("plain", &[]);
+    let release = w.token("release", &["--scope", "publish"]);
+    let s = w.start(&["--workers", "1"]);
+    let (p, r) = (Api::new(&s, &plain), Api::new(&s, &release));
+    let (status, v) = p.order(json!({ "template": "release", "publish": true }));
+    assert_eq!(status, 403, "publishing needs the scope: {v}");
+    // Without "publish" the stage is skipped: nothing reaches the repository.
+    let unpublished = p.ordered(json!({ "template": "release" }));
+    assert_eq!(p.finished(unpublished["id"].as_str().unwrap())["state"], "succeeded");
+    assert!(
+        !w.path("repo/builds").exists(),
+        "an order without publish published nothing"
+    );
+    let published = r.ordered(json!({ "template": "release", "publish": true }));
+    assert_eq!(published["shared"], false, "publishing is another build: {published}");
+    let v = r.finished(published["id"].as_str().unwrap());
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert!(
+        w.path("repo/builds/stable/1.0.0/build.lock.toml").is_file(),
+        "the build's lock is in the repository"
+    );
+    // What the service published verifies with the public key.
+    let out = Command::new(BIN)
+        .args(["verify", "--channel", "stable", "--key"])
+        .arg(w.path("signer.pub"))
+        .arg("--repo")
+        .arg(w.path("repo"))
+        .output()
+        .unwrap();
+    ok(out);
+}
+
 /// A request the webhook received: its headers (names in lower case) and body.
 type Received = (std::collections::HashMap<String, String>, Vec<u8>);
 
@@ -1017,6 +1067,16 @@ fn webhooks_tell_of_each_build_s_end(backend: Backend) {
 #[test]
 fn postgres_two_instances_share_one_queue() {
     two_instances_share_one_queue(Backend::Postgres);
+}
+
+#[test]
+fn sqlite_an_order_publishes_with_the_service_s_key() {
+    an_order_publishes_with_the_service_s_key(Backend::Sqlite);
+}
+
+#[test]
+fn postgres_an_order_publishes_with_the_service_s_key() {
+    an_order_publishes_with_the_service_s_key(Backend::Postgres);
 }
 
 #[test]
