@@ -674,7 +674,7 @@ fn files_expire_unless_pinned_and_a_full_disk_holds_the_queue(backend: Backend) 
     // The service's log reaches its file through a thread: a moment's grace.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let log = fs::read_to_string(w.path("service.log")).unwrap_or_default();
+        let log = fs::read_to_string(w.path("service-data.log")).unwrap_or_default();
         if log.contains("too little free space") {
             break;
         }
@@ -1060,8 +1060,9 @@ fn webhooks_tell_of_each_build_s_end(backend: Backend) {
             println!("a failure's notice: error {}; log tail:\n{tail}", v["build"]["error"]);
         }
     }
-    assert_eq!(ids[0], ids[1], "the notice answered 500 was sent again");
-    assert_ne!(ids[1], ids[2]);
+    // The notice answered 500 was sent again (the other one may come between).
+    assert_eq!(ids.iter().filter(|i| **i == ids[0]).count(), 2, "{ids:?}");
+    assert!(ids.iter().any(|i| i == good) && ids.iter().any(|i| i == bad), "{ids:?}");
 }
 
 #[test]

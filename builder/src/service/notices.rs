@@ -54,45 +54,59 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
 
 async fn round(app: &App, http: &reqwest::Client) -> Result<()> {
     for (order_id, spec) in app.db.unnotified().await? {
-        let req: OrderRequest = serde_json::from_str(&spec).unwrap_or_default();
-        let notice = match (&req.notify, app.db.order(&order_id).await?) {
-            (Some(n), Some(order)) => {
-                let body = super::api::order_json(app, &order)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("the JSON of order {order_id}: {e:?}"))?;
-                Some(NoticeRow {
-                    id: db::random_id(8),
-                    order_id: order_id.clone(),
-                    kind: "webhook".into(),
-                    target: n.webhook.clone(),
-                    secret: n.secret.clone(),
-                    body: body.to_string(),
-                    attempts: 0,
-                })
-            }
-            _ => None,
-        };
-        app.db.queue_notice(&order_id, notice.as_ref()).await?;
+        // One order that cannot be notified holds up no other.
+        if let Err(e) = queue_one(app, &order_id, &spec).await {
+            tracing::warn!(order = %order_id, "cannot queue the order's notice: {e:#}");
+        }
     }
     for n in app.db.due_notices().await? {
-        if !app.db.take_notice(&n, now() + 60).await? {
-            continue;
-        }
-        let tries = n.attempts + 1;
-        match send(http, &n).await {
-            Ok(()) => {
-                tracing::info!(order = %n.order_id, target = %n.target, tries, "notice sent");
-                app.db.notice_tried(&n.id, None, None).await?;
-            }
-            Err(e) => {
-                let error = format!("{e:#}");
-                let retry = (tries < MAX_TRIES).then(|| now() + backoff(tries));
-                tracing::warn!(order = %n.order_id, target = %n.target, tries, gave_up = retry.is_none(), "notice not delivered: {error}");
-                app.db.notice_tried(&n.id, Some(&error), retry).await?;
-            }
+        if let Err(e) = try_one(app, http, &n).await {
+            tracing::warn!(order = %n.order_id, "cannot send the order's notice: {e:#}");
         }
     }
     Ok(())
+}
+
+async fn queue_one(app: &App, order_id: &str, spec: &str) -> Result<()> {
+    let req: OrderRequest = serde_json::from_str(spec).unwrap_or_default();
+    let notice = match (&req.notify, app.db.order(order_id).await?) {
+        (Some(n), Some(order)) => {
+            let body = super::api::order_json(app, &order)
+                .await
+                .map_err(|e| anyhow::anyhow!("the JSON of order {order_id}: {e:?}"))?;
+            Some(NoticeRow {
+                id: db::random_id(8),
+                order_id: order_id.to_string(),
+                kind: "webhook".into(),
+                target: n.webhook.clone(),
+                secret: n.secret.clone(),
+                body: body.to_string(),
+                attempts: 0,
+            })
+        }
+        _ => None,
+    };
+    app.db.queue_notice(order_id, notice.as_ref()).await?;
+    Ok(())
+}
+
+async fn try_one(app: &App, http: &reqwest::Client, n: &NoticeRow) -> Result<()> {
+    if !app.db.take_notice(n, now() + 60).await? {
+        return Ok(());
+    }
+    let tries = n.attempts + 1;
+    match send(http, n).await {
+        Ok(()) => {
+            tracing::info!(order = %n.order_id, target = %n.target, tries, "notice sent");
+            app.db.notice_tried(&n.id, None, None).await
+        }
+        Err(e) => {
+            let error = format!("{e:#}");
+            let retry = (tries < MAX_TRIES).then(|| now() + backoff(tries));
+            tracing::warn!(order = %n.order_id, target = %n.target, tries, gave_up = retry.is_none(), "notice not delivered: {error}");
+            app.db.notice_tried(&n.id, Some(&error), retry).await
+        }
+    }
 }
 
 async fn send(http: &reqwest::Client, n: &NoticeRow) -> Result<()> {

@@ -32,7 +32,7 @@ impl Checked {
     }
 }
 
-fn valid_template_name(name: &str) -> bool {
+pub(super) fn valid_template_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())

@@ -20,8 +20,42 @@ use super::worker::renew_every;
 use crate::build::progress::StageEvent;
 use crate::cli::WorkerArgs;
 
-/// Log bytes sent with one heartbeat at most.
-const LOG_CHUNK: u64 = 1 << 20;
+/// Log bytes sent with one heartbeat at most (well under the service's 1 MiB body limit,
+/// JSON escapes included).
+const LOG_CHUNK: u64 = 256 << 10;
+
+/// The log bytes up to where a character may be cut off, as text of the same length in
+/// bytes (an invalid byte becomes `?`), so offsets on both sides stay raw byte counts.
+fn log_text(bytes: &[u8]) -> String {
+    let mut cut = bytes.len();
+    // A character cut by the chunk's end waits for the next heartbeat.
+    for back in 1..=3.min(bytes.len()) {
+        let b = bytes[bytes.len() - back];
+        if b & 0xC0 != 0x80 {
+            let need = match b {
+                0xC0..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                0xF0..=0xF7 => 4,
+                _ => 1,
+            };
+            if need > back {
+                cut = bytes.len() - back;
+            }
+            break;
+        }
+    }
+    let mut text = String::with_capacity(cut);
+    for chunk in bytes[..cut].utf8_chunks() {
+        text.push_str(chunk.valid());
+        text.extend(std::iter::repeat_n('?', chunk.invalid().len()));
+    }
+    text
+}
+
+/// A build id of the service (16 hex digits): safe as a directory name.
+fn valid_build_id(id: &str) -> bool {
+    id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
 
 /// What every job slot of the worker shares.
 struct Worker {
@@ -187,6 +221,9 @@ async fn lease(w: &Worker, slot: &str) -> Result<Option<Lease>> {
 fn recipe_here(w: &Worker, lease: &Lease) -> Result<PathBuf> {
     match (&lease.spec.template, &lease.spec.recipe) {
         (Some(t), _) => {
+            if !super::order::valid_template_name(t) {
+                bail!("the service leased a build of the template {t:?}, which is not a name");
+            }
             let path = w.templates.join(format!("{t}.toml"));
             if !path.is_file() {
                 bail!(
@@ -210,6 +247,12 @@ fn recipe_here(w: &Worker, lease: &Lease) -> Result<PathBuf> {
 }
 
 async fn run_leased(w: &Arc<Worker>, slot: &str, lease: Lease, stop: &mut watch::Receiver<bool>) -> Result<()> {
+    if !valid_build_id(&lease.build) {
+        bail!(
+            "the service leased a build with the id {:?}, which is not one",
+            lease.build
+        );
+    }
     let dir = w.data.join("builds").join(&lease.build);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -265,7 +308,13 @@ async fn run_leased(w: &Arc<Worker>, slot: &str, lease: Lease, stop: &mut watch:
         worker: slot,
         tick,
     };
-    runner::run(&job, &mut holder, stop).await
+    let result = runner::run(&job, &mut holder, stop).await;
+    if let Err(e) = &result {
+        // Said to the service, or the build would wait out its lease and run again here.
+        let msg = format!("worker {slot}: {}", crate::said_once(e));
+        let _ = holder.failed(&msg, "").await;
+    }
+    result
 }
 
 /// A remote worker's lease: held by the service over HTTP.
@@ -297,17 +346,8 @@ impl RemoteHolder<'_> {
     /// One heartbeat with what is new: Ok(false) when the build is not ours any more.
     async fn beat(&mut self) -> Result<bool> {
         let bytes = self.log_from(self.sent).await?;
-        // The log is text; a chunk cut inside a character is sent up to it.
-        let text = match std::str::from_utf8(&bytes) {
-            Ok(t) => t.to_string(),
-            Err(e) if e.error_len().is_none() => String::from_utf8_lossy(&bytes[..e.valid_up_to()]).into_owned(),
-            Err(_) => String::from_utf8_lossy(&bytes).into_owned(),
-        };
-        let consumed = if text.len() <= bytes.len() && bytes.starts_with(text.as_bytes()) {
-            text.len() as u64
-        } else {
-            bytes.len() as u64
-        };
+        let text = log_text(&bytes);
+        let consumed = text.len() as u64;
         let hb = Heartbeat {
             worker: self.slot.to_string(),
             attempt: self.attempt,
@@ -325,9 +365,13 @@ impl RemoteHolder<'_> {
                 self.sent += consumed;
                 Ok(true)
             }
-            StatusCode::CONFLICT | StatusCode::NOT_FOUND => {
+            // Refused for good (taken, revoked, too large…): the build is not ours to go on with.
+            s if s.is_client_error() && s != StatusCode::REQUEST_TIMEOUT && s != StatusCode::TOO_MANY_REQUESTS => {
                 let v: serde_json::Value = r.json().await.unwrap_or_default();
-                self.last_state = v["message"].as_str().unwrap_or("gone").to_string();
+                self.last_state = format!(
+                    "refused by the service ({s}): {}",
+                    v["message"].as_str().unwrap_or("gone")
+                );
                 Ok(false)
             }
             s => bail!("the service answered {s}: {}", r.text().await.unwrap_or_default()),
@@ -398,9 +442,10 @@ impl RemoteHolder<'_> {
 
     async fn try_upload(&self, out: &Path, a: &Artifact) -> Result<()> {
         let path = out.join(&a.name);
+        let name = percent_encoding::utf8_percent_encode(&a.name, percent_encoding::NON_ALPHANUMERIC);
         let url = self
             .w
-            .url(&format!("/v1/worker/builds/{}/artifacts/{}", self.build, a.name));
+            .url(&format!("/v1/worker/builds/{}/artifacts/{name}", self.build));
         let mut wait = Duration::from_secs(1);
         let mut n = 0;
         loop {
@@ -414,6 +459,7 @@ impl RemoteHolder<'_> {
                 .put(&url)
                 .bearer_auth(&self.w.token)
                 .header("x-atom-worker", self.slot)
+                .header("x-atom-attempt", self.attempt.to_string())
                 .header("x-atom-sha256", &a.sha256)
                 .header(reqwest::header::CONTENT_LENGTH, a.size)
                 .body(reqwest::Body::from(file))
@@ -492,5 +538,25 @@ impl Holder for RemoteHolder<'_> {
 
     async fn state_now(&mut self) -> String {
         self.last_state.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_text;
+
+    #[test]
+    fn log_text_keeps_byte_offsets() {
+        assert_eq!(log_text(b"plain\n"), "plain\n");
+        // An invalid byte is one '?'; the text is as long as the bytes it stands for.
+        assert_eq!(log_text(b"a\xffb"), "a?b");
+        // A character cut at the end waits; a whole one at the end goes.
+        let e_acute = "\u{e9}".as_bytes();
+        assert_eq!(log_text(&[b'x', e_acute[0]]), "x");
+        assert_eq!(log_text(&[b'x', e_acute[0], e_acute[1]]), "x\u{e9}");
+        let euro = "\u{20ac}".as_bytes();
+        assert_eq!(log_text(&euro[..2]), "");
+        assert_eq!(log_text(euro), "\u{20ac}");
+        assert_eq!(log_text(b""), "");
     }
 }

@@ -80,6 +80,19 @@ async fn held(app: &App, id: &str, worker: &str) -> ApiResult<BuildRow> {
     Ok(build)
 }
 
+/// The build, if `worker` holds it now in attempt `attempt`.
+async fn held_attempt(app: &App, id: &str, worker: &str, attempt: i64) -> ApiResult<BuildRow> {
+    let build = held(app, id, worker).await?;
+    if build.attempts != attempt {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_yours",
+            format!("attempt {} of the build is running, not {attempt}", build.attempts),
+        ));
+    }
+    Ok(build)
+}
+
 fn lease_end(app: &App) -> i64 {
     now() + app.lease.as_secs().max(1) as i64
 }
@@ -121,14 +134,7 @@ async fn heartbeat(
     Json(hb): Json<Heartbeat>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let worker = worker_id(&caller, &hb.worker)?;
-    let build = held(&app, &id, &worker).await?;
-    if hb.attempt != build.attempts {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "not_yours",
-            format!("attempt {} of the build is running, not {}", build.attempts, hb.attempt),
-        ));
-    }
+    let build = held_attempt(&app, &id, &worker, hb.attempt).await?;
     app.db.stage_events(&build, &worker, &hb.events).await?;
     append_log(&app, &build, hb.log_offset, hb.log.as_bytes()).await?;
     app.db.worker_seen(&worker, &app.instance, Some(&id)).await?;
@@ -153,7 +159,12 @@ async fn append_log(app: &App, build: &BuildRow, offset: u64, bytes: &[u8]) -> A
         .unwrap_or_else(|e| e.into_inner())
         .get(&key)
         .copied();
-    let end = offset + bytes.len() as u64;
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    let end = offset
+        .checked_add(bytes.len() as u64)
+        .ok_or_else(|| bad("log_offset is out of range"))?;
     let mut out = Vec::new();
     match received {
         Some(r) if end <= r => return Ok(()),
@@ -204,7 +215,10 @@ async fn upload(
 ) -> ApiResult<StatusCode> {
     let worker = worker_id(&caller, header(req.headers(), "x-atom-worker")?)?;
     let want = header(req.headers(), "x-atom-sha256")?.to_ascii_lowercase();
-    held(&app, &id, &worker).await?;
+    let attempt: i64 = header(req.headers(), "x-atom-attempt")?
+        .parse()
+        .map_err(|_| bad("X-Atom-Attempt is not a number"))?;
+    held_attempt(&app, &id, &worker, attempt).await?;
     if !valid_artifact_name(&name) {
         return Err(bad(format!("{name:?} is not an artifact's file name")));
     }
@@ -212,7 +226,7 @@ async fn upload(
     tokio::fs::create_dir_all(&out)
         .await
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
-    let part = out.join(format!(".{name}.upload"));
+    let part = out.join(format!(".{name}.{attempt}.upload"));
     let mut file = tokio::fs::File::create(&part)
         .await
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", part.display()))?;
@@ -247,6 +261,9 @@ async fn upload(
                 format!("{name}: received {size} bytes with SHA-256 {got}, the worker said {want}"),
             ));
         }
+        // A worker whose lease ran out while it uploaded does not replace what the
+        // build's next attempt made.
+        held_attempt(&app, &id, &worker, attempt).await?;
         tokio::fs::rename(&part, out.join(&name))
             .await
             .map_err(|e| anyhow::anyhow!("cannot rename {}: {e}", part.display()))?;
