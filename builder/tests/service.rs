@@ -280,6 +280,23 @@ impl Api {
         v
     }
 
+    /// Downloads every artifact listed and checks its size and SHA-256; the bytes by name.
+    fn download_all_verified(&self, arts: &[Value]) -> std::collections::HashMap<String, bytes::Bytes> {
+        let mut files = std::collections::HashMap::new();
+        for x in arts {
+            let bytes = self
+                .req(reqwest::Method::GET, x["url"].as_str().unwrap())
+                .send()
+                .unwrap()
+                .bytes()
+                .unwrap();
+            assert_eq!(bytes.len() as u64, x["size"].as_u64().unwrap());
+            assert_eq!(sha256(&bytes), x["sha256"].as_str().unwrap(), "{}", x["name"]);
+            files.insert(x["name"].as_str().unwrap().to_string(), bytes);
+        }
+        files
+    }
+
     /// Polls the order until `done` says so (or panics after `limit`).
     fn wait(&self, id: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
         let started = Instant::now();
@@ -392,23 +409,9 @@ fn orders_are_built_shared_and_downloaded(backend: Backend) {
     assert!(names.contains(&"svc-slow-1.1.0.img"), "{names:?}");
     assert!(names.contains(&"svc-slow-1.1.0.tar.zst"), "{names:?}");
     assert!(names.contains(&"build.lock.toml"), "{names:?}");
-    for x in arts {
-        let bytes = a
-            .req(reqwest::Method::GET, x["url"].as_str().unwrap())
-            .send()
-            .unwrap()
-            .bytes()
-            .unwrap();
-        assert_eq!(bytes.len() as u64, x["size"].as_u64().unwrap());
-        assert_eq!(sha256(&bytes), x["sha256"].as_str().unwrap(), "{}", x["name"]);
-    }
+    let files = a.download_all_verified(arts);
     let img = arts.iter().find(|x| x["name"] == "svc-slow-1.1.0.img").unwrap();
-    let whole = a
-        .req(reqwest::Method::GET, img["url"].as_str().unwrap())
-        .send()
-        .unwrap()
-        .bytes()
-        .unwrap();
+    let whole = &files["svc-slow-1.1.0.img"];
     let r = a
         .req(reqwest::Method::GET, img["url"].as_str().unwrap())
         .header("Range", "bytes=1024-2047")
@@ -811,23 +814,8 @@ fn a_vanished_remote_worker_loses_its_build(backend: Backend) {
     let names: Vec<&str> = arts.iter().map(|x| x["name"].as_str().unwrap()).collect();
     assert!(names.contains(&"svc-slow-3.0.0.img"), "{names:?}");
     assert!(names.contains(&"svc-slow-3.0.0.tar.zst"), "{names:?}");
-    for x in arts {
-        let bytes = a
-            .req(reqwest::Method::GET, x["url"].as_str().unwrap())
-            .send()
-            .unwrap()
-            .bytes()
-            .unwrap();
-        assert_eq!(bytes.len() as u64, x["size"].as_u64().unwrap());
-        assert_eq!(sha256(&bytes), x["sha256"].as_str().unwrap(), "{}", x["name"]);
-    }
-    let img = arts.iter().find(|x| x["name"] == "svc-slow-3.0.0.img").unwrap();
-    let bytes = a
-        .req(reqwest::Method::GET, img["url"].as_str().unwrap())
-        .send()
-        .unwrap()
-        .bytes()
-        .unwrap();
+    let files = a.download_all_verified(arts);
+    let bytes = &files["svc-slow-3.0.0.img"];
     // An ext4 image (the slot's file system): its superblock magic at 1080.
     assert_eq!(&bytes[1080..1082], &[0x53, 0xef], "the image is an ext4 file system");
     // The worker cleaned up after itself: its copy went to the service.

@@ -118,22 +118,33 @@ fn instance_id(data: &Path) -> Result<String> {
     }
 }
 
-pub fn run(args: &ServeArgs) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+/// Runs the service's or a remote worker's main future on a runtime of its own.
+fn block_on<F: std::future::Future<Output = Result<()>>>(main: F) -> Result<()> {
+    // reqwest (notices, remote workers) comes without a TLS crypto provider in this
+    // workspace: ring's.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
-    rt.block_on(serve(args))
+        .context("cannot start the async runtime")?
+        .block_on(main)
+}
+
+/// Creates the data directory with its builds/, readable by root only: logs, recipes
+/// and artifacts are the orders' owners' business only.
+fn private_data_dir(data: &Path) -> Result<()> {
+    std::fs::create_dir_all(data.join("builds"))
+        .with_context(|| format!("cannot create the data directory {}", data.display()))?;
+    std::fs::set_permissions(data, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .with_context(|| format!("cannot restrict {}", data.display()))
+}
+
+pub fn run(args: &ServeArgs) -> Result<()> {
+    block_on(serve(args))
 }
 
 async fn serve(args: &ServeArgs) -> Result<()> {
-    // reqwest (notices) comes without a TLS crypto provider in this workspace: ring's.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    std::fs::create_dir_all(args.data.join("builds"))
-        .with_context(|| format!("cannot create the data directory {}", args.data.display()))?;
-    // Logs, recipes and artifacts are the orders' owners' business only.
-    std::fs::set_permissions(&args.data, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .with_context(|| format!("cannot restrict {}", args.data.display()))?;
+    private_data_dir(&args.data)?;
     let url = args.database.clone().unwrap_or_else(|| default_database(&args.data));
     let db = Db::open(&url).await?;
     let instance = instance_id(&args.data)?;

@@ -4,7 +4,7 @@
 //! files or hooks of the build host; whole recipes (whose hooks run on the host) and
 //! publishing need scopes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::App;
 use super::model::{BuildSpec, OrderRequest, TokenRow};
@@ -39,16 +39,15 @@ pub(super) fn valid_template_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
-/// Where a build's recipe is: a template of the service, or the text an order sent,
-/// kept under its own digest.
-pub fn recipe_path(app: &App, spec: &BuildSpec) -> PathBuf {
+/// Where a build's recipe is: a template in `templates`, or the text an order sent,
+/// kept under its own digest in `data`/recipes.
+pub fn recipe_path(templates: &Path, data: &Path, spec: &BuildSpec) -> PathBuf {
     match (&spec.template, &spec.recipe) {
-        (Some(t), _) => app.templates.join(format!("{t}.toml")),
-        (None, Some(text)) => app
-            .data
+        (Some(t), _) => templates.join(format!("{t}.toml")),
+        (None, Some(text)) => data
             .join("recipes")
             .join(format!("{}.toml", blake3::hash(text.as_bytes()).to_hex())),
-        (None, None) => app.data.join("recipes").join("missing.toml"),
+        (None, None) => data.join("recipes").join("missing.toml"),
     }
 }
 
@@ -194,7 +193,8 @@ pub fn check(app: &App, token: &TokenRow, req: &OrderRequest) -> Result<Checked,
             vec!["publish".into()]
         },
     };
-    let path = keep_recipe(app, &spec).map_err(|e| bad(format!("cannot keep the recipe: {e}")))?;
+    let path =
+        keep_recipe(&app.templates, &app.data, &spec).map_err(|e| bad(format!("cannot keep the recipe: {e}")))?;
     if !path.is_file() {
         return Err(bad(format!(
             "no template {:?} on this service",
@@ -221,9 +221,9 @@ pub fn check(app: &App, token: &TokenRow, req: &OrderRequest) -> Result<Checked,
 }
 
 /// Writes an order's own recipe where `recipe_path` says (a worker of another instance
-/// than the one that took the order has no copy yet).
-pub fn keep_recipe(app: &App, spec: &BuildSpec) -> std::io::Result<PathBuf> {
-    let path = recipe_path(app, spec);
+/// than the one that took the order, or a remote worker, has no copy yet).
+pub fn keep_recipe(templates: &Path, data: &Path, spec: &BuildSpec) -> std::io::Result<PathBuf> {
+    let path = recipe_path(templates, data, spec);
     if let Some(text) = &spec.recipe
         && !path.is_file()
     {

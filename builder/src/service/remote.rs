@@ -114,25 +114,16 @@ fn default_name() -> String {
 }
 
 pub fn run(args: &WorkerArgs) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    rt.block_on(work(args))
+    super::block_on(work(args))
 }
 
 async fn work(args: &WorkerArgs) -> Result<()> {
-    // reqwest comes without a TLS crypto provider in this workspace: ring's.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let token = read_token(args)?;
     let server = args.server.trim_end_matches('/').to_string();
     if !(server.starts_with("http://") || server.starts_with("https://")) {
         bail!("--server {server:?}: give the service's URL (http://HOST:PORT or https://…)");
     }
-    std::fs::create_dir_all(args.data.join("builds"))
-        .with_context(|| format!("cannot create the data directory {}", args.data.display()))?;
-    std::fs::set_permissions(&args.data, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .with_context(|| format!("cannot restrict {}", args.data.display()))?;
+    super::private_data_dir(&args.data)?;
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .read_timeout(Duration::from_secs(120))
@@ -233,15 +224,7 @@ fn recipe_here(w: &Worker, lease: &Lease) -> Result<PathBuf> {
             }
             Ok(path)
         }
-        (None, Some(text)) => {
-            let path = w
-                .data
-                .join("recipes")
-                .join(format!("{}.toml", blake3::hash(text.as_bytes()).to_hex()));
-            std::fs::create_dir_all(path.parent().expect("under the data directory"))?;
-            atom_dist::fsutil::write_atomic_bytes(&path, 0o600, text.as_bytes())?;
-            Ok(path)
-        }
+        (None, Some(_)) => Ok(super::order::keep_recipe(&w.templates, &w.data, &lease.spec)?),
         (None, None) => bail!("the lease names no recipe"),
     }
 }

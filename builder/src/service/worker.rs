@@ -124,7 +124,8 @@ async fn worker_loop(app: Arc<App>, id: String, mut stop: watch::Receiver<bool>)
     }
 }
 
-fn lease_end(app: &App) -> i64 {
+/// When a lease taken or renewed now ends.
+pub(super) fn lease_end(app: &App) -> i64 {
     now() + app.lease.as_secs().max(1) as i64
 }
 
@@ -202,7 +203,7 @@ impl Holder for LocalHolder<'_> {
 
 async fn run_build(app: &App, worker: &str, b: BuildRow, stop: &mut watch::Receiver<bool>) -> Result<()> {
     let spec: BuildSpec = serde_json::from_str(&b.spec).context("the build's spec in the database")?;
-    let recipe = order::keep_recipe(app, &spec).context("cannot write the order's recipe")?;
+    let recipe = order::keep_recipe(&app.templates, &app.data, &spec).context("cannot write the order's recipe")?;
     let job = Job {
         builder: &app.builder,
         dir: app.build_dir(&b.id),

@@ -28,9 +28,10 @@ use tokio::io::AsyncWriteExt as _;
 
 use super::App;
 use super::api::{ApiError, ApiResult, Caller};
-use super::db::{REMOTE_PREFIX, now};
+use super::db::REMOTE_PREFIX;
 use super::model::{BuildRow, BuildSpec, BuildState, Finish, GiveBack, Heartbeat, Lease, LeaseRequest, TokenRow};
 use super::runner;
+use super::worker::lease_end;
 
 pub fn routes() -> Router<Arc<App>> {
     Router::new()
@@ -91,10 +92,6 @@ async fn held_attempt(app: &App, id: &str, worker: &str, attempt: i64) -> ApiRes
         ));
     }
     Ok(build)
-}
-
-fn lease_end(app: &App) -> i64 {
-    now() + app.lease.as_secs().max(1) as i64
 }
 
 async fn lease(
