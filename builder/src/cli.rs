@@ -798,6 +798,15 @@ pub struct ServeArgs {
     /// Workers start no build while the data directory has less free space than this.
     #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size)]
     pub min_free: u64,
+    /// The SMTP relay for orders' e-mail notices: smtp://[USER:PASSWORD@]HOST[:PORT]
+    /// (STARTTLS when offered; `?tls=required` insists) or smtps://HOST[:PORT]. Without
+    /// it orders asking for e-mail are refused. Give a password through the variable, not
+    /// the command line.
+    #[arg(long, value_name = "URL", env = "ATOM_BUILD_SMTP", hide_env_values = true)]
+    pub smtp: Option<String>,
+    /// The sender of e-mail notices (default: atom-build@HOSTNAME).
+    #[arg(long, value_name = "ADDRESS", requires = "smtp")]
+    pub mail_from: Option<String>,
 }
 
 /// Build for a build service on another machine (`atom-build serve`): lease its queued

@@ -622,6 +622,16 @@ fn bad_orders_are_refused(backend: Backend) {
         (json!({ "template": "quick", "publish": true }), 403, "publish"),
         (json!({ "template": "quick", "formats": ["iso"] }), 400, "formats are"),
         (
+            json!({ "template": "quick", "notify": { "email": "ops@example.test" } }),
+            400,
+            "without --smtp",
+        ),
+        (
+            json!({ "template": "quick", "notify": { "webhook": "http://127.0.0.1:1/" } }),
+            400,
+            "its secret",
+        ),
+        (
             json!({ "template": "quick", "set": ["os.version=\"x\""] }),
             400,
             "the recipe does not build",
@@ -983,21 +993,38 @@ impl Webhook {
     }
 }
 
-fn webhooks_tell_of_each_build_s_end(backend: Backend) {
+fn notices_tell_of_each_build_s_end(backend: Backend) {
     let w = World::new(backend);
     let t = w.token("ops", &[]);
     let hook = Webhook::start();
-    let s = w.start(&["--workers", "1"]);
+    // The relay is down when the builds end: the mails are sent when it is back.
+    let smtp_port = atom_test_support::smtp::free_port();
+    let relay = format!("smtp://127.0.0.1:{smtp_port}");
+    let s = w.start(&[
+        "--workers",
+        "1",
+        "--smtp",
+        &relay,
+        "--mail-from",
+        "Atom builds <builds@example.test>",
+    ]);
     let a = Api::new(&s, &t);
     let secret = "the orderer's own secret";
-    let notify = json!({ "webhook": hook.url, "secret": secret });
     let (status, v) = a.order(json!({ "template": "quick", "notify": { "webhook": "ftp://x", "secret": secret } }));
     assert_eq!(status, 400, "{v}");
     let (status, v) = a.order(json!({ "template": "quick", "notify": { "webhook": hook.url, "secret": "short" } }));
     assert_eq!(status, 400, "{v}");
-    let good = a.ordered(json!({ "template": "quick", "set": ["os.version=\"4.0.0\""], "notify": notify }));
+    let (status, v) = a.order(json!({ "template": "quick", "notify": { "email": "not an address" } }));
+    assert_eq!(status, 400, "{v}");
+    let good = a.ordered(json!({
+        "template": "quick", "set": ["os.version=\"4.0.0\""],
+        "notify": { "webhook": hook.url, "secret": secret, "email": ["ops@example.test", "dev@example.test"] },
+    }));
     assert_eq!(good["request"]["notify"]["secret"], "(hidden)", "{good}");
-    let bad = a.ordered(json!({ "template": "failing", "set": ["os.version=\"4.0.1\""], "notify": notify }));
+    let bad = a.ordered(json!({
+        "template": "failing", "set": ["os.version=\"4.0.1\""],
+        "notify": { "webhook": hook.url, "secret": secret, "email": "ops@example.test" },
+    }));
     let (good, bad) = (good["id"].as_str().unwrap(), bad["id"].as_str().unwrap());
     assert_eq!(a.finished(good)["state"], "succeeded");
     assert_eq!(a.finished(bad)["state"], "failed");
@@ -1051,6 +1078,73 @@ fn webhooks_tell_of_each_build_s_end(backend: Backend) {
     // The notice answered 500 was sent again (the other one may come between).
     assert_eq!(ids.iter().filter(|i| **i == ids[0]).count(), 2, "{ids:?}");
     assert!(ids.iter().any(|i| i == good) && ids.iter().any(|i| i == bad), "{ids:?}");
+
+    // E-mail: the first tries found no relay; a real SMTP server then gets one mail per
+    // address, each once.
+    let log = w.path("service-data.log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .any(|l| l.contains("not delivered") && l.contains("ops@example.test"))
+    {
+        assert!(Instant::now() < deadline, "no failed try of a mail is logged");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let smtp = atom_test_support::smtp::Smtp::start(w.dir.path(), smtp_port);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while smtp.mails().len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the SMTP server got {} mails",
+            smtp.mails().len()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let mails = smtp.mails();
+    assert_eq!(mails.len(), 3, "one mail per address, each once: {mails:?}");
+    let mut to: Vec<String> = mails.iter().map(|m| m.to.clone()).collect();
+    to.sort();
+    assert_eq!(to, ["dev@example.test", "ops@example.test", "ops@example.test"]);
+    for m in &mails {
+        assert_eq!(m.from, "Atom builds <builds@example.test>");
+        let (name, json) = &m.attachments[0];
+        assert_eq!(name, "order.json");
+        let v: Value = serde_json::from_slice(json).unwrap();
+        assert_eq!(v["request"]["notify"]["secret"], "(hidden)", "{v}");
+        let id = v["id"].as_str().unwrap();
+        assert!(m.text.contains(&format!("{}/v1/orders/{id}", s.url)), "{}", m.text);
+        if id == good {
+            assert_eq!(
+                m.subject,
+                format!("atom-build: order {good} succeeded (template quick)")
+            );
+            for art in v["artifacts"].as_array().unwrap() {
+                let (sha, url) = (art["sha256"].as_str().unwrap(), art["url"].as_str().unwrap());
+                assert!(
+                    m.text.contains(sha) && m.text.contains(&format!("{}{url}", s.url)),
+                    "{}",
+                    m.text
+                );
+            }
+        } else {
+            assert_eq!(id, bad);
+            assert_eq!(m.subject, format!("atom-build: order {bad} failed (template failing)"));
+            let error = v["build"]["error"].as_str().unwrap();
+            assert!(m.text.contains(&format!("Error:    {error}")), "{}", m.text);
+            let tail: Vec<&str> = m
+                .text
+                .lines()
+                .skip_while(|l| !l.starts_with("The build log's last lines"))
+                .skip(1)
+                .take_while(|l| !l.is_empty())
+                .collect();
+            assert!((1..=30).contains(&tail.len()), "{}", m.text);
+            assert!(tail.iter().any(|l| l.trim() == "failing hook line 40"), "{}", m.text);
+            println!("a failure's mail:\nSubject: {}\n\n{}", m.subject, m.text);
+        }
+    }
 }
 
 #[test]
@@ -1069,13 +1163,13 @@ fn postgres_an_order_publishes_with_the_service_s_key() {
 }
 
 #[test]
-fn sqlite_webhooks_tell_of_each_build_s_end() {
-    webhooks_tell_of_each_build_s_end(Backend::Sqlite);
+fn sqlite_notices_tell_of_each_build_s_end() {
+    notices_tell_of_each_build_s_end(Backend::Sqlite);
 }
 
 #[test]
-fn postgres_webhooks_tell_of_each_build_s_end() {
-    webhooks_tell_of_each_build_s_end(Backend::Postgres);
+fn postgres_notices_tell_of_each_build_s_end() {
+    notices_tell_of_each_build_s_end(Backend::Postgres);
 }
 
 #[test]

@@ -11,7 +11,8 @@
 //! - `runner`: one attempt of a build (the child `atom-build build`), local or remote
 //! - `worker`: the local workers, and the reaper of builds whose worker vanished
 //! - `housekeeping`: expiry of finished builds' files, the free-space floor
-//! - `notices`: the webhook of an order whose build ended, signed, retried with backoff
+//! - `notices`: the webhook and mails of an order whose build ended, retried with backoff;
+//!   `mail`: the mail itself and its SMTP relay
 //! - `api`: the HTTP API
 //! - `worker_api`: the HTTP API remote workers use; `remote`: `atom-build worker`, the
 //!   remote worker itself
@@ -22,6 +23,7 @@ pub mod auth;
 pub mod db;
 pub mod eta;
 pub mod housekeeping;
+pub mod mail;
 pub mod model;
 pub mod notices;
 pub mod order;
@@ -68,6 +70,8 @@ pub struct App {
     pub checks: tokio::sync::Semaphore,
     /// How much of each remote attempt's log (build, attempt) this instance has written.
     pub remote_logs: std::sync::Mutex<std::collections::HashMap<(String, i64), u64>>,
+    /// The SMTP relay of e-mail notices (`--smtp`).
+    pub mailer: Option<mail::Mailer>,
 }
 
 impl App {
@@ -154,6 +158,10 @@ async fn serve(args: &ServeArgs) -> Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
     let public_url = args.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
     db.instance_seen(&instance, &public_url).await?;
+    let mailer = match &args.smtp {
+        Some(url) => Some(mail::Mailer::new(url, args.mail_from.as_deref())?),
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let app = Arc::new(App {
         db,
@@ -174,6 +182,7 @@ async fn serve(args: &ServeArgs) -> Result<()> {
         order_locks: Default::default(),
         checks: tokio::sync::Semaphore::new(4),
         remote_logs: Default::default(),
+        mailer,
     });
     worker::recover(&app).await?;
     let workers = worker::start(app.clone(), stop_rx.clone());
@@ -186,6 +195,9 @@ async fn serve(args: &ServeArgs) -> Result<()> {
         app.instance, app.workers
     );
     tracing::info!(%addr, instance = %app.instance, workers = app.workers, "listening");
+    if let Some(m) = &app.mailer {
+        tracing::info!(relay = %m.relay, "e-mail notices go through {}", m.relay);
+    }
     let router = api::router(app.clone());
     let mut stop_http = stop_rx.clone();
     let server = axum::serve(listener, router).with_graceful_shutdown(async move {

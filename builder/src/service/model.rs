@@ -98,15 +98,35 @@ pub struct OrderRequest {
     pub notify: Option<Notify>,
 }
 
-/// An order's notice when its build ends (succeeded, failed or cancelled).
+/// An order's notices when its build ends (succeeded, failed or cancelled): a webhook,
+/// e-mail, or both.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Notify {
     /// POSTed the order's JSON (as `GET /v1/orders/ID` shows it), retried with backoff
     /// until it answers 2xx.
-    pub webhook: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
     /// The HMAC-SHA256 key of the `X-Atom-Signature: sha256=HEX` header over the body.
-    pub secret: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Addresses sent a mail through the service's SMTP relay (`serve --smtp`): one
+    /// address or a list.
+    #[serde(default, deserialize_with = "one_or_many", skip_serializing_if = "Vec::is_empty")]
+    pub email: Vec<String>,
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// What a build runs: the recipe (a template's name or the text of one) and the

@@ -1,8 +1,8 @@
 //! Notices when an order's build ends: the order's JSON (as `GET /v1/orders/ID` shows
 //! it, with the error and the log's last 30 lines of a failure) POSTed to the order's
-//! webhook, signed with HMAC-SHA256 (`X-Atom-Signature: sha256=HEX`), retried with
-//! backoff. Notices are rows in the queue's database: a restart loses none, and of
-//! several instances one sends each.
+//! webhook, signed with HMAC-SHA256 (`X-Atom-Signature: sha256=HEX`), and a mail to each
+//! of its addresses (`mail`), each retried with backoff. Notices are rows in the queue's
+//! database: a restart loses none, and of several instances one sends each.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,24 +69,29 @@ async fn round(app: &App, http: &reqwest::Client) -> Result<()> {
 
 async fn queue_one(app: &App, order_id: &str, spec: &str) -> Result<()> {
     let req: OrderRequest = serde_json::from_str(spec).unwrap_or_default();
-    let notice = match (&req.notify, app.db.order(order_id).await?) {
-        (Some(n), Some(order)) => {
-            let body = super::api::order_json(app, &order)
-                .await
-                .map_err(|e| anyhow::anyhow!("the JSON of order {order_id}: {e:?}"))?;
-            Some(NoticeRow {
-                id: db::random_id(8),
-                order_id: order_id.to_string(),
-                kind: "webhook".into(),
-                target: n.webhook.clone(),
-                secret: n.secret.clone(),
-                body: body.to_string(),
-                attempts: 0,
-            })
+    let mut notices = Vec::new();
+    if let (Some(n), Some(order)) = (&req.notify, app.db.order(order_id).await?) {
+        let body = super::api::order_json(app, &order)
+            .await
+            .map_err(|e| anyhow::anyhow!("the JSON of order {order_id}: {e:?}"))?
+            .to_string();
+        let row = |kind: &str, target: &str, secret: &str| NoticeRow {
+            id: db::random_id(8),
+            order_id: order_id.to_string(),
+            kind: kind.into(),
+            target: target.into(),
+            secret: secret.into(),
+            body: body.clone(),
+            attempts: 0,
+        };
+        if let (Some(url), Some(secret)) = (&n.webhook, &n.secret) {
+            notices.push(row("webhook", url, secret));
         }
-        _ => None,
-    };
-    app.db.queue_notice(order_id, notice.as_ref()).await?;
+        for address in &n.email {
+            notices.push(row("email", address, ""));
+        }
+    }
+    app.db.queue_notices(order_id, &notices).await?;
     Ok(())
 }
 
@@ -95,7 +100,11 @@ async fn try_one(app: &App, http: &reqwest::Client, n: &NoticeRow) -> Result<()>
         return Ok(());
     }
     let tries = n.attempts + 1;
-    match send(http, n).await {
+    let sent = match n.kind.as_str() {
+        "email" => mail(app, n).await,
+        _ => send(http, n).await,
+    };
+    match sent {
         Ok(()) => {
             tracing::info!(order = %n.order_id, target = %n.target, tries, "notice sent");
             app.db.notice_tried(&n.id, None, None).await
@@ -107,6 +116,14 @@ async fn try_one(app: &App, http: &reqwest::Client, n: &NoticeRow) -> Result<()>
             app.db.notice_tried(&n.id, Some(&error), retry).await
         }
     }
+}
+
+async fn mail(app: &App, n: &NoticeRow) -> Result<()> {
+    let Some(mailer) = &app.mailer else {
+        bail!("this instance sends no e-mail (it was started without --smtp)");
+    };
+    let order: serde_json::Value = serde_json::from_str(&n.body).context("the notice's order JSON")?;
+    mailer.send(&n.target, &order, &app.public_url).await
 }
 
 async fn send(http: &reqwest::Client, n: &NoticeRow) -> Result<()> {

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use super::App;
-use super::model::{BuildSpec, OrderRequest, TokenRow};
+use super::model::{BuildSpec, Notify, OrderRequest, TokenRow};
 use crate::build::Preview;
 
 /// Disk formats an order may ask for (`outputs.disk.formats`); `tar.zst` is the tarball.
@@ -128,13 +128,7 @@ pub fn check(app: &App, token: &TokenRow, req: &OrderRequest) -> Result<Checked,
         ));
     }
     if let Some(n) = &req.notify {
-        let url = n.webhook.as_str();
-        if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 2000 {
-            return Err(bad(format!("notify.webhook {url:?}: give an http:// or https:// URL")));
-        }
-        if n.secret.len() < 16 {
-            return Err(bad("notify.secret: give at least 16 characters (the HMAC key)".into()));
-        }
+        check_notify(app, n)?;
     }
     let mut set = Vec::new();
     for s in &req.set {
@@ -231,6 +225,55 @@ pub fn keep_recipe(templates: &Path, data: &Path, spec: &BuildSpec) -> std::io::
         atom_dist::fsutil::write_atomic_bytes(&path, 0o600, text.as_bytes())?;
     }
     Ok(path)
+}
+
+/// The most addresses one order's notice goes to.
+const MAX_EMAIL: usize = 10;
+
+fn check_notify(app: &App, n: &Notify) -> Result<(), Refusal> {
+    match (&n.webhook, &n.secret) {
+        (None, None) if n.email.is_empty() => {
+            return Err(Refusal::Bad(
+                "notify: give a webhook (with its secret), an email, or both".into(),
+            ));
+        }
+        (None, None) => {}
+        (Some(url), Some(secret)) => {
+            if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 2000 {
+                return Err(Refusal::Bad(format!(
+                    "notify.webhook {url:?}: give an http:// or https:// URL"
+                )));
+            }
+            if secret.len() < 16 {
+                return Err(Refusal::Bad(
+                    "notify.secret: give at least 16 characters (the HMAC key)".into(),
+                ));
+            }
+        }
+        (Some(_), None) => {
+            return Err(Refusal::Bad(
+                "notify.webhook: give its secret too (notify.secret)".into(),
+            ));
+        }
+        (None, Some(_)) => return Err(Refusal::Bad("notify.secret: there is no webhook to sign for".into())),
+    }
+    if n.email.is_empty() {
+        return Ok(());
+    }
+    if app.mailer.is_none() {
+        return Err(Refusal::Bad(
+            "notify.email: this service sends no e-mail (it was started without --smtp)".into(),
+        ));
+    }
+    if n.email.len() > MAX_EMAIL {
+        return Err(Refusal::Bad(format!("notify.email: at most {MAX_EMAIL} addresses")));
+    }
+    for a in &n.email {
+        if let Err(e) = a.parse::<lettre::Address>() {
+            return Err(Refusal::Bad(format!("notify.email {a:?}: not an e-mail address ({e})")));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests of the Atom crates, so each test suite does not
-//! carry its own copy.
+//! carry its own copy: disks and GPT tampering, a real PostgreSQL, a real SMTP server.
 
 pub mod gpt;
 pub mod postgres;
+pub mod smtp;

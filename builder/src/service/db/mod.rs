@@ -558,9 +558,9 @@ impl Db {
         rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
     }
 
-    /// Marks the order notified and queues its notice, in one transaction (of two
+    /// Marks the order notified and queues its notices, in one transaction (of two
     /// instances, one does it). False: another instance did.
-    pub async fn queue_notice(&self, order_id: &str, notice: Option<&NoticeRow>) -> Result<bool> {
+    pub async fn queue_notices(&self, order_id: &str, notices: &[NoticeRow]) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let r = sqlx::query("UPDATE orders SET notified = 1 WHERE id = $1 AND notified = 0")
             .bind(order_id)
@@ -569,7 +569,7 @@ impl Db {
         if r.rows_affected() != 1 {
             return Ok(false);
         }
-        if let Some(n) = notice {
+        for n in notices {
             sqlx::query(
                 "INSERT INTO notices (id, order_id, kind, target, secret, body, state, attempts, next_try, created) \
                  VALUES ($1, $2, $3, $4, $5, $6, 'pending', 0, $7, $7)",
