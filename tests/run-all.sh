@@ -55,4 +55,5 @@ vm_steps=$(($(count_ok) - ok_before))
 rm -f "$log"
 line=$(printf '%s, ' "${summary[@]}")
 echo
+echo "Screenshots the tests took of the web pages: $PWD/target/test-artifacts/"
 echo "ALL PASSED in $((SECONDS - started_all)) s: $passed tests passed, $failed failed; $vm_steps VM steps checked; phases: ${line%, }"

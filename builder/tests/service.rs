@@ -1147,6 +1147,98 @@ fn notices_tell_of_each_build_s_end(backend: Backend) {
     }
 }
 
+/// The web page in a real headless Chromium: give the token, order a template, watch
+/// its stage move and its log come in live, download an artifact by its link; the
+/// screenshots are kept (`target/test-artifacts/`).
+#[test]
+fn the_web_page_orders_watches_and_downloads() {
+    use atom_test_support::browser::{Browser, artifacts_dir};
+    let w = World::new(Backend::Sqlite);
+    let t = w.token("web", &[]);
+    w.set_sleep(6);
+    let s = w.start(&["--workers", "1"]);
+    let a = Api::new(&s, &t);
+    // The cookie the page sets for its download links is good for reading only: a POST
+    // with it and without the header is refused, so another site cannot order for you.
+    let r = client()
+        .build()
+        .unwrap()
+        .post(format!("{}/v1/orders", s.url))
+        .header("cookie", format!("atom_token={t}"))
+        .json(&template("quick", "5.0.1"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401, "a POST with only the cookie");
+    let r = client().build().unwrap().get(format!("{}/", s.url)).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let csp = r.headers()["content-security-policy"].to_str().unwrap().to_string();
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+
+    let b = Browser::start(w.dir.path());
+    let shots = artifacts_dir();
+    b.goto(&s.url);
+    b.wait_text("#message", Duration::from_secs(10), |m| m.contains("token"));
+    b.fill("#token", &t);
+    b.click("#save-token");
+    b.wait_text("#template", Duration::from_secs(10), |t| t.contains("slow"));
+    assert_eq!(b.texts("#template option"), ["failing", "quick", "slow"]);
+    b.select("#template", "slow");
+    b.fill("#version", "5.0.0");
+    b.click("#order");
+    b.wait_text("#d-state", Duration::from_secs(30), |s| s == "running");
+    // The slow hook sleeps: the page shows the stage and the live log meanwhile.
+    let log = b.wait_text("#d-log", Duration::from_secs(30), |l| l.contains("hook before: ") && l.contains("slow.sh"));
+    assert!(log.contains("stage"), "{log}");
+    // The stage comes with the next poll of the order (the log streams sooner).
+    let stage = b.wait_text("#d-stage", Duration::from_secs(10), |s| s.starts_with("stage 8/"));
+    assert!(stage.ends_with("clean"), "{stage:?}");
+    let progress =
+        b.eval("return [document.getElementById('d-progress').value, document.getElementById('d-progress').max]");
+    let (value, max) = (progress[0].as_f64().unwrap(), progress[1].as_f64().unwrap());
+    assert!(value >= 1.0 && value < max, "progress {value}/{max} while running");
+    b.screenshot(&shots.join("service-web-running.png"));
+
+    b.wait_text("#d-state", Duration::from_secs(120), |s| s == "succeeded");
+    let id = b.text("#d-id");
+    let row = b.texts(&format!("#orders tr[data-id='{id}'] td"));
+    assert_eq!(row[0], id);
+    assert_eq!(row[2], "succeeded", "{row:?}");
+    assert!(row[1].contains("slow") && row[1].contains("5.0.0"), "{row:?}");
+    // The log the page followed ended with the build.
+    b.wait_text("#d-log", Duration::from_secs(10), |l| l.contains("built"));
+    let order = a.show(&id);
+    assert_eq!(order["request"]["set"][0], "os.version=\"5.0.0\"", "{order}");
+    let names = b.texts("#d-artifacts a");
+    let want: Vec<&str> = order["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, want);
+    b.screenshot(&shots.join("service-web-succeeded.png"));
+    let tarball = order["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"].as_str().unwrap().ends_with(".tar.zst"))
+        .unwrap()
+        .clone();
+    let name = tarball["name"].as_str().unwrap();
+    b.click(&format!("#d-artifacts a[download='{name}']"));
+    let bytes = b.downloaded(name, Duration::from_secs(60));
+    assert_eq!(bytes.len() as u64, tarball["size"].as_u64().unwrap());
+    assert_eq!(
+        sha256(&bytes),
+        tarball["sha256"].as_str().unwrap(),
+        "the downloaded file"
+    );
+    println!("screenshots in {}", shots.display());
+}
+
 #[test]
 fn postgres_two_instances_share_one_queue() {
     two_instances_share_one_queue(Backend::Postgres);

@@ -7,8 +7,13 @@
 //! - `POST /v1/orders/{id}/cancel`; `DELETE /v1/orders/{id}`
 //! - `POST|DELETE /v1/orders/{id}/pin`: keep the build's files past the expiry, or not
 //! - `GET /v1/orders/{id}/artifacts/{name}`: a file the build made (Range requests work)
+//! - `GET /v1/templates`: the templates orders can name
+//! - `GET /`: the web page (`web`)
 //!
-//! An order of another token is answered as one that does not exist.
+//! An order of another token is answered as one that does not exist. The token comes in
+//! `Authorization: Bearer`; GET and HEAD also take it from the web page's `atom_token`
+//! cookie (SameSite=Strict), so its download links work, while every request that
+//! changes something needs the header, which another site cannot make a browser send.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,15 +96,17 @@ impl FromRequestParts<Arc<App>> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Caller, ApiError> {
         let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m.to_string());
-        let header = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or_else(|| unauthorized("give a token: Authorization: Bearer atb_…"))?;
-        let bearer = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| unauthorized("the Authorization header is not \"Bearer TOKEN\""))?;
+        let bearer = match parts.headers.get(header::AUTHORIZATION) {
+            Some(h) => h
+                .to_str()
+                .ok()
+                .and_then(|h| h.strip_prefix("Bearer "))
+                .ok_or_else(|| unauthorized("the Authorization header is not \"Bearer TOKEN\""))?,
+            None if matches!(parts.method, axum::http::Method::GET | axum::http::Method::HEAD) => {
+                cookie(parts, "atom_token").ok_or_else(|| unauthorized("give a token: Authorization: Bearer atb_…"))?
+            }
+            None => return Err(unauthorized("give a token: Authorization: Bearer atb_…")),
+        };
         match super::auth::check(&app.db, bearer.trim()).await? {
             Some(t) => Ok(Caller(t)),
             None => Err(unauthorized("unknown or revoked token")),
@@ -107,9 +114,21 @@ impl FromRequestParts<Arc<App>> for Caller {
     }
 }
 
+/// A cookie's value from the request's Cookie headers.
+fn cookie<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
+    parts
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|h| h.to_str().ok())
+        .flat_map(|h| h.split(';'))
+        .find_map(|c| c.trim().strip_prefix(name)?.strip_prefix('='))
+}
+
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/v1/templates", get(templates))
         .route("/v1/orders", post(create).get(list))
         .route("/v1/orders/{id}", get(show).delete(delete))
         .route("/v1/orders/{id}/cancel", post(cancel))
@@ -117,6 +136,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/orders/{id}/pin", post(pin).delete(unpin))
         .route("/v1/orders/{id}/artifacts/{name}", get(artifact))
         .merge(super::worker_api::routes())
+        .merge(super::web::routes())
         .layer(DefaultBodyLimit::max(MAX_ORDER_BYTES))
         .with_state(app)
 }
@@ -304,6 +324,14 @@ fn view(app: &App, order: &OrderRow, b: &BuildRow, estimate: Option<eta::Estimat
         },
         "artifacts": artifacts,
     })
+}
+
+async fn templates(State(app): State<Arc<App>>, Caller(_): Caller) -> ApiResult<Json<Value>> {
+    let dir = app.templates.clone();
+    let names = tokio::task::spawn_blocking(move || order::template_names(&dir))
+        .await
+        .map_err(|e| anyhow::anyhow!("listing the templates: {e}"))?;
+    Ok(Json(json!({ "templates": names })))
 }
 
 async fn list(State(app): State<Arc<App>>, Caller(caller): Caller) -> ApiResult<Json<Value>> {

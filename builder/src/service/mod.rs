@@ -13,7 +13,7 @@
 //! - `housekeeping`: expiry of finished builds' files, the free-space floor
 //! - `notices`: the webhook and mails of an order whose build ended, retried with backoff;
 //!   `mail`: the mail itself and its SMTP relay
-//! - `api`: the HTTP API
+//! - `api`: the HTTP API; `web`: the web page on the same port
 //! - `worker_api`: the HTTP API remote workers use; `remote`: `atom-build worker`, the
 //!   remote worker itself
 //! - `auth`, `tokens`: API tokens and the admin command that makes them
@@ -30,6 +30,7 @@ pub mod order;
 pub mod remote;
 pub(crate) mod runner;
 pub mod tokens;
+pub mod web;
 pub mod worker;
 pub mod worker_api;
 

@@ -32,6 +32,22 @@ impl Checked {
     }
 }
 
+/// The templates orders can name: NAME of each NAME.toml in the templates directory.
+pub fn template_names(templates: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(templates)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let name = name.strip_suffix(".toml")?.to_string();
+            (valid_template_name(&name) && e.path().is_file()).then_some(name)
+        })
+        .collect();
+    names.sort();
+    names
+}
+
 pub(super) fn valid_template_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
