@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 
 packages=(e2fsprogs rsync zstd tar util-linux mount fdisk cgpt binutils curl openssl busybox-static systemd
   dosfstools mtools qemu-system-x86 qemu-utils ovmf systemd-boot-efi syslinux syslinux-common isolinux xorriso kmod mmdebstrap casync python3
-  socat sudo softhsm2 postgresql python3-aiosmtpd chromium chromium-driver)
+  socat sudo softhsm2 postgresql python3-aiosmtpd chromium chromium-driver jq)
 # shellcheck source=tests/packages.sh
 source tests/packages.sh
 ensure_packages "${packages[@]}"

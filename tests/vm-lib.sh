@@ -25,7 +25,7 @@ fail() {
   exit 1
 }
 
-packages=(qemu-system-x86 ovmf systemd-boot-efi syslinux syslinux-common isolinux xorriso kmod e2fsprogs zstd busybox-static rsync util-linux mount dosfstools mtools mmdebstrap socat curl)
+packages=(qemu-system-x86 ovmf systemd-boot-efi syslinux syslinux-common isolinux xorriso kmod e2fsprogs zstd busybox-static rsync util-linux mount dosfstools mtools mmdebstrap socat curl jq)
 # shellcheck source=tests/packages.sh
 source tests/packages.sh
 ensure_packages "${packages[@]}"
@@ -114,7 +114,8 @@ control() { # the shell script the guest runs after its health checks
 background_pids=()
 background() {
   background_pids+=("$1")
-  trap 'kill "${background_pids[@]}" 2>/dev/null || true' EXIT
+  # Their children too: `unshare --fork` ignores SIGTERM, its child does not.
+  trap 'for p in "${background_pids[@]}"; do pkill -TERM -P "$p"; kill "$p"; done 2>/dev/null || true' EXIT
 }
 
 # atom-dist on the host's 127.0.0.1, serving the repository the VM tests publish into.

@@ -105,7 +105,7 @@ grep -q "stage packages failed" "$work/missing.err" && grep -q "Unable to locate
   fail "the failure did not name the stage and the package: $(tail -5 "$work/missing.err")"
 ok "refused: stage packages failed; apt: Unable to locate package atom-no-such-package"
 
-step "examples/debian-server/recipe.toml as written (its kernel is linux-image-amd64 through apt), built beside the boots"
+step "examples/debian-server/recipe.toml as written (its kernel is linux-image-amd64 through apt) and examples/build-service, built beside the boots"
 # Built in the background while qemu (one TCG thread) boots: the second core is otherwise
 # idle. Same stage cache: bootstrap and packages are the VM recipes'.
 (
@@ -113,7 +113,16 @@ step "examples/debian-server/recipe.toml as written (its kernel is linux-image-a
     --cache "$work/build-cache" --set os.version=1.0.0 --set "base.debian.suite=$suite" \
     --set "atom.agent=$update_static" --set "atom.bootsel=$bootsel_static" \
     --set "atom.keys=[\"$work/signer.pub\"]" --set "atom.repositories=[\"$agent_repo\"]" \
-    > "$work/example-build.log" 2>&1
+    > "$work/example-build.log" 2>&1 || exit 1
+  # examples/build-service: the same host running the build service, with this atom-build.
+  cp -r examples "$work/examples" && mkdir -p "$work/examples/build-service/bin" &&
+    cp "$build" "$work/examples/build-service/bin/atom-build" &&
+    "$build" build "$work/examples/build-service/recipe.toml" --quiet --build-dir "$work/build-service" \
+      --cache "$work/build-cache" --set os.version=1.0.0 --set "base.debian.suite=$suite" \
+      --set "atom.agent=$update_static" --set "atom.bootsel=$bootsel_static" \
+      --set "atom.keys=[\"$work/signer.pub\"]" --set "atom.repositories=[\"$agent_repo\"]" \
+      > "$work/service-build.log" 2>&1
+  echo "rc=$?" > "$work/service-build.rc"
 ) &
 example_pid=$!
 background "$example_pid"
@@ -240,5 +249,67 @@ else:
 sys.exit(0 if b"scripts/local-bottom/atom" in cpio else 1)
 EOF
 ok "$kpkg: /boot/atom/vmlinuz, modules, and Debian's initramfs with the Atom hook ($(stat -c %s "$work/example-initrd.img") bytes)"
+
+step "examples/build-service: the image's own build service builds the image again (the builder builds itself)"
+grep -q "^rc=0" "$work/service-build.rc" 2> /dev/null ||
+  fail "atom-build build examples/build-service/recipe.toml failed: $(tail -n 8 "$work/service-build.log")"
+stree=$work/build-service/tree
+[[ -s $work/build-service/out/build-service-1.0.0.img ]] || fail "the build-service example made no image"
+cmp -s "$stree/usr/bin/atom-build" "$build" || fail "the image's /usr/bin/atom-build is not the one built here"
+[[ -L $stree/etc/systemd/system/multi-user.target.wants/atom-build-serve.service ]] ||
+  fail "atom-build-serve.service is not enabled in the image"
+for p in mmdebstrap qemu-utils e2fsprogs; do
+  grep -q "name = \"$p\"" "$work/build-service/out/build.lock.toml" || fail "the image's lock lists no $p"
+done
+ok "the image carries this atom-build, its unit (enabled), mmdebstrap, qemu-utils, e2fsprogs"
+# The image's tree as the root of the service (a mount namespace of its own: /proc, /dev,
+# /sys and a /tmp inside; the tree bound on itself, so its / is a mount point as a booted
+# host's is). Its own atom-build, templates, mmdebstrap and apt sources do the build.
+unshare --mount --fork --kill-child=SIGTERM bash -c "mount --bind '$stree' '$stree' && mount -t proc proc '$stree/proc' &&
+  mount --rbind /dev '$stree/dev' && mount --rbind /sys '$stree/sys' && mount -t tmpfs tmpfs '$stree/tmp' &&
+  cp /etc/resolv.conf '$stree/tmp/resolv.conf' && mount --bind '$stree/tmp/resolv.conf' '$stree/etc/resolv.conf' &&
+  chroot '$stree' /usr/bin/atom-build token add example --data /var/lib/atom-build > '$work/service-token' &&
+  exec chroot '$stree' /usr/bin/atom-build serve --listen 127.0.0.1:0 --data /var/lib/atom-build \
+    --workers 1 --min-free 1G" 2> "$work/service.log" &
+service_pid=$!
+background "$service_pid"
+for _ in $(seq 1 100); do
+  service_url=$(sed -n 's/.*listening on \(http:\/\/127\.0\.0\.1:[0-9]*\).*/\1/p' "$work/service.log")
+  [[ -n $service_url ]] && break
+  kill -0 "$service_pid" 2> /dev/null || fail "the image's atom-build serve ended: $(tail -n 5 "$work/service.log")"
+  sleep 0.2
+done
+[[ -n $service_url ]] || fail "the image's atom-build serve does not listen: $(tail -n 5 "$work/service.log")"
+auth="Authorization: Bearer $(cat "$work/service-token")"
+templates=$(curl -fsS -H "$auth" "$service_url/v1/templates")
+[[ $templates == '{"templates":["build-service","server"]}' ]] || fail "the image's templates: $templates"
+order=$(curl -fsS -H "$auth" -d '{"template": "build-service", "set": ["os.version=\"2.0.0\""]}' "$service_url/v1/orders") ||
+  fail "the image's service refused the order of its own template"
+order_id=$(jq -r .id <<< "$order")
+ok "the image's service ($service_url) lists $templates and took order $order_id"
+for _ in $(seq 1 600); do
+  state=$(curl -fsS -H "$auth" "$service_url/v1/orders/$order_id" | jq -r .state)
+  [[ $state == queued || $state == running ]] || break
+  sleep 1
+done
+shown=$(curl -fsS -H "$auth" "$service_url/v1/orders/$order_id")
+[[ $state == succeeded ]] || fail "the self-build ended $state: $(jq -r .build.error <<< "$shown"); log: $(jq -r .build.log_tail <<< "$shown")"
+img_url=$(jq -r '.artifacts[] | select(.name == "build-service-2.0.0.img") | .url' <<< "$shown")
+img_sha=$(jq -r '.artifacts[] | select(.name == "build-service-2.0.0.img") | .sha256' <<< "$shown")
+[[ -n $img_url && $img_url != null ]] || fail "the self-build lists no build-service-2.0.0.img: $shown"
+curl -fsS -H "$auth" -o "$work/self-built.img" "$service_url$img_url" || fail "cannot download the self-built image"
+[[ $(sha256sum < "$work/self-built.img" | cut -d' ' -f1) == "$img_sha" ]] || fail "the downloaded image is not the listed SHA-256"
+debugfs -R "dump /usr/bin/atom-build $work/self-built-atom-build" "$work/self-built.img" 2> /dev/null
+cmp -s "$work/self-built-atom-build" "$build" || fail "the self-built image carries another atom-build"
+for t in build-service server; do
+  debugfs -R "cat /etc/atom/templates/$t.toml" "$work/self-built.img" 2> /dev/null | cmp -s - "$stree/etc/atom/templates/$t.toml" ||
+    fail "the self-built image's template $t is not the running host's"
+done
+debugfs -R "cat /usr/lib/atom/release" "$work/self-built.img" 2> /dev/null | grep -q '2.0.0' ||
+  fail "the self-built image's release is not 2.0.0"
+ok "built in the image by its own service: build-service 2.0.0 ($(stat -c %s "$work/self-built.img") bytes, SHA-256 checked), with the same atom-build and templates"
+# unshare --fork ignores SIGTERM itself: the service, its child, is told.
+pkill -TERM -P "$service_pid" 2> /dev/null || true
+wait "$service_pid" 2> /dev/null || true
 
 finish

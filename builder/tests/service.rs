@@ -4,7 +4,9 @@
 //! ETA's error on a test queue, token isolation, a service killed mid-build and started
 //! again (the build runs again, or fails with the reason when out of attempts), cancel
 //! stopping a running build, the live log, bad orders refused, files expiring unless
-//! pinned, and no build starting on a full disk. Root (builds chroot).
+//! pinned, no build starting on a full disk, remote workers, webhook and e-mail notices
+//! (a real SMTP server), publishing, two instances on one PostgreSQL, and the web page in
+//! a real headless Chromium. Root (builds chroot).
 
 mod common;
 
@@ -1190,7 +1192,9 @@ fn the_web_page_orders_watches_and_downloads() {
     b.click("#order");
     b.wait_text("#d-state", Duration::from_secs(30), |s| s == "running");
     // The slow hook sleeps: the page shows the stage and the live log meanwhile.
-    let log = b.wait_text("#d-log", Duration::from_secs(30), |l| l.contains("hook before: ") && l.contains("slow.sh"));
+    let log = b.wait_text("#d-log", Duration::from_secs(30), |l| {
+        l.contains("hook before: ") && l.contains("slow.sh")
+    });
     assert!(log.contains("stage"), "{log}");
     // The stage comes with the next poll of the order (the log streams sooner).
     let stage = b.wait_text("#d-stage", Duration::from_secs(10), |s| s.starts_with("stage 8/"));
