@@ -30,10 +30,40 @@ fn whole_disks(sys: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// How the disks are opened while looking for the boot disk.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Access {
+    /// The first stage writes the spent try at once.
+    ReadWrite,
+    /// The second stage only reads: under a distribution initramfs udev watches block
+    /// devices, and closing one that was opened for writing makes udev re-probe the disk
+    /// and all its partitions. Those late events write udev's database while the
+    /// initramfs hands over, and `run-init` then fails to empty the initramfs
+    /// ("nuking initramfs contents: No such file or directory"), a kernel panic.
+    ReadOnly,
+}
+
 pub struct FoundDisk {
     pub path: PathBuf,
-    pub file: File,
+    file: File,
+    access: Access,
     pub table: BootTable,
+}
+
+impl FoundDisk {
+    /// Writes the table's changes, opening the disk for writing first if it was found
+    /// read-only (only a slot that fails in the second stage gets here).
+    pub fn commit(&mut self) -> Result<(), String> {
+        if self.access == Access::ReadOnly {
+            self.file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&self.path)
+                .map_err(|e| format!("cannot open {} for writing: {e}", self.path.display()))?;
+            self.access = Access::ReadWrite;
+        }
+        self.table.commit(&mut self.file).map_err(|e| e.to_string())
+    }
 }
 
 /// Waits up to `wait` for the configured disk (or, with none configured, the one disk
@@ -45,6 +75,7 @@ pub fn find(
     configured: Option<&str>,
     guid: Option<&str>,
     labels: &SlotLabels,
+    access: Access,
     wait: Duration,
 ) -> Result<FoundDisk, String> {
     find_among(
@@ -54,6 +85,7 @@ pub fn find(
         },
         guid,
         labels,
+        access,
         wait,
     )
 }
@@ -63,6 +95,7 @@ fn find_among(
     candidates: &dyn Fn() -> Vec<PathBuf>,
     guid: Option<&str>,
     labels: &SlotLabels,
+    access: Access,
     wait: Duration,
 ) -> Result<FoundDisk, String> {
     let deadline = Instant::now() + wait;
@@ -71,7 +104,11 @@ fn find_among(
         let candidates = candidates();
         let mut matches = Vec::new();
         for path in candidates {
-            let mut file = match OpenOptions::new().read(true).write(true).open(&path) {
+            let mut file = match OpenOptions::new()
+                .read(true)
+                .write(access == Access::ReadWrite)
+                .open(&path)
+            {
                 Ok(f) => f,
                 Err(e) => {
                     last_problem = format!("{}: {e}", path.display());
@@ -83,7 +120,12 @@ fn find_among(
                     Some(g) if !table.disk_guid().eq_ignore_ascii_case(g) => {
                         last_problem = format!("{}: disk GUID {}, not {g}", path.display(), table.disk_guid());
                     }
-                    _ => matches.push(FoundDisk { path, file, table }),
+                    _ => matches.push(FoundDisk {
+                        path,
+                        file,
+                        access,
+                        table,
+                    }),
                 },
                 Err(e) => last_problem = format!("{}: {e}", path.display()),
             }
@@ -142,17 +184,20 @@ mod tests {
         std::fs::write(&other, vec![0u8; 1 << 20]).unwrap();
         let labels = SlotLabels::default();
         let both = || vec![one.clone(), other.clone(), two.clone()];
-        let e = find_among(&both, None, &labels, Duration::ZERO).err().unwrap();
+        let e = find_among(&both, None, &labels, Access::ReadWrite, Duration::ZERO)
+            .err()
+            .unwrap();
         assert!(
             e.contains("several disks have both slot labels") && e.contains("sda") && e.contains("sdb"),
             "{e}"
         );
         let just_one = || vec![other.clone(), two.clone()];
-        let found = find_among(&just_one, None, &labels, Duration::ZERO).unwrap();
+        let found = find_among(&just_one, None, &labels, Access::ReadWrite, Duration::ZERO).unwrap();
         assert_eq!(found.path, two);
         // The second stage names the disk by GUID: then the other disk does not count.
         let guid = found.table.disk_guid();
-        let found = find_among(&both, Some(&guid), &labels, Duration::ZERO).unwrap();
+        let found = find_among(&both, Some(&guid), &labels, Access::ReadOnly, Duration::ZERO).unwrap();
         assert_eq!(found.path, two);
+        assert_eq!(found.access, Access::ReadOnly);
     }
 }

@@ -229,7 +229,7 @@ struct Chosen {
 /// slot is left does this return an error.
 pub fn first_stage(cfg: &Config, paths: &Paths, cmdline: &str, finish: &mut FinishFn) -> Result<(), String> {
     let wait = Duration::from_secs(u64::from(cfg.wait_seconds));
-    let mut found = disk::find(cfg.disk.as_deref(), None, &labels(cfg), wait)?;
+    let mut found = disk::find(cfg.disk.as_deref(), None, &labels(cfg), disk::Access::ReadWrite, wait)?;
     let mut failures = Vec::new();
     loop {
         let chosen = spend_try(&mut found).map_err(|e| {
@@ -255,22 +255,21 @@ pub fn first_stage(cfg: &Config, paths: &Paths, cmdline: &str, finish: &mut Fini
 
 /// Decides and writes the spent try before returning.
 fn spend_try(found: &mut disk::FoundDisk) -> Result<Chosen, String> {
-    let table = &mut found.table;
-    let Some((name, decision)) = table.decide() else {
+    let Some((name, decision)) = found.table.decide() else {
         return Err(format!(
             "no bootable slot on {}:\n{}",
             found.path.display(),
-            describe_slots(table)
+            describe_slots(&found.table)
         ));
     };
-    let slot = table.slot(name).clone();
-    table.set_flags(name, decision.new_flags);
+    let slot = found.table.slot(name).clone();
+    found.table.set_flags(name, decision.new_flags);
     // The try must be on disk before anything of the slot runs: a slot that crashes the
     // machine must still run out of tries.
-    if let Err(e) = table.commit(&mut found.file) {
+    if let Err(e) = found.commit() {
         say!("WARNING: cannot write the partition table ({e}); this boot's try is not recorded");
     }
-    let fell_back_from = table.fallback_slot(&decision);
+    let fell_back_from = found.table.fallback_slot(&decision);
     if let Some(from) = fell_back_from {
         say!("slot {from} is out of tries and was never marked successful: falling back");
     }
@@ -292,7 +291,7 @@ fn spend_try(found: &mut disk::FoundDisk) -> Result<Chosen, String> {
 fn mark_failed(found: &mut disk::FoundDisk, name: SlotName) {
     let flags = found.table.slot(name).flags;
     found.table.set_flags(name, flags.failed());
-    match found.table.commit(&mut found.file) {
+    match found.commit() {
         Ok(()) => say!("slot {name} marked failed (tries 0, not successful)"),
         Err(e) => say!("WARNING: cannot mark slot {name} failed ({e})"),
     }
@@ -427,8 +426,14 @@ fn second_stage_in(
     let h = handover.map_err(|e| Stage2Failure::Other(format!("unusable hand-over from the first stage: {e}")))?;
     say!("second stage: slot {} chosen by the first stage", h.slot);
     let wait = Duration::from_secs(u64::from(cfg.wait_seconds));
-    let mut found =
-        disk::find(cfg.disk.as_deref(), Some(&h.disk_guid), &labels(cfg), wait).map_err(Stage2Failure::Other)?;
+    let mut found = disk::find(
+        cfg.disk.as_deref(),
+        Some(&h.disk_guid),
+        &labels(cfg),
+        disk::Access::ReadOnly,
+        wait,
+    )
+    .map_err(Stage2Failure::Other)?;
     let slot = found.table.slot(h.slot).clone();
     if !slot.part_uuid.eq_ignore_ascii_case(&h.partuuid) {
         return Err(Stage2Failure::Other(format!(
