@@ -115,14 +115,19 @@ step "examples/debian-server/recipe.toml as written (its kernel is linux-image-a
     --set "atom.keys=[\"$work/signer.pub\"]" --set "atom.repositories=[\"$agent_repo\"]" \
     > "$work/example-build.log" 2>&1 || exit 1
   # examples/build-service: the same host running the build service, with this atom-build.
-  cp -r examples "$work/examples" && mkdir -p "$work/examples/build-service/bin" &&
+  # (an `if`: under set -e a failing build would end the subshell before its rc is kept)
+  rm -rf "$work/examples"
+  if cp -r examples "$work/examples" && mkdir -p "$work/examples/build-service/bin" &&
     cp "$build" "$work/examples/build-service/bin/atom-build" &&
     "$build" build "$work/examples/build-service/recipe.toml" --quiet --build-dir "$work/build-service" \
       --cache "$work/build-cache" --set os.version=1.0.0 --set "base.debian.suite=$suite" \
       --set "atom.agent=$update_static" --set "atom.bootsel=$bootsel_static" \
       --set "atom.keys=[\"$work/signer.pub\"]" --set "atom.repositories=[\"$agent_repo\"]" \
-      > "$work/service-build.log" 2>&1
-  echo "rc=$?" > "$work/service-build.rc"
+      > "$work/service-build.log" 2>&1; then
+    echo "rc=0" > "$work/service-build.rc"
+  else
+    echo "rc=$?" > "$work/service-build.rc"
+  fi
 ) &
 example_pid=$!
 background "$example_pid"
@@ -281,31 +286,33 @@ for _ in $(seq 1 100); do
 done
 [[ -n $service_url ]] || fail "the image's atom-build serve does not listen: $(tail -n 5 "$work/service.log")"
 auth="Authorization: Bearer $(cat "$work/service-token")"
-templates=$(curl -fsS -H "$auth" "$service_url/v1/templates")
+templates=$(curl -fsS -H "$auth" "$service_url/v1/templates") || fail "the image's service does not list its templates"
 [[ $templates == '{"templates":["build-service","server"]}' ]] || fail "the image's templates: $templates"
 order=$(curl -fsS -H "$auth" -d '{"template": "build-service", "set": ["os.version=\"2.0.0\""]}' "$service_url/v1/orders") ||
   fail "the image's service refused the order of its own template"
 order_id=$(jq -r .id <<< "$order")
 ok "the image's service ($service_url) lists $templates and took order $order_id"
-for _ in $(seq 1 600); do
-  state=$(curl -fsS -H "$auth" "$service_url/v1/orders/$order_id" | jq -r .state)
+for _ in $(seq 1 1500); do
+  state=$(curl -fsS -H "$auth" "$service_url/v1/orders/$order_id" | jq -r .state) ||
+    fail "cannot read the state of order $order_id"
   [[ $state == queued || $state == running ]] || break
   sleep 1
 done
-shown=$(curl -fsS -H "$auth" "$service_url/v1/orders/$order_id")
+shown=$(curl -fsS -H "$auth" "$service_url/v1/orders/$order_id") || fail "cannot read order $order_id"
 [[ $state == succeeded ]] || fail "the self-build ended $state: $(jq -r .build.error <<< "$shown"); log: $(jq -r .build.log_tail <<< "$shown")"
 img_url=$(jq -r '.artifacts[] | select(.name == "build-service-2.0.0.img") | .url' <<< "$shown")
 img_sha=$(jq -r '.artifacts[] | select(.name == "build-service-2.0.0.img") | .sha256' <<< "$shown")
 [[ -n $img_url && $img_url != null ]] || fail "the self-build lists no build-service-2.0.0.img: $shown"
 curl -fsS -H "$auth" -o "$work/self-built.img" "$service_url$img_url" || fail "cannot download the self-built image"
 [[ $(sha256sum < "$work/self-built.img" | cut -d' ' -f1) == "$img_sha" ]] || fail "the downloaded image is not the listed SHA-256"
+rm -f "$work/self-built-atom-build"
 debugfs -R "dump /usr/bin/atom-build $work/self-built-atom-build" "$work/self-built.img" 2> /dev/null
 cmp -s "$work/self-built-atom-build" "$build" || fail "the self-built image carries another atom-build"
 for t in build-service server; do
   debugfs -R "cat /etc/atom/templates/$t.toml" "$work/self-built.img" 2> /dev/null | cmp -s - "$stree/etc/atom/templates/$t.toml" ||
     fail "the self-built image's template $t is not the running host's"
 done
-debugfs -R "cat /usr/lib/atom/release" "$work/self-built.img" 2> /dev/null | grep -q '2.0.0' ||
+debugfs -R "cat /usr/lib/atom/release" "$work/self-built.img" 2> /dev/null | grep -qF '2.0.0' ||
   fail "the self-built image's release is not 2.0.0"
 ok "built in the image by its own service: build-service 2.0.0 ($(stat -c %s "$work/self-built.img") bytes, SHA-256 checked), with the same atom-build and templates"
 # unshare --fork ignores SIGTERM itself: the service, its child, is told.

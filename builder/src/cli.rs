@@ -799,7 +799,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size)]
     pub min_free: u64,
     /// The SMTP relay for orders' e-mail notices: smtp://[USER:PASSWORD@]HOST[:PORT]
-    /// (STARTTLS when offered; `?tls=required` insists) or smtps://HOST[:PORT]. Without
+    /// (STARTTLS when offered, required with a password; `?tls=required` insists) or smtps://HOST[:PORT]. Without
     /// it orders asking for e-mail are refused. Give a password through the variable, not
     /// the command line.
     #[arg(long, value_name = "URL", env = "ATOM_BUILD_SMTP", hide_env_values = true)]

@@ -1114,7 +1114,11 @@ fn notices_tell_of_each_build_s_end(backend: Backend) {
         let (name, json) = &m.attachments[0];
         assert_eq!(name, "order.json");
         let v: Value = serde_json::from_slice(json).unwrap();
-        assert_eq!(v["request"]["notify"]["secret"], "(hidden)", "{v}");
+        assert!(
+            v["request"].get("notify").is_none(),
+            "a recipient sees neither the others nor the webhook: {v}"
+        );
+        assert!(v["request"]["template"].is_string(), "{v}");
         let id = v["id"].as_str().unwrap();
         assert!(m.text.contains(&format!("{}/v1/orders/{id}", s.url)), "{}", m.text);
         if id == good {
@@ -1171,6 +1175,28 @@ fn the_web_page_orders_watches_and_downloads() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 401, "a POST with only the cookie");
+    // ... and good for downloads only, and no script can read it.
+    let r = client()
+        .build()
+        .unwrap()
+        .get(format!("{}/v1/orders", s.url))
+        .header("cookie", format!("atom_token={t}"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401, "a listing with only the cookie");
+    let r = client()
+        .build()
+        .unwrap()
+        .post(format!("{}/v1/session", s.url))
+        .bearer_auth(&t)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        set.contains("HttpOnly") && set.contains("Path=/v1/orders/") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
     let r = client().build().unwrap().get(format!("{}/", s.url)).send().unwrap();
     assert_eq!(r.status(), 200);
     let csp = r.headers()["content-security-policy"].to_str().unwrap().to_string();

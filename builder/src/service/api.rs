@@ -102,8 +102,11 @@ impl FromRequestParts<Arc<App>> for Caller {
                 .ok()
                 .and_then(|h| h.strip_prefix("Bearer "))
                 .ok_or_else(|| unauthorized("the Authorization header is not \"Bearer TOKEN\""))?,
-            None if matches!(parts.method, axum::http::Method::GET | axum::http::Method::HEAD) => {
-                cookie(parts, "atom_token").ok_or_else(|| unauthorized("give a token: Authorization: Bearer atb_…"))?
+            None if matches!(parts.method, axum::http::Method::GET | axum::http::Method::HEAD)
+                && is_download(parts.uri.path()) =>
+            {
+                cookie(parts, SESSION_COOKIE)
+                    .ok_or_else(|| unauthorized("give a token: Authorization: Bearer atb_…"))?
             }
             None => return Err(unauthorized("give a token: Authorization: Bearer atb_…")),
         };
@@ -111,6 +114,42 @@ impl FromRequestParts<Arc<App>> for Caller {
             Some(t) => Ok(Caller(t)),
             None => Err(unauthorized("unknown or revoked token")),
         }
+    }
+}
+
+/// The cookie `POST /v1/session` sets for the web page's download links.
+const SESSION_COOKIE: &str = "atom_token";
+
+/// Only artifact downloads take the cookie: plain links cannot carry a header, and
+/// reading an artifact changes nothing.
+fn is_download(path: &str) -> bool {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    matches!(parts[..], ["v1", "orders", _, "artifacts", _])
+}
+
+/// `POST /v1/session` (with the token in the header): the cookie for download links,
+/// HttpOnly (no script reads it) and scoped to the orders' paths.
+async fn session(State(app): State<Arc<App>>, headers: axum::http::HeaderMap, Caller(_): Caller) -> Response {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .trim();
+    let secure = if app.public_url.starts_with("https:") {
+        "; Secure"
+    } else {
+        ""
+    };
+    let value = format!("{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/v1/orders/; Max-Age=86400{secure}");
+    match header::HeaderValue::from_str(&value) {
+        Ok(v) => (StatusCode::NO_CONTENT, [(header::SET_COOKIE, v)]).into_response(),
+        Err(_) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_token",
+            "the token is not a header value".to_string(),
+        )
+        .into_response(),
     }
 }
 
@@ -129,6 +168,7 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/v1/templates", get(templates))
+        .route("/v1/session", post(session))
         .route("/v1/orders", post(create).get(list))
         .route("/v1/orders/{id}", get(show).delete(delete))
         .route("/v1/orders/{id}/cancel", post(cancel))

@@ -17,11 +17,13 @@ pub struct Mailer {
 }
 
 impl Mailer {
-    /// `url`: smtp://[USER:PASSWORD@]HOST[:PORT] (STARTTLS when the relay offers it; add
-    /// `?tls=required` to insist) or smtps://… (TLS from the start, port 465).
+    /// `url`: smtp://[USER:PASSWORD@]HOST[:PORT] (STARTTLS when the relay offers it, and
+    /// required when the URL carries a password; `?tls=required` insists, `?tls=none`
+    /// never tries) or smtps://… (TLS from the start, port 465).
     pub fn new(url: &str, from: Option<&str>) -> Result<Mailer> {
         let relay = shown_url(url);
-        let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
+        let url = with_tls_default(url);
+        let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(&url)
             .with_context(|| format!("--smtp {relay}: not an SMTP relay's URL"))?
             .timeout(Some(Duration::from_secs(30)))
             .build();
@@ -60,6 +62,23 @@ impl Mailer {
             .await
             .with_context(|| format!("{} did not take the mail to {to}", self.relay))?;
         Ok(())
+    }
+}
+
+/// lettre's `smtp://` without `tls=` never encrypts: STARTTLS when offered is the default
+/// here, and required once a password would cross the wire.
+fn with_tls_default(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if u.scheme() == "smtp" && !u.query_pairs().any(|(k, _)| k == "tls") => {
+            let mode = if u.password().is_some() {
+                "required"
+            } else {
+                "opportunistic"
+            };
+            u.query_pairs_mut().append_pair("tls", mode);
+            u.to_string()
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -143,6 +162,15 @@ fn or_dash(s: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+
+    #[test]
+    fn smtp_urls_encrypt_when_they_can_and_must_with_a_password() {
+        use super::with_tls_default as t;
+        assert_eq!(t("smtp://relay.test"), "smtp://relay.test?tls=opportunistic");
+        assert_eq!(t("smtp://u:p@relay.test:587"), "smtp://u:p@relay.test:587?tls=required");
+        assert_eq!(t("smtp://relay.test?tls=none"), "smtp://relay.test?tls=none");
+        assert_eq!(t("smtps://u:p@relay.test"), "smtps://u:p@relay.test");
+    }
 
     #[test]
     fn a_failure_s_mail_carries_its_error_and_log_tail() {

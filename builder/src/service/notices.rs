@@ -59,7 +59,8 @@ async fn round(app: &App, http: &reqwest::Client) -> Result<()> {
             tracing::warn!(order = %order_id, "cannot queue the order's notice: {e:#}");
         }
     }
-    for n in app.db.due_notices().await? {
+    // An instance without a relay leaves e-mail to one that has it (a shared queue).
+    for n in app.db.due_notices(app.mailer.is_some()).await? {
         if let Err(e) = try_one(app, http, &n).await {
             tracing::warn!(order = %n.order_id, "cannot send the order's notice: {e:#}");
         }
@@ -100,9 +101,17 @@ async fn try_one(app: &App, http: &reqwest::Client, n: &NoticeRow) -> Result<()>
         return Ok(());
     }
     let tries = n.attempts + 1;
-    let sent = match n.kind.as_str() {
-        "email" => mail(app, n).await,
-        _ => send(http, n).await,
+    // Within the put-off above, so no other instance takes the notice while it is sent.
+    let sent = match tokio::time::timeout(SEND_LIMIT, async {
+        match n.kind.as_str() {
+            "email" => mail(app, n).await,
+            _ => send(http, n).await,
+        }
+    })
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(anyhow::anyhow!("no answer within {} s", SEND_LIMIT.as_secs())),
     };
     match sent {
         Ok(()) => {
@@ -118,11 +127,19 @@ async fn try_one(app: &App, http: &reqwest::Client, n: &NoticeRow) -> Result<()>
     }
 }
 
+/// One notice's whole send (an SMTP session is several round trips, each with its own
+/// timeout).
+const SEND_LIMIT: Duration = Duration::from_secs(45);
+
 async fn mail(app: &App, n: &NoticeRow) -> Result<()> {
     let Some(mailer) = &app.mailer else {
         bail!("this instance sends no e-mail (it was started without --smtp)");
     };
-    let order: serde_json::Value = serde_json::from_str(&n.body).context("the notice's order JSON")?;
+    let mut order: serde_json::Value = serde_json::from_str(&n.body).context("the notice's order JSON")?;
+    // Each recipient sees neither the others nor the webhook (often a capability URL).
+    if let Some(request) = order.get_mut("request").and_then(|r| r.as_object_mut()) {
+        request.remove("notify");
+    }
     mailer.send(&n.target, &order, &app.public_url).await
 }
 

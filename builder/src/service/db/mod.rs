@@ -588,12 +588,15 @@ impl Db {
         Ok(true)
     }
 
-    pub async fn due_notices(&self) -> Result<Vec<NoticeRow>> {
+    /// Notices due for a try; e-mail ones only for an instance that can send them.
+    pub async fn due_notices(&self, email: bool) -> Result<Vec<NoticeRow>> {
         let rows = sqlx::query(
             "SELECT id, order_id, kind, target, secret, body, attempts FROM notices \
-             WHERE state = 'pending' AND next_try <= $1 ORDER BY next_try LIMIT 20",
+             WHERE state = 'pending' AND next_try <= $1 AND (kind <> 'email' OR $2) \
+             ORDER BY next_try LIMIT 20",
         )
         .bind(now())
+        .bind(email)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()

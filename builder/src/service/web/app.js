@@ -10,9 +10,6 @@ let logAbort = null;
 function setToken(t) {
   token = t.trim();
   localStorage.setItem("atomToken", token);
-  // Downloads are plain links: GET requests also take the token from this cookie.
-  const secure = location.protocol === "https:" ? "; Secure" : "";
-  document.cookie = `atom_token=${encodeURIComponent(token)}; path=/; SameSite=Strict${secure}`;
 }
 
 async function api(method, path, body) {
@@ -186,6 +183,8 @@ async function start() {
   if (!token) { say("give your token (atom-build token add NAME prints one)"); return; }
   setToken(token);
   try {
+    // Downloads are plain links: the service sets an HttpOnly cookie good for them only.
+    await api("POST", "/v1/session");
     await loadTemplates();
     say("");
   } catch (e) {
