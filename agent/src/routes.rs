@@ -71,7 +71,7 @@ impl Job<'_> {
         }) {
             let attempt = match route {
                 Route::Precomputed => self.precomputed(host),
-                Route::Rsync => self.rsync(),
+                Route::Rsync => self.rsync(host),
                 Route::Full => self.full().map(Some),
             };
             let stats = match attempt {
@@ -281,9 +281,12 @@ impl Job<'_> {
         self.apply_delta(&base, &raw).map(Some)
     }
 
-    fn rsync(&self) -> Result<Option<WriteStats>, Failure> {
+    fn rsync(&self, host: &Host) -> Result<Option<WriteStats>, Failure> {
         if !self.sources.has_http() {
             return Ok(None);
+        }
+        if let Some(stats) = self.rsync_from_known_base(host)? {
+            return Ok(Some(stats));
         }
         // The server bounds signatures to bases up to twice the target's size.
         let base_len = self.running.size_bytes.min(self.target.image.size.saturating_mul(2));
@@ -306,6 +309,54 @@ impl Job<'_> {
             .map_err(Failure::error)?;
         let answer = File::open(&zst).map_err(io_failure)?;
         let raw = self.raw_delta(&answer, DeltaFormat::FastRsyncZstd, &base)?;
+        self.progress.phase("applying the rsync delta");
+        self.apply_delta(&base, &raw).map(Some)
+    }
+
+    /// The server's delta from the published image of the running version (a host that
+    /// skipped versions the publisher made deltas from): no signature to compute or send,
+    /// and byte-level matches into the base. `None` when the server does not know that
+    /// base or the running slot no longer holds it: then the signature is sent.
+    fn rsync_from_known_base(&self, host: &Host) -> Result<Option<WriteStats>, Failure> {
+        self.progress
+            .phase("asking the server for a delta from the running version");
+        let zst = self.work.join(RSYNC_ANSWER);
+        let Some(answer) = self.sources.known_base_delta(
+            &self.s.channel,
+            &self.target.version,
+            &host.release.version,
+            &zst,
+            delta::raw_delta_limit(self.target.image.size),
+            self.progress.download_callback(),
+        ) else {
+            let _ = std::fs::remove_file(&zst);
+            return Ok(None);
+        };
+        self.progress.phase("checking the running slot");
+        let slot_digest = slotio::hash_range(
+            self.disk,
+            self.running.offset_bytes,
+            answer.base_size.min(self.running.size_bytes),
+            &|_| {},
+        )
+        .map_err(io_failure)?;
+        if slot_digest != answer.base_digest {
+            tracing::info!(running = %host.release.version, "the running slot is not the published image; sending its signature instead");
+            let _ = std::fs::remove_file(&zst);
+            return Ok(None);
+        }
+        tracing::info!(running = %host.release.version, bytes = answer.bytes, format = ?answer.format, "delta from the running version's published image");
+        let file = File::open(&zst).map_err(io_failure)?;
+        let base = self.map_running(answer.base_size)?;
+        let raw = match self.raw_delta(&file, answer.format, &base) {
+            Ok(raw) => raw,
+            Err(e) => {
+                // Nothing was written yet: the signature's answer can still do.
+                tracing::warn!(error = %e, "the server's delta from the running version does not decode; sending the signature instead");
+                let _ = std::fs::remove_file(&zst);
+                return Ok(None);
+            }
+        };
         self.progress.phase("applying the rsync delta");
         self.apply_delta(&base, &raw).map(Some)
     }

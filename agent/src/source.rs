@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use atom_dist::manifest::MAX_MANIFEST_BYTES;
+use atom_dist::manifest::{DeltaFormat, MAX_MANIFEST_BYTES};
 use atom_dist::repo::layout;
 use atom_dist::verify::{Policy, RoleDocs, Seen, Verified, verify_chain, verify_manifest};
 use atom_dist::{Digest, localfile};
@@ -565,6 +565,90 @@ impl Sources {
         Ok(fresh)
     }
 
+    /// Asks the HTTP mirrors for the delta from the published `base_version` (what this host
+    /// runs) to the target, without a signature: atom-dist answers it when it knows that
+    /// base. `None` when no mirror does (an unknown base, a server without this, a plain
+    /// static mirror): the caller sends its signature instead. The answer is written to
+    /// `dest`, at most `limit` bytes; the base it names is for the caller to check.
+    pub fn known_base_delta(
+        &self,
+        channel: &str,
+        version: &semver::Version,
+        base_version: &semver::Version,
+        dest: &Path,
+        limit: u64,
+        progress: &dyn Fn(u64),
+    ) -> Option<KnownBaseAnswer> {
+        for repo in &self.repos {
+            let Repo::Http(base) = repo else { continue };
+            let url = reqwest::Url::parse_with_params(
+                &format!("{base}/v1/delta"),
+                [
+                    ("channel", channel.to_owned()),
+                    ("version", version.to_string()),
+                    ("base_version", base_version.to_string()),
+                ],
+            )
+            .ok()?
+            .to_string();
+            let result = (|| {
+                // The server computes a delta from a base no publisher diffed from once,
+                // which for a large image takes minutes.
+                let timeout = self.transfer_timeout(limit / 4) + Duration::from_secs(600);
+                let client = self.http()?;
+                let mut resp = self.with_retries(|| client.post(&url).timeout(timeout).body(Vec::new()).send())?;
+                if resp.status().is_client_error() {
+                    // unknown_base, or a server that wants a signature.
+                    return Ok(None);
+                }
+                if !resp.status().is_success() {
+                    let status = resp.status();
+                    let mut text = String::new();
+                    let _ = (&mut resp).take(4096).read_to_string(&mut text);
+                    return Err(format!("HTTP {status}: {}", text.trim()));
+                }
+                let header = |name: &str| {
+                    resp.headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                };
+                let format = match header("x-atom-delta-format").as_deref() {
+                    Some("fast-rsync-zstd") => DeltaFormat::FastRsyncZstd,
+                    Some("fast-rsync-zstd-base-prefix") => DeltaFormat::FastRsyncZstdBasePrefix,
+                    // A block-level answer (an older server ignored base_version): fine, but
+                    // the signature route is the one that reads it.
+                    _ => return Ok(None),
+                };
+                let digest = header("x-atom-base-digest").and_then(|d| d.parse::<Digest>().ok());
+                let size = header("x-atom-base-size").and_then(|n| n.parse::<u64>().ok());
+                let (Some(base_digest), Some(base_size)) = (digest, size) else {
+                    return Err("the answer does not name its base (x-atom-base-digest, x-atom-base-size)".into());
+                };
+                let mut file = File::create(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+                let n = std::io::copy(&mut resp.take(limit + 1), &mut file).map_err(|e| {
+                    space::removed_if_full(dest, &e).unwrap_or_else(|| format!("transfer failed: {}", error_chain(&e)))
+                })?;
+                if n > limit {
+                    return Err(format!("delta larger than {limit} bytes"));
+                }
+                progress(n);
+                Ok(Some(KnownBaseAnswer {
+                    format,
+                    base_digest,
+                    base_size,
+                    bytes: n,
+                }))
+            })();
+            match result {
+                Ok(Some(a)) => return Some(a),
+                Ok(None) => {}
+                Err(e) => tracing::info!(url = %url, error = %e, "no delta from the running version's published image"),
+            }
+        }
+        None
+    }
+
     /// Asks the first HTTP mirror that answers for a delta from `signature` to the target.
     /// The answer is written to `dest`, at most `limit` bytes.
     pub fn rsync_delta(
@@ -734,4 +818,12 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     text
+}
+
+/// A delta atom-dist made from a published base image, with the base it names.
+pub struct KnownBaseAnswer {
+    pub format: DeltaFormat,
+    pub base_digest: Digest,
+    pub base_size: u64,
+    pub bytes: u64,
 }

@@ -60,7 +60,25 @@ fn routes_fall_through_rsync_then_full() {
     );
     assert!(out.contains("via rsync-delta"), "{out}");
     assert!(env.slot_holds("B", "v2.img"));
-    // The signature went up: a few bytes per 4 KiB block of the running slot, compressed.
+    // The running slot is the published 1.0.0: atom-dist answered from that image (its
+    // damaged published delta not passed on) and no signature went up.
+    let st = env.status_json();
+    assert_eq!(st["last_update"]["bytes_uploaded"], 0, "{st}");
+    assert!(out.contains("published image"), "{out}");
+
+    // A running slot that drifted from the published image: its signature goes up, a few
+    // bytes per 4 KiB block of the running slot, compressed.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&env.loopdev).unwrap();
+        f.write_all_at(b"drift", env.slot_offset("A") + (16 << 20)).unwrap();
+        f.sync_all().unwrap();
+    }
+    env.cgpt(3, 0, 0, 0);
+    std::fs::remove_dir_all(env.path("state")).unwrap();
+    let out = env.now_ok();
+    assert!(out.contains("via rsync-delta"), "{out}");
+    assert!(env.slot_holds("B", "v2.img"));
     let up = env.status_json()["last_update"]["bytes_uploaded"].as_u64().unwrap();
     assert!(up > 0 && up < (SLOT_MIB << 20) / 4096 * 12, "uploaded {up}");
 
@@ -75,6 +93,45 @@ fn routes_fall_through_rsync_then_full() {
     // B already held v2: nothing needed rewriting.
     let st = env.status_json();
     assert_eq!(st["last_update"]["bytes_written"], 0, "{st}");
+}
+
+#[test]
+fn a_host_that_skipped_a_version_gets_the_small_delta_from_the_server() {
+    let env = Env::new();
+    // The channel moves on to 3.0.0 with a delta from 2.0.0 only; the host runs 1.0.0.
+    env.publish("v3.img", &["--deltas", "1"]);
+    let manifest = std::fs::read_to_string(env.path("repo/channels/stable/manifest.toml")).unwrap();
+    assert!(
+        manifest.contains("base_version = \"2.0.0\"") && !manifest.contains("base_version = \"1.0.0\""),
+        "{manifest}"
+    );
+    let out = env.now_ok();
+    assert!(out.contains("no precomputed delta from the running version"), "{out}");
+    assert!(out.contains("via rsync-delta"), "{out}");
+    assert!(env.slot_holds("B", "v3.img"), "slot B holds v3 exactly");
+    let st = env.status_json();
+    let small = st["last_update"]["bytes_downloaded"].as_u64().unwrap();
+    assert_eq!(st["last_update"]["bytes_uploaded"], 0, "no signature went up: {st}");
+
+    // What the block-level answer from the same slot would have cost: never less.
+    let sig = atom_dist::delta::signature_of(&std::fs::read(env.path("v1.img")).unwrap());
+    std::fs::write(
+        env.path("v1.sig.zst"),
+        zstd::bulk::compress(sig.serialized(), 3).unwrap(),
+    )
+    .unwrap();
+    ok(Command::new("curl")
+        .args(["-fsS", "--data-binary"])
+        .arg(format!("@{}", env.path("v1.sig.zst").display()))
+        .arg("-o")
+        .arg(env.path("block.delta.zst"))
+        .arg(format!("{}/v1/delta?channel=stable&version=3.0.0", env.url)));
+    let block = std::fs::metadata(env.path("block.delta.zst")).unwrap().len();
+    assert!(
+        small > 0 && small <= block,
+        "from the published base {small} bytes, block-level {block}"
+    );
+    println!("skipped a version: {small} bytes from the published base, {block} block-level");
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use atom_dist::manifest::{FORMAT, Image, Manifest, Payload};
+use atom_dist::manifest::{Delta, DeltaFormat, FORMAT, Image, Manifest, Payload};
 use atom_dist::repo::{SignedManifest, layout};
 use atom_dist::{Digest, Repository, SecretKey, delta, signature};
 
@@ -27,6 +27,10 @@ fn bytes(len: usize, seed: u64) -> Vec<u8> {
 
 /// Publishes `image` as `version` with the library (the server does not care how).
 fn publish(repo: &Repository, key: &SecretKey, version: &str, image: &[u8]) -> Manifest {
+    publish_with(repo, key, version, image, vec![])
+}
+
+fn publish_with(repo: &Repository, key: &SecretKey, version: &str, image: &[u8], deltas: Vec<Delta>) -> Manifest {
     let digest = Digest::of(image);
     let rel = layout::payload(&digest);
     let payload = zstd::bulk::compress(image, 1).unwrap();
@@ -52,7 +56,7 @@ fn publish(repo: &Repository, key: &SecretKey, version: &str, image: &[u8]) -> M
         min_agent: None,
         critical: Vec::new(),
         rollout: None,
-        deltas: vec![],
+        deltas,
     };
     let text = m.to_toml();
     let signed = SignedManifest {
@@ -298,6 +302,109 @@ async fn delta_reconstructs_target_and_is_cached() {
     let same = apply(&f.v1, &r.bytes().await.unwrap(), f.v1.len() as u64);
     assert!(same == f.v1);
     assert!(s.metric("atom_dist_diff_seconds_count").await >= 2.0);
+}
+
+fn decode(format: &str, base: &[u8], delta_zst: &[u8], target_len: u64) -> Vec<u8> {
+    let format = match format {
+        "fast-rsync-zstd" => DeltaFormat::FastRsyncZstd,
+        "fast-rsync-zstd-base-prefix" => DeltaFormat::FastRsyncZstdBasePrefix,
+        other => panic!("unknown format {other}"),
+    };
+    let mut raw = Vec::new();
+    delta::decompress_format(format, base, delta_zst, &mut raw, delta::raw_delta_limit(target_len)).unwrap();
+    let mut out = Vec::new();
+    delta::apply(base, &raw, target_len, &mut out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_on_a_published_base_gets_the_small_delta_without_a_signature() {
+    let f = fixture();
+    let s = Server::start(&f.repo_dir, &[]);
+    let c = reqwest::Client::new();
+    let url = |q: &str| format!("{}/v1/delta?channel=stable&{q}", s.url);
+    let signature_answer = c
+        .post(url("version=2.0.0"))
+        .body(signature_body(&f.v1))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+
+    // v1 is a published image: no signature, and the answer names its base.
+    for cache in ["miss", "hit"] {
+        let r = c.post(url("base_version=1.0.0")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let h = r.headers().clone();
+        assert_eq!(h["x-atom-cache"], cache);
+        assert_eq!(h["x-atom-base-digest"].to_str().unwrap(), Digest::of(&f.v1).to_string());
+        assert_eq!(h["x-atom-base-size"].to_str().unwrap(), f.v1.len().to_string());
+        let body = r.bytes().await.unwrap();
+        let rebuilt = decode(
+            h["x-atom-delta-format"].to_str().unwrap(),
+            &f.v1,
+            &body,
+            f.v2.len() as u64,
+        );
+        assert!(
+            Digest::of(&rebuilt) == Digest::of(&f.v2),
+            "the known-base delta does not rebuild v2"
+        );
+        // 52,445 new (random, incompressible) bytes: byte-level matches carry little more,
+        // whole blocks carry their unchanged rest too.
+        assert!(
+            body.len() < 52_445 + 2048 && body.len() < signature_answer.len(),
+            "byte-level matches into the base beat blocks: {} vs {}",
+            body.len(),
+            signature_answer.len()
+        );
+    }
+    assert_eq!(s.metric("atom_dist_delta_known_base_total").await, 2.0);
+
+    // A base this channel never published: 404 without a body, the block answer with one.
+    let r = c.post(url("base_version=9.9.9")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.text().await.unwrap().contains("unknown_base"));
+    let r = c
+        .post(url("base_version=9.9.9"))
+        .body(signature_body(&f.v1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-atom-delta-format").is_none());
+    let rebuilt = apply(&f.v1, &r.bytes().await.unwrap(), f.v2.len() as u64);
+    assert!(rebuilt == f.v2);
+    // The target itself is no base.
+    let r = c.post(url("base_version=2.0.0")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+
+    // A target that lists a delta from the base: that very object is the answer.
+    let mut v3 = f.v2.clone();
+    v3[7_000_000..7_000_500].copy_from_slice(&bytes(500, 9));
+    let (format, encoded) = delta::make_precomputed(&f.v1, &v3, 3).unwrap();
+    let rel = format!("deltas/{}-{}.zst", Digest::of(&f.v1).hex(), Digest::of(&v3).hex());
+    std::fs::create_dir_all(f.repo.path("deltas")).unwrap();
+    std::fs::write(f.repo.path(&rel), &encoded).unwrap();
+    let listed = Delta {
+        base_version: "1.0.0".parse().unwrap(),
+        base_size: f.v1.len() as u64,
+        base_digest: Digest::of(&f.v1),
+        format,
+        path: rel,
+        size: encoded.len() as u64,
+        digest: Digest::of(&encoded),
+    };
+    publish_with(&f.repo, &f.key, "3.0.0", &v3, vec![listed]);
+    let r = c.post(url("base_version=1.0.0")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-atom-target-version"], "3.0.0");
+    let fmt = r.headers()["x-atom-delta-format"].to_str().unwrap().to_owned();
+    let body = r.bytes().await.unwrap();
+    assert_eq!(&body[..], &encoded[..], "the publisher's delta is served as it is");
+    assert!(decode(&fmt, &f.v1, &body, v3.len() as u64) == v3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,14 @@
 //! base to the target image. Answers are cached on disk by (signature digest, target
 //! digest), so a fleet on the same base costs one diff, and identical requests that arrive
 //! while a diff runs wait for it instead of starting their own.
+//!
+//! A host that names its running version (`base_version`) and runs an image the channel
+//! once published needs no signature at all: the answer is then the delta the publisher
+//! would have made from that version (served from the repository when the target lists
+//! it, else computed once from the two published images and cached), much smaller than a
+//! block-level answer. Headers name its format and base; the host checks its slot holds
+//! that base before applying it. An unknown base with an empty body is a 404
+//! `unknown_base`, and the host sends its signature instead.
 
 use std::collections::HashMap;
 use std::io::{BufWriter, Write};
@@ -36,6 +44,28 @@ const COMPRESSION_SLACK: usize = 64 * 1024;
 pub struct DeltaQuery {
     channel: String,
     version: Option<semver::Version>,
+    /// The version the host runs, if it runs a published image unchanged.
+    base_version: Option<semver::Version>,
+}
+
+/// Zstd level of the deltas computed from a known base: they are made once per pair and
+/// served to every host on that base, so the publisher's level pays.
+const KNOWN_BASE_LEVEL: i32 = 19;
+
+/// What a diff is computed from.
+#[derive(Clone)]
+enum Work {
+    /// The host's block signature: a block-level delta.
+    Signature(Arc<fast_rsync::Signature>),
+    /// A published base image: the delta the publisher would have made.
+    KnownBase(Box<Manifest>),
+}
+
+/// The base an answer was made against, for the host to check before applying it.
+struct AnswerBase {
+    format: manifest::DeltaFormat,
+    digest: Digest,
+    size: u64,
 }
 
 type Key = (Digest, Digest);
@@ -123,6 +153,17 @@ impl DeltaService {
     }
 }
 
+/// The manifest the channel published for `version`, if it ever did.
+fn published(state: &AppState, channel: &str, version: &semver::Version) -> Result<Option<Manifest>, ApiError> {
+    let path = state.repo.path(&crate::repo::layout::history(channel, version));
+    let Ok(bytes) = std::fs::read(path) else {
+        return Ok(None);
+    };
+    Manifest::parse(&bytes)
+        .map(Some)
+        .map_err(|e| ApiError::internal(format!("repository manifest unreadable: {e}")))
+}
+
 fn target_manifest(state: &AppState, q: &DeltaQuery) -> Result<Manifest, ApiError> {
     manifest::check_name("channel", &q.channel).map_err(|e| ApiError::bad_request("bad_channel", e.to_string()))?;
     let not_found = |what: String| ApiError::new(StatusCode::NOT_FOUND, "not_found", what);
@@ -152,6 +193,16 @@ pub async fn handle(
     body: Body,
 ) -> Result<Response, ApiError> {
     let target = target_manifest(&state, &q)?;
+    let known = match &q.base_version {
+        Some(v) => published(&state, &q.channel, v)?,
+        None => None,
+    };
+    if let Some(base) = known
+        && base.image.digest != target.image.digest
+        && base.board == target.board
+    {
+        return known_base(&state, base, &target, peer.map(|p| p.0.0)).await;
+    }
     let svc = &state.delta;
     // A client's base is an image of the same product; allow it to be up to twice the
     // target's size.
@@ -192,6 +243,18 @@ pub async fn handle(
         }
     })?
     .to_bytes();
+    if compressed.is_empty()
+        && let Some(v) = &q.base_version
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_base",
+            format!(
+                "version {v} is not a published image of channel {:?} this server can diff from; send the slot's signature",
+                q.channel
+            ),
+        ));
+    }
     let mut raw = Vec::new();
     let dec = zstd::stream::read::Decoder::new(&compressed[..])
         .map_err(|e| ApiError::bad_request("bad_signature", e.to_string()))?;
@@ -219,13 +282,104 @@ pub async fn handle(
     let hit = if entry_is_sound(&cached).await {
         true
     } else {
-        compute_shared(&state, key, &cached, sig, &target, peer.map(|p| p.0.0)).await?
+        compute_shared(
+            &state,
+            key,
+            &cached,
+            Work::Signature(Arc::new(sig)),
+            &target,
+            peer.map(|p| p.0.0),
+        )
+        .await?
     };
     if hit {
         state.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
         touch(&cached);
     }
-    respond(&cached, &target, hit).await
+    respond(&cached, &target, hit, None).await
+}
+
+/// The answer for a host on a published base: the target's own precomputed delta from it
+/// if the publisher made one, else one computed here once per (base, target).
+async fn known_base(
+    state: &Arc<AppState>,
+    base: Manifest,
+    target: &Manifest,
+    peer: Option<IpAddr>,
+) -> Result<Response, ApiError> {
+    state.metrics.known_base_answers.fetch_add(1, Ordering::Relaxed);
+    let listed = target
+        .deltas
+        .iter()
+        .find(|d| d.base_digest == base.image.digest && d.format != manifest::DeltaFormat::Unsupported);
+    if let Some(d) = listed {
+        let path = state.repo.path(&d.path);
+        let (want, check) = (d.digest, path.clone());
+        // A damaged repository object is not passed on: computed here instead.
+        let sound = tokio::task::spawn_blocking(move || Digest::of_file(&check).is_ok_and(|(got, _)| got == want))
+            .await
+            .unwrap_or(false);
+        if sound {
+            let answer = AnswerBase {
+                format: d.format,
+                digest: d.base_digest,
+                size: d.base_size,
+            };
+            return respond(&path, target, true, Some(answer)).await;
+        }
+        tracing::warn!(path = %path.display(), "a published delta does not match its manifest; computing one");
+    }
+    let key = (base.image.digest, target.image.digest);
+    let cached = state
+        .delta
+        .cache_dir
+        .join(format!("known-{}-{}.zst", key.0.hex(), key.1.hex()));
+    let hit = if entry_is_sound(&cached).await && read_format(&cached).is_some() {
+        true
+    } else {
+        compute_shared(
+            state,
+            key,
+            &cached,
+            Work::KnownBase(Box::new(base.clone())),
+            target,
+            peer,
+        )
+        .await?
+    };
+    if hit {
+        state.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
+        touch(&cached);
+    }
+    let format = read_format(&cached).ok_or_else(|| ApiError::internal("cached delta lost its format"))?;
+    let answer = AnswerBase {
+        format,
+        digest: base.image.digest,
+        size: base.image.size,
+    };
+    respond(&cached, target, hit, Some(answer)).await
+}
+
+/// The format of a known-base cache entry, kept beside it.
+fn format_path(entry: &Path) -> PathBuf {
+    entry.with_extension("zst.format")
+}
+
+fn read_format(entry: &Path) -> Option<manifest::DeltaFormat> {
+    let text = std::fs::read_to_string(format_path(entry)).ok()?;
+    match text.trim() {
+        "fast-rsync-zstd" => Some(manifest::DeltaFormat::FastRsyncZstd),
+        "fast-rsync-zstd-base-prefix" => Some(manifest::DeltaFormat::FastRsyncZstdBasePrefix),
+        _ => None,
+    }
+}
+
+fn format_name(f: manifest::DeltaFormat) -> &'static str {
+    match f {
+        manifest::DeltaFormat::FastRsyncZstd => "fast-rsync-zstd",
+        manifest::DeltaFormat::FastRsyncZstdBasePrefix => "fast-rsync-zstd-base-prefix",
+        manifest::DeltaFormat::Unsupported => "unsupported",
+    }
 }
 
 /// Runs the diff once per key; concurrent callers for the same key wait for it. Returns
@@ -234,11 +388,10 @@ async fn compute_shared(
     state: &Arc<AppState>,
     key: Key,
     path: &Path,
-    sig: fast_rsync::Signature,
+    work: Work,
     target: &Manifest,
     peer: Option<IpAddr>,
 ) -> Result<bool, ApiError> {
-    let sig = Arc::new(sig);
     loop {
         let (tx, rx) = watch::channel(None);
         let running = {
@@ -263,7 +416,7 @@ async fn compute_shared(
                 leader.finish(Done::Ready);
                 return Ok(true);
             }
-            return lead(state, leader, path, sig.clone(), target, peer)
+            return lead(state, leader, path, work.clone(), target, peer)
                 .await
                 .map(|()| false);
         };
@@ -287,7 +440,7 @@ async fn lead(
     state: &Arc<AppState>,
     leader: Leader,
     path: &Path,
-    sig: Arc<fast_rsync::Signature>,
+    work: Work,
     target: &Manifest,
     peer: Option<IpAddr>,
 ) -> Result<(), ApiError> {
@@ -328,12 +481,19 @@ async fn lead(
     let task = tokio::spawn(async move {
         let started = Instant::now();
         let version = target.version.clone();
-        let written = match state2.images.get(&target).await {
-            Ok(image) => {
+        let written = match (work, state2.images.get(&target).await) {
+            (_, Err(e)) => Ok(Err(std::io::Error::other(e))),
+            (Work::Signature(sig), Ok(image)) => {
                 let out = out.clone();
                 tokio::task::spawn_blocking(move || write_delta(&sig, &image, &out)).await
             }
-            Err(e) => Ok(Err(std::io::Error::other(e))),
+            (Work::KnownBase(base), Ok(image)) => match state2.images.get(&base).await {
+                Ok(base) => {
+                    let out = out.clone();
+                    tokio::task::spawn_blocking(move || write_known_delta(&base, &image, &out)).await
+                }
+                Err(e) => Ok(Err(std::io::Error::other(e))),
+            },
         };
         drop(permit);
         drop(client_slot);
@@ -402,6 +562,26 @@ fn write_delta(sig: &fast_rsync::Signature, target: &[u8], out: &Path) -> std::i
     result
 }
 
+/// Like [`write_delta`], from a whole published base; its format goes beside it, written
+/// before the entry is renamed into place.
+fn write_known_delta(base: &[u8], target: &[u8], out: &Path) -> std::io::Result<()> {
+    let tmp = crate::fsutil::temp_path(out);
+    let result = (|| {
+        slow_diff_for_tests();
+        let (format, encoded) = delta::make_precomputed(base, target, KNOWN_BASE_LEVEL)?;
+        std::fs::write(&tmp, &encoded)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        let digest = Digest::of(&encoded);
+        crate::fsutil::write_atomic_bytes(&format_path(out), 0o644, format_name(format).as_bytes())?;
+        crate::fsutil::write_atomic_bytes(&digest_path(out), 0o644, digest.hex().as_bytes())?;
+        std::fs::rename(&tmp, out)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// `ATOM_DIST_FAILPOINT=diff:slow=MS` makes every diff take that much longer, so a test
 /// can disconnect in the middle of one.
 fn slow_diff_for_tests() {
@@ -441,13 +621,14 @@ fn evict(dir: &Path, max_bytes: u64, keep: &Path) {
         }
         if path != keep && std::fs::remove_file(&path).is_ok() {
             let _ = std::fs::remove_file(digest_path(&path));
+            let _ = std::fs::remove_file(format_path(&path));
             total -= len;
             tracing::debug!(path = %path.display(), "evicted cached delta");
         }
     }
 }
 
-async fn respond(path: &Path, target: &Manifest, hit: bool) -> Result<Response, ApiError> {
+async fn respond(path: &Path, target: &Manifest, hit: bool, base: Option<AnswerBase>) -> Result<Response, ApiError> {
     let file = tokio::fs::File::open(path)
         .await
         .map_err(|e| ApiError::internal(format!("cached delta vanished: {e}")))?;
@@ -457,7 +638,7 @@ async fn respond(path: &Path, target: &Manifest, hit: bool) -> Result<Response, 
         .map_err(|e| ApiError::internal(e.to_string()))?
         .len();
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
-    Ok((
+    let mut response = (
         [
             (header::CONTENT_TYPE, "application/zstd".to_string()),
             (header::CONTENT_LENGTH, len.to_string()),
@@ -476,5 +657,18 @@ async fn respond(path: &Path, target: &Manifest, hit: bool) -> Result<Response, 
         ],
         body,
     )
-        .into_response())
+        .into_response();
+    if let Some(b) = base {
+        let h = response.headers_mut();
+        for (name, v) in [
+            ("x-atom-delta-format", format_name(b.format).to_owned()),
+            ("x-atom-base-digest", b.digest.to_string()),
+            ("x-atom-base-size", b.size.to_string()),
+        ] {
+            if let Ok(v) = header::HeaderValue::from_str(&v) {
+                h.insert(name, v);
+            }
+        }
+    }
+    Ok(response)
 }

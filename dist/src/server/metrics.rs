@@ -17,6 +17,7 @@ pub struct Metrics {
     pub rejected_busy: AtomicU64,
     pub rejected_connections: AtomicU64,
     pub rejected_client_diffs: AtomicU64,
+    pub known_base_answers: AtomicU64,
 }
 
 impl Metrics {
@@ -45,6 +46,11 @@ impl Metrics {
             "atom_dist_response_bytes_total",
             "Bytes of response bodies sent.",
             get(&self.bytes_sent),
+        );
+        counter(
+            "atom_dist_delta_known_base_total",
+            "Delta requests from hosts on a published base, answered with its delta.",
+            get(&self.known_base_answers),
         );
         counter(
             "atom_dist_delta_cache_hits_total",
