@@ -870,8 +870,9 @@ pub enum TokenAction {
         /// A name for the token's owner (unique).
         name: String,
         /// Also allow: "recipe" (orders carry whole recipes, whose hooks run on the build
-        /// host), "publish" (orders publish with the service's key) or "worker" (a remote
-        /// worker, `atom-build worker`). Repeatable.
+        /// host), "publish" (orders publish with the service's key), "worker" (a remote
+        /// worker, `atom-build worker`) or "email" (orders may ask for e-mail notices
+        /// through the service's relay). Repeatable.
         #[arg(long, value_name = "SCOPE")]
         scope: Vec<String>,
         /// Orders of this token queued or building at once.

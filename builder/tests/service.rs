@@ -625,8 +625,8 @@ fn bad_orders_are_refused(backend: Backend) {
         (json!({ "template": "quick", "formats": ["iso"] }), 400, "formats are"),
         (
             json!({ "template": "quick", "notify": { "email": "ops@example.test" } }),
-            400,
-            "without --smtp",
+            403,
+            "\"email\" scope",
         ),
         (
             json!({ "template": "quick", "notify": { "webhook": "http://127.0.0.1:1/" } }),
@@ -663,6 +663,15 @@ fn bad_orders_are_refused(backend: Backend) {
         .send()
         .unwrap();
     assert_eq!(r.status(), 400);
+    // A token that may mail, on a service without a relay.
+    let mailer = w.token("mailer", &["--scope", "email"]);
+    let (got, v) =
+        Api::new(&s, &mailer).order(json!({ "template": "quick", "notify": { "email": "ops@example.test" } }));
+    assert_eq!(got, 400, "{v}");
+    assert!(
+        v["message"].as_str().unwrap_or_default().contains("without --smtp"),
+        "{v}"
+    );
     // A whole recipe from a trusted token: its unknown key is named.
     let (got, v) = Api::new(&s, &trusted).order(json!({ "recipe": "[os]\nversion = \"1.0.0\"\ncolour = 1\n" }));
     assert_eq!(got, 400, "{v}");
@@ -997,7 +1006,7 @@ impl Webhook {
 
 fn notices_tell_of_each_build_s_end(backend: Backend) {
     let w = World::new(backend);
-    let t = w.token("ops", &[]);
+    let t = w.token("ops", &["--scope", "email"]);
     let hook = Webhook::start();
     // The relay is down when the builds end: the mails are sent when it is back.
     let smtp_port = atom_test_support::smtp::free_port();

@@ -55,7 +55,7 @@ impl BuildState {
 ///   for trusted callers)
 /// - `publish`: orders may publish into the recipe's repository with the service's key
 /// - `worker`: a remote worker (`atom-build worker`) leases builds, reports, uploads
-pub const SCOPES: [&str; 3] = ["recipe", "publish", "worker"];
+pub const SCOPES: [&str; 4] = ["recipe", "publish", "worker", "email"];
 
 #[derive(Clone, Debug)]
 pub struct TokenRow {

@@ -144,6 +144,12 @@ pub fn check(app: &App, token: &TokenRow, req: &OrderRequest) -> Result<Checked,
         ));
     }
     if let Some(n) = &req.notify {
+        // The service's relay would otherwise mail anyone any token holder names.
+        if !n.email.is_empty() && !token.may("email") {
+            return Err(Refusal::Forbidden(
+                "this token may not send e-mail notices (needs the \"email\" scope)".into(),
+            ));
+        }
         check_notify(app, n)?;
     }
     let mut set = Vec::new();
