@@ -20,6 +20,9 @@ use semver::Version;
 use crate::cli::{PublishArgs, Signing};
 use crate::ext4;
 
+mod progress;
+use progress::{Metered, Step};
+
 /// Files this run created; removed again unless the publish completes, so a failed
 /// publish leaves the repository as it was.
 struct NewFiles(Vec<PathBuf>);
@@ -120,6 +123,7 @@ pub fn run(args: &PublishArgs) -> Result<()> {
     let payload_rel = layout::payload(&image_digest);
     tracing::info!(version = %release.version, path = %payload_rel, "writing full payload");
     let image_file = File::open(&args.image)?;
+    let mut step = Step::start("compressing the payload", image_size);
     let (payload_digest, payload_size) = write_object(&repo.path(&payload_rel), &mut new_files, |w| {
         let mut enc = zstd::stream::write::Encoder::new(w, args.zstd_level)?;
         enc.include_checksum(true)?;
@@ -128,10 +132,17 @@ pub fn run(args: &PublishArgs) -> Result<()> {
         // would need that much memory; 32 MiB keeps the agent within its memory budget.
         enc.window_log(atom_dist::delta::MAX_WINDOW_LOG)?;
         enc.multithread(std::thread::available_parallelism().map_or(1, |n| n.get() as u32))?;
-        io::copy(&mut &image_file, &mut enc)?;
+        io::copy(
+            &mut Metered {
+                inner: &image_file,
+                step: &mut step,
+            },
+            &mut enc,
+        )?;
         enc.finish()?;
         Ok(())
     })?;
+    step.finish(&format!("payload: {payload_size} bytes"));
 
     let deltas = make_deltas(&repo, args, &release, &image_digest, trusted, &mut new_files)?;
     let expires_in = args.expires_in;
@@ -183,7 +194,10 @@ pub fn run(args: &PublishArgs) -> Result<()> {
         return Ok(());
     }
     let key = keys.signer()?;
+    // A key on a token or in an HSM can take a while (or wait for a touch).
+    let step = Step::start("signing", 0);
     sign_and_commit(&repo, &manifest, key)?;
+    step.finish(&format!("signed by {}", key.key_id()));
     new_files.0.clear();
     keys.vouch(&repo, &args.signing, &manifest)?;
 
@@ -421,8 +435,18 @@ fn make_deltas(
         let mut file = scratch.reopen()?;
         file.set_len(0)?;
         let mut hashing = HashingWriter::new(BufWriter::new(&mut file));
-        zstd::stream::copy_decode(compressed, &mut hashing)
-            .with_context(|| format!("cannot decompress {}", payload.display()))?;
+        let mut step = Step::start(format!("decompressing base {version}"), base_size);
+        let mut dec = zstd::stream::read::Decoder::new(compressed)?;
+        dec.window_log_max(31)?;
+        io::copy(
+            &mut Metered {
+                inner: dec,
+                step: &mut step,
+            },
+            &mut hashing,
+        )
+        .with_context(|| format!("cannot decompress {}", payload.display()))?;
+        step.finish("base decompressed");
         let (mut w, digest, _) = hashing.finish();
         w.flush()?;
         drop(w);
@@ -433,7 +457,9 @@ fn make_deltas(
         let base = map(scratch.path())?;
         let rel = layout::delta(&base_digest, image_digest);
         tracing::info!(base = %version, path = %rel, "computing delta");
+        let step = Step::start(format!("delta from {version}"), 0);
         let (format, encoded) = delta::make_precomputed(&base, &target, args.zstd_level)?;
+        step.finish(&format!("delta from {version}: {} bytes", encoded.len()));
         let (digest, size) = write_object(&repo.path(&rel), new_files, |w| w.write_all(&encoded))?;
         out.push(Delta {
             base_version: version,
