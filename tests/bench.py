@@ -121,11 +121,11 @@ class Bench:
             cmd += ["--base", base]
         run(cmd)
 
-    def publish(self, repo, images):
+    def publish(self, repo, images, extra=()):
         shutil.rmtree(repo, ignore_errors=True)
         for img in images:
             run([self.bin / "atom-build", "publish", "--repo", repo, "--channel", "stable",
-                 "--key", self.work / "signer.key", "--zstd-level", str(self.args.zstd_level), img])
+                 "--key", self.work / "signer.key", "--zstd-level", str(self.args.zstd_level), *extra, img])
         manifest = tomllib.loads((repo / "channels/stable/manifest.toml").read_text())
         return manifest["payload"]["size"], manifest["deltas"][0]["size"]
 
@@ -271,6 +271,10 @@ class Bench:
                 rs = self.agent(loop, f"http://127.0.0.1:{port}", "rsync", "0.9.0", old_img)
                 dist_cpu = cpu_seconds(dist.pid) - cpu0
                 full = self.agent(loop, f"file://{repo}", "full", "1.0.0", old_img)
+                dist.terminate()
+                dist.wait()
+                dist = None
+                skipped = self.skipped_version(loop, old_img, new_img, new_tree, mode)
             finally:
                 if dist:
                     dist.terminate()
@@ -279,9 +283,32 @@ class Bench:
             rsync = self.rsync(old_img, new_img)
             zstd = self.zstd_patch(old_img, new_img)
             ca = self.casync(old_img, new_img)
-            self.report(name, mode, diff, blocks, payload, delta, pre, known, rs, full, dist_cpu, rsync, zstd, ca)
+            self.report(name, mode, diff, blocks, payload, delta, pre, known, rs, full, skipped, dist_cpu,
+                        rsync, zstd, ca)
 
-    def report(self, name, mode, diff, blocks, payload, delta, pre, known, rs, full, dist_cpu, rsync, zstd, ca):
+    def skipped_version(self, loop, old_img, new_img, new_tree, mode):
+        """A host still on 1.0.0 while the channel is at 2.0.0 with a delta from 1.5.0 only
+        (the new tree again as 1.5.0): no precomputed delta fits it, the rsync endpoint
+        answers from its published base."""
+        mid_img = self.work / "mid.img"
+        self.image(new_tree, "1.5.0", mid_img, base=old_img if mode == "layout-stable" else None)
+        repo = self.work / "repo-skipped"
+        self.publish(repo, [old_img, mid_img, new_img], extra=("--deltas", "1"))
+        port = free_port()
+        cache = self.work / "dist-cache-skipped"
+        shutil.rmtree(cache, ignore_errors=True)
+        dist = subprocess.Popen([self.bin / "atom-dist", "serve", "--repo", repo, "--listen",
+                                 f"127.0.0.1:{port}", "--cache", cache],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            dist.stdout.readline()
+            return self.agent(loop, f"http://127.0.0.1:{port}", "rsync", "1.0.0", old_img)
+        finally:
+            dist.terminate()
+            dist.wait()
+
+    def report(self, name, mode, diff, blocks, payload, delta, pre, known, rs, full, skipped, dist_cpu,
+               rsync, zstd, ca):
         def mib(n):
             if n is None:
                 return "-"
@@ -299,6 +326,8 @@ class Bench:
             ("Atom rsync endpoint, published base (delta down)", known and known["up"] + known["down"], known),
             ("Atom rsync endpoint, unknown base (signature up + delta down)", rs and rs["up"] + rs["down"], rs),
             ("Atom full payload", payload, full),
+            ("Atom, skipped a version (on 1.0.0, deltas from 1.5.0 only): rsync endpoint",
+             skipped and skipped["up"] + skipped["down"], skipped),
             ("rsync -z --no-whole-file -B 4096 (sent + received)", rsync["wire"], {"time": rsync["time"]}),
             ("zstd -19 --long=31 --patch-from", zstd["wire"], None),
             (f"casync (missing chunks: {ca['chunks']})", ca["wire"], None),
@@ -308,12 +337,14 @@ class Bench:
             rss = r.get("rss_kib")
             print(f"| {label} | {mib(wire)} | {secs(r.get('time'))} | {mib(r.get('written'))} | "
                   f"{mib(rss * 1024) if rss else '-'} |")
-        rss = max((r["rss_kib"] for r in (pre, known, rs, full) if r), default=0)
+        rss = max((r["rss_kib"] for r in (pre, known, rs, full, skipped) if r), default=0)
         print(f"\natom-dist CPU for one uncached diff: {dist_cpu:.2f} s\n")
         goals = [
             ("precomputed delta <= 1.15 x zstd --patch-from", delta / max(zstd["wire"], 1), 1.15),
             ("rsync endpoint, published base <= 1.2 x precomputed delta",
              (known["up"] + known["down"]) / max(delta, 1) if known else None, 1.2),
+            ("skipped a version <= 1.2 x precomputed delta",
+             (skipped["up"] + skipped["down"]) / max(delta, 1) if skipped else None, 1.2),
             ("rsync endpoint, unknown base total <= 0.75 x rsync total",
              (rs["up"] + rs["down"]) / rsync["wire"] if rs else None, 0.75),
             ("apply + verify time <= rsync time", pre["time"] / rsync["time"] if pre else None, 1.0),
