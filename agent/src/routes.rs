@@ -318,6 +318,15 @@ impl Job<'_> {
     /// and byte-level matches into the base. `None` when the server does not know that
     /// base or the running slot no longer holds it: then the signature is sent.
     fn rsync_from_known_base(&self, host: &Host) -> Result<Option<WriteStats>, Failure> {
+        // The precomputed route had that very delta: the server would send it again.
+        if self
+            .target
+            .deltas
+            .iter()
+            .any(|d| d.base_version == host.release.version)
+        {
+            return Ok(None);
+        }
         self.progress
             .phase("asking the server for a delta from the running version");
         let zst = self.work.join(RSYNC_ANSWER);

@@ -388,6 +388,7 @@ async fn a_host_on_a_published_base_gets_the_small_delta_without_a_signature() {
     let rel = format!("deltas/{}-{}.zst", Digest::of(&f.v1).hex(), Digest::of(&v3).hex());
     std::fs::create_dir_all(f.repo.path("deltas")).unwrap();
     std::fs::write(f.repo.path(&rel), &encoded).unwrap();
+    let listed_path = rel.clone();
     let listed = Delta {
         base_version: "1.0.0".parse().unwrap(),
         base_size: f.v1.len() as u64,
@@ -405,6 +406,20 @@ async fn a_host_on_a_published_base_gets_the_small_delta_without_a_signature() {
     let body = r.bytes().await.unwrap();
     assert_eq!(&body[..], &encoded[..], "the publisher's delta is served as it is");
     assert!(decode(&fmt, &f.v1, &body, v3.len() as u64) == v3);
+    // A damaged published delta is not passed on: one is computed.
+    std::fs::write(f.repo.path(&listed_path), b"not a delta").unwrap();
+    let r = c.post(url("base_version=1.0.0")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let fmt = r.headers()["x-atom-delta-format"].to_str().unwrap().to_owned();
+    let body = r.bytes().await.unwrap();
+    assert!(decode(&fmt, &f.v1, &body, v3.len() as u64) == v3);
+    // Computed only toward the current version: 2.0.0 (which lists nothing) is refused.
+    let r = c.post(url("version=2.0.0&base_version=1.0.0")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.text().await.unwrap().contains("current version"));
+    // Nor from a newer base to an older target.
+    let r = c.post(url("version=2.0.0&base_version=3.0.0")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

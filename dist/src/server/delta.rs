@@ -200,8 +200,9 @@ pub async fn handle(
     if let Some(base) = known
         && base.image.digest != target.image.digest
         && base.board == target.board
+        && base.version < target.version
     {
-        return known_base(&state, base, &target, peer.map(|p| p.0.0)).await;
+        return known_base(&state, &q.channel, base, &target, peer.map(|p| p.0.0)).await;
     }
     let svc = &state.delta;
     // A client's base is an image of the same product; allow it to be up to twice the
@@ -303,11 +304,11 @@ pub async fn handle(
 /// if the publisher made one, else one computed here once per (base, target).
 async fn known_base(
     state: &Arc<AppState>,
+    channel: &str,
     base: Manifest,
     target: &Manifest,
     peer: Option<IpAddr>,
 ) -> Result<Response, ApiError> {
-    state.metrics.known_base_answers.fetch_add(1, Ordering::Relaxed);
     let listed = target
         .deltas
         .iter()
@@ -325,16 +326,39 @@ async fn known_base(
                 digest: d.base_digest,
                 size: d.base_size,
             };
-            return respond(&path, target, true, Some(answer)).await;
+            let r = respond(&path, target, true, Some(answer)).await;
+            state.metrics.known_base_answers.fetch_add(1, Ordering::Relaxed);
+            return r;
         }
         tracing::warn!(path = %path.display(), "a published delta does not match its manifest; computing one");
+    }
+    // A level-19 diff of two whole images costs minutes: only toward the channel's current
+    // version, so a client cannot make the server diff every pair of the history.
+    let current = state
+        .repo
+        .current(channel)
+        .ok()
+        .flatten()
+        .and_then(|s| Manifest::parse(&s.manifest).ok());
+    if current.is_none_or(|c| c.image.digest != target.image.digest) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_base",
+            "deltas from a published base are computed only toward the channel's current version; send the slot's signature",
+        ));
     }
     let key = (base.image.digest, target.image.digest);
     let cached = state
         .delta
         .cache_dir
         .join(format!("known-{}-{}.zst", key.0.hex(), key.1.hex()));
-    let hit = if entry_is_sound(&cached).await && read_format(&cached).is_some() {
+    let sound = entry_is_sound(&cached).await;
+    if sound && read_format(&cached).is_none() {
+        // Its format file is lost: computed again rather than answered with a guess.
+        let _ = std::fs::remove_file(&cached);
+        let _ = std::fs::remove_file(digest_path(&cached));
+    }
+    let hit = if sound && read_format(&cached).is_some() {
         true
     } else {
         compute_shared(
@@ -357,7 +381,9 @@ async fn known_base(
         digest: base.image.digest,
         size: base.image.size,
     };
-    respond(&cached, target, hit, Some(answer)).await
+    let r = respond(&cached, target, hit, Some(answer)).await;
+    state.metrics.known_base_answers.fetch_add(1, Ordering::Relaxed);
+    r
 }
 
 /// The format of a known-base cache entry, kept beside it.
@@ -569,6 +595,8 @@ fn write_known_delta(base: &[u8], target: &[u8], out: &Path) -> std::io::Result<
     let result = (|| {
         slow_diff_for_tests();
         let (format, encoded) = delta::make_precomputed(base, target, KNOWN_BASE_LEVEL)?;
+        // Served to every host on this base: it must rebuild the target exactly.
+        check_rebuilds(format, base, &encoded, target)?;
         std::fs::write(&tmp, &encoded)?;
         std::fs::File::open(&tmp)?.sync_all()?;
         let digest = Digest::of(&encoded);
@@ -580,6 +608,21 @@ fn write_known_delta(base: &[u8], target: &[u8], out: &Path) -> std::io::Result<
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+fn check_rebuilds(format: manifest::DeltaFormat, base: &[u8], encoded: &[u8], target: &[u8]) -> std::io::Result<()> {
+    let mut raw = Vec::new();
+    let limit = delta::raw_delta_limit(target.len() as u64);
+    delta::decompress_format(format, base, encoded, &mut raw, limit).map_err(std::io::Error::other)?;
+    let mut rebuilt = crate::digest::HashingWriter::new(std::io::sink());
+    delta::apply(base, &raw, target.len() as u64, &mut rebuilt).map_err(std::io::Error::other)?;
+    let (_, digest, _) = rebuilt.finish();
+    if digest != Digest::of(target) {
+        return Err(std::io::Error::other(
+            "internal error: the computed delta does not rebuild the target",
+        ));
+    }
+    Ok(())
 }
 
 /// `ATOM_DIST_FAILPOINT=diff:slow=MS` makes every diff take that much longer, so a test
