@@ -420,6 +420,18 @@ async fn a_host_on_a_published_base_gets_the_small_delta_without_a_signature() {
     // Nor from a newer base to an older target.
     let r = c.post(url("version=2.0.0&base_version=3.0.0")).send().await.unwrap();
     assert_eq!(r.status(), 404);
+    // A base whose payload is gone (a fresh server, nothing decompressed yet): 404, so the
+    // host sends its signature instead of retrying.
+    drop(s);
+    std::fs::remove_file(f.repo.path(&layout::payload(&Digest::of(&f.v1)))).unwrap();
+    let s = Server::start(&f.repo_dir, &[]);
+    let r = c
+        .post(format!("{}/v1/delta?channel=stable&base_version=1.0.0", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.text().await.unwrap().contains("unknown_base"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -369,7 +369,24 @@ async fn known_base(
             target,
             peer,
         )
-        .await?
+        .await
+        .map_err(|e| {
+            // A base this server cannot diff from (its payload gone, say) is one the host
+            // should send its signature for, not retry: a 5xx would be retried.
+            if e.status == StatusCode::INTERNAL_SERVER_ERROR {
+                tracing::warn!(base = %base.version, error = %e.message, "no delta from a published base");
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown_base",
+                    format!(
+                        "cannot diff from {}: {}; send the slot's signature",
+                        base.version, e.message
+                    ),
+                )
+            } else {
+                e
+            }
+        })?
     };
     if hit {
         state.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
