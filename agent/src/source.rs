@@ -597,6 +597,15 @@ impl Sources {
                 let timeout = self.transfer_timeout(limit / 4) + Duration::from_secs(600);
                 let client = self.http()?;
                 let mut resp = self.with_retries(|| client.post(&url).timeout(timeout).body(Vec::new()).send())?;
+                // A diff longer than the server's request timeout goes on after its 408
+                // and is cached: asking again waits for it (or finds it done).
+                for _ in 0..KNOWN_BASE_WAITS {
+                    if resp.status() != StatusCode::REQUEST_TIMEOUT {
+                        break;
+                    }
+                    tracing::info!(url = %url, "the server is still computing the delta; asking again");
+                    resp = self.with_retries(|| client.post(&url).timeout(timeout).body(Vec::new()).send())?;
+                }
                 if resp.status().is_client_error() {
                     // unknown_base, or a server that wants a signature.
                     return Ok(None);
@@ -819,6 +828,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// How many more times a known-base request answered 408 (the diff outlived the server's
+/// request timeout, 300 s by default) is asked again.
+const KNOWN_BASE_WAITS: usize = 3;
 
 /// A delta atom-dist made from a published base image, with the base it names.
 pub struct KnownBaseAnswer {

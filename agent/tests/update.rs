@@ -96,7 +96,7 @@ fn routes_fall_through_rsync_then_full() {
 
 #[test]
 fn a_host_that_skipped_a_version_gets_the_small_delta_from_the_server() {
-    let env = Env::new();
+    let mut env = Env::new();
     // The channel moves on to 3.0.0 with a delta from 2.0.0 only; the host runs 1.0.0.
     env.publish("v3.img", &["--deltas", "1"]);
     let manifest = std::fs::read_to_string(env.path("repo/channels/stable/manifest.toml")).unwrap();
@@ -131,6 +131,23 @@ fn a_host_that_skipped_a_version_gets_the_small_delta_from_the_server() {
         "from the published base {small} bytes, block-level {block}"
     );
     println!("skipped a version: {small} bytes from the published base, {block} block-level");
+
+    // A diff that outlives the server's request timeout (408): asked again, it is found
+    // done, still without a signature.
+    env.stop_server();
+    std::fs::remove_dir_all(env.path("dist-cache")).unwrap();
+    env.start_server_env(
+        &["--request-timeout".as_ref(), "2s".as_ref()],
+        &[("ATOM_DIST_FAILPOINT", "diff:slow=3000")],
+    );
+    env.write_config(&[&env.url.clone()], "");
+    env.cgpt(3, 0, 0, 0);
+    std::fs::remove_dir_all(env.path("state")).unwrap();
+    let out = env.now_ok();
+    assert!(out.contains("via rsync-delta"), "{out}");
+    assert!(out.contains("still computing"), "{out}");
+    assert!(env.slot_holds("B", "v3.img"));
+    assert_eq!(env.status_json()["last_update"]["bytes_uploaded"], 0);
 }
 
 #[test]

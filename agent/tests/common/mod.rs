@@ -183,12 +183,18 @@ impl Env {
 
     /// atom-dist on a free loopback port with `extra` flags (e.g. TLS).
     pub fn start_server_with(&mut self, extra: &[&std::ffi::OsStr]) {
+        self.start_server_env(extra, &[]);
+    }
+
+    /// atom-dist with `extra` flags and environment (e.g. a failpoint).
+    pub fn start_server_env(&mut self, extra: &[&std::ffi::OsStr], env: &[(&str, &str)]) {
         let mut child = Command::new(sibling("atom-dist"))
             .args(["serve", "--listen", "127.0.0.1:0", "--repo"])
             .arg(self.path("repo"))
             .arg("--cache")
             .arg(self.path("dist-cache"))
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
