@@ -318,6 +318,37 @@ fn decode(format: &str, base: &[u8], delta_zst: &[u8], target_len: u64) -> Vec<u
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_base_diff_never_holds_up_signature_diffs() {
+    let f = fixture();
+    let s = Server::start_env(
+        &f.repo_dir,
+        &[
+            "--max-diffs",
+            "1",
+            "--diff-queue-wait",
+            "0s",
+            "--max-diffs-per-client",
+            "2",
+        ],
+        &[("ATOM_DIST_FAILPOINT", "diff:slow=2000")],
+    );
+    let c = reqwest::Client::new();
+    let known = tokio::spawn(
+        c.post(format!("{}/v1/delta?channel=stable&base_version=1.0.0", s.url))
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = c
+        .post(format!("{}/v1/delta?channel=stable", s.url))
+        .body(signature_body(&f.v1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the signature diff has its own permit");
+    assert_eq!(known.await.unwrap().unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_on_a_published_base_gets_the_small_delta_without_a_signature() {
     let f = fixture();
     let s = Server::start(&f.repo_dir, &[]);

@@ -135,6 +135,9 @@ pub struct DeltaLimits {
 pub struct DeltaService {
     pub limits: DeltaLimits,
     pub permits: Arc<Semaphore>,
+    /// Known-base diffs (two whole images at level 19: minutes) have one permit of their
+    /// own, so they never hold up the signature diffs.
+    pub known_base_permits: Arc<Semaphore>,
     pub per_client: Arc<PerClient>,
     pub inflight: InFlight,
     pub cache_dir: PathBuf,
@@ -145,6 +148,7 @@ impl DeltaService {
         std::fs::create_dir_all(&cache_dir)?;
         Ok(DeltaService {
             permits: Arc::new(Semaphore::new(limits.max_concurrent_diffs)),
+            known_base_permits: Arc::new(Semaphore::new(1)),
             per_client: PerClient::new(limits.max_diffs_per_client),
             limits,
             inflight: InFlight::default(),
@@ -505,7 +509,11 @@ async fn lead(
         Some((_, slot)) => slot,
         None => None,
     };
-    let permit = match tokio::time::timeout(svc.limits.queue_wait, svc.permits.clone().acquire_owned()).await {
+    let permits = match work {
+        Work::Signature(_) => &svc.permits,
+        Work::KnownBase(_) => &svc.known_base_permits,
+    };
+    let permit = match tokio::time::timeout(svc.limits.queue_wait, permits.clone().acquire_owned()).await {
         Ok(Ok(p)) => p,
         _ => {
             state.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
