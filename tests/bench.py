@@ -256,13 +256,7 @@ class Bench:
             dist = None
             try:
                 pre = self.agent(loop, f"file://{repo}", "precomputed", "1.0.0", old_img)
-                port = free_port()
-                cache = self.work / "dist-cache"
-                shutil.rmtree(cache, ignore_errors=True)
-                dist = subprocess.Popen([self.bin / "atom-dist", "serve", "--repo", repo, "--listen",
-                                         f"127.0.0.1:{port}", "--cache", cache],
-                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-                dist.stdout.readline()
+                dist, port = self.serve(repo, self.work / "dist-cache")
                 # A host whose version the channel never published (0.9.0 here, the same
                 # bytes) sends its signature for a block-level diff. (On 1.0.0 the target's
                 # own delta from it is the precomputed route's; the rsync endpoint's answer
@@ -286,6 +280,16 @@ class Bench:
             self.report(name, mode, diff, blocks, payload, delta, pre, rs, full, skipped, dist_cpu,
                         rsync, zstd, ca)
 
+    def serve(self, repo, cache):
+        """atom-dist on a free loopback port with an empty cache, once it listens."""
+        port = free_port()
+        shutil.rmtree(cache, ignore_errors=True)
+        dist = subprocess.Popen([self.bin / "atom-dist", "serve", "--repo", repo, "--listen",
+                                 f"127.0.0.1:{port}", "--cache", cache],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        dist.stdout.readline()
+        return dist, port
+
     def skipped_version(self, loop, old_img, new_img, new_tree, mode):
         """A host still on 1.0.0 while the channel is at 2.0.0 with a delta from 1.5.0 only
         (the new tree again as 1.5.0): no precomputed delta fits it, the rsync endpoint
@@ -294,14 +298,8 @@ class Bench:
         self.image(new_tree, "1.5.0", mid_img, base=old_img if mode == "layout-stable" else None)
         repo = self.work / "repo-skipped"
         self.publish(repo, [old_img, mid_img, new_img], extra=("--deltas", "1"))
-        port = free_port()
-        cache = self.work / "dist-cache-skipped"
-        shutil.rmtree(cache, ignore_errors=True)
-        dist = subprocess.Popen([self.bin / "atom-dist", "serve", "--repo", repo, "--listen",
-                                 f"127.0.0.1:{port}", "--cache", cache],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        dist, port = self.serve(repo, self.work / "dist-cache-skipped")
         try:
-            dist.stdout.readline()
             return self.agent(loop, f"http://127.0.0.1:{port}", "rsync", "1.0.0", old_img)
         finally:
             dist.terminate()

@@ -189,6 +189,18 @@ impl Job<'_> {
             .map_err(|e| Failure::error(format!("cannot map the running slot: {e}")))
     }
 
+    /// The digest of the running slot's first `len` bytes: whether it holds a given base.
+    fn running_digest(&self, len: u64) -> Result<Digest, Failure> {
+        self.progress.phase("checking the running slot");
+        slotio::hash_range(
+            self.disk,
+            self.running.offset_bytes,
+            len.min(self.running.size_bytes),
+            &|_| {},
+        )
+        .map_err(io_failure)
+    }
+
     fn finish(&self, w: SlotWriter<'_>) -> Result<WriteStats, Failure> {
         let stats = w.finish().map_err(io_failure)?;
         if stats.total != self.target.image.size {
@@ -259,14 +271,7 @@ impl Job<'_> {
             tracing::info!(running = %host.release.version, "no precomputed delta from the running version in a format this agent reads");
             return Ok(None);
         };
-        self.progress.phase("checking the running slot");
-        let base_digest = slotio::hash_range(
-            self.disk,
-            self.running.offset_bytes,
-            d.base_size.min(self.running.size_bytes),
-            &|_| {},
-        )
-        .map_err(io_failure)?;
+        let base_digest = self.running_digest(d.base_size)?;
         if base_digest != d.base_digest {
             return Err(Failure::error(format!(
                 "the running slot does not hold the published {} image (digest {base_digest}); cannot use its delta",
@@ -341,15 +346,7 @@ impl Job<'_> {
             let _ = std::fs::remove_file(&zst);
             return Ok(None);
         };
-        self.progress.phase("checking the running slot");
-        let slot_digest = slotio::hash_range(
-            self.disk,
-            self.running.offset_bytes,
-            answer.base_size.min(self.running.size_bytes),
-            &|_| {},
-        )
-        .map_err(io_failure)?;
-        if slot_digest != answer.base_digest {
+        if self.running_digest(answer.base_size)? != answer.base_digest {
             tracing::info!(running = %host.release.version, "the running slot is not the published image; sending its signature instead");
             let _ = std::fs::remove_file(&zst);
             return Ok(None);

@@ -581,16 +581,17 @@ impl Sources {
     ) -> Option<KnownBaseAnswer> {
         for repo in &self.repos {
             let Repo::Http(base) = repo else { continue };
-            let url = reqwest::Url::parse_with_params(
+            let Ok(url) = reqwest::Url::parse_with_params(
                 &format!("{base}/v1/delta"),
                 [
                     ("channel", channel.to_owned()),
                     ("version", version.to_string()),
                     ("base_version", base_version.to_string()),
                 ],
-            )
-            .ok()?
-            .to_string();
+            ) else {
+                continue;
+            };
+            let url = url.to_string();
             let result = (|| {
                 // The server computes a delta from a base no publisher diffed from once,
                 // which for a large image takes minutes.
@@ -611,10 +612,7 @@ impl Sources {
                     return Ok(None);
                 }
                 if !resp.status().is_success() {
-                    let status = resp.status();
-                    let mut text = String::new();
-                    let _ = (&mut resp).take(4096).read_to_string(&mut text);
-                    return Err(format!("HTTP {status}: {}", text.trim()));
+                    return Err(http_error(resp));
                 }
                 let header = |name: &str| {
                     resp.headers()
@@ -634,13 +632,7 @@ impl Sources {
                 let (Some(base_digest), Some(base_size)) = (digest, size) else {
                     return Err("the answer does not name its base (x-atom-base-digest, x-atom-base-size)".into());
                 };
-                let mut file = File::create(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
-                let n = std::io::copy(&mut resp.take(limit + 1), &mut file).map_err(|e| {
-                    space::removed_if_full(dest, &e).unwrap_or_else(|| format!("transfer failed: {}", error_chain(&e)))
-                })?;
-                if n > limit {
-                    return Err(format!("delta larger than {limit} bytes"));
-                }
+                let n = save_bounded(resp, dest, limit)?;
                 progress(n);
                 Ok(Some(KnownBaseAnswer {
                     format,
@@ -687,21 +679,12 @@ impl Sources {
                 // The server may need minutes for a diff against a drifted base.
                 let timeout = self.transfer_timeout(limit / 4) + Duration::from_secs(300);
                 let client = self.http()?;
-                let mut resp =
+                let resp =
                     self.with_retries(|| client.post(&url).timeout(timeout).body(signature_zst.clone()).send())?;
                 if !resp.status().is_success() {
-                    let status = resp.status();
-                    let mut text = String::new();
-                    let _ = (&mut resp).take(4096).read_to_string(&mut text);
-                    return Err(format!("HTTP {status}: {}", text.trim()));
+                    return Err(http_error(resp));
                 }
-                let mut file = File::create(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
-                let n = std::io::copy(&mut resp.take(limit + 1), &mut file).map_err(|e| {
-                    space::removed_if_full(dest, &e).unwrap_or_else(|| format!("transfer failed: {}", error_chain(&e)))
-                })?;
-                if n > limit {
-                    return Err(format!("delta larger than {limit} bytes"));
-                }
+                let n = save_bounded(resp, dest, limit)?;
                 progress(n);
                 Ok(())
             })();
@@ -827,6 +810,26 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     text
+}
+
+/// An HTTP answer that is not a success, with the start of its body.
+fn http_error(mut resp: reqwest::blocking::Response) -> String {
+    let status = resp.status();
+    let mut text = String::new();
+    let _ = (&mut resp).take(4096).read_to_string(&mut text);
+    format!("HTTP {status}: {}", text.trim())
+}
+
+/// Writes a delta answer to `dest`, refusing more than `limit` bytes; returns its size.
+fn save_bounded(resp: reqwest::blocking::Response, dest: &Path, limit: u64) -> Result<u64, String> {
+    let mut file = File::create(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+    let n = std::io::copy(&mut resp.take(limit + 1), &mut file).map_err(|e| {
+        space::removed_if_full(dest, &e).unwrap_or_else(|| format!("transfer failed: {}", error_chain(&e)))
+    })?;
+    if n > limit {
+        return Err(format!("delta larger than {limit} bytes"));
+    }
+    Ok(n)
 }
 
 /// How many more times a known-base request answered 408 (the diff outlived the server's

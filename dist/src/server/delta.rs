@@ -356,13 +356,14 @@ async fn known_base(
         .delta
         .cache_dir
         .join(format!("known-{}-{}.zst", key.0.hex(), key.1.hex()));
-    let sound = entry_is_sound(&cached).await;
-    if sound && read_format(&cached).is_none() {
-        // Its format file is lost: computed again rather than answered with a guess.
-        let _ = std::fs::remove_file(&cached);
-        let _ = std::fs::remove_file(digest_path(&cached));
-    }
-    let hit = if sound && read_format(&cached).is_some() {
+    let usable = entry_is_sound(&cached).await
+        && (read_format(&cached).is_some() || {
+            // Its format file is lost: computed again rather than answered with a guess.
+            let _ = std::fs::remove_file(&cached);
+            let _ = std::fs::remove_file(digest_path(&cached));
+            false
+        });
+    let hit = if usable {
         true
     } else {
         compute_shared(
