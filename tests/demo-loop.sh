@@ -97,6 +97,7 @@ dd if="$work/v1.img" of="$loopdev" bs=1M seek=5 conv=notrunc,fsync status=none
 "$bootsel" status --disk "$loopdev"
 
 step "serving the repository with atom-dist on 127.0.0.1"
+: > "$work/dist.out" # before the child opens it: the reads below must find it
 "$dist" serve --repo "$work/repo" --listen 127.0.0.1:0 --cache "$work/dist-cache" > "$work/dist.out" 2> "$work/dist.log" &
 server_pid=$!
 for _ in $(seq 50); do grep -q listening "$work/dist.out" 2>/dev/null && break; sleep 0.1; done

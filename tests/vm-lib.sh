@@ -124,6 +124,9 @@ background() {
 dist_url=
 start_dist() {
   [[ -z $dist_url ]] || return 0
+  # Made here: the background child opens it only when it runs, maybe after the first
+  # read below (under `set -e` a sed of a missing file ends the script).
+  : > "$work/atom-dist.out"
   "$dist_bin" serve --repo "$work/exchange/repo" --listen 127.0.0.1:0 --cache "$work/dist-cache" \
     > "$work/atom-dist.out" 2> "$work/atom-dist.log" &
   dist_pid=$!

@@ -270,6 +270,7 @@ ok "the image carries this atom-build, its unit (enabled), mmdebstrap, qemu-util
 # The image's tree as the root of the service (a mount namespace of its own: /proc, /dev,
 # /sys and a /tmp inside; the tree bound on itself, so its / is a mount point as a booted
 # host's is). Its own atom-build, templates, mmdebstrap and apt sources do the build.
+: > "$work/service.log" # before the child opens it: the polls below read it at once
 unshare --mount --fork --kill-child=SIGTERM bash -c "mount --bind '$stree' '$stree' && mount -t proc proc '$stree/proc' &&
   mount --rbind /dev '$stree/dev' && mount --rbind /sys '$stree/sys' && mount -t tmpfs tmpfs '$stree/tmp' &&
   cp /etc/resolv.conf '$stree/tmp/resolv.conf' && mount --bind '$stree/tmp/resolv.conf' '$stree/etc/resolv.conf' &&
