@@ -219,7 +219,14 @@ impl Job<'_> {
         // repositories' files are copied there first), not modified while mapped.
         let zst = unsafe { Mmap::map(src) }.map_err(io_failure)?;
         if let Some(size) = delta::declared_size(&zst) {
-            space::ensure_room(&self.work, size, "the decoded delta").map_err(Failure::error)?;
+            // A base-extents delta's prefix is assembled beside the decoded delta.
+            let prefix = match format {
+                DeltaFormat::FastRsyncZstdBaseExtents => {
+                    delta::extents::prefix_size(&zst, base.len() as u64).unwrap_or(0)
+                }
+                _ => 0,
+            };
+            space::ensure_room(&self.work, size + prefix, "the decoded delta").map_err(Failure::error)?;
         }
         let path = self.work.join("delta.raw");
         let out = File::options()
@@ -237,6 +244,7 @@ impl Job<'_> {
             &zst,
             &mut w,
             delta::raw_delta_limit(self.target.image.size),
+            Some(&self.work),
         )
         .and_then(|_| w.flush().map_err(delta::DeltaError::Io));
         if let Err(e) = decoded {

@@ -620,12 +620,13 @@ impl Sources {
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned)
                 };
-                let format = match header("x-atom-delta-format").as_deref() {
-                    Some("fast-rsync-zstd") => DeltaFormat::FastRsyncZstd,
-                    Some("fast-rsync-zstd-base-prefix") => DeltaFormat::FastRsyncZstdBasePrefix,
-                    // A block-level answer (an older server ignored base_version): fine, but
-                    // the signature route is the one that reads it.
-                    _ => return Ok(None),
+                // No header: a block-level answer (an older server ignored base_version),
+                // which the signature route is the one to read.
+                let Some(format) = header("x-atom-delta-format")
+                    .as_deref()
+                    .and_then(DeltaFormat::from_name)
+                else {
+                    return Ok(None);
                 };
                 let digest = header("x-atom-base-digest").and_then(|d| d.parse::<Digest>().ok());
                 let size = header("x-atom-base-size").and_then(|n| n.parse::<u64>().ok());

@@ -12,8 +12,8 @@ fn precomputed_delta_route_stages_verifies_and_flips() {
     let env = Env::new();
     let manifest = std::fs::read_to_string(env.path("repo/channels/stable/manifest.toml")).unwrap();
     assert!(
-        manifest.contains("format = \"fast-rsync-zstd-base-prefix\""),
-        "the publisher chose the base-prefixed delta:\n{manifest}"
+        manifest.contains("format = \"fast-rsync-zstd-base-extents\""),
+        "the publisher wrote a base-extents delta (the default):\n{manifest}"
     );
     let out = env.now_ok();
     assert!(out.contains("via precomputed-delta"), "{out}");

@@ -7,6 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use atom_dist::manifest::DeltaFormat;
 use atom_dist::repo::layout;
 use atom_dist::verify::{Policy, verify_manifest};
 use atom_dist::{Digest, Manifest, PublicKey, Repository, TrustedKeys, delta};
@@ -95,28 +96,62 @@ fn publish_round_trip_with_precomputed_delta() {
     assert_eq!(m.image.digest, v2_digest);
     assert_eq!(m.image.size, v2_len);
 
-    // The precomputed delta really turns v1 into v2.
+    // The precomputed delta really turns v1 into v2, in every --delta-format.
     let d = m.delta_from(&v1_digest).expect("delta from v1");
     assert_eq!(d.base_version.to_string(), "1.0.0");
-    let compressed = fs::read(s.repo.join(&d.path)).unwrap();
-    assert!(
-        compressed.len() < 100_000,
-        "delta of a small change is small: {} bytes",
-        compressed.len()
-    );
-    let mut raw = Vec::new();
-    let base = fs::read(&s.v1).unwrap();
-    delta::decompress_format(
-        d.format,
-        &base,
-        &compressed,
-        &mut raw,
-        delta::raw_delta_limit(m.image.size),
-    )
-    .unwrap();
-    let mut rebuilt = Vec::new();
-    delta::apply(&base, &raw, m.image.size, &mut rebuilt).unwrap();
-    assert!(Digest::of(&rebuilt) == v2_digest, "delta does not reproduce v2");
+    assert_eq!(d.format, DeltaFormat::FastRsyncZstdBaseExtents, "the default format");
+    let rebuilds = |repo: &Path, d: &atom_dist::manifest::Delta| {
+        let compressed = fs::read(repo.join(&d.path)).unwrap();
+        assert!(
+            compressed.len() < 100_000,
+            "delta of a small change is small: {} bytes",
+            compressed.len()
+        );
+        let mut raw = Vec::new();
+        let base = fs::read(&s.v1).unwrap();
+        let scratch = s.f.path(".");
+        delta::decompress_format(
+            d.format,
+            &base,
+            &compressed,
+            &mut raw,
+            delta::raw_delta_limit(m.image.size),
+            Some(&scratch),
+        )
+        .unwrap();
+        let mut rebuilt = Vec::new();
+        delta::apply(&base, &raw, m.image.size, &mut rebuilt).unwrap();
+        assert!(
+            Digest::of(&rebuilt) == v2_digest,
+            "a {:?} delta does not reproduce v2",
+            d.format
+        );
+    };
+    rebuilds(&s.repo, d);
+    for (flag, format) in [
+        ("base-prefix", DeltaFormat::FastRsyncZstdBasePrefix),
+        ("plain", DeltaFormat::FastRsyncZstd),
+    ] {
+        let repo = s.f.path(&format!("repo-{flag}"));
+        ok(s.f.publish(&repo, &s.key, &s.v1));
+        let out = atom_build(&[
+            &"publish",
+            &"--repo",
+            &repo,
+            &"--channel",
+            &"stable",
+            &"--key",
+            &s.key,
+            &"--delta-format",
+            &flag,
+            &s.v2,
+        ]);
+        ok(out);
+        let m = current(&repo);
+        let d = m.delta_from(&v1_digest).expect("delta from v1");
+        assert_eq!(d.format, format, "--delta-format {flag}");
+        rebuilds(&repo, d);
+    }
 
     let hist = ok(atom_build(&[&"history", &"--repo", &s.repo, &"--channel", &"stable"]));
     assert!(hist.contains("1.0.0") && hist.contains("2.0.0"), "{hist}");

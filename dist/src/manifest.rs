@@ -171,10 +171,37 @@ pub enum DeltaFormat {
     /// their prefix (see `delta::compress_with_base`): byte-level matches into the base.
     #[serde(rename = "fast-rsync-zstd-base-prefix")]
     FastRsyncZstdBasePrefix,
+    /// The same raw delta, zstd-compressed in frames whose prefix is the base blocks the
+    /// delta does not copy, named in a header (see `delta::extents`).
+    #[serde(rename = "fast-rsync-zstd-base-extents")]
+    FastRsyncZstdBaseExtents,
     /// A format this build does not know (a newer publisher's): hosts skip the delta
     /// and take another route instead of refusing the whole manifest.
     #[serde(other, skip_serializing)]
     Unsupported,
+}
+
+impl DeltaFormat {
+    /// The name manifests and the delta endpoint's `X-Atom-Delta-Format` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeltaFormat::FastRsyncZstd => "fast-rsync-zstd",
+            DeltaFormat::FastRsyncZstdBasePrefix => "fast-rsync-zstd-base-prefix",
+            DeltaFormat::FastRsyncZstdBaseExtents => "fast-rsync-zstd-base-extents",
+            DeltaFormat::Unsupported => "unsupported",
+        }
+    }
+
+    /// The format of `name`, if this build reads it.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            DeltaFormat::FastRsyncZstd,
+            DeltaFormat::FastRsyncZstdBasePrefix,
+            DeltaFormat::FastRsyncZstdBaseExtents,
+        ]
+        .into_iter()
+        .find(|f| f.name() == name)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -305,13 +305,17 @@ async fn delta_reconstructs_target_and_is_cached() {
 }
 
 fn decode(format: &str, base: &[u8], delta_zst: &[u8], target_len: u64) -> Vec<u8> {
-    let format = match format {
-        "fast-rsync-zstd" => DeltaFormat::FastRsyncZstd,
-        "fast-rsync-zstd-base-prefix" => DeltaFormat::FastRsyncZstdBasePrefix,
-        other => panic!("unknown format {other}"),
-    };
+    let format = DeltaFormat::from_name(format).unwrap_or_else(|| panic!("unknown format {format}"));
     let mut raw = Vec::new();
-    delta::decompress_format(format, base, delta_zst, &mut raw, delta::raw_delta_limit(target_len)).unwrap();
+    delta::decompress_format(
+        format,
+        base,
+        delta_zst,
+        &mut raw,
+        delta::raw_delta_limit(target_len),
+        None,
+    )
+    .unwrap();
     let mut out = Vec::new();
     delta::apply(base, &raw, target_len, &mut out).unwrap();
     out
@@ -415,7 +419,7 @@ async fn a_host_on_a_published_base_gets_the_small_delta_without_a_signature() {
     // A target that lists a delta from the base: that very object is the answer.
     let mut v3 = f.v2.clone();
     v3[7_000_000..7_000_500].copy_from_slice(&bytes(500, 9));
-    let (format, encoded) = delta::make_precomputed(&f.v1, &v3, 3).unwrap();
+    let (format, encoded) = delta::make_precomputed(&f.v1, &v3, 3, delta::Encoding::BasePrefix).unwrap();
     let rel = format!("deltas/{}-{}.zst", Digest::of(&f.v1).hex(), Digest::of(&v3).hex());
     std::fs::create_dir_all(f.repo.path("deltas")).unwrap();
     std::fs::write(f.repo.path(&rel), &encoded).unwrap();

@@ -1,5 +1,6 @@
 //! A delta as a host downloads it: its declared size (read to reserve room), zstd-compressed
-//! (plain or with the base as prefix), then applied to the running slot.
+//! (plain, with the base as prefix, or with base extents as prefix), its copy commands
+//! read, then applied to the running slot.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
@@ -16,6 +17,15 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(n) = atom_dist::delta::decompress_with_base(&base, data, &mut raw, limit) {
         assert!(n <= limit && raw.len() as u64 == n);
         assert_eq!(declared, Some(n), "a decodable prefixed delta declares its size");
+    }
+    let mut raw = Vec::new();
+    if let Ok(n) = atom_dist::delta::extents::decompress(&base, data, &mut raw, limit, None) {
+        assert!(n <= limit && raw.len() as u64 == n);
+        let prefix = atom_dist::delta::extents::prefix_size(data, base.len() as u64);
+        assert!(prefix.is_some_and(|p| p <= base.len() as u64));
+    }
+    if let Ok(copies) = atom_dist::delta::commands::copied_ranges(data) {
+        assert!(copies.iter().all(|r| r.start <= r.end));
     }
     let mut out = Vec::new();
     if atom_dist::delta::apply(&base, data, target_len, &mut out).is_ok() {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use atom_dist::digest::HashingWriter;
-use atom_dist::manifest::{self, Delta, Image, Manifest, Payload, Rollout};
+use atom_dist::manifest::{self, Delta, DeltaFormat, Image, Manifest, Payload, Rollout};
 use atom_dist::release::{RELEASE_PATH, Release};
 use atom_dist::repo::{SignedManifest, layout};
 use atom_dist::roles::{KeysDoc, Role};
@@ -26,6 +26,13 @@ use progress::{Metered, Step};
 /// Files this run created; removed again unless the publish completes, so a failed
 /// publish leaves the repository as it was.
 struct NewFiles(Vec<PathBuf>);
+
+impl NewFiles {
+    /// Hands the files over (to another list that will remove them if the publish fails).
+    fn take(mut self) -> Vec<PathBuf> {
+        std::mem::take(&mut self.0)
+    }
+}
 
 impl Drop for NewFiles {
     fn drop(&mut self) {
@@ -121,30 +128,18 @@ pub fn run(args: &PublishArgs) -> Result<()> {
 
     let mut new_files = NewFiles(Vec::new());
     let payload_rel = layout::payload(&image_digest);
-    tracing::info!(version = %release.version, path = %payload_rel, "writing full payload");
-    let image_file = File::open(&args.image)?;
-    let mut step = Step::start("compressing the payload", image_size);
-    let (payload_digest, payload_size) = write_object(&repo.path(&payload_rel), &mut new_files, |w| {
-        let mut enc = zstd::stream::write::Encoder::new(w, args.zstd_level)?;
-        enc.include_checksum(true)?;
-        enc.long_distance_matching(true)?;
-        // LDM would otherwise pick a 128 MiB window, and every host decoding the payload
-        // would need that much memory; 32 MiB keeps the agent within its memory budget.
-        enc.window_log(atom_dist::delta::MAX_WINDOW_LOG)?;
-        enc.multithread(std::thread::available_parallelism().map_or(1, |n| n.get() as u32))?;
-        io::copy(
-            &mut Metered {
-                inner: &image_file,
-                step: &mut step,
-            },
-            &mut enc,
-        )?;
-        enc.finish()?;
-        Ok(())
-    })?;
-    step.finish(&format!("payload: {payload_size} bytes"));
-
-    let deltas = make_deltas(&repo, args, &release, &image_digest, trusted, &mut new_files)?;
+    let bases = delta_bases(&repo, args, &release, &image_digest, trusted)?;
+    // The payload's compression and each delta are independent: side by side they use
+    // every core (zstd's own threads for the payload, one thread per delta).
+    let (payload, deltas) = std::thread::scope(|scope| {
+        let payload = scope.spawn(|| compress_payload(&repo, args, &payload_rel, image_size));
+        let deltas = make_deltas(&repo, args, &image_digest, bases);
+        let payload = payload.join().expect("the payload thread does not panic");
+        (payload, deltas)
+    });
+    let (payload_files, payload_digest, payload_size) = payload?;
+    new_files.0.extend(payload_files.take());
+    let deltas = write_deltas(&repo, &image_digest, deltas?, &mut new_files)?;
     let expires_in = args.expires_in;
     let manifest = Manifest {
         format: manifest::FORMAT,
@@ -387,15 +382,55 @@ pub(crate) fn current_manifest(repo: &Repository, channel: &str, trusted: &Trust
     }
 }
 
-fn make_deltas(
+/// Writes the full payload; returns the file it created (if new), its digest and size.
+fn compress_payload(
+    repo: &Repository,
+    args: &PublishArgs,
+    payload_rel: &str,
+    image_size: u64,
+) -> Result<(NewFiles, Digest, u64)> {
+    tracing::info!(path = %payload_rel, "writing full payload");
+    let image_file = File::open(&args.image)?;
+    let mut new_files = NewFiles(Vec::new());
+    let mut step = Step::start("compressing the payload", image_size);
+    let (digest, size) = write_object(&repo.path(payload_rel), &mut new_files, |w| {
+        let mut enc = zstd::stream::write::Encoder::new(w, args.payload_level)?;
+        enc.include_checksum(true)?;
+        enc.long_distance_matching(true)?;
+        // LDM would otherwise pick a 128 MiB window, and every host decoding the payload
+        // would need that much memory; 32 MiB keeps the agent within its memory budget.
+        enc.window_log(atom_dist::delta::MAX_WINDOW_LOG)?;
+        enc.multithread(std::thread::available_parallelism().map_or(1, |n| n.get() as u32))?;
+        io::copy(
+            &mut Metered {
+                inner: &image_file,
+                step: &mut step,
+            },
+            &mut enc,
+        )?;
+        enc.finish()?;
+        Ok(())
+    })?;
+    step.finish(&format!("payload: {size} bytes"));
+    Ok((new_files, digest, size))
+}
+
+/// A published version a delta starts from.
+struct Base {
+    version: Version,
+    digest: Digest,
+    size: u64,
+}
+
+/// The last `--deltas` distinct images of the channel whose manifests still verify.
+fn delta_bases(
     repo: &Repository,
     args: &PublishArgs,
     release: &Release,
     image_digest: &Digest,
     trusted: &TrustedKeys,
-    new_files: &mut NewFiles,
-) -> Result<Vec<Delta>> {
-    let mut bases: Vec<(Version, Digest, u64)> = Vec::new();
+) -> Result<Vec<Base>> {
+    let mut bases: Vec<Base> = Vec::new();
     for (version, signed) in repo.history(&args.signing.channel)?.into_iter().rev() {
         if bases.len() >= args.deltas {
             break;
@@ -410,61 +445,144 @@ fn make_deltas(
         match verify_manifest(&signed.manifest, &signed.signature, &policy) {
             Ok(v)
                 if v.manifest.image.digest != *image_digest
-                    && !bases.iter().any(|(_, d, _)| d == &v.manifest.image.digest) =>
+                    && !bases.iter().any(|b| b.digest == v.manifest.image.digest) =>
             {
-                bases.push((version, v.manifest.image.digest, v.manifest.image.size));
+                bases.push(Base {
+                    version,
+                    digest: v.manifest.image.digest,
+                    size: v.manifest.image.size,
+                });
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(%version, error = %e, "skipping history entry as a delta base"),
         }
     }
+    Ok(bases)
+}
+
+/// A delta made, not yet written to the repository.
+struct MadeDelta {
+    base: Base,
+    format: DeltaFormat,
+    encoded: Vec<u8>,
+}
+
+/// Makes the delta from each base, one thread per base.
+fn make_deltas(
+    repo: &Repository,
+    args: &PublishArgs,
+    image_digest: &Digest,
+    bases: Vec<Base>,
+) -> Result<Vec<MadeDelta>> {
     if bases.is_empty() {
         return Ok(Vec::new());
     }
     let target = map(&args.image)?;
+    let encoding = args.delta_format.encoding();
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = bases
+            .into_iter()
+            .map(|base| {
+                let target = &target;
+                scope.spawn(move || delta_from(repo, args.zstd_level, encoding, image_digest, base, target))
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in threads {
+            if let Some(d) = t.join().expect("delta threads do not panic")? {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// The delta from `base` to the mapped target image, or None when the base's payload is
+/// missing or damaged (the publish goes on without that delta).
+fn delta_from(
+    repo: &Repository,
+    zstd_level: i32,
+    encoding: delta::Encoding,
+    image_digest: &Digest,
+    base: Base,
+    target: &Mmap,
+) -> Result<Option<MadeDelta>> {
+    let version = &base.version;
+    let payload = repo.path(&layout::payload(&base.digest));
+    let Ok(compressed) = File::open(&payload) else {
+        tracing::warn!(%version, path = %payload.display(), "base payload missing; no delta from it");
+        return Ok(None);
+    };
     let scratch = tempfile::Builder::new()
         .prefix(atom_dist::fsutil::SCRATCH_PREFIX)
         .tempfile_in(repo.root())?;
+    let mut file = scratch.reopen()?;
+    let mut hashing = HashingWriter::new(BufWriter::new(&mut file));
+    let mut step = Step::start(format!("decompressing base {version}"), base.size);
+    let mut dec = zstd::stream::read::Decoder::new(compressed)?;
+    dec.window_log_max(31)?;
+    io::copy(
+        &mut Metered {
+            inner: dec,
+            step: &mut step,
+        },
+        &mut hashing,
+    )
+    .with_context(|| format!("cannot decompress {}", payload.display()))?;
+    step.finish("base decompressed");
+    let (mut w, digest, _) = hashing.finish();
+    w.flush()?;
+    drop(w);
+    if digest != base.digest {
+        tracing::warn!(%version, "base payload does not match its manifest; no delta from it");
+        return Ok(None);
+    }
+    let base_map = map(scratch.path())?;
+    tracing::info!(base = %version, to = %image_digest, "computing delta");
+    let step = Step::start(format!("delta from {version}"), 0);
+    // Each image is walked once in chunks whose pages are dropped behind the walk: the
+    // publish's memory stays bounded by what the encoding keeps, not the images' size.
+    let started = std::time::Instant::now();
+    let sig = delta::signature_in_chunks(&base_map, &mut |c| release_pages(&base_map, c));
+    let signed = started.elapsed();
+    let raw = delta::make_raw_in_chunks(&sig, target, &mut |c| release_pages(target, c))?;
+    let diffed = started.elapsed();
+    let (format, encoded) = delta::encode_raw(&base_map, &sig, &raw, zstd_level, encoding)?;
+    step.finish(&format!(
+        "delta from {version}: {} bytes ({}, {} bytes raw; signature {:.1} s, diff {:.1} s, encoding {:.1} s)",
+        encoded.len(),
+        format.name(),
+        raw.len(),
+        signed.as_secs_f64(),
+        (diffed - signed).as_secs_f64(),
+        (started.elapsed() - diffed).as_secs_f64(),
+    ));
+    Ok(Some(MadeDelta { base, format, encoded }))
+}
+
+/// Drops `chunk`'s pages from this process's memory (they stay in the page cache).
+fn release_pages(map: &Mmap, chunk: &[u8]) {
+    let offset = chunk.as_ptr() as usize - map.as_ptr() as usize;
+    // SAFETY: a read-only map of a file: dropped pages read back from the file.
+    if let Err(e) = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, chunk.len()) } {
+        tracing::debug!(error = %e, "madvise(DONTNEED) failed; pages stay resident");
+    }
+}
+
+fn write_deltas(
+    repo: &Repository,
+    image_digest: &Digest,
+    made: Vec<MadeDelta>,
+    new_files: &mut NewFiles,
+) -> Result<Vec<Delta>> {
     let mut out = Vec::new();
-    for (version, base_digest, base_size) in bases {
-        let payload = repo.path(&layout::payload(&base_digest));
-        let Ok(compressed) = File::open(&payload) else {
-            tracing::warn!(%version, path = %payload.display(), "base payload missing; no delta from it");
-            continue;
-        };
-        let mut file = scratch.reopen()?;
-        file.set_len(0)?;
-        let mut hashing = HashingWriter::new(BufWriter::new(&mut file));
-        let mut step = Step::start(format!("decompressing base {version}"), base_size);
-        let mut dec = zstd::stream::read::Decoder::new(compressed)?;
-        dec.window_log_max(31)?;
-        io::copy(
-            &mut Metered {
-                inner: dec,
-                step: &mut step,
-            },
-            &mut hashing,
-        )
-        .with_context(|| format!("cannot decompress {}", payload.display()))?;
-        step.finish("base decompressed");
-        let (mut w, digest, _) = hashing.finish();
-        w.flush()?;
-        drop(w);
-        if digest != base_digest {
-            tracing::warn!(%version, "base payload does not match its manifest; no delta from it");
-            continue;
-        }
-        let base = map(scratch.path())?;
-        let rel = layout::delta(&base_digest, image_digest);
-        tracing::info!(base = %version, path = %rel, "computing delta");
-        let step = Step::start(format!("delta from {version}"), 0);
-        let (format, encoded) = delta::make_precomputed(&base, &target, args.zstd_level)?;
-        step.finish(&format!("delta from {version}: {} bytes", encoded.len()));
+    for MadeDelta { base, format, encoded } in made {
+        let rel = layout::delta(&base.digest, image_digest);
         let (digest, size) = write_object(&repo.path(&rel), new_files, |w| w.write_all(&encoded))?;
         out.push(Delta {
-            base_version: version,
-            base_size,
-            base_digest,
+            base_version: base.version,
+            base_size: base.size,
+            base_digest: base.digest,
             format,
             path: rel,
             size,

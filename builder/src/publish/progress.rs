@@ -5,9 +5,15 @@
 use std::io::{self, IsTerminal, Read};
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Steps run side by side (the payload beside each delta): one bar each, drawn together.
+fn bars() -> &'static MultiProgress {
+    static BARS: std::sync::OnceLock<MultiProgress> = std::sync::OnceLock::new();
+    BARS.get_or_init(MultiProgress::new)
+}
 
 /// One step of the publish: `total` bytes to go through (0 when it has no byte count,
 /// such as a diff).
@@ -33,14 +39,16 @@ impl Step {
                     .progress_chars("=> "),
                 )
             } else {
-                let s = ProgressBar::new_spinner();
-                s.enable_steady_tick(Duration::from_millis(200));
-                s.with_style(
+                ProgressBar::new_spinner().with_style(
                     ProgressStyle::with_template("{msg:30} {spinner} {elapsed}")
                         .unwrap_or_else(|_| ProgressStyle::default_spinner()),
                 )
             };
             bar.set_message(what.clone());
+            let bar = bars().add(bar);
+            if total == 0 {
+                bar.enable_steady_tick(Duration::from_millis(200));
+            }
             bar
         });
         tracing::info!(step = %what, bytes = total, "publish step started");

@@ -444,6 +444,12 @@ pub struct Publish {
     pub deltas: usize,
     #[serde(default = "default_level")]
     pub zstd_level: i32,
+    /// `publish --payload-level`; absent: its default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_level: Option<i32>,
+    /// `publish --delta-format`; absent: base-extents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta_format: Option<crate::cli::DeltaEncoding>,
     #[serde(default = "default_expires")]
     pub expires_in: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -456,7 +462,7 @@ fn default_deltas() -> usize {
     2
 }
 fn default_level() -> i32 {
-    19
+    18
 }
 fn default_expires() -> String {
     "30days".into()

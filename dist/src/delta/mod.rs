@@ -13,6 +13,9 @@ use fast_rsync::{Signature, SignatureOptions};
 
 use crate::manifest::DeltaFormat;
 
+pub mod commands;
+pub mod extents;
+
 /// 4 KiB matches the ext4 block size, so copy commands line up with filesystem blocks.
 pub const BLOCK_SIZE: u32 = 4096;
 /// Truncated MD4 per block; 8 bytes keeps false matches negligible for multi-GiB images,
@@ -144,22 +147,69 @@ pub const PREFIX_FRAME_BYTES: usize = 32 << 20;
 /// buffer of their declared size), so this does not raise a host's memory.
 pub const PREFIX_WINDOW_LOG: u32 = 31;
 
-/// Raw deltas up to this size are also tried with the base as prefix: each frame loads
-/// the whole base into zstd, so larger ones would cost minutes per base.
+/// Raw deltas up to this size are compressed with (part of) the base as prefix: each
+/// frame indexes the prefix again, so larger ones would cost minutes per base.
 pub const BASE_PREFIX_MAX_RAW: usize = 4 * PREFIX_FRAME_BYTES;
 
-/// A precomputed delta from `base` to `target`: the smaller of the plain and the
-/// base-prefixed encoding, with the format that names it.
-pub fn make_precomputed(base: &[u8], target: &[u8], zstd_level: i32) -> io::Result<(DeltaFormat, Vec<u8>)> {
-    let raw = make_raw(base, target)?;
-    let mut enc = plain_encoder(Vec::new(), zstd_level)?;
-    enc.write_all(&raw)?;
-    let plain = enc.finish()?;
-    if raw.len() > BASE_PREFIX_MAX_RAW {
-        return Ok((DeltaFormat::FastRsyncZstd, plain));
+/// How a precomputed delta is encoded: which agents can read it, and what it costs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    /// zstd over the raw delta: every agent reads it; largest.
+    Plain,
+    /// The smaller of plain and the whole base as prefix of each frame: for fleets whose
+    /// agents predate the base-extents format; slow to make for large images.
+    BasePrefix,
+    /// The base blocks the delta does not copy as prefix ([`extents`]): as small as
+    /// `BasePrefix`, fast to make; read by agents that know the format (older ones
+    /// skip the delta and take another route).
+    BaseExtents,
+}
+
+/// A precomputed delta from `base` to `target` in `encoding` (falling back to plain for
+/// raw deltas too large for a prefix), with the format that names it.
+pub fn make_precomputed(
+    base: &[u8],
+    target: &[u8],
+    zstd_level: i32,
+    encoding: Encoding,
+) -> io::Result<(DeltaFormat, Vec<u8>)> {
+    let sig = signature_in_chunks(base, &mut |_| {});
+    let raw = make_raw_in_chunks(&sig, target, &mut |_| {})?;
+    encode_raw(base, &sig, &raw, zstd_level, encoding)
+}
+
+/// Encodes raw delta `raw` (from `base`, whose signature is `sig`) as [`make_precomputed`]
+/// does.
+pub fn encode_raw(
+    base: &[u8],
+    sig: &Signature,
+    raw: &[u8],
+    zstd_level: i32,
+    encoding: Encoding,
+) -> io::Result<(DeltaFormat, Vec<u8>)> {
+    let plain = || -> io::Result<Vec<u8>> {
+        let mut enc = plain_encoder(Vec::new(), zstd_level)?;
+        enc.write_all(raw)?;
+        enc.finish()
+    };
+    if encoding == Encoding::Plain || raw.len() > BASE_PREFIX_MAX_RAW {
+        return Ok((DeltaFormat::FastRsyncZstd, plain()?));
     }
+    if encoding == Encoding::BaseExtents {
+        let mut out = Vec::new();
+        let extents = extents::compress(base, &zero_blocks(sig), raw, zstd_level, &mut out)?;
+        tracing::info!(
+            raw = raw.len(),
+            prefix = extents.total(),
+            extents = extents.ranges().len(),
+            encoded = out.len(),
+            "delta encoded with the base's unreferenced blocks as prefix"
+        );
+        return Ok((DeltaFormat::FastRsyncZstdBaseExtents, out));
+    }
+    let plain = plain()?;
     let mut prefixed = Vec::new();
-    compress_with_base(base, &raw, zstd_level, &mut prefixed)?;
+    compress_with_base(base, raw, zstd_level, &mut prefixed)?;
     tracing::info!(
         raw = raw.len(),
         plain = plain.len(),
@@ -175,9 +225,61 @@ pub fn make_precomputed(base: &[u8], target: &[u8], zstd_level: i32) -> io::Resu
 
 /// The raw (uncompressed) delta that turns `base` into `target`.
 pub fn make_raw(base: &[u8], target: &[u8]) -> io::Result<Vec<u8>> {
-    let mut raw = Vec::new();
-    diff(&Signature::calculate(base, signature_options()), target, &mut raw)?;
-    Ok(raw)
+    make_raw_in_chunks(&signature_in_chunks(base, &mut |_| {}), target, &mut |_| {})
+}
+
+/// Which blocks of a base are all zeros, read off its signature: no page of the base is
+/// touched (most of an image's blocks are free space). A false "zero" (an 8-byte MD4
+/// collision) would only leave a block out of a prefix, never make a delta wrong.
+pub fn zero_blocks(sig: &Signature) -> Vec<bool> {
+    let zero = Signature::calculate(&[0u8; BLOCK_SIZE as usize], signature_options()).into_serialized();
+    let record = &zero[SIGNATURE_HEADER..];
+    sig.serialized()[SIGNATURE_HEADER..]
+        .chunks(record.len())
+        .map(|r| r == record)
+        .collect()
+}
+
+/// Signatures and diffs walk large images in chunks of this size (a multiple of the block
+/// size), telling the caller each chunk they are done with: a publisher drops a mapped
+/// image's pages as it goes instead of holding the whole image resident.
+pub const WALK_CHUNK: usize = 64 << 20;
+
+/// The signature of `base`, computed chunk by chunk; `done` sees each chunk after it.
+pub fn signature_in_chunks(base: &[u8], done: &mut dyn FnMut(&[u8])) -> Signature {
+    let mut serialized = Vec::new();
+    for chunk in base.chunks(WALK_CHUNK) {
+        let part = Signature::calculate(chunk, signature_options()).into_serialized();
+        let skip = if serialized.is_empty() { 0 } else { SIGNATURE_HEADER };
+        serialized.extend_from_slice(&part[skip..]);
+        done(chunk);
+    }
+    if serialized.is_empty() {
+        return Signature::calculate(base, signature_options());
+    }
+    Signature::deserialize(serialized).expect("a signature spliced from fast_rsync's own parts")
+}
+
+/// The raw delta from the base of `sig` to `target`, diffed chunk by chunk (a match across
+/// a chunk boundary is lost: ext4 images align files to blocks, so none are); `done` sees
+/// each chunk of `target` after it.
+pub fn make_raw_in_chunks(sig: &Signature, target: &[u8], done: &mut dyn FnMut(&[u8])) -> io::Result<Vec<u8>> {
+    let index = sig.index();
+    let mut whole = Vec::new();
+    let mut part = Vec::new();
+    for chunk in target.chunks(WALK_CHUNK) {
+        part.clear();
+        fast_rsync::diff(&index, chunk, &mut part).map_err(|e| match e {
+            fast_rsync::DiffError::Io(e) => e,
+            other => io::Error::other(other.to_string()),
+        })?;
+        commands::splice(&mut whole, &part).map_err(io::Error::other)?;
+        done(chunk);
+    }
+    if whole.is_empty() {
+        diff(sig, target, &mut whole)?;
+    }
+    Ok(whole)
 }
 
 fn zstd_error(what: &str, code: usize) -> io::Error {
@@ -223,18 +325,30 @@ pub fn decompress_with_base(
     out: &mut impl Write,
     limit: u64,
 ) -> Result<u64, DeltaError> {
+    decompress_frames(base, delta_zst, 0, out, limit)
+}
+
+/// Decompresses `frames` (starting at byte `at` of the delta, for error messages), each
+/// with `prefix` as its zstd prefix.
+fn decompress_frames(
+    prefix: &[u8],
+    frames: &[u8],
+    at: usize,
+    out: &mut impl Write,
+    limit: u64,
+) -> Result<u64, DeltaError> {
     use zstd::zstd_safe::{DCtx, DParameter, ResetDirective, get_error_name};
     let bad = |what: String| DeltaError::Frame(what);
     let zbad = |code: usize| DeltaError::Frame(get_error_name(code).into());
     let mut dctx = DCtx::create();
-    let mut rest = delta_zst;
+    let mut rest = frames;
     let mut total = 0u64;
     let mut buf: Vec<u8> = Vec::new();
     while !rest.is_empty() {
         let len = zstd::zstd_safe::find_frame_compressed_size(rest).map_err(|c| {
             bad(format!(
                 "frame at byte {}: {}",
-                delta_zst.len() - rest.len(),
+                at + frames.len() - rest.len(),
                 get_error_name(c)
             ))
         })?;
@@ -254,7 +368,7 @@ pub fn decompress_with_base(
         dctx.reset(ResetDirective::SessionAndParameters).map_err(zbad)?;
         dctx.set_parameter(DParameter::WindowLogMax(PREFIX_WINDOW_LOG))
             .map_err(zbad)?;
-        dctx.ref_prefix(base).map_err(zbad)?;
+        dctx.ref_prefix(prefix).map_err(zbad)?;
         buf.clear();
         buf.reserve_exact(size as usize);
         let got = dctx.decompress(&mut buf, frame).map_err(zbad)?;
@@ -282,16 +396,20 @@ pub fn declared_size(delta_zst: &[u8]) -> Option<u64> {
 }
 
 /// Decompresses a delta of `format` made against `base` into `out`, at most `limit` bytes.
+/// A base-extents delta's prefix is assembled in `scratch` (a directory) when given, else
+/// in memory.
 pub fn decompress_format(
     format: DeltaFormat,
     base: &[u8],
     delta_zst: &[u8],
     out: &mut impl Write,
     limit: u64,
+    scratch: Option<&std::path::Path>,
 ) -> Result<u64, DeltaError> {
     match format {
         DeltaFormat::FastRsyncZstd => decompress_bounded(delta_zst, out, limit),
         DeltaFormat::FastRsyncZstdBasePrefix => decompress_with_base(base, delta_zst, out, limit),
+        DeltaFormat::FastRsyncZstdBaseExtents => extents::decompress(base, delta_zst, out, limit, scratch),
         DeltaFormat::Unsupported => Err(DeltaError::Frame("a delta format this build does not read".into())),
     }
 }
@@ -346,10 +464,10 @@ impl<W: Write> Write for CountingWriter<'_, W> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
         let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..len)
             .map(|_| {

@@ -415,19 +415,7 @@ fn format_path(entry: &Path) -> PathBuf {
 
 fn read_format(entry: &Path) -> Option<manifest::DeltaFormat> {
     let text = std::fs::read_to_string(format_path(entry)).ok()?;
-    match text.trim() {
-        "fast-rsync-zstd" => Some(manifest::DeltaFormat::FastRsyncZstd),
-        "fast-rsync-zstd-base-prefix" => Some(manifest::DeltaFormat::FastRsyncZstdBasePrefix),
-        _ => None,
-    }
-}
-
-fn format_name(f: manifest::DeltaFormat) -> &'static str {
-    match f {
-        manifest::DeltaFormat::FastRsyncZstd => "fast-rsync-zstd",
-        manifest::DeltaFormat::FastRsyncZstdBasePrefix => "fast-rsync-zstd-base-prefix",
-        manifest::DeltaFormat::Unsupported => "unsupported",
-    }
+    manifest::DeltaFormat::from_name(text.trim())
 }
 
 /// Runs the diff once per key; concurrent callers for the same key wait for it. Returns
@@ -620,13 +608,13 @@ fn write_known_delta(base: &[u8], target: &[u8], out: &Path) -> std::io::Result<
     let tmp = crate::fsutil::temp_path(out);
     let result = (|| {
         slow_diff_for_tests();
-        let (format, encoded) = delta::make_precomputed(base, target, KNOWN_BASE_LEVEL)?;
+        let (format, encoded) = delta::make_precomputed(base, target, KNOWN_BASE_LEVEL, delta::Encoding::BaseExtents)?;
         // Served to every host on this base: it must rebuild the target exactly.
         check_rebuilds(format, base, &encoded, target)?;
         std::fs::write(&tmp, &encoded)?;
         std::fs::File::open(&tmp)?.sync_all()?;
         let digest = Digest::of(&encoded);
-        crate::fsutil::write_atomic_bytes(&format_path(out), 0o644, format_name(format).as_bytes())?;
+        crate::fsutil::write_atomic_bytes(&format_path(out), 0o644, format.name().as_bytes())?;
         crate::fsutil::write_atomic_bytes(&digest_path(out), 0o644, digest.hex().as_bytes())?;
         std::fs::rename(&tmp, out)
     })();
@@ -639,7 +627,7 @@ fn write_known_delta(base: &[u8], target: &[u8], out: &Path) -> std::io::Result<
 fn check_rebuilds(format: manifest::DeltaFormat, base: &[u8], encoded: &[u8], target: &[u8]) -> std::io::Result<()> {
     let mut raw = Vec::new();
     let limit = delta::raw_delta_limit(target.len() as u64);
-    delta::decompress_format(format, base, encoded, &mut raw, limit).map_err(std::io::Error::other)?;
+    delta::decompress_format(format, base, encoded, &mut raw, limit, None).map_err(std::io::Error::other)?;
     let mut rebuilt = crate::digest::HashingWriter::new(std::io::sink());
     delta::apply(base, &raw, target.len() as u64, &mut rebuilt).map_err(std::io::Error::other)?;
     let (_, digest, _) = rebuilt.finish();
@@ -730,7 +718,7 @@ async fn respond(path: &Path, target: &Manifest, hit: bool, base: Option<AnswerB
     if let Some(b) = base {
         let h = response.headers_mut();
         for (name, v) in [
-            ("x-atom-delta-format", format_name(b.format).to_owned()),
+            ("x-atom-delta-format", b.format.name().to_owned()),
             ("x-atom-base-digest", b.digest.to_string()),
             ("x-atom-base-size", b.size.to_string()),
         ] {

@@ -73,6 +73,8 @@ pub fn run(cx: &Context<'_>) -> Result<()> {
         deltas: p.deltas,
         expires_in: duration("expires_in", &p.expires_in)?,
         zstd_level: p.zstd_level,
+        payload_level: p.payload_level.unwrap_or(crate::cli::DEFAULT_PAYLOAD_LEVEL),
+        delta_format: p.delta_format.unwrap_or(crate::cli::DeltaEncoding::BaseExtents),
         rollout: p.rollout.as_deref().map(|r| duration("rollout", r)).transpose()?,
         rollout_start: None,
         min_agent: p.min_agent.clone(),
