@@ -218,15 +218,15 @@ impl Job<'_> {
         // SAFETY: a private file of this process in its downloads directory (local
         // repositories' files are copied there first), not modified while mapped.
         let zst = unsafe { Mmap::map(src) }.map_err(io_failure)?;
-        if let Some(size) = delta::declared_size(&zst) {
-            // A base-extents delta's prefix is assembled beside the decoded delta.
-            let prefix = match format {
-                DeltaFormat::FastRsyncZstdBaseExtents => {
-                    delta::extents::prefix_size(&zst, base.len() as u64).unwrap_or(0)
-                }
-                _ => 0,
-            };
-            space::ensure_room(&self.work, size + prefix, "the decoded delta").map_err(Failure::error)?;
+        // A base-extents delta's prefix is assembled beside the decoded delta.
+        let prefix = match format {
+            DeltaFormat::FastRsyncZstdBaseExtents => delta::extents::prefix_size(&zst, base.len() as u64),
+            _ => None,
+        };
+        let declared = delta::declared_size(&zst);
+        if prefix.is_some() || declared.is_some() {
+            let need = prefix.unwrap_or(0) + declared.unwrap_or(0);
+            space::ensure_room(&self.work, need, "the decoded delta").map_err(Failure::error)?;
         }
         let path = self.work.join("delta.raw");
         let out = File::options()

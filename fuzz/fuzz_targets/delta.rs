@@ -24,8 +24,11 @@ fuzz_target!(|data: &[u8]| {
         let prefix = atom_dist::delta::extents::prefix_size(data, base.len() as u64);
         assert!(prefix.is_some_and(|p| p <= base.len() as u64));
     }
-    if let Ok(copies) = atom_dist::delta::commands::copied_ranges(data) {
-        assert!(copies.iter().all(|r| r.start <= r.end));
+    if atom_dist::delta::commands::copied_ranges(data).is_ok() {
+        // A delta that reads as commands splices onto nothing as itself.
+        let mut whole = Vec::new();
+        atom_dist::delta::commands::splice(&mut whole, data).expect("a readable delta splices");
+        assert_eq!(whole, data);
     }
     let mut out = Vec::new();
     if atom_dist::delta::apply(&base, data, target_len, &mut out).is_ok() {

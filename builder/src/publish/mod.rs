@@ -548,14 +548,30 @@ fn delta_from(
     let raw = delta::make_raw_in_chunks(&sig, target, &mut |c| release_pages(target, c))?;
     let diffed = started.elapsed();
     let (format, encoded) = delta::encode_raw(&base_map, &sig, &raw, zstd_level, encoding)?;
+    let raw_len = raw.len();
+    drop(raw);
+    let encoded_at = started.elapsed();
+    // Every host on this base gets it: a delta that does not rebuild the image must not
+    // be published (the chunked diff and the prefix are this publisher's own work).
+    delta::check_rebuilds(
+        format,
+        &base_map,
+        &encoded,
+        target.len() as u64,
+        image_digest,
+        Some(repo.root()),
+        &mut || release_pages(&base_map, &base_map),
+    )
+    .with_context(|| format!("the delta from {version}"))?;
     step.finish(&format!(
-        "delta from {version}: {} bytes ({}, {} bytes raw; signature {:.1} s, diff {:.1} s, encoding {:.1} s)",
+        "delta from {version}: {} bytes ({}, {raw_len} bytes raw; signature {:.1} s, diff {:.1} s, \
+         encoding {:.1} s, rebuild check {:.1} s)",
         encoded.len(),
         format.name(),
-        raw.len(),
         signed.as_secs_f64(),
         (diffed - signed).as_secs_f64(),
-        (started.elapsed() - diffed).as_secs_f64(),
+        (encoded_at - diffed).as_secs_f64(),
+        (started.elapsed() - encoded_at).as_secs_f64(),
     ));
     Ok(Some(MadeDelta { base, format, encoded }))
 }

@@ -16,7 +16,9 @@ use std::ops::Range;
 use std::path::Path;
 
 use super::commands::copied_ranges;
-use super::{BLOCK_SIZE, DeltaError, PREFIX_FRAME_BYTES, PREFIX_WINDOW_LOG, decompress_frames, zstd_error};
+use super::{
+    BLOCK_SIZE, DeltaError, PREFIX_FRAME_BYTES, PREFIX_WINDOW_LOG, check_frames, decompress_frames, zstd_error,
+};
 
 /// The skippable frame magic this format's header uses (one of zstd's sixteen).
 const HEADER_MAGIC: u32 = 0x184D_2A5A;
@@ -103,9 +105,11 @@ impl Extents {
         if word(0) != Some(HEADER_MAGIC) {
             return Err(bad("missing"));
         }
-        let len = word(4).ok_or_else(|| bad("truncated"))? as usize;
-        let body = delta_zst.get(8..8 + len).ok_or_else(|| bad("truncated"))?;
-        let rest = &delta_zst[8 + len..];
+        let end = 8usize
+            .checked_add(word(4).ok_or_else(|| bad("truncated"))? as usize)
+            .ok_or_else(|| bad("truncated"))?;
+        let body = delta_zst.get(8..end).ok_or_else(|| bad("truncated"))?;
+        let rest = &delta_zst[end..];
         let body = body.strip_prefix(HEADER_TAG).ok_or_else(|| bad("unknown tag"))?;
         let mut cursor = body;
         let count = read_leb128(&mut cursor).ok_or_else(|| bad("truncated count"))?;
@@ -113,7 +117,8 @@ impl Extents {
             return Err(bad("too many extents"));
         }
         let block = u64::from(BLOCK_SIZE);
-        let mut out = Vec::with_capacity(count as usize);
+        // Two bytes at least per extent: a tiny header cannot make a host reserve much.
+        let mut out = Vec::with_capacity((count as usize).min(cursor.len() / 2));
         let (mut at, mut total) = (0u64, 0u64);
         for _ in 0..count {
             let (Some(gap), Some(blocks)) = (read_leb128(&mut cursor), read_leb128(&mut cursor)) else {
@@ -253,12 +258,14 @@ pub fn decompress(
     scratch: Option<&Path>,
 ) -> Result<u64, DeltaError> {
     let (extents, frames) = Extents::parse(delta_zst, base.len() as u64)?;
+    // Before the prefix is written: a delta whose frames are bad costs no disk.
+    check_frames(frames, delta_zst.len() - frames.len(), limit)?;
     let prefix = assemble(base, &extents, scratch)?;
     decompress_frames(&prefix, frames, delta_zst.len() - frames.len(), out, limit)
 }
 
-/// The prefix size a delta of this format names, if its header parses (a hint for
-/// reserving room).
+/// The prefix size a delta of this format names, if its header parses (what a host
+/// needs on disk beside the decoded delta).
 pub fn prefix_size(delta_zst: &[u8], base_len: u64) -> Option<u64> {
     Extents::parse(delta_zst, base_len).ok().map(|(e, _)| e.total())
 }

@@ -32,8 +32,10 @@ pub enum DeltaError {
     TooLarge { limit: u64 },
     #[error("delta i/o: {0}")]
     Io(#[from] io::Error),
-    #[error("base-prefixed delta is malformed: {0}")]
+    #[error("delta is malformed: {0}")]
     Frame(String),
+    #[error("internal error: the delta made does not rebuild the target (it gives {0})")]
+    DoesNotRebuild(crate::Digest),
 }
 
 /// fast_rsync's (librsync's) MD4 signature magic; the BLAKE2 variant is not supported by
@@ -328,6 +330,38 @@ pub fn decompress_with_base(
     decompress_frames(base, delta_zst, 0, out, limit)
 }
 
+/// Checks, without decoding, that every frame declares its size, at most
+/// [`PREFIX_FRAME_BYTES`], and all together at most `limit`; returns their total.
+fn check_frames(frames: &[u8], at: usize, limit: u64) -> Result<u64, DeltaError> {
+    use zstd::zstd_safe::get_error_name;
+    let mut rest = frames;
+    let mut total = 0u64;
+    while !rest.is_empty() {
+        let len = zstd::zstd_safe::find_frame_compressed_size(rest).map_err(|c| {
+            DeltaError::Frame(format!(
+                "frame at byte {}: {}",
+                at + frames.len() - rest.len(),
+                get_error_name(c)
+            ))
+        })?;
+        let size = match zstd::zstd_safe::get_frame_content_size(rest) {
+            Ok(Some(n)) => n,
+            _ => return Err(DeltaError::Frame("a frame does not declare its size".into())),
+        };
+        if size > PREFIX_FRAME_BYTES as u64 {
+            return Err(DeltaError::Frame(format!(
+                "a frame declares {size} bytes, more than {PREFIX_FRAME_BYTES}"
+            )));
+        }
+        total += size;
+        if total > limit {
+            return Err(DeltaError::TooLarge { limit });
+        }
+        rest = &rest[len..];
+    }
+    Ok(total)
+}
+
 /// Decompresses `frames` (starting at byte `at` of the delta, for error messages), each
 /// with `prefix` as its zstd prefix.
 fn decompress_frames(
@@ -425,6 +459,30 @@ pub fn decompress_bounded(delta_zst: impl Read, out: &mut impl Write, limit: u64
     Ok(written)
 }
 
+/// Checks that a delta just made (`encoded`, of `format`, from `base`) rebuilds the target
+/// of `target_len` bytes and `target_digest`: a publisher or server hands it to every host
+/// on that base, and a broken one would fail them all. `walked` is called after each
+/// [`WALK_CHUNK`] of the rebuilt target (a publisher drops the base's pages there).
+pub fn check_rebuilds(
+    format: DeltaFormat,
+    base: &[u8],
+    encoded: &[u8],
+    target_len: u64,
+    target_digest: &crate::Digest,
+    scratch: Option<&std::path::Path>,
+    walked: &mut dyn FnMut(),
+) -> Result<(), DeltaError> {
+    let mut raw = Vec::new();
+    decompress_format(format, base, encoded, &mut raw, raw_delta_limit(target_len), scratch)?;
+    let mut rebuilt = crate::digest::HashingWriter::new(ChunkNotifier { since: 0, walked });
+    apply(base, &raw, target_len, &mut rebuilt)?;
+    let (_, digest, _) = rebuilt.finish();
+    if digest != *target_digest {
+        return Err(DeltaError::DoesNotRebuild(digest));
+    }
+    Ok(())
+}
+
 /// Upper bound for a legitimate decompressed delta of a `target_len` image: every byte a
 /// literal, plus command headers (at most 9 bytes per 64 KiB literal run, and headers for
 /// copies of at least one block each).
@@ -444,6 +502,27 @@ pub fn apply(base: &[u8], raw_delta: &[u8], target_len: u64, out: &mut impl Writ
         });
     }
     Ok(())
+}
+
+/// A sink that calls `walked` after each [`WALK_CHUNK`] written.
+struct ChunkNotifier<'a> {
+    since: usize,
+    walked: &'a mut dyn FnMut(),
+}
+
+impl Write for ChunkNotifier<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.since += buf.len();
+        if self.since >= WALK_CHUNK {
+            self.since = 0;
+            (self.walked)();
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 struct CountingWriter<'a, W> {
@@ -542,6 +621,49 @@ pub(crate) mod tests {
         let e = decompress_with_base(&base, &unsized_frame, &mut Vec::new(), limit).unwrap_err();
         assert!(e.to_string().contains("does not declare its size"), "{e}");
         assert!(decompress_with_base(&base, b"not zstd at all", &mut Vec::new(), limit).is_err());
+    }
+
+    #[test]
+    fn a_delta_that_does_not_rebuild_its_target_is_caught() {
+        let (base, target) = patched_pair();
+        let (format, encoded) = make_precomputed(&base, &target, 3, Encoding::BaseExtents).unwrap();
+        let len = target.len() as u64;
+        let mut walked = 0;
+        check_rebuilds(
+            format,
+            &base,
+            &encoded,
+            len,
+            &crate::Digest::of(&target),
+            None,
+            &mut || walked += 1,
+        )
+        .unwrap();
+        let e = check_rebuilds(
+            format,
+            &base,
+            &encoded,
+            len,
+            &crate::Digest::of(&base),
+            None,
+            &mut || {},
+        )
+        .unwrap_err();
+        assert!(matches!(e, DeltaError::DoesNotRebuild(_)), "{e}");
+        let mut other = base.clone();
+        other[100_000] ^= 1; // a copied byte: the rebuilt image differs
+        assert!(
+            check_rebuilds(
+                format,
+                &other,
+                &encoded,
+                len,
+                &crate::Digest::of(&target),
+                None,
+                &mut || {}
+            )
+            .is_err()
+        );
     }
 
     #[test]
