@@ -283,13 +283,7 @@ mod tests {
     /// A "security update" as a package manager makes it: a file's new version, a few
     /// bytes changed, lands elsewhere in the image and its old blocks get other content.
     fn patched_pair() -> (Vec<u8>, Vec<u8>) {
-        let base = pseudo_random(2 << 20, 7);
-        let mut target = base.clone();
-        let mut moved = base[300_000..700_000].to_vec();
-        for i in (0..moved.len()).step_by(1500) {
-            moved[i] ^= 0x5a;
-        }
-        target[1_200_000..1_600_000].copy_from_slice(&moved);
+        let (base, mut target) = crate::delta::tests::patched_pair();
         target[300_000..700_000].copy_from_slice(&pseudo_random(400_000, 8));
         (base, target)
     }

@@ -560,7 +560,7 @@ pub(crate) mod tests {
 
     /// A "security update": a file's new version differs from the old one in scattered
     /// bytes and lands elsewhere in the image, as a rewritten file does.
-    fn patched_pair() -> (Vec<u8>, Vec<u8>) {
+    pub(crate) fn patched_pair() -> (Vec<u8>, Vec<u8>) {
         let base = pseudo_random(2 << 20, 7);
         let mut target = base.clone();
         let mut moved = base[300_000..700_000].to_vec();
