@@ -515,7 +515,8 @@ pub struct PublishArgs {
     pub zstd_level: i32,
     /// zstd level for the full payload (1-22), the route of new installs and of hosts
     /// without a usable delta. On a 1 GiB Debian image level 19 costs about 180 CPU
-    /// seconds, level 12 about 19, for a payload 10% smaller (README, "Repository").
+    /// seconds, level 12 about 19, for a payload 10% smaller (README: "Publishing uses
+    /// the cores").
     #[arg(long, default_value_t = DEFAULT_PAYLOAD_LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
     pub payload_level: i32,
     /// How precomputed deltas are encoded. base-extents (default): the base's blocks the
