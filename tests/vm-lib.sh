@@ -104,7 +104,7 @@ rm -f "$work/signer.key" "$work/signer.pub"
 rm -rf "$work/exchange"
 mkdir -p "$work/exchange"
 publish() { # IMAGE
-  "$build" publish --repo "$work/exchange/repo" --channel stable --key "$work/signer.key" --zstd-level 3 "$1" | sed 's/^/    /'
+  "$build" publish --repo "$work/exchange/repo" --channel stable --key "$work/signer.key" --zstd-level 3 --payload-level 3 "$1" | sed 's/^/    /'
 }
 control() { # the shell script the guest runs after its health checks
   cat > "$work/exchange/control.sh"

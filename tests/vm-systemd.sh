@@ -139,7 +139,7 @@ step "boot 1: 1.0.0 from A under systemd; its old agent refuses what needs a new
 publish "$work/v1.img"
 publish "$work/v2.img"
 # 3.0.0 for agents >= the current one, on a channel of its own until boot 2.
-"$build" publish --repo "$work/exchange/repo" --channel next --key "$work/signer.key" --zstd-level 3 \
+"$build" publish --repo "$work/exchange/repo" --channel next --key "$work/signer.key" --zstd-level 3 --payload-level 3 \
   --min-agent "$current_agent" "$work/v3.img" | sed 's/^/    /'
 next_check='sed "s/^channel = .*/channel = \"next\"/" /etc/atom/update.toml > /run/next.toml; atom-update --config /run/next.toml check; echo "NEXT-EXIT: $?"'
 control <<EOF
@@ -169,7 +169,7 @@ expect 'JOURNAL: "ATOM_ROUTE":"precomputed-delta"' "and ATOM_ROUTE=precomputed-d
 expect "\]: B +root-b +2\.0\.0 .*boots next" "2.0.0 staged in slot B"
 
 step "boot 2: 2.0.0 on trial with the agent it brought; marked good; it takes the 3.0.0 the old agent refused"
-"$build" publish --repo "$work/exchange/repo" --channel stable --key "$work/signer.key" --zstd-level 3 \
+"$build" publish --repo "$work/exchange/repo" --channel stable --key "$work/signer.key" --zstd-level 3 --payload-level 3 \
   --min-agent "$current_agent" "$work/v3.img" | sed 's/^/    /'
 control <<EOF
 systemctl is-active boot-complete.target atom-mark-good.service | tr '\n' ' ' | sed 's/^/UNITS: /'; echo
