@@ -8,7 +8,7 @@
 //! minutes faster and the prefix's memory is bounded.
 //!
 //! Layout: a zstd skippable frame naming the extents (in 4 KiB blocks of the base), then
-//! frames of at most [`PREFIX_FRAME_BYTES`] of raw delta, each declaring its size and
+//! frames of at most [`PREFIX_FRAME_BYTES`](super::PREFIX_FRAME_BYTES) of raw delta, each declaring its size and
 //! compressed with the extents' bytes, in order, as its prefix.
 
 use std::io::{self, Write};
@@ -16,9 +16,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use super::commands::copied_ranges;
-use super::{
-    BLOCK_SIZE, DeltaError, PREFIX_FRAME_BYTES, PREFIX_WINDOW_LOG, check_frames, decompress_frames, zstd_error,
-};
+use super::{BLOCK_SIZE, DeltaError, check_frames, decompress_frames};
 
 /// The skippable frame magic this format's header uses (one of zstd's sixteen).
 const HEADER_MAGIC: u32 = 0x184D_2A5A;
@@ -179,40 +177,13 @@ fn read_leb128(cursor: &mut &[u8]) -> Option<u64> {
     None
 }
 
-/// The window a frame needs to reach back over the whole prefix.
-fn window_log(prefix_len: usize) -> u32 {
-    let span = (prefix_len + PREFIX_FRAME_BYTES).max(1 << 10) as u64;
-    (64 - (span - 1).leading_zeros()).min(PREFIX_WINDOW_LOG)
-}
-
-/// Compresses raw delta `raw` (turning `base` into its target) in this format.
 /// `zero` says which base blocks are all zeros.
 pub fn compress(base: &[u8], zero: &[bool], raw: &[u8], zstd_level: i32, mut out: impl Write) -> io::Result<Extents> {
-    use zstd::zstd_safe::{CCtx, CParameter, ResetDirective};
     let extents = Extents::unreferenced(base.len() as u64, zero, raw).map_err(io::Error::other)?;
     let mut prefix = Vec::with_capacity(extents.total() as usize);
     extents.copy_from(base, &mut prefix)?;
     out.write_all(&extents.header())?;
-    let mut cctx = CCtx::create();
-    let mut dst = Vec::new();
-    for chunk in raw.chunks(PREFIX_FRAME_BYTES) {
-        cctx.reset(ResetDirective::SessionAndParameters)
-            .map_err(|c| zstd_error("reset", c))?;
-        for p in [
-            CParameter::CompressionLevel(zstd_level),
-            CParameter::WindowLog(window_log(prefix.len())),
-            CParameter::EnableLongDistanceMatching(true),
-            CParameter::ChecksumFlag(true),
-            CParameter::ContentSizeFlag(true),
-        ] {
-            cctx.set_parameter(p).map_err(|c| zstd_error("parameter", c))?;
-        }
-        cctx.ref_prefix(&prefix[..]).map_err(|c| zstd_error("prefix", c))?;
-        dst.clear();
-        dst.reserve(zstd::zstd_safe::compress_bound(chunk.len()));
-        cctx.compress2(&mut dst, chunk).map_err(|c| zstd_error("compress", c))?;
-        out.write_all(&dst)?;
-    }
+    super::compress_frames(&prefix, raw, zstd_level, &mut out)?;
     Ok(extents)
 }
 

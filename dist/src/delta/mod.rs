@@ -291,9 +291,16 @@ fn zstd_error(what: &str, code: usize) -> io::Error {
 /// Compresses a raw delta in frames of [`PREFIX_FRAME_BYTES`], each with `base` as its
 /// zstd prefix (long-distance matching on, window wide enough to reach all of the base).
 /// Each frame loads the whole base again, so publishers keep this for small raw deltas.
-pub fn compress_with_base(base: &[u8], raw: &[u8], zstd_level: i32, mut out: impl Write) -> io::Result<()> {
+pub fn compress_with_base(base: &[u8], raw: &[u8], zstd_level: i32, out: impl Write) -> io::Result<()> {
+    compress_frames(base, raw, zstd_level, out)
+}
+
+/// Compresses `raw` in frames of at most [`PREFIX_FRAME_BYTES`], each declaring its size
+/// and using `prefix` as its zstd prefix (long-distance matching on, a window reaching
+/// back over all of it).
+fn compress_frames(prefix: &[u8], raw: &[u8], zstd_level: i32, mut out: impl Write) -> io::Result<()> {
     use zstd::zstd_safe::{CCtx, CParameter, ResetDirective};
-    let span = (base.len() + PREFIX_FRAME_BYTES).max(1 << 10) as u64;
+    let span = (prefix.len() + PREFIX_FRAME_BYTES).max(1 << 10) as u64;
     let window_log = (64 - (span - 1).leading_zeros()).min(PREFIX_WINDOW_LOG);
     let mut cctx = CCtx::create();
     let mut dst = Vec::new();
@@ -309,7 +316,7 @@ pub fn compress_with_base(base: &[u8], raw: &[u8], zstd_level: i32, mut out: imp
         ] {
             cctx.set_parameter(p).map_err(|c| zstd_error("parameter", c))?;
         }
-        cctx.ref_prefix(base).map_err(|c| zstd_error("prefix", c))?;
+        cctx.ref_prefix(prefix).map_err(|c| zstd_error("prefix", c))?;
         dst.clear();
         dst.reserve(zstd::zstd_safe::compress_bound(chunk.len()));
         cctx.compress2(&mut dst, chunk).map_err(|c| zstd_error("compress", c))?;
